@@ -1,0 +1,359 @@
+"""The registration engine: keeps every sleeping app registered at the PBX on its behalf.
+
+Per instance it reconciles what is *wanted* (registered while the app sleeps, not registered while
+the app is active, removed on DELETE) with what was *achieved*, one SIP exchange at a time. Timing
+lives in one schedule keyed on monotonic time from the engine's :class:`Clock`; :meth:`tick` starts
+whatever is due, so tests drive it with a fake clock and a scripted exchange function.
+
+Policy (see README, "Registration engine"):
+
+* refresh at ``refresh_min``–``refresh_max`` (default 50–80 %) of the granted expiry, jittered;
+* 401/407 are answered by the REGISTER client; a repeated challenge or 403 → ``unauthorized``,
+  retried only after ``unauthorized_retry`` (no hammering);
+* 5xx honour ``Retry-After``; timeouts, transport errors and lost flows back off exponentially
+  with jitter (``backoff_base`` doubling up to ``backoff_max``);
+* new attempts are paced by a token bucket (``register_rate`` per second) so a restart or a PBX
+  coming back never floods the registrar;
+* going ``active`` removes only our own contact (REGISTER with our Contact and expires=0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from sipis.clock import Clock
+from sipis.events import EventBus
+from sipis.instance import AppState, Instance, RegStatus
+from sipis.sip.register import Outcome, RegisterResult
+
+log = logging.getLogger(__name__)
+
+
+class Want(StrEnum):
+    REGISTERED = "registered"
+    UNREGISTERED = "unregistered"
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    register_expires: int = 600
+    refresh_min: float = 0.5
+    refresh_max: float = 0.8
+    register_rate: float = 200.0
+    backoff_base: float = 2.0
+    backoff_max: float = 300.0
+    unauthorized_retry: float = 3600.0
+    max_in_flight: int = 2000
+
+
+#: Performs one REGISTER exchange for an instance: ``exchange(instance, expires)``.
+Exchange = Callable[[Instance, int], Awaitable[RegisterResult]]
+
+
+@dataclass(eq=False)
+class _Entry:
+    instance: Instance
+    want: Want = Want.UNREGISTERED
+    #: we hold (or may hold) a binding at the registrar that must be removed when unwanted
+    bound: bool = False
+    busy: bool = False
+    due: float | None = None  # monotonic time of the next attempt
+    queued: bool = False  # waiting in the paced ready queue
+    waiters: list[asyncio.Future[RegisterResult | None]] = field(default_factory=list)
+
+
+class RegistrationEngine:
+    def __init__(self, exchange: Exchange, bus: EventBus, clock: Clock,
+                 settings: EngineSettings | None = None, rng: random.Random | None = None) -> None:
+        self.exchange = exchange
+        self.bus = bus
+        self.clock = clock
+        self.settings = settings or EngineSettings()
+        self.rng = rng or random.Random()
+        self._entries: dict[str, _Entry] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._ready: deque[str] = deque()
+        self._tokens = 1.0
+        self._tokens_at = clock.monotonic()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self.attempts = 0
+
+    # ------------------------------------------------------------------ public operations
+
+    def take_over(self, instance: Instance) -> None:
+        """The app went to sleep (or the core restarted with it asleep): register on its behalf."""
+        entry = self._entry(instance)
+        entry.want = Want.REGISTERED
+        if instance.state is AppState.ACTIVE:
+            self._set_state(instance, AppState.INACTIVE)
+        self._set_status(instance, RegStatus.REGISTERING)
+        self._schedule(entry, self.clock.monotonic())
+
+    def hand_back(self, instance: Instance) -> asyncio.Future[RegisterResult | None]:
+        """The app is active again: drop only our binding. The future resolves once the registrar
+        confirmed the removal (or at once, with None, when we held nothing)."""
+        entry = self._entry(instance)
+        entry.want = Want.UNREGISTERED
+        self._set_state(instance, AppState.ACTIVE)
+        return self._settle(entry)
+
+    def remove(self, instance: Instance) -> asyncio.Future[RegisterResult | None]:
+        """Forget the instance after removing our binding (DELETE, ageing, disable)."""
+        entry = self._entry(instance)
+        entry.want = Want.REMOVED
+        return self._settle(entry)
+
+    def refresh_now(self, instance: Instance) -> None:
+        """Operator action: re-register now (if we are meant to hold a registration)."""
+        entry = self._entries.get(instance.selector)
+        if entry is not None and entry.want is Want.REGISTERED:
+            self._schedule(entry, self.clock.monotonic())
+
+    def flow_lost(self, selectors: list[str]) -> None:
+        """The flow these instances registered over died: re-register them soon, spread out."""
+        now = self.clock.monotonic()
+        for selector in selectors:
+            entry = self._entries.get(selector)
+            if entry is not None and entry.want is Want.REGISTERED:
+                self._schedule(entry, now + self.rng.uniform(0.0, 2.0))
+
+    def entries(self) -> int:
+        return len(self._entries)
+
+    # ------------------------------------------------------------------ driving
+
+    def tick(self) -> float | None:
+        """Start what is due (within the pacing budget); return seconds until the next due item."""
+        now = self.clock.monotonic()
+        while self._heap and self._heap[0][0] <= now:
+            due, _, selector = heapq.heappop(self._heap)
+            entry = self._entries.get(selector)
+            if entry is None or entry.due != due or entry.queued:
+                continue
+            entry.due = None
+            entry.queued = True
+            self._ready.append(selector)
+        self._refill_tokens(now)
+        while self._ready and self._tokens >= 1.0 and len(self._tasks) < self.settings.max_in_flight:
+            selector = self._ready.popleft()
+            entry = self._entries.get(selector)
+            if entry is None:
+                continue
+            entry.queued = False
+            if entry.busy:
+                continue  # the running exchange reconciles when it finishes
+            if entry.want is not Want.REGISTERED and not entry.bound:
+                continue  # nothing to register and nothing to remove
+            self._tokens -= 1.0
+            self._start(entry)
+        if self._ready:
+            return max(0.001, (1.0 - self._tokens) / self.settings.register_rate)
+        if self._heap:
+            return max(0.0, self._heap[0][0] - now)
+        return None
+
+    async def run(self) -> None:
+        """Production driver: tick whenever something is due or new work arrives."""
+        while True:
+            delay = self.tick()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay if delay is not None else 3600)
+
+    def start(self) -> None:
+        if self._runner is None:
+            self._runner = asyncio.create_task(self.run(), name="registration-engine")
+
+    async def stop(self, *, unregister: bool, timeout: float = 5.0) -> None:
+        """Stop scheduling; with ``unregister`` remove every binding we hold first (paced)."""
+        if unregister:
+            futures = [self.remove(entry.instance) for entry in list(self._entries.values()) if entry.bound]
+            if futures:
+                self._wake.set()
+                await asyncio.wait(futures, timeout=timeout)
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+            self._runner = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1.0)
+
+    async def drain(self) -> None:
+        """Wait for in-flight exchanges (tests)."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    # ------------------------------------------------------------------ internals
+
+    def _entry(self, instance: Instance) -> _Entry:
+        entry = self._entries.get(instance.selector)
+        if entry is None:
+            entry = _Entry(instance)
+            self._entries[instance.selector] = entry
+        else:
+            entry.instance = instance
+        return entry
+
+    def _settle(self, entry: _Entry) -> asyncio.Future[RegisterResult | None]:
+        future: asyncio.Future[RegisterResult | None] = asyncio.get_running_loop().create_future()
+        if not entry.bound and not entry.busy:
+            self._finish_unwanted(entry, None)
+            future.set_result(None)
+            return future
+        entry.waiters.append(future)
+        if not entry.busy:
+            self._schedule(entry, self.clock.monotonic())
+        return future
+
+    def _schedule(self, entry: _Entry, due: float) -> None:
+        if entry.due is not None and entry.due <= due:
+            return
+        entry.due = due
+        heapq.heappush(self._heap, (due, next(self._seq), entry.instance.selector))
+        self._wake.set()
+
+    def _refill_tokens(self, now: float) -> None:
+        rate = self.settings.register_rate
+        self._tokens = min(max(1.0, rate), self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+
+    def _start(self, entry: _Entry) -> None:
+        entry.busy = True
+        task = asyncio.create_task(self._attempt(entry))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _attempt(self, entry: _Entry) -> None:
+        instance = entry.instance
+        registering = entry.want is Want.REGISTERED
+        expires = self.settings.register_expires if registering else 0
+        if not registering:
+            self._set_status(instance, RegStatus.UNREGISTERING)
+        self.attempts += 1
+        try:
+            result = await self.exchange(instance, expires)
+        except asyncio.CancelledError:
+            entry.busy = False
+            raise
+        except Exception as exc:  # a bug in the exchange must not kill the engine
+            log.exception("registration exchange failed for %s", instance.selector)
+            result = RegisterResult(Outcome.FAILED, 500, "Internal error", detail=str(exc))
+        entry.busy = False
+        if registering:
+            self._after_register(entry, result)
+        else:
+            self._after_unregister(entry, result)
+
+    def _after_register(self, entry: _Entry, result: RegisterResult) -> None:
+        instance, reg, now = entry.instance, entry.instance.registration, self.clock.monotonic()
+        wall = self.clock.wall()
+        reg.last_code, reg.last_reason = result.status, result.reason
+        reg.flow = str(result.flow) if result.flow is not None else reg.flow
+        if result.ok and result.expires > 0:
+            entry.bound = True
+            delay = result.expires * self.rng.uniform(self.settings.refresh_min, self.settings.refresh_max)
+            reg.failure_count, reg.backoff_until = 0, None
+            reg.expires_at = wall + result.expires
+            reg.next_refresh_at = wall + delay
+            reg.registered_at, reg.unregistered_since = wall, None
+            self._set_status(instance, RegStatus.REGISTERED)
+            self._set_state(instance, AppState.PROXIED)
+            self._publish_registration(instance, result, "registered")
+            self._reconcile(entry, now + delay)
+            return
+        reg.failure_count += 1
+        if result.outcome is Outcome.UNAUTHORIZED:
+            delay = self.settings.unauthorized_retry
+            status = RegStatus.UNAUTHORIZED
+        else:
+            delay = self._backoff(reg.failure_count, result.retry_after)
+            status = RegStatus.ERROR
+        reg.backoff_until = wall + delay
+        reg.next_refresh_at = wall + delay
+        if reg.expires_at is None or reg.expires_at <= wall:
+            reg.expires_at = None
+            if reg.unregistered_since is None:
+                reg.unregistered_since = wall
+            self._set_state(instance, AppState.INACTIVE)
+        self._set_status(instance, status)
+        self._publish_registration(instance, result, status.value)
+        if status is RegStatus.UNAUTHORIZED:
+            self.bus.publish("alarm", instance.selector, alarm="unauthorized", code=result.status,
+                             reason=result.reason)
+        self._reconcile(entry, now + delay)
+
+    def _after_unregister(self, entry: _Entry, result: RegisterResult) -> None:
+        instance = entry.instance
+        reg = instance.registration
+        reg.last_code, reg.last_reason = result.status, result.reason
+        self._publish_registration(instance, result, "unregistered" if result.ok else "unregister-failed")
+        # Whatever the registrar said, our binding will lapse at its expiry; never loop on removal.
+        entry.bound = False
+        self._reconcile(entry, self.clock.monotonic(), result)
+
+    def _reconcile(self, entry: _Entry, next_due: float, result: RegisterResult | None = None) -> None:
+        """After an exchange: do what is wanted now (it may have changed meanwhile)."""
+        if entry.want is Want.REGISTERED:
+            self._schedule(entry, next_due)
+            return
+        if entry.bound:
+            self._schedule(entry, self.clock.monotonic())  # a registration raced the hand-back
+            return
+        self._finish_unwanted(entry, result)
+
+    def _finish_unwanted(self, entry: _Entry, result: RegisterResult | None) -> None:
+        instance, reg = entry.instance, entry.instance.registration
+        reg.expires_at = reg.next_refresh_at = reg.backoff_until = None
+        reg.failure_count = 0
+        if reg.unregistered_since is None:
+            reg.unregistered_since = self.clock.wall()
+        self._set_status(instance, RegStatus.IDLE)
+        entry.due = None
+        if entry.want is Want.REMOVED:
+            self._entries.pop(instance.selector, None)
+        waiters, entry.waiters = entry.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(result)
+
+    def _backoff(self, failures: int, retry_after: float | None) -> float:
+        if retry_after is not None and retry_after > 0:
+            return min(retry_after, self.settings.backoff_max * 4)
+        base = self.settings.backoff_base * float(2 ** min(failures - 1, 30))
+        return min(self.settings.backoff_max, base) * self.rng.uniform(0.5, 1.0)
+
+    def _set_state(self, instance: Instance, state: AppState) -> None:
+        if instance.state is not state:
+            old, instance.state = instance.state, state
+            self.bus.publish("instance.state", instance.selector, state=state.value, previous=old.value)
+
+    def _set_status(self, instance: Instance, status: RegStatus) -> None:
+        reg = instance.registration
+        if reg.status is not status:
+            old, reg.status = reg.status, status
+            self.bus.publish("registration.status", instance.selector, status=status.value,
+                             previous=old.value)
+
+    def _publish_registration(self, instance: Instance, result: RegisterResult, what: str) -> None:
+        reg = instance.registration
+        self.bus.publish(
+            "registration", instance.selector, result=what, code=result.status, reason=result.reason,
+            expires=result.expires, detail=result.detail, failures=reg.failure_count,
+            next_refresh_at=reg.next_refresh_at, expires_at=reg.expires_at,
+        )

@@ -1,0 +1,141 @@
+"""The instance model: one app install's SIP account, push target and registration state.
+
+``state`` is what the app asked for and what we achieved (Acrobits' names in brackets):
+
+* ``active``   — the app is in the foreground and registers itself (Idle);
+* ``inactive`` — the app is asleep and the SIPIS is taking over (Registering);
+* ``proxied``  — the SIPIS holds a confirmed registration for it (Registered);
+* ``off``      — expired or disabled; credentials wiped (Off).
+
+``reg_status`` is the registration engine's detail: ``idle``, ``registering``, ``registered``,
+``unregistering``, ``unauthorized``, ``error``. Times named ``*_at`` are wall-clock epoch seconds
+(for display and storage); the engine keeps its own monotonic schedule.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class AppState(StrEnum):
+    ACTIVE = "active"
+    INACTIVE = "inactive"
+    PROXIED = "proxied"
+    OFF = "off"
+
+
+class RegStatus(StrEnum):
+    IDLE = "idle"
+    REGISTERING = "registering"
+    REGISTERED = "registered"
+    UNREGISTERING = "unregistering"
+    UNAUTHORIZED = "unauthorized"
+    ERROR = "error"
+
+
+@dataclass(slots=True)
+class PushTarget:
+    provider: str
+    app_id: str
+    token: str
+    voip_token: str | None = None
+    unreachable: bool = False  # the provider said the token is dead: no more pushes to it
+
+
+@dataclass(slots=True)
+class Account:
+    aor: str  # sip:alice@example.com
+    username: str
+    password: str | None  # plaintext only in memory; None once wiped
+    auth_username: str | None = None
+    registrar: str | None = None  # sip:/sips: URI of the registrar or outbound proxy
+    display_name: str | None = None
+
+    @property
+    def auth_user(self) -> str:
+        return self.auth_username or self.username
+
+    def __repr__(self) -> str:  # never show the password
+        return f"Account(aor={self.aor!r}, username={self.username!r}, registrar={self.registrar!r})"
+
+
+@dataclass(slots=True)
+class Registration:
+    status: RegStatus = RegStatus.IDLE
+    last_code: int | None = None
+    last_reason: str | None = None
+    expires_at: float | None = None
+    next_refresh_at: float | None = None
+    failure_count: int = 0
+    backoff_until: float | None = None
+    registered_at: float | None = None
+    unregistered_since: float | None = None
+    flow: str | None = None  # description of the flow in use, for the console
+
+
+@dataclass(slots=True)
+class Instance:
+    selector: str
+    account: Account
+    push: PushTarget
+    token_hash: str
+    instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    reg_id: int = 1
+    state: AppState = AppState.ACTIVE
+    registration: Registration = field(default_factory=Registration)
+    app_contact: str | None = None
+    app_last_seen: float = 0.0
+    created_at: float = 0.0
+    disabled: bool = False
+
+    @property
+    def sip_instance(self) -> str:
+        """The ``+sip.instance`` Contact parameter value (RFC 5626 §4.1)."""
+        return f'"<urn:uuid:{self.instance_id}>"'
+
+    def public_view(self) -> dict[str, Any]:
+        """Everything an app or operator may see: no password, no bearer token, token masked."""
+        reg = self.registration
+        return {
+            "selector": self.selector,
+            "state": self.state.value,
+            "aor": self.account.aor,
+            "username": self.account.username,
+            "auth_username": self.account.auth_username,
+            "registrar": self.account.registrar,
+            "display_name": self.account.display_name,
+            "instance_id": self.instance_id,
+            "reg_id": self.reg_id,
+            "push": {
+                "provider": self.push.provider,
+                "app_id": self.push.app_id,
+                "token": mask(self.push.token),
+                "voip_token": mask(self.push.voip_token) if self.push.voip_token else None,
+                "unreachable": self.push.unreachable,
+            },
+            "registration": {
+                "status": reg.status.value,
+                "last_code": reg.last_code,
+                "last_reason": reg.last_reason,
+                "expires_at": reg.expires_at,
+                "next_refresh_at": reg.next_refresh_at,
+                "failure_count": reg.failure_count,
+                "backoff_until": reg.backoff_until,
+                "flow": reg.flow,
+            },
+            "app_contact": self.app_contact,
+            "app_last_seen": self.app_last_seen,
+            "created_at": self.created_at,
+            "disabled": self.disabled,
+            "credentials_stored": self.account.password is not None,
+        }
+
+
+def mask(secret: str | None) -> str | None:
+    """Show only the ends of a token: ``abcd…wxyz``."""
+    if secret is None:
+        return None
+    return "…" if len(secret) <= 10 else f"{secret[:4]}…{secret[-4:]}"

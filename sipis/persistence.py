@@ -1,0 +1,110 @@
+"""Instances to and from storage records; the storage subscriber of the event bus.
+
+Storage learns about changes only through the bus (DESIGN.md: one path per fact): every event that
+names an instance snapshots that instance into the batched writer, every event is appended to the
+event log, and ``instance.deleted`` deletes the row. Passwords are encrypted with the
+:class:`SecretBox` under the instance's selector, once per password change (cached blob).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from sipis.clock import Clock
+from sipis.crypto import DecryptionError, SecretBox
+from sipis.events import Event, EventBus
+from sipis.instance import Account, AppState, Instance, PushTarget, Registration, RegStatus
+from storage.records import EventRecord, InstanceRecord
+from storage.writer import BatchedWriter
+
+log = logging.getLogger(__name__)
+
+
+class InstancePersistence:
+    def __init__(self, writer: BatchedWriter, box: SecretBox, lookup: Callable[[str], Instance | None],
+                 clock: Clock) -> None:
+        self.writer = writer
+        self.box = box
+        self.lookup = lookup
+        self.clock = clock
+        self._blobs: dict[str, tuple[str, bytes]] = {}  # selector → (password, its blob)
+
+    def attach(self, bus: EventBus) -> Callable[[], None]:
+        return bus.subscribe(self.on_event)
+
+    def on_event(self, event: Event) -> None:
+        self.writer.append_event(EventRecord(event.seq, event.at, event.kind, event.selector, event.data))
+        if event.selector is None:
+            return
+        if event.kind == "instance.deleted":
+            self._blobs.pop(event.selector, None)
+            self.writer.delete_instance(event.selector)
+            return
+        instance = self.lookup(event.selector)
+        if instance is not None:
+            self.writer.upsert_instance(self.record(instance))
+
+    def record(self, instance: Instance) -> InstanceRecord:
+        account, reg, push = instance.account, instance.registration, instance.push
+        return InstanceRecord(
+            selector=instance.selector, aor=account.aor, username=account.username,
+            auth_username=account.auth_username, password_blob=self._blob(instance),
+            registrar=account.registrar, display_name=account.display_name,
+            instance_id=instance.instance_id, reg_id=instance.reg_id,
+            push_provider=push.provider, push_app_id=push.app_id, push_token=push.token,
+            push_voip_token=push.voip_token, token_hash=instance.token_hash,
+            state=instance.state.value, reg_status=reg.status.value, last_code=reg.last_code,
+            last_reason=reg.last_reason, expires_at=reg.expires_at, failure_count=reg.failure_count,
+            app_contact=instance.app_contact, app_last_seen=instance.app_last_seen,
+            created_at=instance.created_at, updated_at=self.clock.wall(),
+            unregistered_since=reg.unregistered_since, push_unreachable=push.unreachable,
+            disabled=instance.disabled,
+        )
+
+    def _blob(self, instance: Instance) -> bytes | None:
+        password = instance.account.password
+        if password is None:
+            self._blobs.pop(instance.selector, None)
+            return None
+        cached = self._blobs.get(instance.selector)
+        if cached is not None and cached[0] == password:
+            return cached[1]
+        blob = self.box.encrypt(password, context=instance.selector)
+        self._blobs[instance.selector] = (password, blob)
+        return blob
+
+    def restore(self, record: InstanceRecord) -> Instance:
+        """Rebuild an instance from its row. A blob that fails to decrypt counts as wiped."""
+        password: str | None = None
+        if record.password_blob is not None:
+            try:
+                password = self.box.decrypt(record.password_blob, context=record.selector)
+                self._blobs[record.selector] = (password, record.password_blob)
+            except DecryptionError:
+                log.error("credentials of %s cannot be decrypted (wrong key file?); treating as wiped",
+                          record.selector)
+        registration = Registration(
+            status=_enum(RegStatus, record.reg_status, RegStatus.IDLE), last_code=record.last_code,
+            last_reason=record.last_reason, expires_at=record.expires_at,
+            failure_count=record.failure_count, unregistered_since=record.unregistered_since,
+        )
+        return Instance(
+            selector=record.selector,
+            account=Account(aor=record.aor, username=record.username, password=password,
+                            auth_username=record.auth_username, registrar=record.registrar,
+                            display_name=record.display_name),
+            push=PushTarget(record.push_provider, record.push_app_id, record.push_token,
+                            record.push_voip_token, record.push_unreachable),
+            token_hash=record.token_hash, instance_id=record.instance_id, reg_id=record.reg_id,
+            state=_enum(AppState, record.state, AppState.ACTIVE), registration=registration,
+            app_contact=record.app_contact, app_last_seen=record.app_last_seen,
+            created_at=record.created_at, disabled=record.disabled,
+        )
+
+
+def _enum[E: (AppState, RegStatus)](kind: type[E], value: str, default: E) -> E:
+    try:
+        return kind(value)
+    except ValueError:
+        return default

@@ -1,0 +1,168 @@
+"""Instance operations: what the app API (and later the operator API) asks the core to do.
+
+Owns the set of instances; hands registration work to the engine and announces every change on
+the bus (storage follows from there). Bearer tokens are stored only as hashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+
+from sipis.api.models import EnrollIn, PushIn
+from sipis.api.service_protocol import InstanceGone, ServiceError
+from sipis.clock import Clock
+from sipis.crypto import hash_token, new_token, tokens_equal
+from sipis.engine import RegistrationEngine
+from sipis.events import EventBus
+from sipis.instance import Account, AppState, Instance, PushTarget
+from sipis.proxy_register import ProxyRegistrar, contact_user
+
+log = logging.getLogger(__name__)
+
+#: How long DELETE waits for the registrar to confirm the removal of our binding.
+UNREGISTER_WAIT = 5.0
+
+
+class InstanceService:
+    def __init__(self, *, engine: RegistrationEngine, registrar: ProxyRegistrar, bus: EventBus,
+                 clock: Clock, enroll_tokens: tuple[str, ...]) -> None:
+        self.engine = engine
+        self.registrar = registrar
+        self.bus = bus
+        self.clock = clock
+        self._enroll_hashes = tuple(hash_token(t) for t in enroll_tokens)
+        self.instances: dict[str, Instance] = {}
+        self._by_contact_user: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ lookups
+
+    def get(self, selector: str) -> Instance | None:
+        return self.instances.get(selector)
+
+    def by_contact_user(self, user: str) -> Instance | None:
+        """The instance whose SIPIS Contact has this user part (incoming INVITEs are routed by it)."""
+        selector = self._by_contact_user.get(user)
+        return self.instances.get(selector) if selector is not None else None
+
+    def check_enroll_token(self, token: str) -> bool:
+        digest = hash_token(token)
+        return any(tokens_equal(digest, known) for known in self._enroll_hashes)
+
+    def check_instance_token(self, selector: str, token: str) -> bool:
+        instance = self.instances.get(selector)
+        expected = instance.token_hash if instance is not None else hash_token(secrets.token_hex(8))
+        return tokens_equal(hash_token(token), expected) and instance is not None
+
+    # ------------------------------------------------------------------ app operations
+
+    async def enroll(self, request: EnrollIn) -> tuple[Instance, str]:
+        token = new_token()
+        now = self.clock.wall()
+        account_in, push_in = request.account, request.push
+        account = Account(
+            aor=account_in.aor, username=account_in.username,
+            password=account_in.password.get_secret_value(), auth_username=account_in.auth_username,
+            registrar=account_in.registrar, display_name=account_in.display_name,
+        )
+        push = PushTarget(push_in.provider, push_in.app_id, push_in.token, push_in.voip_token)
+        selector = request.selector or _new_selector()
+        existing = self.instances.get(selector)
+        if existing is not None:
+            if request.instance_id is not None and str(request.instance_id) != existing.instance_id:
+                raise ServiceError("instance_id differs from the enrolled instance; use a new selector")
+            credentials_changed = _account_key(existing.account) != _account_key(account)
+            existing.account, existing.push = account, push
+            existing.token_hash = hash_token(token)
+            existing.app_last_seen = now
+            existing.disabled = False
+            if existing.state is AppState.OFF:
+                existing.state = AppState.ACTIVE
+            self.bus.publish("instance.updated", selector, credentials_changed=credentials_changed)
+            if credentials_changed and existing.state in (AppState.INACTIVE, AppState.PROXIED):
+                self.registrar.forget(selector)
+                self.engine.refresh_now(existing)
+            return existing, token
+        instance = Instance(
+            selector=selector, account=account, push=push, token_hash=hash_token(token),
+            instance_id=str(request.instance_id or uuid.uuid4()), app_last_seen=now, created_at=now,
+        )
+        self.add(instance)
+        self.bus.publish("instance.enrolled", selector, aor=account.aor)
+        return instance, token
+
+    async def set_state(self, selector: str, state: str, contact: str | None) -> Instance:
+        instance = self._require(selector)
+        if instance.disabled or instance.state is AppState.OFF:
+            raise ServiceError("instance is off; enrol again to reactivate it")
+        instance.app_last_seen = self.clock.wall()
+        if state == "inactive":
+            self.engine.take_over(instance)
+        else:
+            instance.app_contact = contact
+            self.engine.hand_back(instance)
+        self.bus.publish("instance.app", selector, reported=state, contact=contact)
+        return instance
+
+    async def update_push(self, selector: str, push: PushIn) -> Instance:
+        instance = self._require(selector)
+        instance.push = PushTarget(push.provider, push.app_id, push.token, push.voip_token)
+        instance.app_last_seen = self.clock.wall()
+        self.bus.publish("instance.push", selector, provider=push.provider)
+        return instance
+
+    async def delete(self, selector: str) -> None:
+        instance = self._require(selector)
+        await self.retire(instance, reason="deleted by app", delete=True)
+
+    # ------------------------------------------------------------------ core operations
+
+    def add(self, instance: Instance) -> None:
+        """Take an instance under management (enrolment or restore after restart)."""
+        self.instances[instance.selector] = instance
+        self._by_contact_user[contact_user(instance)] = instance.selector
+
+    def resume(self, instance: Instance) -> None:
+        """After a restart: take the registration over again where the app was asleep."""
+        self.add(instance)
+        if instance.disabled or instance.state is AppState.OFF:
+            return
+        if instance.state in (AppState.INACTIVE, AppState.PROXIED):
+            if instance.registration.expires_at is None or instance.registration.expires_at <= self.clock.wall():
+                instance.state = AppState.INACTIVE
+            self.engine.take_over(instance)
+
+    async def retire(self, instance: Instance, *, reason: str, delete: bool) -> None:
+        """Remove our binding, wipe the credentials; then forget the instance or mark it off."""
+        removal = self.engine.remove(instance)
+        try:
+            await asyncio.wait_for(asyncio.shield(removal), UNREGISTER_WAIT)
+        except TimeoutError:
+            log.warning("unREGISTER of %s not confirmed within %.0f s", instance.selector, UNREGISTER_WAIT)
+        self.registrar.forget(instance.selector)
+        instance.account.password = None
+        if delete:
+            self.instances.pop(instance.selector, None)
+            self._by_contact_user.pop(contact_user(instance), None)
+            self.bus.publish("instance.deleted", instance.selector, reason=reason)
+            return
+        old = instance.state
+        instance.state = AppState.OFF
+        self.bus.publish("instance.state", instance.selector, state="off", previous=old.value, reason=reason)
+
+    def _require(self, selector: str) -> Instance:
+        instance = self.instances.get(selector)
+        if instance is None:
+            raise InstanceGone("no such instance")
+        return instance
+
+
+def _new_selector() -> str:
+    """Acrobits-shaped: 40 hex digits, a colon, 8 hex digits."""
+    return f"{secrets.token_hex(20).upper()}:{secrets.token_hex(4).upper()}"
+
+
+def _account_key(account: Account) -> tuple[str | None, ...]:
+    return (account.aor, account.username, account.auth_username, account.password, account.registrar)

@@ -1,0 +1,662 @@
+"""SIP Digest authentication (RFC 2617, RFC 7616, RFC 8760 for SIP; RFC 2069 legacy mode).
+
+Client side: :func:`parse_challenges` reads ``WWW-Authenticate`` (401) / ``Proxy-Authenticate``
+(407) values, :func:`choose_challenge` picks the strongest usable one and
+:meth:`DigestSession.authorize` answers it, counting ``nc`` per reused nonce. Server side (the
+lab registrar): :func:`make_challenge`, :meth:`AuthorizationParams.parse` and
+:func:`verify_authorization`.
+
+Algorithms: MD5, SHA-256 and SHA-512-256, each with its ``-sess`` variant, as far as
+:mod:`hashlib` provides them. Strings are hashed as UTF-8. Passwords never appear in reprs,
+exceptions or logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+__all__ = [
+    "AuthorizationParams",
+    "Challenge",
+    "Credentials",
+    "DigestError",
+    "DigestSession",
+    "choose_challenge",
+    "choose_per_realm",
+    "header_names",
+    "make_challenge",
+    "parse_challenges",
+    "supported_algorithms",
+    "verify_authorization",
+]
+
+
+class DigestError(ValueError):
+    """A Digest header is unparsable, or asks for something this module does not support."""
+
+
+# --------------------------------------------------------------------------- algorithms
+
+#: RFC 7616 §6.1 algorithm tokens -> hashlib names, strongest first (RFC 8760 §2.1 preference).
+_HASHLIB_NAMES: dict[str, str] = {"SHA-512-256": "sha512_256", "SHA-256": "sha256", "MD5": "md5"}
+_SESS = "-sess"
+_QOPS = ("auth", "auth-int")
+
+
+def _hash_available(hashlib_name: str) -> bool:
+    # OpenSSL builds differ (sha512_256 may be missing, MD5 may be blocked by FIPS policy).
+    try:
+        hashlib.new(hashlib_name, b"", usedforsecurity=False)
+    except ValueError:
+        return False
+    return True
+
+
+_SUPPORTED: tuple[str, ...] = tuple(
+    name
+    for base, hashlib_name in _HASHLIB_NAMES.items()
+    if _hash_available(hashlib_name)
+    for name in (base, base + _SESS)
+)
+#: Higher is stronger; a ``-sess`` variant ranks with its base algorithm.
+_STRENGTH: dict[str, int] = {base: len(_HASHLIB_NAMES) - i for i, base in enumerate(_HASHLIB_NAMES)}
+
+
+def supported_algorithms() -> tuple[str, ...]:
+    """The algorithm tokens this interpreter can compute, strongest first."""
+    return _SUPPORTED
+
+
+def _normalise_algorithm(value: str) -> str:
+    """Upper-case the token but keep the conventional lower-case ``-sess`` suffix."""
+    upper = value.strip().upper()
+    if upper.endswith(_SESS.upper()):
+        return upper[: -len(_SESS)] + _SESS
+    return upper
+
+
+def _split_algorithm(algorithm: str) -> tuple[str, bool]:
+    """``"SHA-256-sess"`` -> ``("SHA-256", True)``."""
+    if algorithm.endswith(_SESS):
+        return algorithm[: -len(_SESS)], True
+    return algorithm, False
+
+
+def _require_supported(algorithm: str) -> str:
+    if algorithm not in _SUPPORTED:
+        raise DigestError(f"unsupported digest algorithm {algorithm!r}")
+    return algorithm
+
+
+def _h(algorithm: str, data: str | bytes) -> str:
+    """H(data) of RFC 7616 §3.4.1: lower-case hex digest of the algorithm's hash."""
+    base, _ = _split_algorithm(algorithm)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    return hashlib.new(_HASHLIB_NAMES[base], raw, usedforsecurity=False).hexdigest()
+
+
+# --------------------------------------------------------------------------- header syntax
+
+# RFC 7230 §3.2.6 token, quoted-string; RFC 7235 §2.1 token68. Whitespace includes CR/LF so that
+# folded values (as printed in the RFCs) parse; values themselves may not contain controls.
+_OWS = re.compile(r"[ \t\r\n]*")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*(?=[ \t\r\n]*(?:,|\Z))")
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"', re.DOTALL)
+_BARE_VALUE = re.compile(r'[^ \t\r\n,"]+')  # lenient: servers send e.g. domain=sip:x unquoted
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_NC = re.compile(r"[0-9A-Fa-f]{8}")
+
+
+class _Scanner:
+    """A cursor over one header value."""
+
+    __slots__ = ("pos", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def done(self) -> bool:
+        return self.pos >= len(self.text)
+
+    def peek(self) -> str:
+        return self.text[self.pos : self.pos + 1]
+
+    def take(self, pattern: re.Pattern[str]) -> re.Match[str] | None:
+        match = pattern.match(self.text, self.pos)
+        if match is not None:
+            self.pos = match.end()
+        return match
+
+    def skip_ws(self) -> None:
+        self.take(_OWS)
+
+    def skip_separators(self) -> None:
+        # The #rule allows empty list elements: ", ,a=b" is legal.
+        self.skip_ws()
+        while self.peek() == ",":
+            self.pos += 1
+            self.skip_ws()
+
+
+def _read_value(scanner: _Scanner) -> str:
+    quoted = scanner.take(_QUOTED)
+    if quoted is not None:
+        value = _QUOTED_PAIR.sub(r"\1", quoted.group(1))
+    elif scanner.peek() == '"':
+        raise DigestError("unterminated quoted string")
+    else:
+        bare = scanner.take(_BARE_VALUE)
+        value = bare.group() if bare is not None else ""
+    # Values are echoed into our own requests: a CR/LF would be header injection.
+    if _CONTROL.search(value):
+        raise DigestError("control character in a parameter value")
+    return value
+
+
+def _read_params(scanner: _Scanner) -> dict[str, str]:
+    """The auth-params after a scheme, up to the end or the start of the next challenge."""
+    params: dict[str, str] = {}
+    scanner.skip_ws()
+    if scanner.take(_TOKEN68) is not None:  # e.g. Basic credentials: no params
+        return params
+    while True:
+        scanner.skip_separators()
+        start = scanner.pos
+        name = scanner.take(_TOKEN)
+        if name is None:
+            if scanner.done():
+                return params
+            raise DigestError("expected a parameter name")
+        scanner.skip_ws()
+        if scanner.peek() != "=":
+            scanner.pos = start  # a token without "=" is the next challenge's scheme
+            return params
+        scanner.pos += 1
+        scanner.skip_ws()
+        key = name.group().lower()
+        if key in params:
+            # Ambiguous (which one would the server check?), so refuse rather than guess.
+            raise DigestError(f"duplicate parameter {key!r}")
+        params[key] = _read_value(scanner)
+
+
+def _split_challenges(text: str) -> list[tuple[str, dict[str, str]]]:
+    """Split one header value into ``(scheme, params)`` pairs (RFC 7235 allows several)."""
+    scanner = _Scanner(text)
+    found: list[tuple[str, dict[str, str]]] = []
+    scanner.skip_separators()
+    while not scanner.done():
+        scheme = scanner.take(_TOKEN)
+        if scheme is None:
+            raise DigestError("expected an authentication scheme")
+        found.append((scheme.group(), _read_params(scanner)))
+        scanner.skip_separators()
+    if not found:
+        raise DigestError("empty authentication header")
+    return found
+
+
+def _single_digest(text: str) -> dict[str, str]:
+    """The params of a value that must hold exactly one Digest challenge or credentials."""
+    parts = _split_challenges(text)
+    if len(parts) != 1:
+        raise DigestError(f"expected one Digest value, found {len(parts)} schemes")
+    scheme, params = parts[0]
+    if scheme.lower() != "digest":
+        raise DigestError(f"not a Digest value (scheme {scheme!r})")
+    return params
+
+
+def _required(params: dict[str, str], name: str) -> str:
+    value = params.get(name)
+    if not value:
+        raise DigestError(f"missing or empty {name!r}")
+    return value
+
+
+def _flag(params: dict[str, str], name: str) -> bool:
+    return params.get(name, "").strip().lower() == "true"
+
+
+def _quote(value: str) -> str:
+    if _CONTROL.search(value):
+        raise DigestError("control character in a value to send")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _qop_tokens(value: str) -> tuple[str, ...]:
+    return tuple(token for part in value.split(",") if (token := part.strip().lower()))
+
+
+# --------------------------------------------------------------------------- challenges
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """One Digest challenge from a ``WWW-Authenticate`` or ``Proxy-Authenticate`` value."""
+
+    realm: str
+    nonce: str
+    algorithm: str = "MD5"
+    qop: tuple[str, ...] = ()
+    opaque: str | None = None
+    stale: bool = False
+    userhash: bool = False
+    domain: str | None = None
+    scheme: str = "Digest"
+
+    @classmethod
+    def parse(cls, header_value: str) -> Challenge:
+        """Parse one challenge; :class:`DigestError` if unparsable or not answerable by us."""
+        return cls._from_params(_single_digest(header_value))
+
+    @classmethod
+    def _from_params(cls, params: dict[str, str]) -> Challenge:
+        challenge = cls(
+            realm=_required(params, "realm"),
+            nonce=_required(params, "nonce"),
+            algorithm=_normalise_algorithm(params.get("algorithm") or "MD5"),
+            qop=_qop_tokens(params.get("qop", "")),
+            opaque=params.get("opaque"),
+            stale=_flag(params, "stale"),
+            userhash=_flag(params, "userhash"),
+            domain=params.get("domain"),
+        )
+        _check_answerable(challenge)
+        return challenge
+
+
+def _check_answerable(challenge: Challenge) -> None:
+    if challenge.scheme.lower() != "digest":
+        raise DigestError(f"not a Digest challenge (scheme {challenge.scheme!r})")
+    _require_supported(challenge.algorithm)
+    _pick_qop(challenge.qop)
+    # A -sess key needs a cnonce, and RFC 2617 only lets the client send one with qop.
+    if _split_algorithm(challenge.algorithm)[1] and not challenge.qop:
+        raise DigestError(f"{challenge.algorithm} challenge without qop")
+
+
+def _is_answerable(challenge: Challenge) -> bool:
+    try:
+        _check_answerable(challenge)
+    except DigestError:
+        return False
+    return True
+
+
+def _pick_qop(offered: tuple[str, ...]) -> str | None:
+    """``auth`` when offered (cheapest, no body hash), else ``auth-int``; None for RFC 2069."""
+    if not offered:
+        return None
+    for qop in _QOPS:
+        if qop in offered:
+            return qop
+    raise DigestError(f"unsupported qop options {offered!r}")
+
+
+def parse_challenges(values: Iterable[str]) -> list[Challenge]:
+    """Every answerable Digest challenge in these header values, in order; never raises.
+
+    Other schemes, unparsable values and unsupported algorithms/qops are skipped.
+    """
+    if isinstance(values, str):  # a lone value would otherwise iterate per character
+        values = [values]
+    challenges: list[Challenge] = []
+    for value in values:
+        try:
+            parts = _split_challenges(value)
+        except DigestError:
+            continue
+        for scheme, params in parts:
+            if scheme.lower() != "digest":
+                continue
+            try:
+                challenges.append(Challenge._from_params(params))
+            except DigestError:
+                continue
+    return challenges
+
+
+def _strength(challenge: Challenge) -> int:
+    return _STRENGTH[_split_algorithm(challenge.algorithm)[0]]
+
+
+def choose_challenge(challenges: Iterable[Challenge]) -> Challenge | None:
+    """The strongest answerable challenge; on a tie the topmost (RFC 8760 §2.4 server order)."""
+    best: Challenge | None = None
+    for challenge in challenges:
+        if _is_answerable(challenge) and (best is None or _strength(challenge) > _strength(best)):
+            best = challenge
+    return best
+
+
+def choose_per_realm(challenges: Iterable[Challenge]) -> list[Challenge]:
+    """The strongest answerable challenge of each realm, in first-seen realm order.
+
+    A forked request may be challenged by several proxies (RFC 3261 §22.3); each realm gets
+    its own credentials header.
+    """
+    by_realm: dict[str, list[Challenge]] = {}
+    for challenge in challenges:
+        by_realm.setdefault(challenge.realm, []).append(challenge)
+    chosen = (choose_challenge(group) for group in by_realm.values())
+    return [challenge for challenge in chosen if challenge is not None]
+
+
+def header_names(status: int) -> tuple[str, str]:
+    """(challenge header, credentials header) for a 401 or 407 response."""
+    if status == 401:
+        return "WWW-Authenticate", "Authorization"
+    if status == 407:
+        return "Proxy-Authenticate", "Proxy-Authorization"
+    raise ValueError(f"status {status} carries no Digest challenge")
+
+
+# --------------------------------------------------------------------------- computation
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """Everything RFC 7616 §3.4.1-3.4.3 feeds into ``response``."""
+
+    algorithm: str
+    username: str
+    realm: str
+    password: str = field(repr=False)
+    nonce: str
+    method: str
+    uri: str
+    qop: str | None
+    nc: str | None
+    cnonce: str | None
+    body: bytes = field(repr=False)
+
+
+def _ha1(inputs: _Inputs) -> str:
+    ha1 = _h(inputs.algorithm, f"{inputs.username}:{inputs.realm}:{inputs.password}")
+    if _split_algorithm(inputs.algorithm)[1]:
+        if inputs.cnonce is None:
+            raise DigestError("a -sess algorithm needs a cnonce")
+        ha1 = _h(inputs.algorithm, f"{ha1}:{inputs.nonce}:{inputs.cnonce}")
+    return ha1
+
+
+def _ha2(inputs: _Inputs) -> str:
+    a2 = f"{inputs.method}:{inputs.uri}"
+    if inputs.qop == "auth-int":
+        a2 += ":" + _h(inputs.algorithm, inputs.body)
+    return _h(inputs.algorithm, a2)
+
+
+def _response(inputs: _Inputs) -> str:
+    ha1, ha2 = _ha1(inputs), _ha2(inputs)
+    if inputs.qop is None:  # RFC 2069 compatibility
+        return _h(inputs.algorithm, f"{ha1}:{inputs.nonce}:{ha2}")
+    if inputs.nc is None or inputs.cnonce is None:
+        raise DigestError("qop needs nc and cnonce")
+    return _h(inputs.algorithm, f"{ha1}:{inputs.nonce}:{inputs.nc}:{inputs.cnonce}:{inputs.qop}:{ha2}")
+
+
+def _userhash(algorithm: str, username: str, realm: str) -> str:
+    """RFC 7616 §3.4.4: the username as sent when the server asked for userhash."""
+    return _h(algorithm, f"{username}:{realm}")
+
+
+# --------------------------------------------------------------------------- client
+
+
+@dataclass
+class Credentials:
+    """A SIP account's digest credentials; ``repr`` leaves the password out."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass
+class _NonceState:
+    """How often the current nonce of one realm has been used."""
+
+    nonce: str
+    count: int = 0
+    cnonce: str | None = None  # kept for -sess, whose session key binds the first cnonce
+
+
+_MAX_NC = 0xFFFFFFFF
+
+
+def _default_cnonce() -> str:
+    return secrets.token_hex(16)
+
+
+class DigestSession:
+    """Answers challenges for one account, keeping per-realm nonce counts.
+
+    Reusing a nonce increments ``nc``; a challenge with a new nonce (``stale=true`` or not)
+    starts again at 1. A stale challenge is never a failure: whether a re-challenge means the
+    password was refused is answered by :meth:`credentials_rejected`.
+    """
+
+    def __init__(self, credentials: Credentials, *, cnonce_factory: Callable[[], str] | None = None) -> None:
+        self._credentials = credentials
+        self._cnonce_factory = cnonce_factory or _default_cnonce
+        self._states: dict[str, _NonceState] = {}
+
+    def __repr__(self) -> str:
+        return f"DigestSession(username={self._credentials.username!r}, realms={sorted(self._states)!r})"
+
+    def authorize(self, challenge: Challenge, method: str, uri: str, body: bytes = b"") -> str:
+        """The ``Authorization``/``Proxy-Authorization`` value answering ``challenge``."""
+        _check_answerable(challenge)
+        qop = _pick_qop(challenge.qop)
+        state = self._use_nonce(challenge)
+        nc = f"{state.count:08x}" if qop else None
+        cnonce = self._cnonce(state, challenge.algorithm) if qop else None
+        inputs = _Inputs(
+            algorithm=challenge.algorithm,
+            username=self._credentials.username,
+            realm=challenge.realm,
+            password=self._credentials.password,
+            nonce=challenge.nonce,
+            method=method,
+            uri=uri,
+            qop=qop,
+            nc=nc,
+            cnonce=cnonce,
+            body=body,
+        )
+        return _format_authorization(challenge, inputs, _response(inputs))
+
+    def credentials_rejected(self, challenge: Challenge) -> bool:
+        """Whether a re-challenge of a request that carried our credentials means "wrong password".
+
+        Not when the server says ``stale=true``, nor when we had reused an older nonce (the
+        server may just not accept reuse): only a fresh nonce answered once and challenged again.
+        """
+        if challenge.stale:
+            return False
+        state = self._states.get(challenge.realm)
+        return state is not None and state.count == 1
+
+    def _use_nonce(self, challenge: Challenge) -> _NonceState:
+        state = self._states.get(challenge.realm)
+        if state is None or state.nonce != challenge.nonce:
+            state = _NonceState(challenge.nonce)
+            self._states[challenge.realm] = state
+        if state.count >= _MAX_NC:
+            raise DigestError("nonce count exhausted; a new challenge is needed")
+        state.count += 1
+        return state
+
+    def _cnonce(self, state: _NonceState, algorithm: str) -> str:
+        if not _split_algorithm(algorithm)[1]:
+            return self._cnonce_factory()
+        if state.cnonce is None:
+            state.cnonce = self._cnonce_factory()
+        return state.cnonce
+
+
+def _format_authorization(challenge: Challenge, inputs: _Inputs, response: str) -> str:
+    username = inputs.username
+    if challenge.userhash:
+        username = _userhash(inputs.algorithm, inputs.username, inputs.realm)
+    # RFC 7616 §3.4: algorithm, qop and nc are never quoted.
+    parts = [
+        f"username={_quote(username)}",
+        f"realm={_quote(inputs.realm)}",
+        f"nonce={_quote(inputs.nonce)}",
+        f"uri={_quote(inputs.uri)}",
+        f'response="{response}"',
+        f"algorithm={inputs.algorithm}",
+    ]
+    if inputs.qop is not None:
+        parts += [f"qop={inputs.qop}", f"nc={inputs.nc}", f"cnonce={_quote(inputs.cnonce or '')}"]
+    if challenge.opaque is not None:
+        parts.append(f"opaque={_quote(challenge.opaque)}")
+    if challenge.userhash:
+        parts.append("userhash=true")
+    return "Digest " + ", ".join(parts)
+
+
+# --------------------------------------------------------------------------- server (lab registrar)
+
+
+def make_challenge(
+    realm: str,
+    algorithm: str = "MD5",
+    *,
+    qop: str | None = "auth",
+    opaque: str | None = None,
+    stale: bool = False,
+    nonce: str | None = None,
+    userhash: bool = False,
+) -> str:
+    """A ``WWW-Authenticate``/``Proxy-Authenticate`` value; ``qop`` like ``"auth,auth-int"``."""
+    algorithm = _require_supported(_normalise_algorithm(algorithm))
+    qops = _qop_tokens(qop or "")
+    if any(token not in _QOPS for token in qops) or (qop is not None and not qops):
+        raise DigestError(f"unsupported qop {qop!r}")
+    if _split_algorithm(algorithm)[1] and not qops:
+        raise DigestError(f"{algorithm} needs a qop")
+    parts = [
+        f"realm={_quote(realm)}",
+        f"nonce={_quote(nonce or secrets.token_urlsafe(24))}",
+        f"algorithm={algorithm}",
+    ]
+    if qops:
+        parts.append(f'qop="{",".join(qops)}"')
+    if opaque is not None:
+        parts.append(f"opaque={_quote(opaque)}")
+    if stale:
+        parts.append("stale=true")
+    if userhash:
+        parts.append("userhash=true")
+    return "Digest " + ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class AuthorizationParams:
+    """The parameters of a received ``Authorization``/``Proxy-Authorization`` value.
+
+    ``nc`` stays the 8-hex-digit string as sent (it is hashed verbatim); see :attr:`nc_value`.
+    With ``userhash`` the ``username`` is the hash, not the account name.
+    """
+
+    username: str
+    realm: str
+    nonce: str
+    uri: str
+    response: str
+    algorithm: str = "MD5"
+    qop: str | None = None
+    nc: str | None = None
+    cnonce: str | None = None
+    opaque: str | None = None
+    userhash: bool = False
+
+    @property
+    def nc_value(self) -> int | None:
+        """The nonce count as a number, for replay checks."""
+        return int(self.nc, 16) if self.nc is not None else None
+
+    @classmethod
+    def parse(cls, header_value: str) -> AuthorizationParams:
+        """Parse one Digest credentials value; :class:`DigestError` if malformed or unsupported."""
+        params = _single_digest(header_value)
+        qop = params.get("qop")
+        if qop is not None:
+            qop = qop.strip().lower()
+            if qop not in _QOPS:
+                raise DigestError(f"unsupported qop {qop!r}")
+            if not _NC.fullmatch(_required(params, "nc")):
+                raise DigestError("nc must be 8 hex digits")
+            _required(params, "cnonce")
+        return cls(
+            username=_required(params, "username"),
+            realm=_required(params, "realm"),
+            nonce=_required(params, "nonce"),
+            uri=_required(params, "uri"),
+            response=_required(params, "response"),
+            algorithm=_require_supported(_normalise_algorithm(params.get("algorithm") or "MD5")),
+            qop=qop,
+            nc=params.get("nc") if qop else None,
+            cnonce=params.get("cnonce") if qop else None,
+            opaque=params.get("opaque"),
+            userhash=_flag(params, "userhash"),
+        )
+
+
+def verify_authorization(
+    params: AuthorizationParams,
+    method: str,
+    password: str,
+    body: bytes = b"",
+    *,
+    username: str | None = None,
+) -> bool:
+    """Whether ``params.response`` is right for this password (constant-time comparison).
+
+    ``username`` is the account name the registrar expects; it is required when the client
+    used ``userhash``. Nonce freshness, realm and ``nc`` replay checks are the caller's job.
+    """
+    if params.algorithm not in _SUPPORTED or params.qop not in (None, *_QOPS):
+        return False
+    account = _account_name(params, username)
+    if account is None:
+        return False
+    inputs = _Inputs(
+        algorithm=params.algorithm,
+        username=account,
+        realm=params.realm,
+        password=password,
+        nonce=params.nonce,
+        method=method,
+        uri=params.uri,
+        qop=params.qop,
+        nc=params.nc,
+        cnonce=params.cnonce,
+        body=body,
+    )
+    try:
+        expected = _response(inputs)
+    except DigestError:  # e.g. -sess or qop without cnonce: cannot be right
+        return False
+    return hmac.compare_digest(expected.encode(), params.response.lower().encode("utf-8"))
+
+
+def _account_name(params: AuthorizationParams, expected: str | None) -> str | None:
+    """The plain account name the response was computed with, or None on a mismatch."""
+    if not params.userhash:
+        return params.username if expected in (None, params.username) else None
+    if expected is None:
+        return None
+    hashed = _userhash(params.algorithm, expected, params.realm)
+    return expected if hmac.compare_digest(hashed.encode(), params.username.lower().encode("utf-8")) else None
