@@ -1,26 +1,114 @@
-"""The `sipis-console` command line."""
+"""The ``sipis-console`` command line.
+
+``serve`` runs the core headless; ``init`` writes a commented starter config. (``demo`` and
+``console`` come with the lab and console work.)
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import signal
 import sys
+from pathlib import Path
+
+from sipis.config import ConfigError, load_config, write_starter_config
+
+EXAMPLES = """\
+examples:
+  sipis-console init sipis.toml          write a starter config (loopback only, random enrol token)
+  sipis-console serve --config sipis.toml
+                                         run the core: SIP, app API, registrations (Ctrl+C / SIGTERM stops)
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sipis-console",
         description="SIP Instance Server (SIPIS) with a live operations console.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the core headless (SIGTERM → clean shutdown)",
+                                description="Run the SIPIS core: SIP endpoint, registration engine, "
+                                            "HTTPS app API. Logs go to stderr.")
+    serve.add_argument("--config", "-c", type=Path, required=True, metavar="FILE", help="the TOML config file")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                       help="override [log] level")
+
+    init = commands.add_parser("init", help="write a commented starter config",
+                               description="Write a commented starter config with lab-safe defaults "
+                                           "(loopback only) and a random enrolment token.")
+    init.add_argument("path", type=Path, nargs="?", default=Path("sipis.toml"), help="where (default sipis.toml)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command == "serve":
+        return serve(args.config, args.log_level)
+    if args.command == "init":
+        return init(args.path, args.force)
+    parser.print_help()
+    return 0
+
+
+def init(path: Path, force: bool) -> int:
+    try:
+        write_starter_config(path, force=force)
+    except FileExistsError:
+        print(f"sipis-console: {path} exists; use --force to overwrite it", file=sys.stderr)
+        return 1
+    print(f"wrote {path} (mode 0600: it holds the enrolment token). Next: sipis-console serve --config {path}")
+    return 0
+
+
+def serve(config_path: Path, log_level: str | None) -> int:
+    try:
+        config = load_config(config_path)
+    except FileNotFoundError:
+        print(f"sipis-console: no config file at {config_path} (create one with: sipis-console init)",
+              file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"sipis-console: {config_path}: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=(log_level or config.log.level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        filename=str(config.log.file) if config.log.file else None,
+    )
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: object) -> int:
+    from sipis.core import Core  # imported here so `init` and `--help` stay fast
+
+    core = Core(config)  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        listening = await core.start()
+    except Exception as exc:
+        logging.getLogger("sipis").error("start-up failed: %s", exc)
+        await core.stop()
+        return 1
+    log = logging.getLogger("sipis")
+    log.info("SIP listening on %s", ", ".join(str(s) for s in listening.sip) or "nothing")
+    if listening.api_url:
+        log.info("app API on %s", listening.api_url)
+    print(f"sipis-console: core running (SIP {', '.join(str(s) for s in listening.sip)}; "
+          f"API {listening.api_url or 'off'})", file=sys.stderr, flush=True)
+    await stop.wait()
+    log.info("shutting down")
+    await core.stop()
     return 0
 
 

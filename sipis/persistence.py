@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TypeVar
 
 from sipis.clock import Clock
 from sipis.crypto import DecryptionError, SecretBox
@@ -103,7 +104,10 @@ class InstancePersistence:
         )
 
 
-def _enum[E: (AppState, RegStatus)](kind: type[E], value: str, default: E) -> E:
+E = TypeVar("E", AppState, RegStatus)
+
+
+def _enum(kind: type[E], value: str, default: E) -> E:
     try:
         return kind(value)
     except ValueError:

@@ -22,7 +22,7 @@ import random
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 from sipis.sip.framing import FramingError, KeepAlivePing, KeepAlivePong, StreamFramer
 from sipis.sip.message import (
@@ -482,12 +482,13 @@ class _StreamProtocol(asyncio.Protocol):
         )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # a stream transport by construction
-        local = transport.get_extra_info("sockname")
-        remote = transport.get_extra_info("peername")
+        stream = cast(asyncio.Transport, transport)  # create_server/create_connection give streams
+        self.transport = stream
+        local = stream.get_extra_info("sockname")
+        remote = stream.get_extra_info("peername")
         self.flow = Flow(
             self.name, (local[0], local[1]), (remote[0], remote[1]), self.outbound,
-            _write=transport.write, _close=transport.close,
+            _write=stream.write, _close=stream.close,
         )
         self.layer._register_flow(self.flow)
 

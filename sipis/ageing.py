@@ -1,0 +1,79 @@
+"""Ageing (Acrobits' MaxAge / NotRegisteredMaxAge): instances nobody looks after any more go off.
+
+* the app has been silent (no API call) for ``max_age`` (3 days default), or
+* we were meant to hold its registration but it stayed unregistered for ``not_registered_max_age``
+  (12 hours default)
+
+→ our binding is removed, the credentials are wiped and the instance goes ``off``. The decision is
+a pure function of the instance and the wall clock (:func:`ageing_reason`), so it is tested alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sipis.clock import Clock
+from sipis.instance import AppState, Instance
+
+if TYPE_CHECKING:
+    from sipis.service import InstanceService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgeingPolicy:
+    max_age: float = 3 * 86400.0
+    not_registered_max_age: float = 12 * 3600.0
+
+
+def ageing_reason(instance: Instance, now: float, policy: AgeingPolicy) -> str | None:
+    """Why this instance must go off now, or None."""
+    if instance.state is AppState.OFF or instance.disabled:
+        return None
+    if now - instance.app_last_seen > policy.max_age:
+        return f"app silent for more than {policy.max_age:.0f} s (max_age)"
+    since = instance.registration.unregistered_since
+    if instance.state is AppState.INACTIVE and since is not None and now - since > policy.not_registered_max_age:
+        return f"unregistered for more than {policy.not_registered_max_age:.0f} s (not_registered_max_age)"
+    return None
+
+
+class Ageing:
+    def __init__(self, service: InstanceService, clock: Clock, policy: AgeingPolicy) -> None:
+        self.service = service
+        self.clock = clock
+        self.policy = policy
+        self._task: asyncio.Task[None] | None = None
+
+    async def sweep(self) -> int:
+        """Retire every instance that aged out; returns how many."""
+        now = self.clock.wall()
+        due = [(i, r) for i in list(self.service.instances.values())
+               if (r := ageing_reason(i, now, self.policy)) is not None]
+        for instance, reason in due:
+            log.info("instance %s goes off: %s", instance.selector, reason)
+            await self.service.retire(instance, reason=reason, delete=False)
+        return len(due)
+
+    def start(self, interval: float) -> None:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    await self.sweep()
+                except Exception:
+                    log.exception("ageing sweep failed")
+
+        self._task = asyncio.create_task(loop(), name="ageing")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

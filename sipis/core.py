@@ -1,0 +1,154 @@
+"""The core process: builds every part from the config, restores state, runs, shuts down cleanly.
+
+Start-up order matters: storage first (so restore can read), then the SIP endpoint (so the engine
+can register), then restore every instance and hand sleeping ones to the paced engine, then the
+app API. Shutdown is the reverse; the writer is flushed last so nothing said on the bus is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+from sipis.ageing import Ageing, AgeingPolicy
+from sipis.api.app_api import create_app
+from sipis.api.server import ApiServer
+from sipis.clock import Clock, SystemClock
+from sipis.config import Config
+from sipis.crypto import SecretBox, load_or_create_key
+from sipis.engine import EngineSettings, RegistrationEngine
+from sipis.events import EventBus
+from sipis.persistence import InstancePersistence
+from sipis.proxy_register import ProxyRegistrar
+from sipis.service import InstanceService
+from sipis.sip.endpoint import EndpointSettings, SipEndpoint
+from sipis.sip.resolver import Resolver
+from sipis.sip.transaction import TimerSettings
+from sipis.sip.transport import ListenSpec, TlsSettings
+from sipis.tls_certs import ensure_self_signed
+from storage.database import Database
+from storage.repositories import Stores, sqlite_stores
+from storage.writer import BatchedWriter
+
+log = logging.getLogger(__name__)
+
+DB_FILE = "sipis.db"
+KEY_FILE = "credentials.key"
+
+
+@dataclass
+class Listening:
+    sip: list[ListenSpec]
+    api_url: str | None
+
+
+class Core:
+    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.bus = EventBus(self.clock)
+        self.db: Database | None = None
+        self.stores: Stores | None = None
+        self.writer: BatchedWriter | None = None
+        self.endpoint: SipEndpoint | None = None
+        self.engine: RegistrationEngine | None = None
+        self.service: InstanceService | None = None
+        self.api: ApiServer | None = None
+        self.ageing: Ageing | None = None
+        self.listening = Listening([], None)
+        self._stopped = asyncio.Event()
+        self.started_at = self.clock.wall()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> Listening:
+        config = self.config
+        state_dir = config.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(state_dir, 0o700)
+        box = SecretBox(load_or_create_key(state_dir / KEY_FILE))
+        self.db = await Database.open(state_dir / DB_FILE)
+        self.stores = sqlite_stores(self.db)
+        self.bus = EventBus(self.clock, first_seq=await self.stores.events.last_seq() + 1)
+        self.writer = BatchedWriter(self.db, self.stores)
+        self.writer.start()
+
+        self.endpoint = SipEndpoint(self._endpoint_settings())
+        self.listening.sip = await self.endpoint.start()
+        sip = config.sip
+        registrar = ProxyRegistrar(self.endpoint, Resolver(clock=self.clock),
+                                   default_registrar=sip.default_registrar, user_agent=sip.user_agent)
+        self.engine = RegistrationEngine(registrar, self.bus, self.clock, EngineSettings(
+            register_expires=sip.register_expires, refresh_min=sip.refresh_min, refresh_max=sip.refresh_max,
+            register_rate=sip.register_rate, backoff_base=sip.backoff_base, backoff_max=sip.backoff_max,
+            unauthorized_retry=sip.unauthorized_retry,
+        ))
+        registrar.on_flow_lost = self.engine.flow_lost
+        self.service = InstanceService(engine=self.engine, registrar=registrar, bus=self.bus, clock=self.clock,
+                                       enroll_tokens=config.api.enroll_tokens)
+        persistence = InstancePersistence(self.writer, box, self.service.get, self.clock)
+        restored = 0
+        for record in await self.stores.instances.load_all():
+            self.service.resume(persistence.restore(record))
+            restored += 1
+        persistence.attach(self.bus)
+        self.engine.start()
+        log.info("restored %d instances", restored)
+        self.bus.publish("core.started", None, restored=restored, node=config.node_name)
+
+        self.ageing = Ageing(self.service, self.clock, AgeingPolicy(
+            max_age=config.ageing.max_age, not_registered_max_age=config.ageing.not_registered_max_age))
+        self.ageing.start(config.ageing.check_interval)
+
+        api = config.api
+        if api.listen is not None:
+            if api.tls and api.tls_generate:
+                ensure_self_signed(api.tls_cert, api.tls_key, [api.listen.host, "localhost"])
+            self.api = ApiServer(create_app(self.service), api.listen.host, api.listen.port, tls=api.tls,
+                                 certfile=api.tls_cert if api.tls else None,
+                                 keyfile=api.tls_key if api.tls else None)
+            await self.api.start()
+            self.listening.api_url = self.api.url
+        return self.listening
+
+    def _endpoint_settings(self) -> EndpointSettings:
+        sip = self.config.sip
+        listen = [ListenSpec(spec.transport, spec.host, spec.port) for spec in sip.listen]
+        if any(spec.transport == "tls" for spec in listen) and sip.tls_generate:
+            ensure_self_signed(sip.tls_cert, sip.tls_key, sorted({spec.host for spec in listen}))
+        tls = TlsSettings(
+            ca_file=str(sip.ca_file) if sip.ca_file else None, verify=sip.tls_verify,
+            client_cert=str(sip.tls_client_cert) if sip.tls_client_cert else None,
+            client_key=str(sip.tls_client_key) if sip.tls_client_key else None,
+            server_cert=str(sip.tls_cert), server_key=str(sip.tls_key),
+        )
+        return EndpointSettings(listen=listen, tls=tls, timers=TimerSettings(sip.t1, sip.t2, sip.t4),
+                                user_agent=sip.user_agent, keepalive_interval=sip.keepalive_interval)
+
+    async def stop(self) -> None:
+        """Clean shutdown: stop taking requests, optionally unREGISTER, flush storage."""
+        if self.api is not None:
+            await self.api.stop()
+        if self.ageing is not None:
+            await self.ageing.stop()
+        if self.engine is not None:
+            await self.engine.stop(unregister=self.config.sip.unregister_on_shutdown)
+        if self.endpoint is not None:
+            await self.endpoint.close()
+        self.bus.publish("core.stopped", None)
+        if self.writer is not None:
+            await self.writer.close()
+        if self.db is not None:
+            await self.db.close()
+        self._stopped.set()
+
+    async def run_until(self, stop: asyncio.Event) -> None:
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.stop()

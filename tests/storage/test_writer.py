@@ -1,0 +1,265 @@
+"""BatchedWriter: batching, folding, ordering, persistence and failure handling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from storage.database import Database
+from storage.records import EventRecord
+from storage.repositories import SqliteEventLog, sqlite_stores
+from storage.writer import BatchedWriter, UpsertInstance, WriterError
+
+from .factories import make_audit, make_event, make_instance, make_push
+
+
+class FlakyEventLog(SqliteEventLog):
+    """Fails the first ``failures`` appends, i.e. in the middle of a batch's transaction."""
+
+    def __init__(self, db: Database, failures: int) -> None:
+        super().__init__(db)
+        self.failures = failures
+        self.calls = 0
+
+    async def append_many(self, records: Sequence[EventRecord]) -> None:
+        self.calls += 1
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        await super().append_many(records)
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
+async def test_many_submits_share_few_transactions(db: Database) -> None:
+    stores = sqlite_stores(db)
+    async with BatchedWriter(db, stores) as writer:
+        before = db.commits
+        for i in range(1, 1201):
+            writer.append_event(make_event(i, selector=f"sel-{i % 40}"))
+            writer.upsert_instance(make_instance(f"sel-{i % 40}", failure_count=i))
+        for i in range(10):
+            writer.append_audit(make_audit(i))
+            writer.upsert_push(make_push(f"p{i}"))
+        await writer.flush()
+        transactions = db.commits - before
+        assert writer.pending == 0
+    assert 1 <= transactions <= 3  # 2440 ops, one burst
+    assert writer.status().transactions == transactions
+    assert await stores.events.last_seq() == 1200
+    assert len(await stores.instances.load_all()) == 40
+    assert len(await stores.audit.recent(100)) == 10
+    assert len(await stores.pushes.recent(100)) == 10
+
+
+async def test_interval_flushes_without_being_asked(db: Database) -> None:
+    async with BatchedWriter(db, sqlite_stores(db), interval=0.01) as writer:
+        writer.append_event(make_event(1))
+        await eventually(lambda: writer.pending == 0)
+        assert writer.status().transactions == 1
+
+
+async def test_full_batch_does_not_wait_for_the_interval(db: Database) -> None:
+    async with BatchedWriter(db, sqlite_stores(db), interval=3600, max_batch=50) as writer:
+        for i in range(1, 51):
+            writer.append_event(make_event(i))
+        await eventually(lambda: writer.pending == 0)
+
+
+async def test_upserts_of_one_instance_are_folded(db: Database) -> None:
+    stores = sqlite_stores(db)
+    async with BatchedWriter(db, stores) as writer:
+        for i in range(100):
+            writer.upsert_instance(make_instance("a", failure_count=i))
+            writer.upsert_push(make_push("p1", attempt=i + 1))
+        assert writer.pending == 2
+        await writer.flush()
+        assert writer.status().coalesced == 198
+    assert await stores.instances.get("a") == make_instance("a", failure_count=99)
+    assert await stores.pushes.get("p1") == make_push("p1", attempt=100)
+
+
+@pytest.mark.parametrize(
+    ("ops", "expected"),
+    [
+        (["upsert:1", "delete"], None),
+        (["delete", "upsert:1"], 1),
+        (["upsert:1", "delete", "upsert:2"], 2),
+        (["upsert:1", "delete", "upsert:2", "upsert:3", "delete", "delete"], None),
+        (["delete", "delete", "upsert:4"], 4),
+    ],
+)
+async def test_upsert_and_delete_keep_their_order(db: Database, ops: list[str], expected: int | None) -> None:
+    stores = sqlite_stores(db)
+    await stores.instances.upsert(make_instance("a", failure_count=0))  # exists before the batch
+    async with BatchedWriter(db, stores) as writer:
+        for op in ops:
+            if op == "delete":
+                writer.delete_instance("a")
+            else:
+                writer.upsert_instance(make_instance("a", failure_count=int(op.split(":")[1])))
+        writer.upsert_instance(make_instance("b"))  # other rows are untouched by the folding
+    record = await stores.instances.get("a")
+    assert (record.failure_count if record else None) == expected
+    assert await stores.instances.get("b") == make_instance("b")
+
+
+async def test_close_flushes_and_data_survives_reopening(db_path: Path) -> None:
+    db = await Database.open(db_path)
+    writer = BatchedWriter(db, sqlite_stores(db), interval=3600)
+    writer.start()
+    writer.upsert_instance(make_instance("a"))
+    writer.append_event(make_event(1))
+    writer.append_audit(make_audit(1))
+    writer.upsert_push(make_push("p1"))
+    await writer.close()
+    assert writer.pending == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.append_event(make_event(2))
+    await writer.close()  # idempotent
+    await db.close()
+
+    db = await Database.open(db_path)
+    try:
+        stores = sqlite_stores(db)
+        assert await stores.instances.load_all() == [make_instance("a")]
+        assert await stores.events.recent(10) == [make_event(1)]
+        assert await stores.audit.recent(10) == [make_audit(1)]
+        assert await stores.pushes.recent(10) == [make_push("p1")]
+    finally:
+        await db.close()
+
+
+async def test_ops_submitted_before_start_are_written_by_close(db: Database) -> None:
+    stores = sqlite_stores(db)
+    writer = BatchedWriter(db, stores)
+    writer.upsert_instance(make_instance("a"))
+    await writer.close()
+    assert await stores.instances.get("a") == make_instance("a")
+
+
+async def test_failed_flush_is_retried_until_everything_is_written(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    flaky = FlakyEventLog(db, failures=3)
+    stores = replace(sqlite_stores(db), events=flaky)
+    writer = BatchedWriter(db, stores, retry_initial=0.01, retry_max=0.02)
+    writer.start()
+    caplog.set_level(logging.INFO, logger="storage.writer")
+
+    writer.upsert_instance(make_instance("a", push_token="very-secret-push-token"))
+    writer.append_event(make_event(1))
+    await eventually(lambda: writer.last_error is not None)
+    assert "disk I/O error" in (writer.last_error or "")
+    assert writer.pending == 2  # kept, not dropped
+    assert await stores.instances.get("a") is None  # the half-written batch was rolled back
+
+    # Ops arriving while the database is failing queue up behind the failed batch, in order.
+    writer.delete_instance("a")
+    writer.upsert_instance(make_instance("b"))
+    writer.append_event(make_event(2))
+    await asyncio.wait_for(writer.flush(), 5)
+
+    assert flaky.failures == 0
+    assert writer.pending == 0 and writer.last_error is None
+    status = writer.status()
+    assert status.failed_flushes == 3 and status.consecutive_failures == 0
+    assert db.rollbacks == 3
+    assert await stores.instances.get("a") is None
+    assert await stores.instances.get("b") == make_instance("b")
+    assert [e.seq for e in await stores.events.recent(10)] == [1, 2]
+    await writer.close()
+
+    assert "storage flush failed" in caplog.text and "recovered" in caplog.text
+    assert "very-secret-push-token" not in caplog.text
+
+
+async def test_close_gives_up_loudly_after_timeout(db: Database) -> None:
+    stores = replace(sqlite_stores(db), events=FlakyEventLog(db, failures=10**9))
+    writer = BatchedWriter(db, stores, retry_initial=0.01, retry_max=0.01)
+    writer.start()
+    writer.append_event(make_event(1))
+    writer.append_event(make_event(2))
+    flush = asyncio.ensure_future(writer.flush())
+    with pytest.raises(WriterError, match="2 storage operations were not persisted"):
+        await writer.close(timeout=0.1)
+    with pytest.raises(WriterError):
+        await flush
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.append_event(make_event(3))
+
+
+async def test_flush_needs_a_running_writer(db: Database) -> None:
+    writer = BatchedWriter(db, sqlite_stores(db))
+    await writer.flush()  # nothing submitted: nothing to wait for
+    writer.append_event(make_event(1))
+    with pytest.raises(RuntimeError, match="not running"):
+        await writer.flush()
+    await writer.close()
+
+
+async def test_bad_ops_are_refused_at_submit_time(db: Database) -> None:
+    writer = BatchedWriter(db, sqlite_stores(db))
+    with pytest.raises(TypeError):
+        writer.submit(make_event(1))  # type: ignore[arg-type]
+    writer.submit(UpsertInstance(make_instance("a")))
+    assert writer.pending == 1
+    await writer.close()
+
+
+def test_invalid_parameters_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        BatchedWriter(None, None, max_batch=0)  # type: ignore[arg-type]
+
+
+async def test_unwritable_op_is_set_aside_and_does_not_block_the_rest(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    stores = sqlite_stores(db)
+    poison = make_instance("bad", display_name=object(), push_token="very-secret-push-token")
+    async with BatchedWriter(db, stores, retry_initial=0.01, retry_max=0.01) as writer:
+        writer.upsert_instance(make_instance("a"))
+        writer.upsert_instance(poison)
+        writer.append_event(make_event(1))
+        writer.upsert_instance(make_instance("c"))
+        await asyncio.wait_for(writer.flush(), 5)
+        status = writer.status()
+        assert status.pending == 0 and status.dead_lettered == 1 and status.failed_flushes == 1
+        assert [d.op for d in writer.dead_letters] == [UpsertInstance(poison)]
+        # Back to batching afterwards.
+        writer.upsert_instance(make_instance("d"))
+        await writer.flush()
+    assert [r.selector for r in await stores.instances.load_all()] == ["a", "c", "d"]
+    assert [e.seq for e in await stores.events.recent(10)] == [1]
+    assert "set aside an unwritable instance upsert bad" in caplog.text
+    assert "very-secret-push-token" not in caplog.text
+
+
+async def test_nothing_is_set_aside_while_the_database_is_down(db: Database) -> None:
+    stores = replace(sqlite_stores(db), events=FlakyEventLog(db, failures=10**9))
+    writer = BatchedWriter(db, stores, retry_initial=0.01, retry_max=0.01)
+    writer.start()
+    writer.upsert_instance(make_instance("bad", display_name=object()))  # permanent error first
+    writer.append_event(make_event(1))
+    await eventually(lambda: writer.status().failed_flushes >= 5)
+    assert writer.status().dead_lettered == 1  # only the op that fails on its own
+    assert writer.pending == 1  # the event waits for the database instead of being dropped
+    with pytest.raises(WriterError):
+        await writer.close(timeout=0.05)
+
+
+async def test_odd_values_in_event_data_are_stored_as_text(db: Database) -> None:
+    stores = sqlite_stores(db)
+    async with BatchedWriter(db, stores) as writer:
+        writer.append_event(replace(make_event(1), data={"path": Path("/x"), "n": 1}))
+    assert (await stores.events.recent(1))[0].data == {"path": "/x", "n": 1}
