@@ -88,7 +88,7 @@ class Core:
         ))
         registrar.on_flow_lost = self.engine.flow_lost
         self.service = InstanceService(engine=self.engine, registrar=registrar, bus=self.bus, clock=self.clock,
-                                       enroll_tokens=config.api.enroll_tokens)
+                                       enroll_tokens=config.api.enroll_tokens, durable=self.writer.flush)
         persistence = InstancePersistence(self.writer, box, self.service.get, self.clock)
         restored = 0
         for record in await self.stores.instances.load_all():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 import secrets
 import uuid
 
@@ -28,8 +29,11 @@ UNREGISTER_WAIT = 5.0
 
 class InstanceService:
     def __init__(self, *, engine: RegistrationEngine, registrar: ProxyRegistrar, bus: EventBus,
-                 clock: Clock, enroll_tokens: tuple[str, ...]) -> None:
+                 clock: Clock, enroll_tokens: tuple[str, ...],
+                 durable: Callable[[], Awaitable[None]] | None = None) -> None:
         self.engine = engine
+        #: waits until everything published so far is on disk: what an app was told is never lost
+        self.durable = durable
         self.registrar = registrar
         self.bus = bus
         self.clock = clock
@@ -84,6 +88,7 @@ class InstanceService:
             if credentials_changed and existing.state in (AppState.INACTIVE, AppState.PROXIED):
                 self.registrar.forget(selector)
                 self.engine.refresh_now(existing)
+            await self._persisted()
             return existing, token
         instance = Instance(
             selector=selector, account=account, push=push, token_hash=hash_token(token),
@@ -91,6 +96,7 @@ class InstanceService:
         )
         self.add(instance)
         self.bus.publish("instance.enrolled", selector, aor=account.aor)
+        await self._persisted()
         return instance, token
 
     async def set_state(self, selector: str, state: str, contact: str | None) -> Instance:
@@ -104,6 +110,7 @@ class InstanceService:
             instance.app_contact = contact
             self.engine.hand_back(instance)
         self.bus.publish("instance.app", selector, reported=state, contact=contact)
+        await self._persisted()
         return instance
 
     async def update_push(self, selector: str, push: PushIn) -> Instance:
@@ -111,11 +118,17 @@ class InstanceService:
         instance.push = PushTarget(push.provider, push.app_id, push.token, push.voip_token)
         instance.app_last_seen = self.clock.wall()
         self.bus.publish("instance.push", selector, provider=push.provider)
+        await self._persisted()
         return instance
 
     async def delete(self, selector: str) -> None:
         instance = self._require(selector)
         await self.retire(instance, reason="deleted by app", delete=True)
+        await self._persisted()
+
+    async def _persisted(self) -> None:
+        if self.durable is not None:
+            await self.durable()
 
     # ------------------------------------------------------------------ core operations
 

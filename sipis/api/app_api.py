@@ -1,0 +1,347 @@
+"""The HTTPS app API: apps enrol, report foreground/background and update their push target.
+
+Routes (all JSON; errors are ``{"error": <code>, "detail": <text naming the field>}``):
+
+* ``GET    /v1/health``                     no auth → 200 ``{"status": "ok"}``
+* ``POST   /v1/instances``                  enrolment token → 201 created / 200 updated
+* ``GET    /v1/instances/{selector}``       instance token → 200 public view (no secrets)
+* ``PUT    /v1/instances/{selector}/state`` instance token → 200 public view
+* ``PUT    /v1/instances/{selector}/push``  instance token → 200 public view
+* ``DELETE /v1/instances/{selector}``       instance token → 204
+
+Authentication: a missing or malformed ``Authorization: Bearer`` header is 401 with
+``WWW-Authenticate``; a well-formed token that is wrong, belongs to another instance or names an
+unknown selector is 403 in every case, so selectors cannot be probed. Authentication runs before
+body validation (FastAPI solves dependencies before it validates the body); only the transport-level
+guards (413 size, 415 content type, 400 broken JSON) answer earlier, and they reveal nothing.
+
+Re-enrolment (``selector`` given and known) updates the instance, issues a fresh instance token and
+invalidates the old one: it is the way back for an app that lost its token.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from fastapi import Depends, FastAPI, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sipis.api.models import (
+    SELECTOR_PATTERN,
+    EnrollIn,
+    EnrollOut,
+    ErrorOut,
+    HealthOut,
+    InstanceOut,
+    PushIn,
+    StateIn,
+    error_body,
+)
+from sipis.api.service_protocol import InstanceService, ServiceError
+from sipis.instance import Instance
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_ERRORS_SHOWN = 10
+# RFC 6750 b64token, bounded: anything else is "malformed" (401), not "wrong" (403).
+_TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]{1,512}=*")
+_SELECTOR_RE = re.compile(SELECTOR_PATTERN)
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
+                 415: "unsupported_media_type", 422: "validation_error", 500: "internal_error"}
+_RESPONSE_TEXT = {400: "Malformed request (broken JSON, bad Content-Length)",
+                  401: "Missing or malformed bearer token",
+                  403: "Token not valid for this operation or instance",
+                  404: "Instance vanished during the request",
+                  409: "The service refused the change",
+                  413: "Body larger than 64 KiB",
+                  415: "Body is not application/json",
+                  422: "Validation failed; detail names the field",
+                  500: "Internal error (logged)"}
+
+
+class ApiError(Exception):
+    """An error answer with our JSON body; raised anywhere below the routes."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers
+
+
+def _error_response(status: int, detail: str, headers: dict[str, str] | None = None,
+                    code: str | None = None) -> JSONResponse:
+    code = code or _STATUS_CODES.get(status, "error")
+    return JSONResponse(error_body(code, detail), status_code=status, headers=headers)
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for our error statuses."""
+    return {s: {"model": ErrorOut, "description": _RESPONSE_TEXT[s]} for s in statuses}
+
+
+# --------------------------------------------------------------------------- guard middleware
+
+
+def _is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+class GuardMiddleware:
+    """Outermost app middleware: body size cap, JSON-only bodies, and the last-resort 500.
+
+    The body is buffered here (at most ``max_body`` bytes) so an oversized request is refused
+    whether or not it announced its length. Unexpected exceptions are logged by type and traceback
+    only: exception messages might quote request data, which may contain secrets.
+    """
+
+    def __init__(self, app: ASGIApp, max_body: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, tracking_send)
+        except Exception as exc:
+            log.error("app API: unhandled %s on %s %s\n%s", type(exc).__name__, scope.get("method"),
+                      scope.get("path"), "".join(traceback.format_tb(exc.__traceback__)))
+            if not started:
+                await _error_response(500, "internal error")(scope, receive, send)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope)
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                await _error_response(400, "Content-Length is not a number")(scope, receive, send)
+                return
+            if int(length) > self.max_body:
+                await self._too_large(scope, receive, send)
+                return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client went away; nobody to answer
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body:
+                await self._too_large(scope, receive, send)
+                return
+        if body and scope["method"] in _BODY_METHODS and not _is_json(headers.get("content-type")):
+            await _error_response(415, "body must be application/json")(scope, receive, send)
+            return
+        await self.app(scope, _replay(bytes(body), receive), send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = f"body larger than {self.max_body} bytes"
+        await _error_response(413, detail, headers={"Connection": "close"})(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that yields the buffered body once, then defers to the real one."""
+    delivered = False
+
+    async def replay() -> Message:
+        nonlocal delivered
+        if delivered:
+            return await receive()
+        delivered = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+# --------------------------------------------------------------------------- error handlers
+
+
+def _field(loc: Sequence[int | str]) -> str:
+    parts = list(loc)
+    if parts and parts[0] in ("body", "path", "query", "header", "cookie"):
+        where = parts.pop(0)
+        if not parts:
+            return str(where)
+    return ".".join(str(p) for p in parts)
+
+
+def _message(error: dict[str, Any]) -> str:
+    kind = error.get("type")
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "field required"
+    msg = str(error.get("msg", "invalid"))
+    return msg.removeprefix("Value error, ")
+
+
+def _validation_detail(errors: Sequence[Any]) -> str:
+    shown = [f"{_field(e.get('loc', ()))}: {_message(e)}" for e in errors[:MAX_ERRORS_SHOWN]]
+    if len(errors) > MAX_ERRORS_SHOWN:
+        shown.append(f"… and {len(errors) - MAX_ERRORS_SHOWN} more")
+    return "; ".join(shown)
+
+
+async def _on_validation_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    broken = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if broken is not None:
+        reason = broken.get("ctx", {}).get("error", "JSON decode error")
+        pos = broken.get("loc", ("body", "?"))[-1]
+        return _error_response(400, f"body is not valid JSON: {reason} at position {pos}",
+                               code="bad_json")
+    return _error_response(422, _validation_detail(errors))
+
+
+async def _on_api_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return _error_response(exc.status, exc.detail, exc.headers)
+
+
+async def _on_service_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    return _error_response(exc.status_code, exc.detail, code=exc.code)
+
+
+async def _on_http_exception(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else "request refused"
+    headers = dict(exc.headers) if exc.headers else None
+    return _error_response(exc.status_code, detail, headers)
+
+
+# --------------------------------------------------------------------------- authentication
+
+_enrol_scheme = HTTPBearer(auto_error=False, scheme_name="EnrolmentToken",
+                           description="Deployment-wide enrolment token, only for POST /v1/instances")
+_instance_scheme = HTTPBearer(auto_error=False, scheme_name="InstanceToken",
+                              description="The token returned by enrolment; valid for one selector")
+
+
+def _bearer_token(credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is None:
+        raise ApiError(401, "Authorization: Bearer <token> required",
+                       {"WWW-Authenticate": 'Bearer realm="sipis"'})
+    if not _TOKEN_RE.fullmatch(credentials.credentials):
+        raise ApiError(401, "malformed bearer token",
+                       {"WWW-Authenticate": 'Bearer realm="sipis", error="invalid_token"'})
+    return credentials.credentials
+
+
+def _auth_dependencies(
+    service: InstanceService,
+) -> tuple[Callable[..., Awaitable[None]], Callable[..., Awaitable[str]]]:
+    async def enrolment_auth(
+        credentials: HTTPAuthorizationCredentials | None = Depends(_enrol_scheme),
+    ) -> None:
+        if not service.check_enroll_token(_bearer_token(credentials)):
+            raise ApiError(403, "enrolment token not accepted")
+
+    async def instance_auth(
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Depends(_instance_scheme),
+    ) -> str:
+        token = _bearer_token(credentials)
+        # Read the raw path value so auth answers before path validation: junk selectors get 403
+        # like unknown ones instead of revealing which selectors are syntactically possible.
+        selector = str(request.path_params.get("selector", ""))
+        if not _SELECTOR_RE.fullmatch(selector) or not service.check_instance_token(selector, token):
+            raise ApiError(403, "token not valid for this instance")
+        return selector
+
+    return enrolment_auth, instance_auth
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(service: InstanceService, *, max_body: int = MAX_BODY_BYTES) -> FastAPI:
+    app = FastAPI(title="SIPIS app API", version="1", docs_url=None, redoc_url=None,
+                  description=__doc__)
+    app.add_middleware(GuardMiddleware, max_body=max_body)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(ServiceError, _on_service_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_exception)
+    enrolment_auth, instance_auth = _auth_dependencies(service)
+    selector_path = Path(pattern=SELECTOR_PATTERN, description="The instance selector")
+
+    def current(selector: str) -> Instance:
+        instance = service.get(selector)
+        if instance is None:  # deleted between authentication and now
+            raise ApiError(404, "instance no longer exists")
+        return instance
+
+    @app.get("/v1/health", response_model=HealthOut, responses=_errors(500))
+    async def health() -> HealthOut:
+        return HealthOut(status="ok")
+
+    @app.post("/v1/instances", status_code=201, response_model=EnrollOut,
+              responses={200: {"model": EnrollOut, "description": "Existing selector updated"},
+                         201: {"description": "Instance created"},
+                         **_errors(400, 401, 403, 409, 413, 415, 422, 500)})
+    async def enroll(body: EnrollIn, response: Response, _: None = Depends(enrolment_auth)) -> EnrollOut:
+        # Single event loop: no other request can create this selector between get and enroll
+        # unless enroll itself yields first; at worst two racing enrolments both say 201.
+        created = body.selector is None or service.get(body.selector) is None
+        instance, token = await service.enroll(body)
+        response.status_code = 201 if created else 200
+        response.headers["Location"] = f"/v1/instances/{instance.selector}"
+        return EnrollOut(selector=instance.selector, token=token, state=instance.state.value)
+
+    instance_errors = _errors(400, 401, 403, 404, 409, 413, 415, 422, 500)
+
+    @app.get("/v1/instances/{selector}", responses={200: {"model": InstanceOut}, **instance_errors})
+    async def get_instance(selector: str = selector_path, _: str = Depends(instance_auth)) -> Response:
+        return JSONResponse(current(selector).public_view())
+
+    @app.put("/v1/instances/{selector}/state",
+             responses={200: {"model": InstanceOut}, **instance_errors})
+    async def put_state(body: StateIn, selector: str = selector_path,
+                        _: str = Depends(instance_auth)) -> Response:
+        current(selector)
+        instance = await service.set_state(selector, body.state, body.contact)
+        return JSONResponse(instance.public_view())
+
+    @app.put("/v1/instances/{selector}/push",
+             responses={200: {"model": InstanceOut}, **instance_errors})
+    async def put_push(body: PushIn, selector: str = selector_path,
+                       _: str = Depends(instance_auth)) -> Response:
+        current(selector)
+        instance = await service.update_push(selector, body)
+        return JSONResponse(instance.public_view())
+
+    @app.delete("/v1/instances/{selector}", status_code=204, response_class=Response,
+                responses=instance_errors)
+    async def delete_instance(selector: str = selector_path, _: str = Depends(instance_auth)) -> Response:
+        await service.delete(selector)
+        return Response(status_code=204)
+
+    return app

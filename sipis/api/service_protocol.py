@@ -1,0 +1,61 @@
+"""What the app API needs from the core: the :class:`InstanceService` protocol and its errors.
+
+The HTTP layer only checks syntax and authentication and maps results to status codes; every
+decision about instances (selectors, tokens, state changes, persistence) is the service's.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from sipis.api.models import EnrollIn, PushIn
+from sipis.instance import Instance
+
+
+class ServiceError(Exception):
+    """The service refused a well-formed request. ``detail`` is shown to the app: no secrets."""
+
+    status_code = 409
+    code = "conflict"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InstanceGone(ServiceError):
+    """The instance disappeared between authentication and the operation (e.g. a racing DELETE)."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class InstanceService(Protocol):
+    def check_enroll_token(self, token: str) -> bool:
+        """True if ``token`` is a valid enrolment token (constant-time comparison inside)."""
+        ...
+
+    def check_instance_token(self, selector: str, token: str) -> bool:
+        """True if ``token`` is the current bearer token of ``selector``; False for unknown
+        selectors. Constant-time comparison inside."""
+        ...
+
+    async def enroll(self, request: EnrollIn) -> tuple[Instance, str]:
+        """Create an instance, or update the one named by ``request.selector``.
+
+        Returns the instance and a freshly issued bearer token. On update the previous token is
+        invalidated (re-enrolment is how an app that lost its token gets a new one).
+        """
+        ...
+
+    def get(self, selector: str) -> Instance | None: ...
+
+    async def set_state(self, selector: str, state: str, contact: str | None) -> Instance:
+        """Apply ``active``/``inactive``; may raise :class:`ServiceError`."""
+        ...
+
+    async def update_push(self, selector: str, push: PushIn) -> Instance: ...
+
+    async def delete(self, selector: str) -> None:
+        """Remove the instance (the core unregisters its binding first)."""
+        ...
