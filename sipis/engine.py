@@ -69,6 +69,8 @@ class _Entry:
     busy: bool = False
     due: float | None = None  # monotonic time of the next attempt
     queued: bool = False  # waiting in the paced ready queue
+    #: the next attempt waits for a pacing token (take-over, retries); refreshes and removals don't
+    paced: bool = True
     waiters: list[asyncio.Future[RegisterResult | None]] = field(default_factory=list)
 
 
@@ -98,6 +100,8 @@ class RegistrationEngine:
         entry = self._entry(instance)
         entry.want = Want.REGISTERED
         if instance.state is AppState.ACTIVE:
+            # not_registered_max_age counts from now, not from the last hand-back (sipis/ageing.py)
+            instance.registration.unregistered_since = self.clock.wall()
             self._set_state(instance, AppState.INACTIVE)
         self._set_status(instance, RegStatus.REGISTERING)
         self._schedule(entry, self.clock.monotonic())
@@ -120,7 +124,7 @@ class RegistrationEngine:
         """Operator action: re-register now (if we are meant to hold a registration)."""
         entry = self._entries.get(instance.selector)
         if entry is not None and entry.want is Want.REGISTERED:
-            self._schedule(entry, self.clock.monotonic())
+            self._schedule(entry, self.clock.monotonic(), paced=False)
 
     def flow_lost(self, selectors: list[str]) -> None:
         """The flow these instances registered over died: re-register them soon, spread out."""
@@ -141,9 +145,14 @@ class RegistrationEngine:
         while self._heap and self._heap[0][0] <= now:
             due, _, selector = heapq.heappop(self._heap)
             entry = self._entries.get(selector)
-            if entry is None or entry.due != due or entry.queued:
+            if entry is None or entry.due != due:
                 continue
-            entry.due = None
+            entry.due = None  # also when already queued: a stale due would block every later _schedule
+            if entry.queued:
+                continue
+            if not entry.paced and not entry.busy and len(self._tasks) < self.settings.max_in_flight:
+                self._start(entry)  # a routine refresh or a removal: on time, outside the bucket
+                continue
             entry.queued = True
             self._ready.append(selector)
         self._refill_tokens(now)
@@ -218,12 +227,17 @@ class RegistrationEngine:
             return future
         entry.waiters.append(future)
         if not entry.busy:
-            self._schedule(entry, self.clock.monotonic())
+            self._schedule(entry, self.clock.monotonic(), paced=False)
         return future
 
-    def _schedule(self, entry: _Entry, due: float) -> None:
+    def _schedule(self, entry: _Entry, due: float, *, paced: bool = True) -> None:
+        """Plan the next attempt. ``paced`` attempts share the ``register_rate`` budget: start-up,
+        take-over and re-registration after failures or lost flows. Refreshes of a confirmed
+        registration and removals are not paced, so they are never late because of a burst."""
         if entry.due is not None and entry.due <= due:
+            entry.paced = entry.paced and paced
             return
+        entry.paced = paced
         entry.due = due
         heapq.heappush(self._heap, (due, next(self._seq), entry.instance.selector))
         self._wake.set()
@@ -273,10 +287,13 @@ class RegistrationEngine:
             reg.next_refresh_at = wall + delay
             reg.registered_at, reg.unregistered_since = wall, None
             self._set_status(instance, RegStatus.REGISTERED)
-            self._set_state(instance, AppState.PROXIED)
+            if entry.want is Want.REGISTERED:  # not when the app took over meanwhile (hand_back)
+                self._set_state(instance, AppState.PROXIED)
             self._publish_registration(instance, result, "registered")
-            self._reconcile(entry, now + delay)
+            self._reconcile(entry, now + delay, paced=False)
             return
+        if result.status == 408:
+            entry.bound = True  # the REGISTER may have reached the registrar: remove it on hand-back
         reg.failure_count += 1
         if result.outcome is Outcome.UNAUTHORIZED:
             delay = self.settings.unauthorized_retry
@@ -290,7 +307,8 @@ class RegistrationEngine:
             reg.expires_at = None
             if reg.unregistered_since is None:
                 reg.unregistered_since = wall
-            self._set_state(instance, AppState.INACTIVE)
+            if entry.want is Want.REGISTERED:
+                self._set_state(instance, AppState.INACTIVE)
         self._set_status(instance, status)
         self._publish_registration(instance, result, status.value)
         if status is RegStatus.UNAUTHORIZED:
@@ -307,13 +325,14 @@ class RegistrationEngine:
         entry.bound = False
         self._reconcile(entry, self.clock.monotonic(), result)
 
-    def _reconcile(self, entry: _Entry, next_due: float, result: RegisterResult | None = None) -> None:
+    def _reconcile(self, entry: _Entry, next_due: float, result: RegisterResult | None = None, *,
+                   paced: bool = True) -> None:
         """After an exchange: do what is wanted now (it may have changed meanwhile)."""
         if entry.want is Want.REGISTERED:
-            self._schedule(entry, next_due)
+            self._schedule(entry, next_due, paced=paced)
             return
         if entry.bound:
-            self._schedule(entry, self.clock.monotonic())  # a registration raced the hand-back
+            self._schedule(entry, self.clock.monotonic(), paced=False)  # a registration raced the hand-back
             return
         self._finish_unwanted(entry, result)
 
