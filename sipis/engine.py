@@ -56,6 +56,21 @@ class EngineSettings:
     max_in_flight: int = 2000
 
 
+@dataclass
+class EngineStats:
+    """How punctual the engine is: lateness of refreshes/removals against their due time."""
+
+    unpaced_starts: int = 0
+    max_lateness: float = 0.0
+    late_over_1s: int = 0
+
+    def note_unpaced_start(self, lateness: float) -> None:
+        self.unpaced_starts += 1
+        self.max_lateness = max(self.max_lateness, lateness)
+        if lateness > 1.0:
+            self.late_over_1s += 1
+
+
 #: Performs one REGISTER exchange for an instance: ``exchange(instance, expires)``.
 Exchange = Callable[[Instance, int], Awaitable[RegisterResult]]
 
@@ -92,6 +107,7 @@ class RegistrationEngine:
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self.attempts = 0
+        self.stats = EngineStats()
 
     # ------------------------------------------------------------------ public operations
 
@@ -151,6 +167,7 @@ class RegistrationEngine:
             if entry.queued:
                 continue
             if not entry.paced and not entry.busy and len(self._tasks) < self.settings.max_in_flight:
+                self.stats.note_unpaced_start(now - due)
                 self._start(entry)  # a routine refresh or a removal: on time, outside the bucket
                 continue
             entry.queued = True
