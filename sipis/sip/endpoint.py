@@ -282,6 +282,11 @@ class SipEndpoint:
             invite._cancelled(cancel)
 
     def _on_flow_closed(self, flow: Flow, reason: str) -> None:
+        if flow.reliable:  # no response can arrive on a closed connection any more: 503 at once
+            for tx in list(self.table):
+                ctx = self._clients.get(id(tx))
+                if ctx is not None and ctx.flow is flow:
+                    self._run(tx, tx.on_transport_error(self.now()))
         for listener in list(self.flow_closed_listeners):
             try:
                 listener(flow, reason)

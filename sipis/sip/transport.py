@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
-from sipis.sip.framing import FramingError, KeepAlivePing, KeepAlivePong, StreamFramer
+from sipis.sip.framing import Frame, FramingError, KeepAlivePing, KeepAlivePong, StreamFramer
 from sipis.sip.message import (
     DEFAULT_LIMITS,
     Headers,
@@ -167,6 +167,7 @@ class TransportLayer:
         connect_timeout: float = 5.0,
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
+        pong_timeout: float = PONG_TIMEOUT,
     ) -> None:
         self._on_message = on_message
         self._on_flow_closed = on_flow_closed
@@ -176,6 +177,7 @@ class TransportLayer:
         self.connect_timeout = connect_timeout
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        self.pong_timeout = pong_timeout
         self._flows: dict[tuple[str, str, int], Flow] = {}
         self._udp_sockets: list[_UdpProtocol] = []
         self._servers: list[asyncio.Server] = []
@@ -207,9 +209,12 @@ class TransportLayer:
             port = server.sockets[0].getsockname()[1]
         real = ListenSpec(spec.transport, spec.host, port)
         self.listening.append(real)
+        self._start_keepalive()
+        return real
+
+    def _start_keepalive(self) -> None:
         if self._keepalive_task is None and self.keepalive_interval > 0:
             self._keepalive_task = asyncio.create_task(self._keepalive_loop(), name="sip-keepalive")
-        return real
 
     async def close(self) -> None:
         if self._keepalive_task:
@@ -262,6 +267,11 @@ class TransportLayer:
         self._connecting[key] = future
         try:
             flow = await self._connect(transport, host, port, server_name)
+        except asyncio.CancelledError:
+            if not future.done():  # others waiting on this attempt fail; the peer is not to blame
+                future.set_exception(TransportError(f"connect {transport}:{host}:{port} cancelled"))
+                future.exception()
+            raise
         except BaseException as exc:
             self._record_connect_failure(key)
             error = exc if isinstance(exc, TransportError) else TransportError(
@@ -274,6 +284,7 @@ class TransportLayer:
             self._connecting.pop(key, None)
         self._connect_failures.pop(key, None)
         future.set_result(flow)
+        self._start_keepalive()  # flows we open are pinged even without a listener
         return flow
 
     def _check_backoff(self, key: tuple[str, str, int]) -> None:
@@ -374,13 +385,13 @@ class TransportLayer:
         """Ping outbound stream flows every interval; close those whose pong is overdue."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(min(self.keepalive_interval, PONG_TIMEOUT) / 2)
+            await asyncio.sleep(min(self.keepalive_interval, self.pong_timeout) / 2)
             now = loop.time()
             for flow in list(self._flows.values()):
                 if not (flow.alive and flow.outbound and flow.reliable):
                     continue
                 if flow.ping_sent_at is not None:
-                    if now - flow.ping_sent_at > PONG_TIMEOUT:
+                    if now - flow.ping_sent_at > self.pong_timeout:
                         flow.close()
                         self._flow_closed(flow, "keep-alive pong overdue")
                     continue
@@ -497,11 +508,16 @@ class _StreamProtocol(asyncio.Protocol):
         try:
             frames = self.framer.feed(data)
         except FramingError as exc:
+            self._handle(exc.frames)  # the messages completed before the error are intact
             self.layer.stats["framing_errors"] += 1
             log.info("framing error on %s: %s; closing this connection only", self.flow, exc)
             self.transport.close()
             self.layer._flow_closed(self.flow, f"framing error: {exc}")
             return
+        self._handle(frames)
+
+    def _handle(self, frames: list[Frame]) -> None:
+        assert self.flow is not None
         for frame in frames:
             if isinstance(frame, KeepAlivePing):
                 with contextlib.suppress(TransportError):
