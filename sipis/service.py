@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 import secrets
 import uuid
+from collections.abc import Awaitable, Callable
 
 from sipis.api.models import EnrollIn, PushIn
 from sipis.api.service_protocol import InstanceGone, ServiceError
