@@ -17,7 +17,7 @@ from sipis.ageing import Ageing, AgeingPolicy
 from sipis.api.app_api import create_app
 from sipis.api.server import ApiServer
 from sipis.clock import Clock, SystemClock
-from sipis.config import Config
+from sipis.config import Config, insecure_settings
 from sipis.crypto import SecretBox, load_or_create_key
 from sipis.engine import EngineSettings, RegistrationEngine
 from sipis.events import EventBus
@@ -66,6 +66,8 @@ class Core:
 
     async def start(self) -> Listening:
         config = self.config
+        for warning in insecure_settings(config):
+            log.warning("lab-only setting in use: %s", warning)
         state_dir = config.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(state_dir, 0o700)
