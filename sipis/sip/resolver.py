@@ -20,6 +20,7 @@ from typing import Any
 
 import dns.asyncresolver
 import dns.exception
+import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
@@ -48,17 +49,29 @@ class ResolveError(OSError):
     """No address for the registrar."""
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """One SRV record with its targets (or, without SRV, the name's addresses at priority 0).
+
+    The cache keeps these rather than an ordered list, so the weighted order is drawn afresh on
+    every resolution and the load spreads over same-priority targets as their weights say.
+    """
+
+    priority: int
+    weight: int
+    targets: tuple[Target, ...]
+
+
 class Resolver:
     def __init__(self, nameservers: list[tuple[str, int]] | None = None, clock: Clock | None = None,
                  rng: random.Random | None = None, timeout: float = 3.0) -> None:
         self._resolver = dns.asyncresolver.Resolver(configure=nameservers is None)
         if nameservers:
-            self._resolver.nameservers = [host for host, _ in nameservers]
-            self._resolver.port = nameservers[0][1]
+            self._resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in nameservers]
         self._resolver.lifetime = timeout
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
-        self._cache: dict[tuple[str, str, int | None], tuple[float, list[Target]]] = {}
+        self._cache: dict[tuple[str, str, int | None], tuple[float, list[_Entry]]] = {}
 
     async def resolve(self, uri: SipURI) -> list[Target]:
         transport: TransportName = uri.transport  # type: ignore[assignment]
@@ -71,28 +84,35 @@ class Resolver:
         cached = self._cache.get(key)
         now = self.clock.monotonic()
         if cached is not None and cached[0] > now:
-            if not cached[1]:
+            targets = [t for entry in self._order_srv(cached[1]) for t in entry.targets]
+            if not targets:
                 raise ResolveError(f"no address for {host} (cached)")
-            return cached[1]
-        targets, ttl = await self._lookup(transport, host, uri.port)
-        self._cache[key] = (now + (min(ttl, MAX_CACHE_TTL) if targets else NEGATIVE_CACHE_TTL), targets)
+            return targets
+        entries, ttl = await self._lookup(transport, host, uri.port)
+        targets = [t for entry in self._order_srv(entries) for t in entry.targets]
+        self._cache[key] = (now + (min(ttl, MAX_CACHE_TTL) if targets else NEGATIVE_CACHE_TTL), entries)
         if not targets:
             raise ResolveError(f"no address for {host}")
         return targets
 
-    async def _lookup(self, transport: TransportName, host: str, port: int | None) -> tuple[list[Target], float]:
+    async def _lookup(self, transport: TransportName, host: str, port: int | None) -> tuple[list[_Entry], float]:
+        """The entries for a name and how long they may be cached (the shortest TTL involved)."""
         if port is None:
             service = "_sips._tcp" if transport == "tls" else f"_sip._{'udp' if transport == 'udp' else 'tcp'}"
             srv, ttl = await self._query(f"{service}.{host}", "SRV")
             if srv:
-                targets: list[Target] = []
-                for record in self._order_srv(srv):
+                entries: list[_Entry] = []
+                for record in srv:
                     name = str(record.target).rstrip(".")
-                    addresses, _ = await self._addresses(name)
-                    targets.extend(Target(transport, a, int(record.port), name) for a in addresses)
-                return targets, ttl
+                    addresses, address_ttl = await self._addresses(name)
+                    if addresses:
+                        ttl = min(ttl, address_ttl)
+                    entries.append(_Entry(int(record.priority), int(record.weight),
+                                          tuple(Target(transport, a, int(record.port), name) for a in addresses)))
+                return entries, ttl
         addresses, ttl = await self._addresses(host)
-        return [Target(transport, a, port or DEFAULT_PORTS[transport], host) for a in addresses], ttl
+        return [_Entry(0, 0, tuple(Target(transport, a, port or DEFAULT_PORTS[transport], host)
+                                   for a in addresses))], ttl
 
     async def _addresses(self, name: str) -> tuple[list[str], float]:
         found: list[str] = []
@@ -117,9 +137,9 @@ class Resolver:
             return [], NEGATIVE_CACHE_TTL
         return list(answer.rrset), float(answer.rrset.ttl)
 
-    def _order_srv(self, records: list[Any]) -> list[Any]:
+    def _order_srv(self, records: list[_Entry]) -> list[_Entry]:
         """RFC 2782: ascending priority; within one priority a weighted random order."""
-        ordered: list[Any] = []
+        ordered: list[_Entry] = []
         for priority in sorted({int(r.priority) for r in records}):
             group = [r for r in records if int(r.priority) == priority]
             while group:
