@@ -52,7 +52,7 @@ class EventBus:
 
         return unsubscribe
 
-    def publish(self, kind: str, selector: str | None = None, **data: Any) -> Event:
+    def publish(self, kind: str, selector: str | None = None, /, **data: Any) -> Event:
         event = Event(next(self._seq), self.clock.wall(), kind, selector, data)
         for subscriber in list(self._subscribers):
             try:

@@ -16,7 +16,7 @@ from sipis.clock import Clock
 from sipis.crypto import DecryptionError, SecretBox
 from sipis.events import Event, EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget, Registration, RegStatus
-from storage.records import EventRecord, InstanceRecord
+from storage.records import AuditRecord, EventRecord, InstanceRecord, PushRecord
 from storage.writer import BatchedWriter
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,13 @@ class InstancePersistence:
 
     def on_event(self, event: Event) -> None:
         self.writer.append_event(EventRecord(event.seq, event.at, event.kind, event.selector, event.data))
-        if event.selector is None:
+        if event.kind == "audit":
+            self.writer.append_audit(_audit_record(event))
+            return
+        if event.kind == "push" and event.selector is not None:
+            self.writer.upsert_push(_push_record(event))
+            return
+        if event.selector is None or event.kind in _NOT_ABOUT_THE_INSTANCE:
             return
         if event.kind == "instance.deleted":
             self._blobs.pop(event.selector, None)
@@ -102,6 +108,28 @@ class InstancePersistence:
             app_contact=record.app_contact, app_last_seen=record.app_last_seen,
             created_at=record.created_at, disabled=record.disabled,
         )
+
+
+#: Events that change nothing stored in the instance row.
+_NOT_ABOUT_THE_INSTANCE = frozenset({"call", "message", "alarm"})
+
+
+def _audit_record(event: Event) -> AuditRecord:
+    data = event.data
+    return AuditRecord(id=str(data["id"]), at=event.at, operator=str(data["operator"]), role=str(data["role"]),
+                       action=str(data["action"]), target=data.get("target"), detail=dict(data.get("detail") or {}),
+                       outcome=str(data["outcome"]))
+
+
+def _push_record(event: Event) -> PushRecord:
+    data = event.data
+    return PushRecord(
+        push_id=str(data["push_id"]), selector=str(event.selector), call_id=data.get("call_id"),
+        provider=str(data["provider"]), kind=str(data["kind"]), request_summary=dict(data.get("request_summary") or {}),
+        outcome=str(data["outcome"]), provider_code=data.get("provider_code"), attempt=int(data.get("attempt") or 0),
+        replay_of=data.get("replay_of"), stages=dict(data.get("stages") or {}), latency_ms=data.get("latency_ms"),
+        error=data.get("error") or data.get("provider_reason"),
+    )
 
 
 E = TypeVar("E", AppState, RegStatus)

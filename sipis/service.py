@@ -11,15 +11,20 @@ import logging
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from sipis.api.models import EnrollIn, PushIn
 from sipis.api.service_protocol import InstanceGone, ServiceError
+from sipis.calls import CallError
 from sipis.clock import Clock
 from sipis.crypto import hash_token, new_token, tokens_equal
 from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget
 from sipis.proxy_register import ProxyRegistrar, contact_user
+
+if TYPE_CHECKING:
+    from sipis.calls import CallManager
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,8 @@ class InstanceService:
         self._enroll_hashes = tuple(hash_token(t) for t in enroll_tokens)
         self.instances: dict[str, Instance] = {}
         self._by_contact_user: dict[str, str] = {}
+        #: the held-call manager, when calls are handled (it releases held calls on ``active``)
+        self.calls: CallManager | None = None
 
     # ------------------------------------------------------------------ lookups
 
@@ -108,7 +115,9 @@ class InstanceService:
             self.engine.take_over(instance)
         else:
             instance.app_contact = contact
-            self.engine.hand_back(instance)
+            removal = self.engine.hand_back(instance)
+            if self.calls is not None:
+                self.calls.app_active(instance, removal, contact)
         self.bus.publish("instance.app", selector, reported=state, contact=contact)
         await self._persisted()
         return instance
@@ -125,6 +134,17 @@ class InstanceService:
         instance = self._require(selector)
         await self.retire(instance, reason="deleted by app", delete=True)
         await self._persisted()
+
+    async def call_progress(self, selector: str, push_id: str) -> dict[str, Any]:
+        instance = self._require(selector)
+        instance.app_last_seen = self.clock.wall()
+        if self.calls is None:
+            raise InstanceGone("no such call")
+        try:
+            call = self.calls.progress(selector, push_id)
+        except CallError:
+            raise InstanceGone("no such held call for this instance") from None
+        return call.view(self.clock)
 
     async def _persisted(self) -> None:
         if self.durable is not None:

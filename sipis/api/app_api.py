@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sipis.api.models import (
     SELECTOR_PATTERN,
+    CallOut,
     EnrollIn,
     EnrollOut,
     ErrorOut,
@@ -337,6 +338,16 @@ def create_app(service: InstanceService, *, max_body: int = MAX_BODY_BYTES) -> F
         current(selector)
         instance = await service.update_push(selector, body)
         return JSONResponse(instance.public_view())
+
+    @app.post("/v1/instances/{selector}/calls/{push_id}/progress",
+              responses={200: {"model": CallOut}, **instance_errors})
+    async def call_progress(selector: str = selector_path,
+                            push_id: str = Path(pattern=r"^[A-Za-z0-9-]{1,64}$", description="The push id"),
+                            _: str = Depends(instance_auth)) -> Response:
+        """The app is waking up for this held call: the caller hears Device-Making-Progress and the
+        answer timer (T2) replaces the wake timer (T1). Repeated reports are harmless."""
+        current(selector)
+        return JSONResponse(await service.call_progress(selector, push_id))
 
     @app.delete("/v1/instances/{selector}", status_code=204, response_class=Response,
                 responses=instance_errors)

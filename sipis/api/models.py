@@ -208,6 +208,21 @@ class InstanceOut(BaseModel):
     credentials_stored: bool
 
 
+class CallOut(BaseModel):
+    """A held call as the app sees it after reporting progress."""
+
+    call_id: str
+    push_id: str
+    selector: str
+    caller: str | None
+    stage: str
+    received_at: float
+    outcome: str | None
+    final_status: int | None
+    t1_remaining: float | None
+    t2_remaining: float | None
+
+
 class ErrorOut(BaseModel):
     error: str = Field(description="Machine-readable code, e.g. validation_error, forbidden")
     detail: str = Field(description="Human text; names the offending field for validation errors")

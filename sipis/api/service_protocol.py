@@ -6,7 +6,7 @@ decision about instances (selectors, tokens, state changes, persistence) is the 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from sipis.api.models import EnrollIn, PushIn
 from sipis.instance import Instance
@@ -58,4 +58,9 @@ class InstanceService(Protocol):
 
     async def delete(self, selector: str) -> None:
         """Remove the instance (the core unregisters its binding first)."""
+        ...
+
+    async def call_progress(self, selector: str, push_id: str) -> dict[str, Any]:
+        """The app woke up for the held call ``push_id``; returns the call's view.
+        Raises :class:`InstanceGone` when there is no such held call for this instance."""
         ...
