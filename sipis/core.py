@@ -16,18 +16,24 @@ from dataclasses import dataclass
 from sipis.ageing import Ageing, AgeingPolicy
 from sipis.api.app_api import create_app
 from sipis.api.server import ApiServer
+from sipis.calls import CallManager, CallSettings
 from sipis.clock import Clock, SystemClock
 from sipis.config import Config, insecure_settings
 from sipis.crypto import SecretBox, load_or_create_key
 from sipis.engine import EngineSettings, RegistrationEngine
 from sipis.events import EventBus
+from sipis.operations import Operations
 from sipis.persistence import InstancePersistence
 from sipis.proxy_register import ProxyRegistrar
+from sipis.push.delivery import PushDelivery
+from sipis.push.registry import build_providers
 from sipis.service import InstanceService
 from sipis.sip.endpoint import EndpointSettings, SipEndpoint
 from sipis.sip.resolver import Resolver
 from sipis.sip.transaction import TimerSettings
 from sipis.sip.transport import ListenSpec, TlsSettings
+from sipis.text_messages import TextMessages
+from sipis.timers import LoopTimers
 from sipis.tls_certs import ensure_self_signed
 from storage.database import Database
 from storage.repositories import Stores, sqlite_stores
@@ -58,6 +64,10 @@ class Core:
         self.service: InstanceService | None = None
         self.api: ApiServer | None = None
         self.ageing: Ageing | None = None
+        self.delivery: PushDelivery | None = None
+        self.calls: CallManager | None = None
+        self.messages: TextMessages | None = None
+        self.operations: Operations | None = None
         self.listening = Listening([], None)
         self._stopped = asyncio.Event()
         self.started_at = self.clock.wall()
@@ -91,6 +101,19 @@ class Core:
         registrar.on_flow_lost = self.engine.flow_lost
         self.service = InstanceService(engine=self.engine, registrar=registrar, bus=self.bus, clock=self.clock,
                                        enroll_tokens=config.api.enroll_tokens, durable=self.writer.flush)
+        self.delivery = PushDelivery(build_providers(config.push), self.bus, self.clock)
+        calls = config.calls
+        self.calls = CallManager(service=self.service, delivery=self.delivery, bus=self.bus, clock=self.clock,
+                                 timers=LoopTimers(), settings=CallSettings(
+                                     wake_timeout=calls.wake_timeout, answer_timeout=calls.answer_timeout,
+                                     release=calls.release, no_response_status=calls.no_response_status,
+                                     no_response_reason=calls.no_response_reason))
+        self.service.calls = self.calls
+        self.messages = TextMessages(service=self.service, delivery=self.delivery, bus=self.bus, clock=self.clock,
+                                     max_body=calls.max_message_body)
+        self.endpoint.handlers["INVITE"] = self.calls.on_invite
+        self.endpoint.handlers["MESSAGE"] = self.messages.on_message
+        self.operations = Operations(service=self.service, delivery=self.delivery, bus=self.bus, clock=self.clock)
         persistence = InstancePersistence(self.writer, box, self.service.get, self.clock)
         restored = 0
         for record in await self.stores.instances.load_all():
@@ -138,6 +161,8 @@ class Core:
             await self.ageing.stop()
         if self.engine is not None:
             await self.engine.stop(unregister=self.config.sip.unregister_on_shutdown)
+        if self.delivery is not None:
+            await self.delivery.close()
         if self.endpoint is not None:
             await self.endpoint.close()
         self.bus.publish("core.stopped", None)
