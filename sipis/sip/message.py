@@ -19,7 +19,6 @@ import functools
 import ipaddress
 import re
 import secrets
-import string
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -67,7 +66,7 @@ LIST_HEADERS = frozenset(
     }
 )
 
-_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")
 
 REASON_PHRASES: dict[int, str] = {
     100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
@@ -85,22 +84,27 @@ REASON_PHRASES: dict[int, str] = {
 }
 
 # Characters RFC 3261 §25.1 allows in URIs, plus "#" which real dial strings carry unescaped.
-_URI_CHARS = frozenset(string.ascii_letters + string.digits + "-_.!~*'()%;?/:@&=+$,[]#")
-_HOST_CHARS = frozenset(string.ascii_letters + string.digits + "-._")
+_URI_TEXT = re.compile(r"[A-Za-z0-9\-_.!~*'()%;?/:@&=+$,\[\]#]+")
+_HOST = re.compile(r"[A-Za-z0-9\-._]+")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # Control characters other than HTAB: never legal in a header line, and a bare CR or NUL copied
 # into a response could split it (header injection).
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
-_LINE_BREAK = re.compile("[\r\n\x00]")
+# The control bytes but CR and LF, to delete with bytes.translate (a C loop, unlike a regex).
+_CONTROL_BYTES_BUT_CRLF = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 _NON_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of undecodable bytes
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 _STATUS_LINE = re.compile(r"SIP/2\.0 ([1-6][0-9][0-9])(?: (.*))?", re.IGNORECASE | re.DOTALL)
 _VIA_PROTOCOL = re.compile(r"SIP[ \t]*/[ \t]*2\.0[ \t]*/[ \t]*([^\s/]+)[ \t]+(.*)", re.IGNORECASE | re.DOTALL)
 _HOSTPORT_COLON = re.compile(r"[ \t]*:[ \t]*")
 # Unquoted generic-param values: RFC 3261 allows token / host; anything printable without
 # separators is accepted so sloppy peers' Contact parameters still parse.
 _PARAM_VALUE_BAD = re.compile(r'[\s";,\x00-\x1f\x7f]')
+# A parameter list that the general loop in _parse_generic_params would accept as it is, read
+# in one go: ";name" or ";name=value" with a token name and an unquoted value.
+_PLAIN_PARAM_TEXT = r";[ \t]*([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*(?:(=)[ \t]*([^\s\";,\x00-\x1f\x7f]+)[ \t]*)?"
+_PLAIN_PARAM = re.compile(_PLAIN_PARAM_TEXT)
+_PLAIN_PARAMS = re.compile(f"(?:{_PLAIN_PARAM_TEXT})+")
 
 
 class SipParseError(ValueError):
@@ -130,14 +134,37 @@ DEFAULT_LIMITS = Limits()
 
 def canonical_name(name: str) -> str:
     """The usual spelling of a header name; compact forms are expanded."""
+    known = _SPELLINGS.get(name)
+    if known is not None:
+        return known
     lower = name.lower()
     if len(lower) == 1 and lower in COMPACT_FORMS:
         return COMPACT_FORMS[lower]
     return _CANONICAL.get(lower, name)
 
 
+def _known_spellings() -> dict[str, str]:
+    """Spellings that occur in practice -> canonical name, so the usual case is one dict lookup."""
+    spellings = {short: long for short, long in COMPACT_FORMS.items()}
+    spellings.update({short.upper(): long for short, long in COMPACT_FORMS.items()})
+    for name in _CANONICAL_NAMES:
+        spellings.update(dict.fromkeys((name, name.lower(), name.upper()), name))
+    return spellings
+
+
+_SPELLINGS = _known_spellings()
+#: The same spellings -> the key headers are compared by (the lower-cased canonical name).
+_KEYS = {spelling: name.lower() for spelling, name in _SPELLINGS.items()}
+
+
+def header_key(name: str) -> str:
+    """What header names compare by: the canonical name, lower-cased (``v``, ``VIA`` -> ``via``)."""
+    key = _KEYS.get(name)
+    return key if key is not None else canonical_name(name).lower()
+
+
 def is_token(text: str) -> bool:
-    return bool(text) and all(ch in _TOKEN_CHARS for ch in text)
+    return _TOKEN.fullmatch(text) is not None
 
 
 def safe_text(text: str) -> str:
@@ -153,33 +180,38 @@ def _is_digits(text: str, max_len: int) -> bool:
     return 0 < len(text) <= max_len and text.isascii() and text.isdigit()
 
 
+# One element of a comma-separated list: runs of quoted strings (backslash escapes; an unterminated
+# one runs to the end), <...> (no quoting inside; an unclosed one runs to the end) and any other
+# character but the comma.
+_LIST_ELEMENT = re.compile(r'(?:"(?:[^"\\]|\\.)*"?|<[^>]*>?|[^,"<])+', re.DOTALL)
+
+
 def split_list(value: str) -> list[str]:
     """Split a comma-separated header value, ignoring commas in quotes or ``<...>``."""
-    parts: list[str] = []
-    current: list[str] = []
-    in_quotes = in_angle = escaped = False
-    for ch in value:
-        if escaped:
-            escaped = False
-        elif in_quotes and ch == "\\":
-            escaped = True
-        elif ch == '"' and not in_angle:
-            in_quotes = not in_quotes
-        elif ch == "<" and not in_quotes:
-            in_angle = True
-        elif ch == ">" and not in_quotes:
-            in_angle = False
-        elif ch == "," and not in_quotes and not in_angle:
-            parts.append("".join(current).strip())
-            current = []
-            continue
-        current.append(ch)
-    parts.append("".join(current).strip())
-    return [p for p in parts if p]
+    plain = '"' not in value and "<" not in value  # the usual case: every comma separates
+    parts = value.split(",") if plain else _LIST_ELEMENT.findall(value)
+    return [stripped for part in parts if (stripped := part.strip())]
+
+
+def first_list_element(value: str) -> str | None:
+    """``split_list(value)[0]`` (None for an empty list) without splitting the rest."""
+    if '"' not in value and "<" not in value:
+        while True:
+            head, comma, value = value.partition(",")
+            head = head.strip()
+            if head or not comma:
+                return head or None
+    for match in _LIST_ELEMENT.finditer(value):
+        stripped = match[0].strip()
+        if stripped:
+            return stripped
+    return None
 
 
 def _split_params(text: str) -> list[str]:
     """Split ``a;b=1;c="x;y"`` on semicolons outside quotes."""
+    if '"' not in text:
+        return text.split(";")
     parts: list[str] = []
     current: list[str] = []
     in_quotes = escaped = False
@@ -221,6 +253,8 @@ def _parse_generic_params(text: str) -> dict[str, str | None]:
     text = text.strip()
     if not text:
         return params
+    if _PLAIN_PARAMS.fullmatch(text):  # the usual case: no quotes, no empty or odd parameters
+        return {name.lower(): value if eq else None for name, eq, value in _PLAIN_PARAM.findall(text)}
     if not text.startswith(";"):
         raise SipParseError(f"junk before parameters: {text[:80]!r}")
     for part in _split_params(text)[1:]:
@@ -229,7 +263,7 @@ def _parse_generic_params(text: str) -> dict[str, str | None]:
             continue  # ";;" or a trailing ";": harmless
         name, eq, value = part.partition("=")
         name, value = name.strip(" \t"), value.strip(" \t")
-        if not is_token(name):
+        if _TOKEN.fullmatch(name) is None:
             raise SipParseError(f"bad parameter name {name[:40]!r}")
         if eq and not _is_param_value(value):
             raise SipParseError(f"bad value for parameter {name[:40]!r}: {value[:40]!r}")
@@ -285,7 +319,7 @@ def new_call_id() -> str:
 
 
 def _check_uri_chars(rest: str, text: str) -> None:
-    if not rest or any(ch not in _URI_CHARS for ch in rest) or _BAD_ESCAPE.search(rest):
+    if _URI_TEXT.fullmatch(rest) is None or ("%" in rest and _BAD_ESCAPE.search(rest)):
         raise SipParseError(f"bad characters in URI {text[:80]!r}")
 
 
@@ -387,7 +421,7 @@ def _split_hostport(text: str) -> tuple[str, int | None]:
     else:
         host, colon, port_text_ = text.partition(":")
         port_text = port_text_ if colon else None
-        if not host or any(ch not in _HOST_CHARS for ch in host):
+        if _HOST.fullmatch(host) is None:
             raise SipParseError(f"bad host {text[:80]!r}")
     if port_text is None:
         return host, None
@@ -437,16 +471,21 @@ class NameAddr:
         return self.params.get("tag")
 
     def __str__(self) -> str:
-        display = ""
-        if self.display_name:
-            escaped = self.display_name.replace("\\", "\\\\").replace('"', '\\"')
-            display = f'"{escaped}" '
-        return f"{display}<{self.uri}>{format_params(self.params)}"
+        return format_address(str(self.uri), self.display_name, format_params(self.params))
+
+
+def format_address(uri: str, display_name: str | None = None, params: str = "") -> str:
+    """``"Display" <uri>;params`` as :class:`NameAddr` writes it, from ready-made text parts
+    (``params`` formatted, leading ``;`` included) for callers that have no NameAddr to hand."""
+    if not display_name:
+        return f"<{uri}>{params}"
+    escaped = display_name.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}" <{uri}>{params}'
 
 
 # An unquoted display name is tokens and spaces (RFC 3261 §25.1); letters beyond ASCII are
 # tolerated, separators are not (``Bell, Alexander <sip:...>`` is two list elements or garbage).
-_DISPLAY_SEPARATORS = frozenset('()<>@,;:\\"/[]?={}')
+_DISPLAY_SEPARATOR = re.compile(r'[()<>@,;:\\"/\[\]?={}]')
 
 
 def _parse_display_name(text: str) -> str | None:
@@ -457,12 +496,14 @@ def _parse_display_name(text: str) -> str | None:
         if end != len(text):
             raise SipParseError(f"junk after quoted display name {text[:80]!r}")
         return content
-    if any(ch in _DISPLAY_SEPARATORS for ch in text):
+    if _DISPLAY_SEPARATOR.search(text):
         raise SipParseError(f"display name needs quotes: {text[:80]!r}")
     return text
 
 
 def _find_unquoted(text: str, needle: str) -> int:
+    if '"' not in text:
+        return text.find(needle)
     in_quotes = escaped = False
     for i, ch in enumerate(text):
         if escaped:
@@ -491,8 +532,10 @@ class Via:
         if match is None or not is_token(match[1]):
             raise SipParseError(f"bad Via {text[:80]!r}")
         sent_by, semi, rest = match[2].partition(";")
-        # RFC 3261 allows LWS around the ":" of sent-by.
-        host, port = _split_hostport(_HOSTPORT_COLON.sub(":", sent_by.strip()))
+        sent_by = sent_by.strip()
+        if " " in sent_by or "\t" in sent_by:  # RFC 3261 allows LWS around the ":" of sent-by
+            sent_by = _HOSTPORT_COLON.sub(":", sent_by)
+        host, port = _split_hostport(sent_by)
         params = _parse_generic_params(semi + rest)
         return cls(transport=match[1].upper(), host=host, port=port, params=params)
 
@@ -512,25 +555,50 @@ class Via:
 
 
 class Headers:
-    """Ordered, multi-valued, case-insensitive header fields."""
+    """Ordered, multi-valued, case-insensitive header fields.
 
-    __slots__ = ("_items",)
+    Lookups go through an index from key (:func:`header_key`) to values, built on the first lookup
+    (the parser fills it as it goes), kept up to date by :meth:`add` and :meth:`prepend` and
+    dropped by :meth:`remove`; so reading a message costs one dict access per header name.
+
+    The layout keeps the number of objects the garbage collector tracks small (two lists and this
+    object; no tuple per field, and an index of plain strings, which it does not track at all):
+    collections run over every live message, and many live on in transactions awaiting timers.
+    """
+
+    __slots__ = ("_index", "_names", "_values")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
-        self._items: list[tuple[str, str]] = []
+        self._names: list[str] = []
+        self._values: list[str] = []
+        #: key -> its value, or a tuple of its values when there are several
+        self._index: dict[str, str | tuple[str, ...]] | None = None
         for name, value in items:
             self.add(name, value)
 
     def add(self, name: str, value: str) -> None:
         """Append a field. Raises ValueError for a non-token name or a value with CR, LF or NUL,
         which would split the serialised message (header injection)."""
-        name = canonical_name(name)
-        value = str(value)
-        if not is_token(name) or _LINE_BREAK.search(value):
-            raise ValueError(f"refusing header {name[:40]!r}: {value[:40]!r}")
-        if name.lower() == "content-length":
-            return  # always derived from the body
-        self._items.append((name, value))
+        name, key, value = _checked_field(name, value)
+        if key != "content-length":  # always derived from the body
+            self._append(name, key, value)
+
+    def prepend(self, name: str, value: str) -> None:
+        """Insert a field before all others (a new top Via), checked like :meth:`add`."""
+        name, key, value = _checked_field(name, value)
+        if key == "content-length":
+            return
+        self._names.insert(0, name)
+        self._values.insert(0, value)
+        if self._index is not None:
+            _index_add(self._index, key, value, first=True)
+
+    def _append(self, name: str, key: str, value: str) -> None:
+        """Append without checks: ``name`` is canonical, ``key`` its key, ``value`` clean."""
+        self._names.append(name)
+        self._values.append(value)
+        if self._index is not None:
+            _index_add(self._index, key, value)
 
     def set(self, name: str, value: str) -> None:
         """Replace every field of this name by one field."""
@@ -538,57 +606,122 @@ class Headers:
         self.add(name, value)
 
     def remove(self, name: str) -> None:
-        key = canonical_name(name).lower()
-        self._items = [(n, v) for n, v in self._items if n.lower() != key]
+        key = header_key(name)
+        if not self._lookup(key):
+            return
+        kept = [(n, v) for n, v in zip(self._names, self._values, strict=True) if header_key(n) != key]
+        self._names = [n for n, _ in kept]
+        self._values = [v for _, v in kept]
+        self._index = None
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value; for list headers the first element of the list."""
-        values = self.get_all(name)
-        return values[0] if values else default
+        key = header_key(name)
+        found = self._index_of().get(key)
+        if found is None:
+            return default
+        if key not in LIST_HEADERS:
+            return found if isinstance(found, str) else found[0]
+        for value in (found,) if isinstance(found, str) else found:
+            first = first_list_element(value)  # split only as far as the first element
+            if first is not None:
+                return first
+        return default
 
     def get_all(self, name: str) -> list[str]:
         """Every value of this header, list headers split on commas."""
-        key = canonical_name(name).lower()
-        raw = [v for n, v in self._items if n.lower() == key]
+        key = header_key(name)
+        raw = self._lookup(key)
         if key in LIST_HEADERS:
             return [part for value in raw for part in split_list(value)]
-        return raw
+        return list(raw)
 
     def raw_values(self, name: str) -> list[str]:
         """Field values exactly as stored (list headers not split), e.g. to copy into a response."""
-        key = canonical_name(name).lower()
-        return [v for n, v in self._items if n.lower() == key]
+        return list(self._lookup(header_key(name)))
+
+    def _lookup(self, key: str) -> tuple[str, ...]:
+        """The stored values for ``key``."""
+        found = self._index_of().get(key)
+        if found is None:
+            return ()
+        return (found,) if isinstance(found, str) else found
+
+    def _index_of(self) -> dict[str, str | tuple[str, ...]]:
+        index = self._index
+        if index is None:
+            index = self._index = {}
+            for name, value in zip(self._names, self._values, strict=True):
+                _index_add(index, header_key(name), value)
+        return index
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
-        key = canonical_name(name).lower()
-        return any(n.lower() == key for n, _ in self._items)
+        return header_key(name) in self._index_of()
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
-        return iter(list(self._items))
+        return iter(list(zip(self._names, self._values, strict=True)))
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._names)
+
+    def _serialised(self) -> str:
+        """Every field as ``Name: value`` + CRLF, in order."""
+        return "".join([f"{name}: {value}{CRLF}" for name, value in zip(self._names, self._values, strict=True)])
 
     def copy(self) -> Headers:
         clone = Headers()
-        clone._items = list(self._items)
+        clone._names = list(self._names)
+        clone._values = list(self._values)
         return clone
 
     def __repr__(self) -> str:
-        return f"Headers({self._items!r})"
+        return f"Headers({list(self)!r})"
+
+
+def _index_add(index: dict[str, str | tuple[str, ...]], key: str, value: str, *,
+               first: bool = False) -> None:
+    """Record one more value of ``key``: a lone value is kept as the string itself."""
+    known = index.get(key)
+    if known is None:
+        index[key] = value
+        return
+    values = (known,) if isinstance(known, str) else known
+    index[key] = (value, *values) if first else (*values, value)
+
+
+def _checked_field(name: str, value: str) -> tuple[str, str, str]:
+    """(canonical name, key, value) of a field to store; ValueError for what could inject headers."""
+    canonical = _SPELLINGS.get(name)  # a known spelling is a token
+    if canonical is None:
+        canonical = canonical_name(name)
+        if _TOKEN.fullmatch(canonical) is None:
+            raise ValueError(f"refusing header {canonical[:40]!r}: {str(value)[:40]!r}")
+    value = str(value)
+    if "\r" in value or "\n" in value or "\x00" in value:
+        raise ValueError(f"refusing header {canonical[:40]!r}: {value[:40]!r}")
+    return canonical, header_key(canonical), value
 
 
 # --------------------------------------------------------------------------- messages
 
 
 class _Message:
-    """What requests and responses share: headers, body and accessors for the core headers."""
+    """What requests and responses share: headers, body and accessors for the core headers.
+
+    The top Via and the CSeq are read by validation, transaction matching and the layers above,
+    so their parsed forms are kept together with the text they were parsed from: a cached value
+    is used only while the header still holds that very text, so changing or replacing
+    ``headers`` needs no invalidation.
+    """
 
     def __init__(self, headers: Headers, body: bytes) -> None:
         self.headers = headers
         self.body = body
+        self._top_via_text: str | None = None  # what _top_via was parsed from
+        self._top_via: Via | None = None
+        self._cseq_cache: tuple[str | None, tuple[int, str]] | None = None
 
     @property
     def call_id(self) -> str:
@@ -597,7 +730,13 @@ class _Message:
     @property
     def cseq(self) -> tuple[int, str]:
         """(number, method) from CSeq; raises SipParseError when absent or malformed."""
-        return parse_cseq(self.headers.get("CSeq"))
+        value = self.headers.get("CSeq")
+        cached = self._cseq_cache
+        if cached is not None and cached[0] == value:
+            return cached[1]
+        cseq = parse_cseq(value)
+        self._cseq_cache = (value, cseq)
+        return cseq
 
     @property
     def vias(self) -> list[Via]:
@@ -605,14 +744,24 @@ class _Message:
 
     @property
     def top_via(self) -> Via:
+        """The top Via, parsed; a copy the caller may change."""
+        via = self.shared_top_via()
+        return Via(via.transport, via.host, via.port, dict(via.params))
+
+    def shared_top_via(self) -> Via:
+        """The top Via, parsed once per value and shared by every caller: treat it as read-only."""
         first = self.headers.get("Via")
         if first is None:
             raise SipParseError("missing Via")
-        return Via.parse(first)
+        if self._top_via is not None and self._top_via_text == first:
+            return self._top_via
+        via = Via.parse(first)
+        self._top_via_text, self._top_via = first, via
+        return via
 
     @property
     def branch(self) -> str | None:
-        return self.top_via.branch
+        return self.shared_top_via().branch
 
     @property
     def from_(self) -> NameAddr:
@@ -626,10 +775,13 @@ class _Message:
     def contacts(self) -> list[NameAddr]:
         return [NameAddr.parse(v) for v in self.headers.get_all("Contact") if v.strip() != "*"]
 
-    def _header_block(self) -> list[str]:
-        lines = [f"{name}: {value}" for name, value in self.headers]
-        lines.append(f"Content-Length: {len(self.body)}")
-        return lines
+    def start_line(self) -> str:
+        raise NotImplementedError
+
+    def to_bytes(self) -> bytes:
+        text = (f"{self.start_line()}{CRLF}{self.headers._serialised()}"
+                f"Content-Length: {len(self.body)}{CRLF}{CRLF}")
+        return text.encode("utf-8", "surrogateescape") + self.body
 
 
 def _required_address(headers: Headers, name: str) -> NameAddr:
@@ -666,10 +818,6 @@ class Request(_Message):
     def start_line(self) -> str:
         return f"{self.method} {self.uri} {SIP_VERSION}"
 
-    def to_bytes(self) -> bytes:
-        lines = [self.start_line(), *self._header_block()]
-        return (CRLF.join(lines) + CRLF + CRLF).encode("utf-8", "surrogateescape") + self.body
-
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.uri} call-id={self.call_id}>"
 
@@ -683,10 +831,6 @@ class Response(_Message):
 
     def start_line(self) -> str:
         return f"{SIP_VERSION} {self.status} {self.reason}"
-
-    def to_bytes(self) -> bytes:
-        lines = [self.start_line(), *self._header_block()]
-        return (CRLF.join(lines) + CRLF + CRLF).encode("utf-8", "surrogateescape") + self.body
 
     @property
     def is_final(self) -> bool:
@@ -762,16 +906,11 @@ def _parse(data: bytes, limits: Limits, stream: bool) -> Message:
     if len(data) > limits.max_message_bytes:
         raise SipParseError(f"message of {len(data)} bytes exceeds {limits.max_message_bytes}")
     head, body = _split_head(data.lstrip(b"\r\n"), limits)
-    start, *lines = head.decode("utf-8", "surrogateescape").replace("\r\n", "\n").split("\n")
+    text = head.decode("utf-8", "surrogateescape").replace("\r\n", "\n")
+    start, *lines = text.split("\n")
     problems: list[str] = []  # defects that still leave a request respondable
-    fields, damaged = _read_fields(lines, limits, problems)
-    headers = Headers()
-    lengths: list[str] = []
-    for name, value in fields:
-        if canonical_name(name).lower() == "content-length":
-            lengths.append(value)
-        else:
-            headers.add(name, value)
+    fields, damaged = _read_fields(lines, limits, problems, _no_controls(head))
+    headers, lengths = _store_fields(fields)
     message = _parse_start_line(start.strip(" \t"), headers, problems)
     message.body = _cut_body(body, lengths, stream, problems)
     if isinstance(message, Response):
@@ -789,11 +928,12 @@ def _parse(data: bytes, limits: Limits, stream: bool) -> Message:
 def _split_head(data: bytes, limits: Limits) -> tuple[bytes, bytes]:
     """(header block, rest) at the first empty line; bare LF line ends are tolerated."""
     window = limits.max_header_bytes + 4  # the blank line must start within the limit
-    match = _HEADER_END.search(data, 0, window)
-    if match is not None:
-        if match.start() > limits.max_header_bytes:
+    found = _find_blank_line(data, window)
+    if found is not None:
+        start, end = found
+        if start > limits.max_header_bytes:
             raise SipParseError(f"header block over {limits.max_header_bytes} bytes")
-        return data[: match.start()], data[match.end() :]
+        return data[:start], data[end:]
     if len(data) > limits.max_header_bytes:
         raise SipParseError(f"header block over {limits.max_header_bytes} bytes")
     if data.endswith(b"\n"):
@@ -801,45 +941,99 @@ def _split_head(data: bytes, limits: Limits) -> tuple[bytes, bytes]:
     raise SipParseError("no end of headers")
 
 
-def _read_fields(lines: list[str], limits: Limits, problems: list[str]) -> tuple[list[tuple[str, str]], bool]:
+def _no_controls(head: bytes) -> bool:
+    """Whether the header block has no control characters but its CRLF/LF line ends, as in most
+    messages: then no field needs a check of its own. Controls are ASCII, so bytes tell."""
+    if len(head.translate(None, _CONTROL_BYTES_BUT_CRLF)) != len(head):
+        return False
+    return head.count(b"\r") == head.count(b"\r\n")  # no CR outside a CRLF
+
+
+def _find_blank_line(data: bytes, window: int) -> tuple[int, int] | None:
+    """(start, end) of the first ``\\r?\\n\\r?\\n`` ending within ``data[:window]``.
+
+    Every such line end contains ``\\n\\n`` or ``\\n\\r\\n``, which ``bytes.find`` locates far faster
+    than a regular expression tried at every position; a CR just before makes it part of the match.
+    """
+    bare, crlf = data.find(b"\n\n", 0, window), data.find(b"\n\r\n", 0, window)
+    if bare < 0 and crlf < 0:
+        return None
+    if crlf < 0 or 0 <= bare < crlf:
+        first, end = bare, bare + 2
+    else:
+        first, end = crlf, crlf + 3
+    start = first - 1 if first > 0 and data[first - 1] == 0x0D else first
+    return start, end
+
+
+def _read_fields(lines: list[str], limits: Limits, problems: list[str],
+                 clean: bool = False) -> tuple[list[tuple[str, str]], bool]:
     """Header fields with folded lines joined; bad lines are dropped and reported in ``problems``.
 
     Returns the fields and whether a response-critical header was among the dropped ones.
+    ``clean`` says the caller found no control characters in the lines, so values need no check.
     """
-    raw: list[tuple[str, list[str]]] = []
+    names: list[str] = []
+    values: list[str] = []
     damaged = False
     keep = False  # does a continuation line belong to a field we kept?
     count = 0
     for line in lines:
-        if line[:1] in (" ", "\t"):
+        if not line:
+            continue
+        if line[0] == " " or line[0] == "\t":
             text = line.strip(" \t")
-            if text and keep:
-                raw[-1][1].append(text)
+            if text and keep:  # folded: the non-empty parts joined by one space
+                values[-1] = f"{values[-1]} {text}" if values[-1] else text
             elif text and count == 0:
                 problems.append("continuation line before the first header")
-            continue
-        if not line:
             continue
         count += 1
         if count > limits.max_headers:
             raise SipParseError(f"more than {limits.max_headers} header fields")
         name, colon, value = line.partition(":")
         name = name.strip(" \t")
-        keep = bool(colon) and is_token(name)
+        keep = bool(colon) and (name in _SPELLINGS or _TOKEN.fullmatch(name) is not None)
         if keep:
-            raw.append((name, [value.strip(" \t")]))
+            names.append(name)
+            values.append(value.strip(" \t"))
         else:
             problems.append(f"bad header line {line[:80]!r}")
             damaged = damaged or _guess_name(line) in _RESPONSE_CRITICAL
-    fields: list[tuple[str, str]] = []
-    for name, parts in raw:
-        value = " ".join(part for part in parts if part)
+    fields = list(zip(names, values, strict=True))
+    if clean:
+        return fields, damaged
+    kept: list[tuple[str, str]] = []
+    for name, value in fields:
         if _CONTROL.search(value):
             problems.append(f"control character in {name[:40]!r}")
             damaged = damaged or canonical_name(name).lower() in _RESPONSE_CRITICAL
+        else:
+            kept.append((name, value))
+    return kept, damaged
+
+
+def _store_fields(fields: list[tuple[str, str]]) -> tuple[Headers, list[str]]:
+    """The fields (checked by _read_fields: token names, no controls) as Headers with their index,
+    and apart from them the Content-Length values. One tight loop: it runs for every field."""
+    headers = Headers()
+    names, values = headers._names, headers._values
+    index: dict[str, str | tuple[str, ...]] = {}
+    lengths: list[str] = []
+    for name, value in fields:
+        canonical = _SPELLINGS.get(name) or canonical_name(name)
+        key = _KEYS.get(canonical) or canonical.lower()  # header_key(canonical), inlined
+        if key == "content-length":
+            lengths.append(value)
             continue
-        fields.append((name, value))
-    return fields, damaged
+        names.append(canonical)
+        values.append(value)
+        if key in index:
+            _index_add(index, key, value)
+        else:
+            index[key] = value
+    headers._index = index
+    return headers, lengths
 
 
 def _guess_name(line: str) -> str:
@@ -920,15 +1114,21 @@ def _validate(message: Message, problems: list[str]) -> None:
     """
     headers = message.headers
     for name in _REQUIRED_REQUEST_HEADERS:
-        if not any(value.strip() for value in headers.raw_values(name)):
+        if not any(map(str.strip, headers._lookup(name.lower()))):  # canonical names: key = lower
             problems.append(f"missing {name}")
     for name in ("Call-ID", "CSeq"):  # make_response copies only the first of these
-        if len(headers.raw_values(name)) > 1:
+        if len(headers._lookup(name.lower())) > 1:
             problems.append(f"more than one {name}")
-    if "CSeq" in headers:
-        _check(problems, lambda: message.cseq)
-    if "Via" in headers:
-        _check(problems, lambda: message.top_via)
+    if headers._lookup("cseq"):
+        try:
+            message.cseq  # noqa: B018 - parsed (and kept) to see that it parses
+        except SipParseError as exc:
+            problems.append(exc.reason)
+    if headers._lookup("via"):
+        try:
+            message.shared_top_via()
+        except SipParseError as exc:
+            problems.append(exc.reason)
 
 
 def _validate_request(request: Request, problems: list[str]) -> None:
@@ -961,7 +1161,7 @@ def _respondable(request: Request) -> Request | None:
     """The request if a 400 can be built for it that its sender can match: top Via and CSeq
     readable (the client matches responses by branch and CSeq method), From, To, Call-ID present."""
     try:
-        request.top_via  # noqa: B018
+        request.shared_top_via()
         request.cseq  # noqa: B018
     except SipParseError:
         return None

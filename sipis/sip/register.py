@@ -9,13 +9,31 @@ Min-Expires after 423, and turns a challenge repeated for the same credentials i
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
 
-from sipis.sip.digest import Credentials, DigestSession, choose_challenge, header_names, parse_challenges
+from sipis.sip.digest import (
+    Challenge,
+    Credentials,
+    DigestSession,
+    choose_challenge,
+    header_names,
+    parse_challenges,
+)
 from sipis.sip.endpoint import SipEndpoint
-from sipis.sip.message import Headers, NameAddr, Request, Response, SipURI, new_call_id, new_tag
+from sipis.sip.message import (
+    Headers,
+    NameAddr,
+    Request,
+    Response,
+    SipURI,
+    format_address,
+    format_params,
+    new_call_id,
+    new_tag,
+)
 from sipis.sip.transport import Flow, TransportError
 
 log = logging.getLogger(__name__)
@@ -57,10 +75,10 @@ class Binding:
     @property
     def request_uri(self) -> str:
         """RFC 3261 §10.2: the Request-URI names the registrar's domain, no userinfo."""
-        uri = SipURI(host=self.aor.host, port=None, scheme=self.aor.scheme)
-        if self.registrar.host == self.aor.host and self.registrar.port:
-            uri.port = self.registrar.port
-        return str(uri)
+        aor, registrar = self.aor, self.registrar
+        if registrar.host == aor.host and registrar.port:
+            return f"{aor.scheme}:{aor.host}:{registrar.port}"
+        return f"{aor.scheme}:{aor.host}"
 
 
 @dataclass
@@ -87,15 +105,15 @@ async def register(endpoint: SipEndpoint, binding: Binding, flow: Flow, expires:
     min_expires_tried = False
     for _round in range(MAX_AUTH_ROUNDS + 2):
         request = build_register(binding, flow, expires, authorization)
-        endpoint.add_via(request, flow)
+        branch = endpoint.add_via(request, flow)
         try:
-            response = await endpoint.request(request, flow)
+            response = await endpoint.request(request, flow, branch=branch)
         except TransportError as exc:
             return RegisterResult(Outcome.FAILED, 503, "Service Unavailable", flow=flow, detail=str(exc))
         status = response.status
         if status in (401, 407):
             challenge_header, auth_header = header_names(status)
-            challenge = choose_challenge(parse_challenges(response.headers.get_all(challenge_header)))
+            challenge = _best_challenge(tuple(response.headers.get_all(challenge_header)))
             if challenge is None:
                 return _result(Outcome.UNAUTHORIZED, response, flow, "no digest challenge we can answer")
             if answered_nonces and not challenge.stale:
@@ -116,20 +134,32 @@ async def register(endpoint: SipEndpoint, binding: Binding, flow: Flow, expires:
     return RegisterResult(Outcome.UNAUTHORIZED, 401, "Unauthorized", flow=flow, detail="too many rounds")
 
 
+@functools.lru_cache(maxsize=64)
+def _best_challenge(values: tuple[str, ...]) -> Challenge | None:
+    """The challenge to answer among these header values (None: none we can answer).
+
+    A pure function of the text, so it is cached: registrars that derive the nonce from the time
+    (Kamailio, OpenSIPS) give every REGISTER of the same second the same challenge, and parsing
+    it costs as much as the rest of the 401. Registrars with a fresh nonce per challenge
+    (Asterisk, FreeSWITCH) just miss the cache.
+    """
+    return choose_challenge(parse_challenges(values))
+
+
 def build_register(binding: Binding, flow: Flow, expires: int,
                    authorization: tuple[str, str] | None) -> Request:
     binding.cseq += 1
-    aor = NameAddr(uri=SipURI(host=binding.aor.host, user=binding.aor.user, port=binding.aor.port,
-                              scheme=binding.aor.scheme), display_name=binding.display_name)
-    from_ = NameAddr(uri=aor.uri, display_name=binding.display_name, params={"tag": binding.from_tag})
+    aor = binding.aor
+    # From and To name the AOR without its password, parameters and headers (written as
+    # str(NameAddr(...)) would, without building the objects: this runs for every REGISTER).
+    hostport = aor.host if aor.port is None else f"{aor.host}:{aor.port}"
+    aor_uri = f"{aor.scheme}:{aor.user}@{hostport}" if aor.user is not None else f"{aor.scheme}:{hostport}"
     contact_uri = binding.contact_uri or _contact_uri(binding, flow)
     binding.contact_uri = contact_uri
-    contact = f"<{contact_uri}>" + "".join(
-        f";{k}" if v is None else f";{k}={v}" for k, v in binding.contact_params.items()
-    )
+    contact = f"<{contact_uri}>{format_params(binding.contact_params)}"
     headers = Headers([
-        ("From", str(from_)),
-        ("To", str(NameAddr(uri=aor.uri, display_name=binding.display_name))),
+        ("From", format_address(aor_uri, binding.display_name, f";tag={binding.from_tag}")),
+        ("To", format_address(aor_uri, binding.display_name)),
         ("Call-ID", binding.call_id),
         ("CSeq", f"{binding.cseq} REGISTER"),
         ("Contact", f"{contact};expires={expires}"),
@@ -169,28 +199,65 @@ def _classify(response: Response, flow: Flow, expires: int, binding: Binding) ->
 
 
 def _granted_expires(response: Response, binding: Binding, requested: int) -> int:
-    """The expiry the registrar gave *our* contact: its ``expires`` param, else the Expires header."""
-    ours = binding.contact_uri
-    instance = binding.contact_params.get("+sip.instance")
-    for contact in response.contacts:
-        same_uri = ours is not None and _same_contact(str(contact.uri), ours)
-        same_instance = instance is not None and contact.params.get("+sip.instance") == instance
-        if same_uri or same_instance:
-            value = contact.params.get("expires")
-            if value is not None and value.isdigit():
-                return int(value)
+    """The expiry the registrar gave *our* contact: its ``expires`` param, else the Expires header.
+
+    A registrar lists every binding of the AOR; only those that can be ours are parsed (see
+    :meth:`_OwnContact.may_match`), so a malformed foreign binding does not spoil our answer.
+    """
+    ours = _OwnContact(binding)
+    values = [value for value in response.headers.get_all("Contact") if value.strip() != "*"]
+    for value in values:
+        if not ours.may_match(value):
+            continue
+        contact = NameAddr.parse(value)
+        if ours.matches(contact):
+            expires = contact.params.get("expires")
+            if expires is not None and expires.isdigit():
+                return int(expires)
     header = _int_header(response, "Expires")
     if header is not None:
         return header
-    return requested if not response.contacts else 0
+    return requested if not values else 0
 
 
-def _same_contact(a: str, b: str) -> bool:
-    try:
-        ua, ub = SipURI.parse(a), SipURI.parse(b)
-    except ValueError:
-        return a == b
-    return (ua.user, ua.host.lower(), ua.port) == (ub.user, ub.host.lower(), ub.port)
+class _OwnContact:
+    """What identifies our binding in a registrar's Contact list: the same URI (user, host in any
+    case, port) as the one we sent, or our ``+sip.instance``."""
+
+    def __init__(self, binding: Binding) -> None:
+        self.text = binding.contact_uri
+        self.instance = binding.contact_params.get("+sip.instance")
+        #: (user, lower-cased host, port) of our URI; None when it is unset or does not parse,
+        #: and then it is compared as text
+        self.key: tuple[str | None, str, int | None] | None = None
+        if self.text is not None:
+            try:
+                uri = SipURI.parse(self.text)
+            except ValueError:
+                return
+            self.key = (uri.user, uri.host.lower(), uri.port)
+
+    def may_match(self, value: str) -> bool:
+        """Cheap and never wrong when it says no: the parsed parts that must equal ours are
+        slices of the header text, so they occur in it (the host in any case)."""
+        if self.instance is not None and self.instance in value:
+            return True
+        if self.text is None:
+            return False
+        if self.key is None:
+            return True
+        user, host, _ = self.key
+        return (user is None or user in value) and host in value.lower()
+
+    def matches(self, contact: NameAddr) -> bool:
+        if self.instance is not None and contact.params.get("+sip.instance") == self.instance:
+            return True
+        if self.text is None:
+            return False
+        uri = contact.uri
+        if self.key is None:
+            return str(uri) == self.text
+        return uri.scheme in ("sip", "sips") and (uri.user, uri.host.lower(), uri.port) == self.key
 
 
 def _int_header(response: Response, name: str) -> int | None:

@@ -194,7 +194,7 @@ ServerTransactionKey: TypeAlias = ServerKey | LegacyServerKey
 
 def client_key(message: Request | Response) -> ClientKey:
     """The client-transaction key of our request or of a response to it; ValueError without branch."""
-    branch = message.top_via.branch
+    branch = message.branch
     if not branch:
         raise ValueError("top Via has no branch")
     return ClientKey(branch, message.cseq[1])
@@ -202,7 +202,7 @@ def client_key(message: Request | Response) -> ClientKey:
 
 def server_key(request: Request, method: str | None = None) -> ServerTransactionKey:
     """The server-transaction key of ``request``; ``method`` overrides the matched method (§9.2)."""
-    via = request.top_via
+    via = request.shared_top_via()
     if method is None:
         method = "INVITE" if request.method == "ACK" else request.method
     if via.branch and via.branch.startswith(MAGIC_COOKIE):
@@ -329,9 +329,11 @@ class Transaction:
 class ClientTransaction(Transaction):
     key: ClientKey
 
-    def __init__(self, request: Request, *, reliable: bool, timers: TimerSettings, state: State) -> None:
+    def __init__(self, request: Request, *, reliable: bool, timers: TimerSettings, state: State,
+                 key: ClientKey | None = None) -> None:
+        """``key`` is ``client_key(request)`` when the caller knows it already (it put the Via on)."""
         super().__init__(request, reliable=reliable, timers=timers, state=state)
-        self.key = client_key(request)
+        self.key = key if key is not None else client_key(request)
         self._started = False
 
     def start(self, now: float) -> list[Action]:
@@ -363,8 +365,9 @@ class ClientTransaction(Transaction):
 class ClientNonInviteTransaction(ClientTransaction):
     """§17.1.2: Trying → Proceeding → Completed → Terminated; Timers E, F, K."""
 
-    def __init__(self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS) -> None:
-        super().__init__(request, reliable=reliable, timers=timers, state=State.TRYING)
+    def __init__(self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS,
+                 key: ClientKey | None = None) -> None:
+        super().__init__(request, reliable=reliable, timers=timers, state=State.TRYING, key=key)
 
     def _arm_initial(self, now: float) -> None:
         self._start_retransmitting(Timer.E, now)
@@ -399,8 +402,9 @@ class ClientInviteTransaction(ClientTransaction):
     Like the RFC, Proceeding has no timer: the TU bounds a ringing INVITE itself (CANCEL, §9.1).
     """
 
-    def __init__(self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS) -> None:
-        super().__init__(request, reliable=reliable, timers=timers, state=State.CALLING)
+    def __init__(self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS,
+                 key: ClientKey | None = None) -> None:
+        super().__init__(request, reliable=reliable, timers=timers, state=State.CALLING, key=key)
         self.ack: Request | None = None  # built on the first 3xx–6xx, re-sent on its retransmissions
 
     def _arm_initial(self, now: float) -> None:
