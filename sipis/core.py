@@ -23,6 +23,7 @@ from sipis.crypto import SecretBox, load_or_create_key
 from sipis.engine import EngineSettings, RegistrationEngine
 from sipis.events import EventBus
 from sipis.operations import Operations
+from sipis.operator_api import OperatorContext, OperatorServer, OperatorSessions, push_view
 from sipis.persistence import InstancePersistence
 from sipis.proxy_register import ProxyRegistrar
 from sipis.push.delivery import PushDelivery
@@ -35,6 +36,7 @@ from sipis.sip.transport import ListenSpec, TlsSettings
 from sipis.text_messages import TextMessages
 from sipis.timers import LoopTimers
 from sipis.tls_certs import ensure_self_signed
+from sipis.trace import TraceRecorder
 from storage.database import Database
 from storage.repositories import Stores, sqlite_stores
 from storage.writer import BatchedWriter
@@ -49,6 +51,8 @@ KEY_FILE = "credentials.key"
 class Listening:
     sip: list[ListenSpec]
     api_url: str | None
+    operator_socket: str | None = None
+    operator_url: str | None = None
 
 
 class Core:
@@ -68,6 +72,12 @@ class Core:
         self.calls: CallManager | None = None
         self.messages: TextMessages | None = None
         self.operations: Operations | None = None
+        #: every SIP message in and out, per call and per instance (fed by the endpoint's observer hook)
+        self.trace = TraceRecorder(self.clock)
+        #: per-console-session operator tokens (the SSH server mints and revokes them)
+        self.operator_sessions = OperatorSessions()
+        self.operator_context: OperatorContext | None = None
+        self.operator_api: OperatorServer | None = None
         self.listening = Listening([], None)
         self._stopped = asyncio.Event()
         self.started_at = self.clock.wall()
@@ -89,6 +99,7 @@ class Core:
         self.writer.start()
 
         self.endpoint = SipEndpoint(self._endpoint_settings())
+        self.endpoint.observers.append(self.trace.observe)
         self.listening.sip = await self.endpoint.start()
         sip = config.sip
         registrar = ProxyRegistrar(self.endpoint, Resolver(clock=self.clock),
@@ -114,6 +125,7 @@ class Core:
         self.endpoint.handlers["INVITE"] = self.calls.on_invite
         self.endpoint.handlers["MESSAGE"] = self.messages.on_message
         self.operations = Operations(service=self.service, delivery=self.delivery, bus=self.bus, clock=self.clock)
+        self._wire_operator(self.service, self.delivery, self.calls, self.operations, self.writer)
         persistence = InstancePersistence(self.writer, box, self.service.get, self.clock)
         restored = 0
         for record in await self.stores.instances.load_all():
@@ -137,7 +149,33 @@ class Core:
                                  keyfile=api.tls_key if api.tls else None)
             await self.api.start()
             self.listening.api_url = self.api.url
+        await self._start_operator_api()
         return self.listening
+
+    def _wire_operator(self, service: InstanceService, delivery: PushDelivery, calls: CallManager,
+                       operations: Operations, writer: BatchedWriter) -> None:
+        """The trace recorder's lookups and the operator API's view of the core (its event ring
+        subscribes now, so it holds what happens from restore on)."""
+
+        def selector_of_user(user: str) -> str | None:
+            instance = service.by_contact_user(user)
+            return instance.selector if instance is not None else None
+
+        self.trace.selector_of_user = selector_of_user
+        self.trace.push_source = lambda call_id: [push_view(t) for t in delivery.traces.values()
+                                                  if t.call_id == call_id]
+        self.operator_context = OperatorContext(
+            service=service, calls=calls, delivery=delivery, operations=operations, bus=self.bus,
+            clock=self.clock, trace=self.trace, sessions=self.operator_sessions, tokens=self.config.operator.tokens,
+            stores=self.stores, writer_status=writer.status, node=self.config.node_name,
+            started_at=self.started_at, default_registrar=self.config.sip.default_registrar)
+
+    async def _start_operator_api(self) -> None:
+        assert self.operator_context is not None
+        self.operator_api = OperatorServer.from_config(self.operator_context, self.config)
+        await self.operator_api.start()
+        self.listening.operator_socket = str(self.config.operator.socket)
+        self.listening.operator_url = self.operator_api.tcp_url
 
     def _endpoint_settings(self) -> EndpointSettings:
         sip = self.config.sip
@@ -155,6 +193,10 @@ class Core:
 
     async def stop(self) -> None:
         """Clean shutdown: stop taking requests, optionally unREGISTER, flush storage."""
+        if self.operator_api is not None:
+            await self.operator_api.stop()
+        if self.operator_context is not None:
+            self.operator_context.close()
         if self.api is not None:
             await self.api.stop()
         if self.ageing is not None:

@@ -1,19 +1,30 @@
 """Operator actions in the core: checked against the operator's role here (not only in a UI) and
-written to the audit log with the operator's name, whatever the outcome."""
+written to the audit log with the operator's name, whatever the outcome.
+
+Actions and the role they need: ``take_over``, ``hand_back``, ``re_register``, ``test_push``,
+``replay_push`` (operator); ``disable`` (admin). Audit outcomes: ``ok`` (done or started — the
+registration result follows as events), ``refused`` (role), ``not-found``, ``conflict`` (the
+instance's state does not allow it), or a push verdict for pushes.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sipis.clock import Clock
 from sipis.events import EventBus
+from sipis.instance import AppState, Instance
 from sipis.push.base import PushKind
 from sipis.push.delivery import PushDelivery, PushTrace
 
 if TYPE_CHECKING:
     from sipis.service import InstanceService
+
+log = logging.getLogger(__name__)
 
 ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
 #: A test or replayed push may be retried for this long.
@@ -37,6 +48,10 @@ class NotFound(LookupError):
     pass
 
 
+class Conflict(RuntimeError):
+    """The instance's state does not allow this action (e.g. it is off)."""
+
+
 class Operations:
     def __init__(self, *, service: InstanceService, delivery: PushDelivery, bus: EventBus, clock: Clock) -> None:
         self.service = service
@@ -44,9 +59,10 @@ class Operations:
         self.bus = bus
         self.clock = clock
 
-    def audit(self, operator: Operator, action: str, target: str | None, outcome: str,
-              **detail: Any) -> None:
-        self.bus.publish("audit", None, id=uuid.uuid4().hex, operator=operator.name, role=operator.role,
+    def audit(self, operator: Operator, action: str, target: str | None, outcome: str, *,
+              about: str | None = None, **detail: Any) -> None:
+        """One audit row (an ``audit`` event; ``about`` = the selector it concerns, for its timeline)."""
+        self.bus.publish("audit", about, id=uuid.uuid4().hex, operator=operator.name, role=operator.role,
                          action=action, target=target, outcome=outcome, detail=detail)
 
     def _require(self, operator: Operator, needed: str, action: str, target: str | None) -> None:
@@ -82,3 +98,71 @@ class Operations:
         self.audit(operator, "replay_push", push_id, outcome.verdict.value, new_push_id=trace.push_id,
                    selector=instance.selector, provider_code=outcome.provider_code)
         return trace
+
+    # ------------------------------------------------------------------ instance actions
+
+    def _target(self, operator: Operator, needed: str, action: str, selector: str) -> Instance:
+        """Role check, then the instance; refusals are audited."""
+        self._require(operator, needed, action, selector)
+        instance = self.service.get(selector)
+        if instance is None:
+            self.audit(operator, action, selector, "not-found")
+            raise NotFound(selector)
+        return instance
+
+    def _conflict(self, operator: Operator, action: str, instance: Instance, why: str) -> Conflict:
+        self.audit(operator, action, instance.selector, "conflict", about=instance.selector, reason=why)
+        return Conflict(why)
+
+    def _usable(self, operator: Operator, action: str, instance: Instance) -> None:
+        if instance.disabled or instance.state is AppState.OFF or instance.account.password is None:
+            raise self._conflict(operator, action, instance, "instance is off (credentials wiped); "
+                                                              "the app has to enrol again")
+
+    async def take_over(self, selector: str, operator: Operator) -> Instance:
+        """Force the hand-over to the SIPIS: register on the app's behalf now."""
+        instance = self._target(operator, "operator", "take_over", selector)
+        self._usable(operator, "take_over", instance)
+        previous = instance.state.value
+        self.service.engine.take_over(instance)
+        self.audit(operator, "take_over", selector, "ok", about=selector, previous_state=previous)
+        return instance
+
+    async def hand_back(self, selector: str, operator: Operator) -> Instance:
+        """Force the hand-over to the app: drop only our binding (held calls are released to the AOR)."""
+        instance = self._target(operator, "operator", "hand_back", selector)
+        self._usable(operator, "hand_back", instance)
+        previous = instance.state.value
+        removal = self.service.engine.hand_back(instance)
+        if self.service.calls is not None:
+            self.service.calls.app_active(instance, removal, None)
+        self.audit(operator, "hand_back", selector, "ok", about=selector, previous_state=previous)
+        return instance
+
+    async def re_register(self, selector: str, operator: Operator) -> Instance:
+        """Send a REGISTER now (also cuts short a backoff or the wait after ``unauthorized``)."""
+        instance = self._target(operator, "operator", "re_register", selector)
+        self._usable(operator, "re_register", instance)
+        if instance.state not in (AppState.INACTIVE, AppState.PROXIED):
+            raise self._conflict(operator, "re_register", instance,
+                                 "the app registers itself (state active); use take-over first")
+        self.service.engine.refresh_now(instance)
+        self.audit(operator, "re_register", selector, "ok", about=selector,
+                   reg_status=instance.registration.status.value)
+        return instance
+
+    async def disable(self, selector: str, operator: Operator) -> Instance:
+        """Unregister, wipe the credentials, state off. Only a new enrolment brings it back."""
+        instance = self._target(operator, "admin", "disable", selector)
+        previous = instance.state.value
+        instance.disabled = True
+        try:
+            await self.service.retire(instance, reason=f"disabled by {operator.name}", delete=False)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("disable of %s failed", selector)
+            self.audit(operator, "disable", selector, "error", about=selector, error=type(exc).__name__)
+            raise
+        self.audit(operator, "disable", selector, "ok", about=selector, previous_state=previous)
+        return instance

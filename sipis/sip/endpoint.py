@@ -23,12 +23,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from sipis.sip.message import (
-    Headers,
     Message,
     Request,
     Response,
     SipParseError,
-    Via,
     make_response,
     new_branch,
     new_tag,
@@ -36,6 +34,7 @@ from sipis.sip.message import (
 from sipis.sip.transaction import (
     Action,
     ClientInviteTransaction,
+    ClientKey,
     ClientNonInviteTransaction,
     PassResponse,
     ServerInviteTransaction,
@@ -59,8 +58,13 @@ ProvisionalHandler = Callable[[Response], None]
 
 @dataclass(eq=False)
 class _ClientContext:
+    """What the endpoint keeps for a client transaction. Once the TU has its final response,
+    only the flow is still needed (an INVITE's ACK may have to be re-sent): the future and the
+    callback are dropped then, so a transaction lingering for its timers does not keep them (and
+    through the future the response) alive."""
+
     flow: Flow
-    future: asyncio.Future[Response]
+    future: asyncio.Future[Response] | None
     on_provisional: ProvisionalHandler | None
 
 
@@ -134,6 +138,8 @@ class SipEndpoint:
         self.table = TransactionTable()
         self.handlers: dict[str, RequestHandler] = {}
         self.flow_closed_listeners: list[Callable[[Flow, str], None]] = []
+        #: see every message received ("in") or sent ("out"), e.g. the trace recorder; must not block
+        self.observers: list[Callable[[str, Message, Flow], None]] = []
         self._clients: dict[int, _ClientContext] = {}
         self._servers: dict[int, IncomingRequest] = {}
         self._heap: list[tuple[float, int, Transaction]] = []
@@ -153,9 +159,15 @@ class SipEndpoint:
             self._timer.cancel()
             self._timer = None
         for ctx in self._clients.values():
-            if not ctx.future.done():
+            if ctx.future is not None and not ctx.future.done():
                 ctx.future.cancel()
+        # Drop every transaction now: the endpoint and its transport refer to each other, so
+        # whatever it still holds would otherwise wait for the cyclic garbage collector.
         self._clients.clear()
+        self._servers.clear()
+        self._heap.clear()
+        self._scheduled.clear()
+        self.table = TransactionTable()
         await self.transport.close()
 
     @property
@@ -173,24 +185,31 @@ class SipEndpoint:
         """Put our Via (new branch, ``rport``) on top; returns the branch."""
         branch = new_branch()
         host, port = flow.local
-        via = Via(flow.via_transport, f"[{host}]" if ":" in host else host, port,
-                  {"rport": None, "branch": branch})
-        request.headers = Headers([("Via", str(via)), *request.headers])
-        if "Max-Forwards" not in request.headers:
-            request.headers.add("Max-Forwards", "70")
-        if "User-Agent" not in request.headers and self.user_agent:
-            request.headers.add("User-Agent", self.user_agent)
+        host = f"[{host}]" if ":" in host else host
+        headers = request.headers
+        # str(Via(transport, host, port, {"rport": None, "branch": branch})), written directly
+        headers.prepend("Via", f"SIP/2.0/{flow.via_transport} {host}:{port};rport;branch={branch}")
+        if "Max-Forwards" not in headers:
+            headers.add("Max-Forwards", "70")
+        if "User-Agent" not in headers and self.user_agent:
+            headers.add("User-Agent", self.user_agent)
         return branch
 
     async def request(self, request: Request, flow: Flow, *,
-                      on_provisional: ProvisionalHandler | None = None) -> Response:
-        """Run a client transaction on ``flow``; the request must already carry our top Via."""
+                      on_provisional: ProvisionalHandler | None = None,
+                      branch: str | None = None) -> Response:
+        """Run a client transaction on ``flow``; the request must already carry our top Via.
+
+        ``branch`` is what :meth:`add_via` returned for this request: passing it spares reading
+        the Via back. Without it the branch is taken from the request.
+        """
         self.loop  # noqa: B018 - binds the loop
+        key = ClientKey(branch, request.cseq[1]) if branch else None
         tx: ClientTransaction
         if request.method == "INVITE":
-            tx = ClientInviteTransaction(request, reliable=flow.reliable, timers=self.timers)
+            tx = ClientInviteTransaction(request, reliable=flow.reliable, timers=self.timers, key=key)
         else:
-            tx = ClientNonInviteTransaction(request, reliable=flow.reliable, timers=self.timers)
+            tx = ClientNonInviteTransaction(request, reliable=flow.reliable, timers=self.timers, key=key)
         future: asyncio.Future[Response] = self.loop.create_future()
         self._clients[id(tx)] = _ClientContext(flow, future, on_provisional)
         self.table.add(tx)
@@ -209,7 +228,16 @@ class SipEndpoint:
 
     # ------------------------------------------------------------------ dispatch
 
+    def _observe(self, direction: str, message: Message, flow: Flow) -> None:
+        for observer in self.observers:
+            try:
+                observer(direction, message, flow)
+            except Exception:
+                log.exception("message observer failed")
+
     def _on_message(self, message: Message, flow: Flow) -> None:
+        if self.observers:
+            self._observe("in", message, flow)
         if isinstance(message, Response):
             tx = self.table.match_response(message)
             if tx is None:
@@ -317,6 +345,8 @@ class SipEndpoint:
                 raise TransportError("transaction has no flow")
             flow.send(message.to_bytes())
             self.transport.stats["sent"] += 1
+            if self.observers:
+                self._observe("out", message, flow)
         except TransportError as exc:
             log.info("transport error for %s: %s", tx, exc)
             self.loop.call_soon(lambda: self._run(tx, tx.on_transport_error(self.now())))
@@ -330,8 +360,8 @@ class SipEndpoint:
 
     def _pass_response(self, tx: Transaction, response: Response) -> None:
         ctx = self._clients.get(id(tx))
-        if ctx is None:
-            return
+        if ctx is None or ctx.future is None:
+            return  # unknown, or the TU has its final response already
         if response.status < 200:
             if ctx.on_provisional is not None:
                 try:
@@ -341,38 +371,62 @@ class SipEndpoint:
             return
         if not ctx.future.done():
             ctx.future.set_result(response)
+        ctx.future = ctx.on_provisional = None
 
     def _terminate(self, tx: Transaction) -> None:
         self.table.remove(tx)
         self._scheduled.pop(id(tx), None)
         ctx = self._clients.pop(id(tx), None)
-        if ctx is not None and not ctx.future.done():
+        if ctx is not None and ctx.future is not None and not ctx.future.done():
             ctx.future.set_exception(TransportError("transaction ended without a final response"))
         self._servers.pop(id(tx), None)
 
+    # The deadline heap is lazily invalidated: an entry counts only while ``_scheduled`` holds its
+    # deadline for its transaction. Stale entries (re-armed or ended transactions) are skipped when
+    # they reach the top, and dropped in bulk once they outnumber the live ones, so an ended
+    # transaction is not kept alive (with its request) until its longest timer would have run out.
+
     def _schedule(self, tx: Transaction) -> None:
         deadline = tx.next_deadline
-        if deadline is None or self._scheduled.get(id(tx)) == deadline:
+        if deadline is None:
+            self._scheduled.pop(id(tx), None)
+            return
+        if self._scheduled.get(id(tx)) == deadline:
             return
         self._scheduled[id(tx)] = deadline
         heapq.heappush(self._heap, (deadline, next(self._seq), tx))
+        if len(self._heap) > 2 * len(self._scheduled) + 64:
+            self._drop_stale()
         if self._timer is None or deadline < self._timer.when():
             self._arm()
 
+    def _is_live(self, entry: tuple[float, int, Transaction]) -> bool:
+        return self._scheduled.get(id(entry[2])) == entry[0]
+
+    def _drop_stale(self) -> None:
+        self._heap = [entry for entry in self._heap if self._is_live(entry)]
+        heapq.heapify(self._heap)
+
     def _arm(self) -> None:
+        """Set the loop timer to the earliest live deadline (one TimerHandle at a time)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._heap:
-            self._timer = self.loop.call_at(self._heap[0][0], self._fire)
+        heap = self._heap
+        while heap and not self._is_live(heap[0]):
+            heapq.heappop(heap)
+        if heap:
+            self._timer = self.loop.call_at(heap[0][0], self._fire)
 
     def _fire(self) -> None:
         self._timer = None
         now = self.now()
         while self._heap and self._heap[0][0] <= now:
-            deadline, _, tx = heapq.heappop(self._heap)
-            if self._scheduled.get(id(tx)) == deadline:
-                del self._scheduled[id(tx)]
+            entry = heapq.heappop(self._heap)
+            if not self._is_live(entry):
+                continue
+            tx = entry[2]
+            del self._scheduled[id(tx)]
             if tx.next_deadline is not None and tx.next_deadline <= now and self.table.contains(tx):
                 self._run(tx, tx.on_timer(now))
         self._arm()

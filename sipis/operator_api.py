@@ -1,0 +1,1049 @@
+"""The operator API: what the console (one process per operator) and automation use to see and steer
+the core. The contract is ``docs/operator-api.md``; this module serves it.
+
+* :func:`create_operator_app` builds the FastAPI app from an :class:`OperatorContext` (the parts of
+  the core it reads and the operations it calls).
+* :class:`OperatorServer` runs it with uvicorn inside the core loop: on the unix socket (mode 0600,
+  set before the socket accepts anything) and optionally on TCP — plain HTTP on a loopback address,
+  TLS with the app API's certificate on any other address.
+* Authentication: a bearer token from ``[[operator.tokens]]`` (both listeners) or a session token
+  minted by :class:`OperatorSessions` (unix socket only — the SSH server mints one per console
+  session). On the unix socket a request without a token is the local administrator, named by the
+  ``X-Operator`` header. Roles are enforced here and in :class:`~sipis.operations.Operations`.
+* :class:`EventRing` keeps the last events for ``/v1/events?since=`` and the instance timeline;
+  :class:`InstanceIndex` keeps lower-case search keys and sorted orders so the instance list stays
+  fast with 100k instances; :class:`PbxHealth` tracks whether the PBX answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import ssl
+import stat
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Generator
+from dataclasses import dataclass, field
+from importlib import metadata
+from operator import attrgetter
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from sipis.calls import CallManager
+from sipis.clock import Clock
+from sipis.config import Config, OperatorToken
+from sipis.events import Event, EventBus, EventQueue
+from sipis.instance import AppState, Instance, RegStatus
+from sipis.operations import ROLE_RANK, Conflict, Forbidden, NotFound, Operations, Operator
+from sipis.push.delivery import PushDelivery, PushTrace
+from sipis.service import InstanceService
+from sipis.tls_certs import ensure_self_signed
+from sipis.trace import TraceRecorder
+from storage.records import AuditRecord, PushRecord
+from storage.repositories import Stores
+from storage.writer import WriterStatus
+
+log = logging.getLogger(__name__)
+
+#: The scope key telling the app which listener a request came in on ("unix" or "tcp").
+LISTENER_KEY = "sipis.listener"
+HEARTBEAT_INTERVAL = 15.0
+EVENT_RING = 10_000
+STREAM_QUEUE = 10_000
+#: At most this many events go into one chunk of the stream.
+STREAM_BATCH = 500
+#: Instance pages longer than this are sent in slices of this many rows (see ``instances``).
+STREAM_ROWS_OVER = 2000
+TIMELINE_LIMIT = 200
+DETAIL_PUSHES = 50
+PUSH_STATS_WINDOW = 1000
+ALARM_WINDOW = 3600.0
+SUMMARY_CACHE = 0.5
+START_TIMEOUT = 10.0
+GRACEFUL_TIMEOUT = 5
+STATES = tuple(state.value for state in AppState)
+_OPERATOR_NAME = re.compile(r"[A-Za-z0-9._@+-]{1,64}")
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 409: "conflict", 422: "validation_error", 500: "internal_error"}
+
+
+def _version() -> str:
+    try:
+        return metadata.version("sipis-console")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+VERSION = _version()
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+class OperatorSessions:
+    """Per-session bearer tokens bound to (name, role), in memory only (a restart ends them)."""
+
+    def __init__(self) -> None:
+        self._by_hash: dict[str, Operator] = {}
+
+    def mint(self, name: str, role: str) -> str:
+        if role not in ROLE_RANK:
+            raise ValueError(f"unknown role {role!r}")
+        token = secrets.token_urlsafe(32)
+        self._by_hash[_token_hash(token)] = Operator(name, role)
+        return token
+
+    def revoke(self, token: str) -> bool:
+        return self._by_hash.pop(_token_hash(token), None) is not None
+
+    def revoke_all(self, name: str) -> int:
+        gone = [digest for digest, operator in self._by_hash.items() if operator.name == name]
+        for digest in gone:
+            del self._by_hash[digest]
+        return len(gone)
+
+    def lookup(self, token: str) -> Operator | None:
+        return self._by_hash.get(_token_hash(token))
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+
+# --------------------------------------------------------------------------- bus subscribers
+
+
+class EventRing:
+    """The last ``size`` events (for ``since`` replay and timelines), recent audit rows and alarms."""
+
+    def __init__(self, bus: EventBus, size: int = EVENT_RING, audit_size: int = 1000) -> None:
+        self.events: deque[Event] = deque(maxlen=size)
+        self.audit: deque[Event] = deque(maxlen=audit_size)
+        self.alarm_times: deque[float] = deque(maxlen=size)
+        self._unsubscribe = bus.subscribe(self._on_event)
+
+    def _on_event(self, event: Event) -> None:
+        self.events.append(event)
+        if event.kind == "audit":
+            self.audit.append(event)
+        elif event.kind == "alarm":
+            self.alarm_times.append(event.at)
+
+    def close(self) -> None:
+        self._unsubscribe()
+
+    @property
+    def last_seq(self) -> int:
+        return self.events[-1].seq if self.events else 0
+
+    @property
+    def first_seq(self) -> int | None:
+        return self.events[0].seq if self.events else None
+
+    def since(self, seq: int) -> tuple[list[Event], bool]:
+        """Events newer than ``seq``, oldest first, and whether some newer ones already left the ring."""
+        newer: list[Event] = []
+        for event in reversed(self.events):
+            if event.seq <= seq:
+                return newer[::-1], False
+            newer.append(event)
+        newer.reverse()
+        return newer, bool(newer) and newer[0].seq > seq + 1
+
+    def for_selector(self, selector: str, limit: int) -> list[Event]:
+        found: list[Event] = []
+        for event in reversed(self.events):
+            if event.selector == selector:
+                found.append(event)
+                if len(found) >= limit:
+                    break
+        return found[::-1]
+
+    def alarms_since(self, since: float) -> int:
+        count = 0
+        for at in reversed(self.alarm_times):
+            if at < since:
+                break
+            count += 1
+        return count
+
+
+class PbxHealth:
+    """Is the PBX answering? Judged by the last registration exchange of any instance: an answer
+    (any final response but 408/5xx) means reachable; a timeout, transport failure or 5xx means not,
+    and its text is ``last_error`` until the next answer. No registration yet counts as reachable."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self.reachable = True
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.last_answer_at: float | None = None
+        self._unsubscribe = bus.subscribe(self._on_event)
+
+    def _on_event(self, event: Event) -> None:
+        if event.kind != "registration":
+            return
+        data = event.data
+        code = data.get("code")
+        if isinstance(code, int) and (code == 408 or code >= 500):
+            self.reachable = False
+            detail = data.get("detail")
+            self.last_error = f"{code} {data.get('reason') or ''}".strip() + (f": {detail}" if detail else "")
+            self.last_error_at = event.at
+        else:
+            self.reachable = True
+            self.last_error = None
+            self.last_answer_at = event.at
+
+    def close(self) -> None:
+        self._unsubscribe()
+
+
+class _Entry:
+    """One instance in the index: its lower-case search keys and the instance itself."""
+
+    __slots__ = ("aor", "haystack", "instance", "rank", "registrar", "selector", "user")
+
+    def __init__(self, instance: Instance, registrar: str | None) -> None:
+        account = instance.account
+        self.instance = instance
+        self.selector = instance.selector
+        self.aor = account.aor.lower()
+        self.user = account.username.lower()
+        self.registrar = (registrar or "").lower()
+        # selector, aor, user and registrar, NUL separated: one substring test per instance
+        self.haystack = "\0".join((self.selector.lower(), self.aor, self.user, self.registrar))
+        self.rank = 0  # position in the aor order: the tie-breaker of every other sort
+
+
+#: Sort fields whose keys change only with enrolment: sorted once, cached until the next change.
+STATIC_SORTS = ("aor", "selector", "user", "registrar")
+
+#: Sort fields read from the live instance, sorted per request (stable on top of the aor order;
+#: empty values last). Getters return the raw value, None when empty; C-level ``attrgetter``s, and
+#: enums read through ``_value_`` (a plain str sorts and hashes in C, an enum member does not).
+#: ``last_push_*`` come from the index itself (see :meth:`InstanceIndex.query`).
+DYNAMIC_SORTS: dict[str, Callable[[_Entry], Any] | None] = {
+    "state": attrgetter("instance.state._value_"),
+    "reg_status": attrgetter("instance.registration.status._value_"),
+    "last_code": attrgetter("instance.registration.last_code"),
+    "last_reason": attrgetter("instance.registration.last_reason"),
+    "expires_at": attrgetter("instance.registration.expires_at"),
+    "next_refresh_at": attrgetter("instance.registration.next_refresh_at"),
+    "failure_count": attrgetter("instance.registration.failure_count"),
+    "backoff_until": attrgetter("instance.registration.backoff_until"),
+    "push_provider": attrgetter("instance.push.provider"),
+    "push_unreachable": attrgetter("instance.push.unreachable"),
+    "app_last_seen": attrgetter("instance.app_last_seen"),
+    "last_push_outcome": None,
+    "last_push_at": None,
+}
+#: Live fields whose values rarely tie (times): sorted without the aor tie-breaker.
+CONTINUOUS_SORTS = frozenset({"expires_at", "next_refresh_at", "backoff_until", "app_last_seen", "last_push_at"})
+SORTS = (*STATIC_SORTS, *DYNAMIC_SORTS)
+_STATE_OF = {state.value: state for state in AppState}
+
+
+class InstanceIndex:
+    """Search keys and sorted orders for the instance list, kept in step with the bus.
+
+    Costs with 100k instances: keys are built once per enrolment; a static sort (aor, selector,
+    user, registrar) is cached until an instance comes or goes or changes its account; a query is
+    one substring test per instance plus, for a live field, one sort of the matches."""
+
+    def __init__(self, service: InstanceService, bus: EventBus, default_registrar: str | None = None) -> None:
+        self.service = service
+        self.default_registrar = default_registrar
+        self.entries: dict[str, _Entry] = {}
+        #: selector → (outcome, wall time) of its latest push
+        self.last_push: dict[str, tuple[str, float]] = {}
+        self._dirty: set[str] = set()
+        self._version = 0
+        self._sorted: dict[str, tuple[int, list[_Entry]]] = {}
+        self._unsubscribe = bus.subscribe(self._on_event)
+
+    def close(self) -> None:
+        self._unsubscribe()
+
+    def _on_event(self, event: Event) -> None:
+        selector = event.selector
+        if selector is None:
+            return
+        kind = event.kind
+        if kind == "push":
+            stages = event.data.get("stages") or {}
+            self.last_push[selector] = (str(event.data.get("outcome")), float(stages.get("push_sent", event.at)))
+        elif kind in ("instance.enrolled", "instance.updated"):
+            self._dirty.add(selector)
+        elif kind == "instance.deleted":
+            self._dirty.add(selector)
+            self.last_push.pop(selector, None)
+
+    def registrar_of(self, instance: Instance) -> str | None:
+        return instance.account.registrar or self.default_registrar
+
+    def sync(self) -> None:
+        """Bring the entries up to date (changes announced on the bus; restores noticed by count)."""
+        instances, entries = self.service.instances, self.entries
+        changed = False
+        if self._dirty:
+            for selector in self._dirty:
+                instance = instances.get(selector)
+                if instance is None:
+                    entries.pop(selector, None)
+                else:
+                    entries[selector] = _Entry(instance, self.registrar_of(instance))
+            self._dirty.clear()
+            changed = True
+        if len(entries) != len(instances):
+            for selector, instance in instances.items():
+                entry = entries.get(selector)
+                if entry is None or entry.instance is not instance:
+                    entries[selector] = _Entry(instance, self.registrar_of(instance))
+            for selector in [s for s in entries if s not in instances]:
+                del entries[selector]
+            changed = True
+        if changed:
+            self._version += 1
+
+    def ordered(self, sort: str) -> list[_Entry]:
+        """Every entry in ascending ``sort`` order for a static sort field; cached. Computing the
+        aor order also sets every entry's ``rank``."""
+        cached = self._sorted.get(sort)
+        if cached is not None and cached[0] == self._version:
+            return cached[1]
+        entries = list(self.entries.values())
+        entries.sort(key=attrgetter(sort))
+        if sort == "aor":
+            for rank, entry in enumerate(entries):
+                entry.rank = rank
+        self._sorted[sort] = (self._version, entries)
+        return entries
+
+    def query(self, *, q: str = "", state: str = "", sort: str = "aor", desc: bool = False,
+              offset: int = 0, limit: int = 200) -> tuple[int, int, dict[str, int], list[Instance]]:
+        """(total, matched, counts by state among the ``q`` matches, the page of instances).
+
+        Filtering and reading live values walk the entries in insertion order — the order they sit
+        in memory, several times faster than walking them in a sorted order with 100k instances;
+        only the requested page is taken from the sorted result."""
+        self.sync()
+        self.ordered("aor")  # fresh ranks
+        everything = list(self.entries.values())
+        needle = q.lower()
+        matches = [e for e in everything if needle in e.haystack] if needle else everything
+        counts = dict.fromkeys(STATES, 0)
+        counts.update(Counter([e.instance.state._value_ for e in matches]))
+        wanted = _STATE_OF.get(state)
+        if wanted is not None:
+            matches = [e for e in matches if e.instance.state is wanted]
+        end = None if limit == 0 else offset + limit
+        if sort in DYNAMIC_SORTS:
+            order = self._dynamic_order(sort, matches, desc, len(everything))
+            page = [matches[i] for i in order[offset:end]]
+        else:
+            ordered = self.ordered(sort) if matches is everything else sorted(matches, key=attrgetter(sort))
+            if desc:
+                ordered = ordered[::-1]
+            page = ordered[offset:end]
+        return len(everything), len(matches), counts, [e.instance for e in page]
+
+    def _dynamic_order(self, sort: str, matches: list[_Entry], desc: bool, total: int) -> list[int]:
+        """Positions of ``matches`` sorted by a live field, empty values last. Times (continuous)
+        are sorted directly; fields with few distinct values get ties in aor order through one
+        integer key per match: (index of the value) * total + aor rank."""
+        values = self._values(sort, matches)
+        if sort in CONTINUOUS_SORTS:
+            order = [i for i, v in enumerate(values) if v is not None]
+            order.sort(key=values.__getitem__, reverse=desc)
+            missing = [i for i, v in enumerate(values) if v is None]
+            missing.sort(key=lambda i: matches[i].rank)
+            return order + missing
+        distinct = sorted({v for v in values if v is not None}, reverse=desc)
+        position: dict[Any, int] = {value: k for k, value in enumerate(distinct)}
+        position[None] = len(distinct)
+        keys = [position[v] * total + e.rank for v, e in zip(values, matches, strict=True)]
+        return sorted(range(len(matches)), key=keys.__getitem__)
+
+    def _values(self, sort: str, entries: list[_Entry]) -> list[Any]:
+        get = DYNAMIC_SORTS[sort]
+        if get is not None:
+            return list(map(get, entries))
+        last = self.last_push
+        which = 0 if sort == "last_push_outcome" else 1
+        return [(last.get(e.selector) or (None, None))[which] for e in entries]
+
+    def row(self, instance: Instance) -> dict[str, Any]:
+        reg, push = instance.registration, instance.push
+        last = self.last_push.get(instance.selector)
+        return {
+            "selector": instance.selector, "aor": instance.account.aor, "user": instance.account.username,
+            "registrar": instance.account.registrar or self.default_registrar, "state": str(instance.state),
+            "reg_status": str(reg.status), "last_code": reg.last_code, "last_reason": reg.last_reason,
+            "expires_at": reg.expires_at, "next_refresh_at": reg.next_refresh_at,
+            "failure_count": reg.failure_count, "backoff_until": reg.backoff_until,
+            "push_provider": push.provider, "push_unreachable": push.unreachable,
+            "last_push_outcome": last[0] if last else None, "last_push_at": last[1] if last else None,
+            "app_last_seen": instance.app_last_seen,
+        }
+
+
+# --------------------------------------------------------------------------- the context
+
+
+@dataclass(eq=False)
+class OperatorContext:
+    """What the operator API reads and calls. The core builds one; tests build one from a small world."""
+
+    service: InstanceService
+    calls: CallManager
+    delivery: PushDelivery
+    operations: Operations
+    bus: EventBus
+    clock: Clock
+    trace: TraceRecorder
+    sessions: OperatorSessions = field(default_factory=OperatorSessions)
+    tokens: tuple[OperatorToken, ...] = ()
+    stores: Stores | None = None
+    writer_status: Callable[[], WriterStatus] | None = None
+    node: str = ""
+    version: str = VERSION
+    started_at: float = 0.0
+    default_registrar: str | None = None
+    heartbeat: float = HEARTBEAT_INTERVAL
+    ring_size: int = EVENT_RING
+    #: the summary's per-state counts are reused for this long (seconds; 0 = always fresh)
+    summary_ttl: float = SUMMARY_CACHE
+
+    def __post_init__(self) -> None:
+        self.ring = EventRing(self.bus, self.ring_size)
+        self.index = InstanceIndex(self.service, self.bus, self.default_registrar)
+        self.pbx = PbxHealth(self.bus)
+        self.token_operators = {_token_hash(t.token): Operator(t.name, t.role) for t in self.tokens}
+        self.streams: set[EventQueue] = set()
+        self._summary_cache: tuple[float, dict[str, int], dict[str, int]] | None = None
+
+    def close_streams(self) -> None:
+        """End every open event stream (server shutdown)."""
+        for queue in list(self.streams):
+            _wake_stream(queue)
+
+    def close(self) -> None:
+        self.close_streams()
+        self.ring.close()
+        self.index.close()
+        self.pbx.close()
+
+    def authenticate(self, token: str, listener: str) -> Operator | None:
+        operator = self.token_operators.get(_token_hash(token))
+        if operator is None and listener == "unix":
+            operator = self.sessions.lookup(token)
+        return operator
+
+    def state_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        now = time.monotonic()  # real time, also under a fake clock: this only limits CPU use
+        cached = self._summary_cache
+        if cached is not None and now - cached[0] < self.summary_ttl:
+            return cached[1], cached[2]
+        counts = dict.fromkeys(STATES, 0)
+        statuses = dict.fromkeys((s.value for s in RegStatus), 0)
+        instances = list(self.service.instances.values())
+        counts.update(Counter([i.state._value_ for i in instances]))
+        statuses.update(Counter([i.registration.status._value_ for i in instances]))
+        self._summary_cache = (now, counts, statuses)
+        return counts, statuses
+
+
+_CLOSE_EVENT = "stream.closing"
+
+
+def _wake_stream(queue: EventQueue) -> None:
+    with contextlib.suppress(asyncio.QueueFull):
+        if queue.queue.full():
+            queue.queue.get_nowait()
+        queue.queue.put_nowait(Event(0, 0.0, _CLOSE_EVENT, None, {}))
+
+
+# --------------------------------------------------------------------------- views
+
+
+def push_view(trace: PushTrace) -> dict[str, Any]:
+    return {"selector": trace.selector, **trace.as_event()}
+
+
+def push_record_view(record: PushRecord) -> dict[str, Any]:
+    return {"selector": record.selector, "push_id": record.push_id, "kind": record.kind,
+            "provider": record.provider, "call_id": record.call_id, "attempt": record.attempt,
+            "outcome": record.outcome, "provider_code": record.provider_code, "provider_reason": None,
+            "latency_ms": record.latency_ms, "error": record.error, "replay_of": record.replay_of,
+            "stages": dict(record.stages), "request_summary": dict(record.request_summary)}
+
+
+def audit_event_view(event: Event) -> dict[str, Any]:
+    data = event.data
+    return {"id": data.get("id"), "at": event.at, "operator": data.get("operator"), "role": data.get("role"),
+            "action": data.get("action"), "target": data.get("target"), "outcome": data.get("outcome"),
+            "detail": dict(data.get("detail") or {})}
+
+
+def audit_record_view(record: AuditRecord) -> dict[str, Any]:
+    return {"id": record.id, "at": record.at, "operator": record.operator, "role": record.role,
+            "action": record.action, "target": record.target, "outcome": record.outcome,
+            "detail": dict(record.detail)}
+
+
+def _percentile(sorted_values: list[float], fraction: float) -> float | None:
+    if not sorted_values:
+        return None
+    index = min(len(sorted_values) - 1, max(0, round(fraction * (len(sorted_values) - 1))))
+    return round(sorted_values[index], 1)
+
+
+def push_stats(delivery: PushDelivery, window: int = PUSH_STATS_WINDOW) -> dict[str, Any]:
+    """Outcomes and latency of the last ``window`` finished pushes (pending ones do not count)."""
+    accepted = rejected = transient = 0
+    latencies: list[float] = []
+    for trace in reversed(delivery.traces.values()):
+        verdict = trace.verdict
+        if verdict == "pending":
+            continue
+        if verdict == "accepted":
+            accepted += 1
+        elif verdict == "rejected-permanent":
+            rejected += 1
+        else:
+            transient += 1
+        if trace.latency_ms is not None:
+            latencies.append(trace.latency_ms)
+        if accepted + rejected + transient >= window:
+            break
+    finished = accepted + rejected + transient
+    latencies.sort()
+    return {"accepted": accepted, "rejected": rejected, "transient": transient,
+            "success_rate": round(accepted / finished, 4) if finished else None,
+            "latency_p50_ms": _percentile(latencies, 0.5), "latency_p99_ms": _percentile(latencies, 0.99)}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class OperatorApiError(Exception):
+    def __init__(self, status: int, detail: str, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.code = code or _STATUS_CODES.get(status, "error")
+        self.headers = headers
+
+
+def _error(status: int, detail: str, code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code or _STATUS_CODES.get(status, "error"), "detail": detail},
+                        status_code=status, headers=headers)
+
+
+async def _on_api_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, OperatorApiError)
+    return _error(exc.status, exc.detail, exc.code, exc.headers)
+
+
+async def _on_validation_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    parts = []
+    for error in list(exc.errors())[:10]:
+        loc = ".".join(str(p) for p in error.get("loc", ()) if p not in ("query", "path", "body"))
+        parts.append(f"{loc}: {str(error.get('msg', 'invalid')).removeprefix('Value error, ')}")
+    return _error(422, "; ".join(parts) or "invalid request")
+
+
+async def _on_http_exception(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else "request refused"
+    return _error(exc.status_code, detail, headers=dict(exc.headers) if exc.headers else None)
+
+
+async def _on_forbidden(_: Request, exc: Exception) -> Response:
+    return _error(403, str(exc), "forbidden")
+
+
+async def _on_not_found(_: Request, exc: Exception) -> Response:
+    return _error(404, f"no such item: {exc}", "not_found")
+
+
+async def _on_conflict(_: Request, exc: Exception) -> Response:
+    return _error(409, str(exc), "conflict")
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def listener_app(app: ASGIApp, listener: str) -> ASGIApp:
+    """Wrap ``app`` so every request carries the listener it came in on (``unix`` or ``tcp``)."""
+
+    async def tagged(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope = {**scope, LISTENER_KEY: listener}
+        await app(scope, receive, send)
+
+    return tagged
+
+
+def _json_line(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, separators=(",", ":"), default=str) + "\n"
+
+
+def create_operator_app(ctx: OperatorContext) -> FastAPI:
+    app = FastAPI(title="SIPIS operator API", version="1", docs_url=None, redoc_url=None,
+                  description="See docs/operator-api.md")
+    app.add_exception_handler(OperatorApiError, _on_api_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_exception)
+    app.add_exception_handler(Forbidden, _on_forbidden)
+    app.add_exception_handler(NotFound, _on_not_found)
+    app.add_exception_handler(Conflict, _on_conflict)
+    ops = ctx.operations
+
+    async def operator(request: Request) -> Operator:
+        listener = str(request.scope.get(LISTENER_KEY, "tcp"))
+        header = request.headers.get("authorization")
+        if header is not None:
+            scheme, _, token = header.strip().partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token:
+                raise OperatorApiError(401, "malformed Authorization header; use Bearer <token>",
+                                       headers={"WWW-Authenticate": 'Bearer realm="sipis-operator"'})
+            found = ctx.authenticate(token, listener)
+            if found is None:
+                raise OperatorApiError(401, "token not valid", headers={
+                    "WWW-Authenticate": 'Bearer realm="sipis-operator", error="invalid_token"'})
+            return found
+        if listener == "unix":
+            name = request.headers.get("x-operator", "local").strip()
+            return Operator(name if _OPERATOR_NAME.fullmatch(name) else "local", "admin")
+        raise OperatorApiError(401, "Authorization: Bearer <token> required",
+                               headers={"WWW-Authenticate": 'Bearer realm="sipis-operator"'})
+
+    async def viewer(who: Operator = Depends(operator)) -> Operator:
+        if not who.may("viewer"):
+            raise Forbidden(f"{who.name} has no role that may read")
+        return who
+
+    def instance_or_404(selector: str) -> Instance:
+        instance = ctx.service.get(selector)
+        if instance is None:
+            raise OperatorApiError(404, f"no instance {selector}")
+        return instance
+
+    # ------------------------------------------------------------------ reads
+
+    @app.get("/v1/whoami")
+    async def whoami(who: Operator = Depends(operator)) -> dict[str, Any]:
+        return {"name": who.name, "role": who.role}
+
+    @app.get("/v1/summary")
+    async def summary(_: Operator = Depends(viewer)) -> dict[str, Any]:
+        counts, statuses = ctx.state_counts()
+        now = ctx.clock.wall()
+        calls = ctx.calls
+        minute_ago = now - 60.0
+        calls_per_min = sum(1 for c in calls.recent if c.received_at >= minute_ago)
+        calls_per_min += sum(1 for c in calls.held.values() if c.received_at >= minute_ago)
+        writer = ctx.writer_status() if ctx.writer_status is not None else None
+        return {
+            "node": ctx.node, "version": ctx.version, "started_at": ctx.started_at, "now": now,
+            "counts": counts, "reg_status": statuses, "held_calls": len(calls.held),
+            "calls_per_min": calls_per_min, "outcomes": dict(calls.outcomes), "push": push_stats(ctx.delivery),
+            "pbx": {"reachable": ctx.pbx.reachable, "last_error": ctx.pbx.last_error},
+            "writer": {"pending": writer.pending if writer else 0, "last_error": writer.last_error if writer else None},
+            "alarms": ctx.ring.alarms_since(now - ALARM_WINDOW),
+        }
+
+    @app.get("/v1/instances")
+    async def instances(
+        _: Operator = Depends(viewer),
+        offset: int = Query(0, ge=0),
+        limit: int = Query(200, ge=0, le=1_000_000),
+        q: str = Query("", max_length=200),
+        state: str = Query("", pattern="^(|active|inactive|proxied|off)$"),
+        sort: str = Query("aor"),
+        desc: bool = Query(False),
+    ) -> Response:
+        if sort not in SORTS:
+            raise OperatorApiError(422, f"sort: one of {', '.join(SORTS)}")
+        total, matched, counts, page = ctx.index.query(q=q, state=state, sort=sort, desc=desc, offset=offset,
+                                                       limit=limit)
+        row = ctx.index.row
+        if len(page) <= STREAM_ROWS_OVER:
+            return JSONResponse({"total": total, "matched": matched, "counts": counts,
+                                 "items": [row(instance) for instance in page]})
+        head = json.dumps({"total": total, "matched": matched, "counts": counts})[:-1]
+
+        async def chunks() -> AsyncIterator[str]:
+            """Big pages in slices, yielding to the loop in between: SIP keeps its timing."""
+            yield head + ', "items": ['
+            for start in range(0, len(page), STREAM_ROWS_OVER):
+                rows = [row(instance) for instance in page[start:start + STREAM_ROWS_OVER]]
+                yield ("," if start else "") + json.dumps(rows, default=str)[1:-1]
+                await asyncio.sleep(0)
+            yield "]}"
+
+        return StreamingResponse(chunks(), media_type="application/json")
+
+    async def instance_pushes(selector: str) -> list[dict[str, Any]]:
+        memory = [push_view(t) for t in ctx.delivery.traces.values() if t.selector == selector]
+        known = {p["push_id"] for p in memory}
+        stored: list[dict[str, Any]] = []
+        if ctx.stores is not None and len(memory) < DETAIL_PUSHES:
+            try:
+                records = await ctx.stores.pushes.recent(DETAIL_PUSHES, selector)
+            except Exception:
+                log.exception("reading pushes of %s failed", selector)
+                records = []
+            stored = [push_record_view(r) for r in records if r.push_id not in known]
+        return (stored + memory)[-DETAIL_PUSHES:]
+
+    @app.get("/v1/instances/{selector}")
+    async def instance_detail(selector: str, _: Operator = Depends(viewer)) -> Response:
+        instance = instance_or_404(selector)
+        timeline = {e.seq: e.as_dict() for e in ctx.ring.for_selector(selector, TIMELINE_LIMIT)}
+        if ctx.stores is not None and len(timeline) < TIMELINE_LIMIT:
+            try:
+                for record in await ctx.stores.events.recent(TIMELINE_LIMIT, selector=selector):
+                    timeline.setdefault(record.seq, {"seq": record.seq, "at": record.at, "kind": record.kind,
+                                                     "selector": record.selector, "data": record.data})
+            except Exception:
+                log.exception("reading the timeline of %s failed", selector)
+        events = [timeline[seq] for seq in sorted(timeline)][-TIMELINE_LIMIT:]
+        return JSONResponse(jsonable({
+            "instance": instance.public_view(), "row": ctx.index.row(instance), "timeline": events,
+            "pushes": await instance_pushes(selector),
+            "sip": [m.as_dict() for m in ctx.trace.instance_messages(selector)],
+        }))
+
+    @app.get("/v1/calls")
+    async def calls(_: Operator = Depends(viewer)) -> dict[str, Any]:
+        clock = ctx.clock
+        return {"held": ctx.calls.views(), "recent": [call.view(clock) for call in ctx.calls.recent]}
+
+    async def call_pushes(call_id: str) -> list[dict[str, Any]]:
+        memory = [push_view(t) for t in ctx.delivery.traces.values() if t.call_id == call_id]
+        known = {p["push_id"] for p in memory}
+        stored: list[dict[str, Any]] = []
+        if ctx.stores is not None:
+            try:
+                stored = [push_record_view(r) for r in await ctx.stores.pushes.for_call(call_id)
+                          if r.push_id not in known]
+            except Exception:
+                log.exception("reading pushes of call %s failed", call_id)
+        return stored + memory
+
+    @app.get("/v1/calls/{call_id:path}/trace.txt", response_class=PlainTextResponse)
+    async def call_trace_text(call_id: str, _: Operator = Depends(viewer)) -> Response:
+        text = ctx.trace.text_ladder(call_id, await call_pushes(call_id))
+        return PlainTextResponse(text, headers={
+            "Content-Disposition": f'attachment; filename="{_file_name(call_id)}.txt"'})
+
+    @app.get("/v1/calls/{call_id:path}/trace.pcap")
+    async def call_trace_pcap(call_id: str, _: Operator = Depends(viewer)) -> Response:
+        return Response(ctx.trace.pcap(call_id), media_type="application/vnd.tcpdump.pcap", headers={
+            "Content-Disposition": f'attachment; filename="{_file_name(call_id)}.pcap"'})
+
+    @app.get("/v1/calls/{call_id:path}/trace")
+    async def call_trace(call_id: str, _: Operator = Depends(viewer)) -> Response:
+        return JSONResponse(jsonable({"call_id": call_id, "selector": ctx.trace.selector_of_call(call_id),
+                                      "messages": ctx.trace.messages(call_id),
+                                      "pushes": await call_pushes(call_id)}))
+
+    @app.get("/v1/pushes")
+    async def pushes(_: Operator = Depends(viewer), limit: int = Query(200, ge=1, le=10_000),
+                     selector: str = Query("", max_length=200)) -> Response:
+        memory = [push_view(t) for t in ctx.delivery.traces.values() if not selector or t.selector == selector]
+        memory = memory[-limit:]
+        stored: list[dict[str, Any]] = []
+        if ctx.stores is not None and len(memory) < limit:
+            known = {p["push_id"] for p in memory}
+            try:
+                records = await ctx.stores.pushes.recent(limit, selector or None)
+            except Exception:
+                log.exception("reading pushes failed")
+                records = []
+            stored = [push_record_view(r) for r in records if r.push_id not in known]
+        return JSONResponse(jsonable((stored + memory)[-limit:]))
+
+    @app.get("/v1/audit")
+    async def audit(_: Operator = Depends(viewer), limit: int = Query(200, ge=1, le=10_000)) -> Response:
+        rows = {str(e.data.get("id")): audit_event_view(e) for e in ctx.ring.audit}
+        if ctx.stores is not None:
+            try:
+                for record in await ctx.stores.audit.recent(limit):
+                    rows.setdefault(record.id, audit_record_view(record))
+            except Exception:
+                log.exception("reading the audit log failed")
+        ordered = sorted(rows.values(), key=lambda r: float(r["at"]))
+        return JSONResponse(jsonable(ordered[-limit:]))
+
+    @app.get("/v1/events")
+    async def events(_: Operator = Depends(viewer), since: int | None = Query(None, ge=0)) -> Response:
+        return StreamingResponse(_event_stream(ctx, since), media_type="application/x-ndjson",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ------------------------------------------------------------------ actions
+
+    def action_answer(instance: Instance) -> Response:
+        return JSONResponse(jsonable({"instance": instance.public_view(), "row": ctx.index.row(instance)}))
+
+    @app.post("/v1/instances/{selector}/actions/take-over")
+    async def take_over(selector: str, who: Operator = Depends(operator)) -> Response:
+        return action_answer(await ops.take_over(selector, who))
+
+    @app.post("/v1/instances/{selector}/actions/hand-back")
+    async def hand_back(selector: str, who: Operator = Depends(operator)) -> Response:
+        return action_answer(await ops.hand_back(selector, who))
+
+    @app.post("/v1/instances/{selector}/actions/re-register")
+    async def re_register(selector: str, who: Operator = Depends(operator)) -> Response:
+        return action_answer(await ops.re_register(selector, who))
+
+    @app.post("/v1/instances/{selector}/actions/disable")
+    async def disable(selector: str, who: Operator = Depends(operator)) -> Response:
+        return action_answer(await ops.disable(selector, who))
+
+    @app.post("/v1/instances/{selector}/actions/test-push")
+    async def test_push(selector: str, who: Operator = Depends(operator)) -> Response:
+        return JSONResponse(jsonable({"push": push_view(await ops.test_push(selector, who))}))
+
+    @app.post("/v1/pushes/{push_id}/replay")
+    async def replay(push_id: str, who: Operator = Depends(operator)) -> Response:
+        return JSONResponse(jsonable({"push": push_view(await ops.replay_push(push_id, who))}))
+
+    return app
+
+
+def jsonable(value: Any) -> Any:
+    """Round-trip through json with ``default=str`` so odd values in event data never break a response."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _file_name(call_id: str) -> str:
+    return "call-" + (re.sub(r"[^A-Za-z0-9._-]", "_", call_id)[:80] or "unknown")
+
+
+async def _event_stream(ctx: OperatorContext, since: int | None) -> AsyncIterator[str]:
+    """NDJSON: replay from the ring (``since``), then live events; a heartbeat when idle. Extra line
+    kinds: ``gap`` (events after ``since`` already left the ring: resynchronise from the snapshot
+    routes) and ``overflow`` (this client fell behind and ``dropped`` events were lost)."""
+    queue = EventQueue(ctx.bus, maxsize=STREAM_QUEUE)
+    ctx.streams.add(queue)
+    try:
+        last = ctx.ring.last_seq
+        if since is not None:
+            replay, gap = ctx.ring.since(since)
+            if gap:
+                yield _json_line({"kind": "gap", "since": since, "first_available": ctx.ring.first_seq,
+                                  "at": ctx.clock.wall()})
+            if replay:
+                yield "".join(_json_line(e.as_dict()) for e in replay)
+                last = replay[-1].seq
+        else:
+            yield _json_line({"kind": "heartbeat", "at": ctx.clock.wall(), "seq": last})
+        dropped = 0
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), timeout=ctx.heartbeat)
+            except TimeoutError:
+                yield _json_line({"kind": "heartbeat", "at": ctx.clock.wall(), "seq": last})
+                continue
+            batch = [event]
+            while len(batch) < STREAM_BATCH and not queue.queue.empty():
+                batch.append(queue.queue.get_nowait())
+            lines: list[str] = []
+            if queue.dropped != dropped:
+                lines.append(_json_line({"kind": "overflow", "dropped": queue.dropped - dropped,
+                                         "at": ctx.clock.wall()}))
+                dropped = queue.dropped
+            closing = False
+            for item in batch:
+                if item.kind == _CLOSE_EVENT and item.seq == 0:
+                    closing = True
+                    break
+                if item.seq <= last:
+                    continue  # already replayed from the ring
+                last = item.seq
+                lines.append(_json_line(item.as_dict()))
+            if lines:
+                yield "".join(lines)
+            if closing:
+                return
+    finally:
+        ctx.streams.discard(queue)
+        queue.close()
+
+
+# --------------------------------------------------------------------------- serving
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that leaves the process's signal handlers to the core."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    def install_signal_handlers(self) -> None:
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_unix_socket(path: Path) -> socket.socket:
+    """Bind ``path`` (mode 0600 before anyone can connect); a stale socket file is replaced, a live
+    one (another core) or a file that is not a socket is an error."""
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise OSError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()
+        else:
+            raise OSError(f"{path} is in use by another process")
+        finally:
+            probe.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)  # before listen(): until then nobody can connect
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_tcp(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class OperatorServer:
+    """Serves the operator API in the running loop: unix socket always, TCP when configured."""
+
+    def __init__(self, ctx: OperatorContext, *, socket_path: Path | None, tcp_host: str | None = None,
+                 tcp_port: int = 0, tls_files: tuple[Path, Path] | None = None,
+                 app: FastAPI | None = None) -> None:
+        self.ctx = ctx
+        self.app = app or create_operator_app(ctx)
+        self.socket_path = socket_path
+        self.tcp_host = tcp_host
+        self.tcp_port = tcp_port
+        self.tls_files = tls_files
+        self._servers: list[tuple[_EmbeddedServer, asyncio.Task[None]]] = []
+
+    @classmethod
+    def from_config(cls, ctx: OperatorContext, config: Config) -> OperatorServer:
+        """Unix socket always; TCP when configured — plain HTTP on a loopback address, TLS with the
+        app API's certificate (generated in ``state_dir`` when none is configured) on any other."""
+        operator, tcp = config.operator, config.operator.tcp_listen
+        tls_files = None
+        if tcp is not None and not is_loopback(tcp.host):
+            api = config.api
+            if api.tls_generate:
+                ensure_self_signed(api.tls_cert, api.tls_key, [tcp.host, "localhost"])
+            tls_files = (api.tls_cert, api.tls_key)
+        return cls(ctx, socket_path=operator.socket, tcp_host=tcp.host if tcp is not None else None,
+                   tcp_port=tcp.port if tcp is not None else 0, tls_files=tls_files)
+
+    @property
+    def tcp_url(self) -> str | None:
+        if self.tcp_host is None:
+            return None
+        host = f"[{self.tcp_host}]" if ":" in self.tcp_host else self.tcp_host
+        return f"{'https' if self.tls_files else 'http'}://{host}:{self.tcp_port}"
+
+    async def start(self) -> None:
+        try:
+            if self.socket_path is not None:
+                await self._serve(listener_app(self.app, "unix"), bind_unix_socket(self.socket_path), None, "unix")
+                log.info("operator API on unix socket %s", self.socket_path)
+            if self.tcp_host is not None:
+                sock = _bind_tcp(self.tcp_host, self.tcp_port)
+                self.tcp_port = sock.getsockname()[1]
+                await self._serve(listener_app(self.app, "tcp"), sock, self.tls_files, "tcp")
+                log.info("operator API on %s", self.tcp_url)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _serve(self, app: ASGIApp, sock: socket.socket, tls: tuple[Path, Path] | None, name: str) -> None:
+        config = uvicorn.Config(
+            app, log_level="warning", log_config=None, lifespan="off", access_log=False, proxy_headers=False,
+            server_header=False, timeout_graceful_shutdown=GRACEFUL_TIMEOUT,
+            ssl_certfile=str(tls[0]) if tls else None, ssl_keyfile=str(tls[1]) if tls else None,
+        )
+        try:
+            config.load()
+        except BaseException:
+            sock.close()
+            raise
+        if config.ssl is not None:
+            config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+        server = _EmbeddedServer(config)
+        task = asyncio.create_task(server.serve(sockets=[sock]), name=f"operator-api-{name}")
+        self._servers.append((server, task))
+        async with asyncio.timeout(START_TIMEOUT):
+            while not server.started:
+                if task.done():
+                    sock.close()
+                    await task
+                    raise RuntimeError(f"operator API ({name}) exited during start-up")
+                await asyncio.sleep(0.005)
+
+    async def stop(self) -> None:
+        self.ctx.close_streams()
+        servers, self._servers = self._servers, []
+        for server, _ in servers:
+            server.should_exit = True
+        for _, task in servers:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await task
+        if self.socket_path is not None and servers:
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(self.socket_path.lstat().st_mode):
+                    self.socket_path.unlink()
