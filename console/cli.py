@@ -20,6 +20,9 @@ examples:
   sipis-console init sipis.toml          write a starter config (loopback only, random enrol token)
   sipis-console serve --config sipis.toml
                                          run the core: SIP, app API, registrations (Ctrl+C / SIGTERM stops)
+  sipis-console demo                     the core + lab PBX, phones, callers and push mediator on loopback
+  sipis-console demo --headless --duration 60 --apps 100 --call-rate 2 --seed 1 --json
+                                         the same without the console; prints a summary (one JSON line)
 """
 
 
@@ -44,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(loopback only) and a random enrolment token.")
     init.add_argument("path", type=Path, nargs="?", default=Path("sipis.toml"), help="where (default sipis.toml)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    demo = commands.add_parser("demo", help="run the core with a simulated lab (PBX, phones, callers, push)",
+                               description="Start the real core with a throwaway state folder, the lab PBX, "
+                                           "the lab push mediator, simulated apps and callers, all on loopback "
+                                           "on free ports. Ctrl+C stops everything cleanly.")
+    from lab.demo import add_arguments  # the lab only imports argparse at module level
+
+    add_arguments(demo)
     return parser
 
 
@@ -54,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args.config, args.log_level)
     if args.command == "init":
         return init(args.path, args.force)
+    if args.command == "demo":
+        from lab.demo import main as demo_main
+
+        return demo_main(args)
     parser.print_help()
     return 0
 

@@ -1,0 +1,525 @@
+"""The SIPIS operations console: a Textual app that is a client of the operator API.
+
+One :class:`SipisConsole` per operator (its own process on a pty, see DESIGN.md). It loads all
+instance rows once, then follows the event stream; events queue up and are applied in batches by a
+single ~1 Hz tick, which also redraws the countdowns of the visible rows only. ``p`` freezes all of it.
+Actions go through a confirm modal and then the operator API; the core checks the role again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
+
+from textual import events
+from textual.app import App
+from textual.binding import Binding, BindingType
+from textual.theme import Theme
+from textual.worker import Worker, WorkerState
+
+from console.commands import VIEWS, SipisCommands
+from console.feed import (
+    ACTIONS,
+    ALARM_TITLES,
+    REPLAY_ROLE,
+    RESYNC_KINDS,
+    ConsoleModel,
+    Feed,
+    FeedError,
+    Forbidden,
+    role_allows,
+    row_from_public_view,
+)
+from console.screens import (
+    AuditScreen,
+    CallsScreen,
+    CallTraceScreen,
+    ConfirmScreen,
+    ConsoleScreen,
+    DashboardScreen,
+    EventLogScreen,
+    HelpScreen,
+    InstanceDetailScreen,
+    PushLogScreen,
+)
+from console.screens.common import instance_label
+from widgets.rows import EventRow, PushRow, StatusSnapshot
+
+#: events waiting while paused beyond this are dropped and the instance list is reloaded on resume
+MAX_PENDING = 200_000
+#: below this width the app gets the ``-narrow`` class (ladder above the raw message, not beside it)
+NARROW = 120
+
+
+def stylesheet_path() -> Path:
+    """``console.tcss``: beside the packages in a checkout, else where the wheel installed it."""
+    candidates = [
+        Path(__file__).resolve().parent.parent / "console.tcss",
+        Path(__file__).resolve().parent / "console.tcss",
+        Path(sys.prefix) / "share" / "sipis-console" / "console.tcss",
+    ]
+    for path in candidates:
+        if path.is_file():
+            return path
+    return candidates[0]
+
+
+HIGH_CONTRAST_THEME = Theme(
+    name="sipis-high-contrast",
+    primary="#00ffff",
+    secondary="#ffffff",
+    accent="#ff66ff",
+    warning="#ffff00",
+    error="#ff4040",
+    success="#00ff00",
+    foreground="#ffffff",
+    background="#000000",
+    surface="#000000",
+    panel="#202020",
+    boost="#303030",
+    dark=True,
+    variables={
+        "block-cursor-background": "#ffff00",
+        "block-cursor-foreground": "#000000",
+        "block-cursor-text-style": "bold",
+        "block-cursor-blurred-background": "#606000",
+        "block-cursor-blurred-foreground": "#ffffff",
+        "footer-key-foreground": "#ffff00",
+        "footer-description-foreground": "#ffffff",
+        "text-muted": "#c0c0c0",
+        "input-cursor-background": "#ffff00",
+    },
+)
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:80] or "call"
+
+
+class SipisConsole(App[int]):
+    """The console app. ``feed`` is an :class:`~console.feed.Feed` (the operator API, or a fake)."""
+
+    TITLE = "SIPIS console"
+    CSS_PATH = stylesheet_path()
+    COMMANDS = App.COMMANDS | {SipisCommands}
+    MODES: ClassVar[dict[str, str | Callable[[], object]]] = {  # type: ignore[assignment]
+        "dashboard": DashboardScreen,
+        "calls": CallsScreen,
+        "pushes": PushLogScreen,
+        "events": EventLogScreen,
+        "audit": AuditScreen,
+    }
+    DEFAULT_MODE = "dashboard"
+    HIGH_CONTRAST = HIGH_CONTRAST_THEME.name
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("q", "quit", "Quit"),
+        Binding("ctrl+q", "quit", "Quit", show=False, priority=True),
+        Binding("ctrl+c", "ctrl_c", "Nothing", show=False, system=True),
+        Binding("question_mark", "help", "Help"),
+        Binding("p", "toggle_pause", "Pause"),
+        Binding("f2", "toggle_contrast", "Contrast", show=False),
+        Binding("1", "view('dashboard')", "Instances", show=False),
+        Binding("2", "view('calls')", "Calls", show=False),
+        Binding("3", "view('pushes')", "Pushes", show=False),
+        Binding("4", "view('events')", "Events", show=False),
+        Binding("5", "view('audit')", "Audit", show=False),
+    ]
+
+    def __init__(
+        self,
+        feed: Feed,
+        *,
+        operator_name: str | None = None,
+        role: str | None = None,
+        clock: Callable[[], float] = time.time,
+        utc: bool = False,
+        tick_interval: float = 1.0,
+        theme: str | None = None,
+        export_dir: Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.feed = feed
+        self.operator_name = operator_name
+        self.role = role
+        self.clock = clock
+        self.utc = utc
+        self.tick_interval = tick_interval
+        self.export_dir = export_dir
+        self.model = ConsoleModel()
+        self.loaded = False
+        self.ready = asyncio.Event()  # set once the first full load has finished (or failed)
+        self.connected = True
+        self.paused = False
+        self._paused_at = 0.0
+        self._pending: list[EventRow] = []
+        self._resync = False
+        self._summary_busy = False
+        self._pbx_down = False
+        self._alarms = 0
+        self._last_received_seq: int | None = None
+        self._startup_theme = theme
+        self._default_theme = "textual-dark"
+        self.register_theme(HIGH_CONTRAST_THEME)
+
+    # ------------------------------------------------------------------ identity and time
+
+    def may(self, needed: str) -> bool:
+        return role_allows(self.role, needed)
+
+    def now(self) -> float:
+        """The time the view shows (frozen while paused)."""
+        return self._paused_at if self.paused else self.clock()
+
+    def status_snapshot(self) -> StatusSnapshot:
+        s = self.model.summary
+        uptime = None
+        if s is not None and s.started_at is not None:
+            uptime = (s.now if s.now is not None else self.now()) - s.started_at
+        if s is None:
+            return StatusSnapshot(node="connecting…", operator=self.operator_name or "", role=self.role or "",
+                                  paused=self.paused, connected=self.connected)
+        return StatusSnapshot(
+            node=s.node, version=s.version, uptime=uptime, pbx_reachable=s.pbx_reachable, pbx_error=s.pbx_error,
+            counts=s.counts, reg_status=s.reg_status, held_calls=s.held_calls, calls_per_min=s.calls_per_min,
+            push_success_rate=s.push_success_rate, push_p50_ms=s.push_p50_ms, push_p99_ms=s.push_p99_ms,
+            alarms=max(s.alarms, 0), operator=self.operator_name or "", role=self.role or "", paused=self.paused,
+            connected=self.connected,
+        )
+
+    # ------------------------------------------------------------------ start-up
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.set_class(event.size.width < NARROW, "-narrow")
+
+    def on_mount(self) -> None:
+        self.set_class(self.size.width < NARROW, "-narrow")
+        if self._startup_theme:
+            self.theme = self._startup_theme
+        self._default_theme = self.theme if self.theme != self.HIGH_CONTRAST else "textual-dark"
+        self.set_interval(self.tick_interval, self.tick, name="console-tick")
+        self.run_worker(self._start(), name="startup", group="startup", exit_on_error=False)
+
+    async def _start(self) -> None:
+        if self.operator_name is None or self.role is None:
+            try:
+                me = await self.feed.whoami()
+            except FeedError as exc:
+                self._lost(exc)
+                me = None
+            if me is not None:
+                self.operator_name = self.operator_name or me.name
+                self.role = self.role or me.role
+            self.refresh_bindings()
+        self.run_worker(self._follow_events(), name="events", group="events", exit_on_error=False)
+        await self.reload_all()
+
+    async def reload_all(self) -> None:
+        """(Re)load instances, summary, calls, pushes and audit from the core."""
+        try:
+            rows = await self.feed.instances()
+            self.model.store.load(rows)
+            self.loaded = True
+            await self._poll_summary()
+            self.model.load_calls(await self.feed.calls())
+            self.model.load_pushes(await self.feed.pushes(limit=500))
+            self.model.load_audit(await self.feed.audit(limit=500))
+        except FeedError as exc:
+            self._lost(exc)
+            self.ready.set()
+            return
+        self.connected = True
+        self.refresh_screen()
+        self.ready.set()
+
+    def _lost(self, exc: FeedError) -> None:
+        if self.connected:
+            self.notify(exc.detail, title="Core unreachable" if exc.status is None else f"Core error {exc.status}",
+                        severity="error", markup=False)
+        self.connected = False
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        self.worker_failed(event.worker)
+
+    def worker_failed(self, worker: Worker[object]) -> None:
+        """A background job raised something other than a FeedError: say so, do not hide it."""
+        if worker.state is WorkerState.ERROR and worker.error is not None:
+            error = worker.error
+            self.notify(f"{worker.name or worker.group}: {type(error).__name__}: {error}", title="Console error",
+                        severity="error", timeout=10, markup=False)
+
+    # ------------------------------------------------------------------ events
+
+    async def _follow_events(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                async for event in self.feed.events(since=self._last_received_seq):
+                    if not self.connected:
+                        self.connected = True
+                    self.receive_event(event)
+                    delay = 1.0
+            except FeedError as exc:
+                self._lost(exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    def receive_event(self, event: EventRow) -> None:
+        """An event arrived: alarms notify at once (even when paused), the rest waits for the tick."""
+        if event.kind in RESYNC_KINDS:  # the core lost events for us: reload the snapshots
+            self._resync = True
+        last = self._last_received_seq
+        if event.seq and last is not None and event.seq <= last:  # a restarted core numbers anew
+            self._resync = True
+            self.model.last_seq = None
+        if event.seq:
+            self._last_received_seq = event.seq
+        if event.kind == "alarm":
+            self._alarm(event)
+        if len(self._pending) >= MAX_PENDING:
+            self._pending.clear()
+            self._resync = True
+        self._pending.append(event)
+
+    def _alarm(self, event: EventRow) -> None:
+        data = event.data
+        alarm = str(data.get("alarm") or "alarm")
+        if alarm in ("pbx-down", "pbx-unreachable"):
+            self._pbx_down = True
+        title = ALARM_TITLES.get(alarm, f"Alarm: {alarm}")
+        bits = [instance_label(self.model.store, event.selector)] if event.selector else []
+        for key in ("code", "provider_code", "reason", "provider_reason", "detail", "error"):
+            if data.get(key) not in (None, ""):
+                bits.append(str(data[key]))
+        self._alarms += 1
+        self.notify(" ".join(bits) or alarm, title=title, severity="error", timeout=10, markup=False)
+
+    def apply_pending(self) -> None:
+        """Apply the queued events in one batch."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        applied = self.model.apply(batch)
+        if applied.refetch:
+            self.run_worker(self._refetch(sorted(applied.refetch)), group="refetch", exit_on_error=False)
+        if applied.touched:
+            for screen in self.screen_stack:
+                if isinstance(screen, InstanceDetailScreen) and screen.selector in applied.touched:
+                    screen.load()
+
+    async def _refetch(self, selectors: list[str]) -> None:
+        for selector in selectors:
+            try:
+                detail = await self.feed.instance(selector)
+            except FeedError:
+                continue
+            self.model.store.upsert(row_from_public_view(detail.view, self.model.store.get(selector))
+                                    if detail.view else detail.row)
+
+    # ------------------------------------------------------------------ the tick
+
+    def tick(self) -> None:
+        """The one periodic job (~1 Hz): apply events, poll the summary, redraw what is visible."""
+        if self.paused:
+            return
+        if self._resync:
+            self._resync = False
+            self._pending.clear()
+            self.run_worker(self.reload_all(), group="resync", exclusive=True, exit_on_error=False)
+        self.apply_pending()
+        if not self._summary_busy and self.loaded:
+            self.run_worker(self._poll_summary(), group="summary", exit_on_error=False)
+        self.refresh_screen()
+
+    async def refresh_now(self) -> None:
+        """Everything a tick does, awaited (tests, and after resume)."""
+        if self.paused:
+            return
+        self.apply_pending()
+        await self._poll_summary()
+        self.refresh_screen()
+
+    async def _poll_summary(self) -> None:
+        self._summary_busy = True
+        try:
+            summary = await self.feed.summary()
+        except FeedError as exc:
+            self._lost(exc)
+            return
+        finally:
+            self._summary_busy = False
+        if not self.connected:
+            self.connected = True
+        was_down = self._pbx_down
+        self._pbx_down = summary.pbx_reachable is False
+        if self._pbx_down and not was_down:
+            self.notify(summary.pbx_error or "the PBX does not answer", title="PBX unreachable", severity="error",
+                        timeout=10, markup=False)
+        self.model.record_summary(summary)
+
+    def refresh_screen(self) -> None:
+        """Redraw the top-most console screen (below any modal)."""
+        if self.paused:
+            return
+        for screen in reversed(self.screen_stack):
+            if isinstance(screen, ConsoleScreen):
+                if screen.is_mounted:
+                    screen.refresh_view(self.clock())
+                break
+
+    # ------------------------------------------------------------------ navigation
+
+    def action_view(self, mode: str) -> None:
+        if mode in VIEWS and mode != self.current_mode:
+            self.switch_mode(mode)
+
+    async def action_filter(self) -> None:
+        if self.current_mode != "dashboard":
+            await self.switch_mode("dashboard")
+        while len(self.screen_stack) > 1 and not isinstance(self.screen, DashboardScreen):
+            await self.pop_screen()
+        screen = self.screen
+        if isinstance(screen, DashboardScreen):
+            screen.action_filter()
+
+    def open_instance(self, selector: str) -> None:
+        self.push_screen(InstanceDetailScreen(selector))
+
+    def open_call(self, call_id: str, selector: str | None = None) -> None:
+        self.push_screen(CallTraceScreen(call_id, selector))
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(self.role))
+
+    def action_toggle_pause(self) -> None:
+        self.paused = not self.paused
+        if self.paused:
+            self._paused_at = self.clock()
+            self._show_strips()
+        else:
+            self._show_strips()
+            self.run_worker(self.refresh_now(), group="resume", exit_on_error=False)
+        self.refresh_bindings()
+
+    def _show_strips(self) -> None:
+        from widgets.status_strip import StatusStrip
+
+        for screen in self.screen_stack:
+            for strip in screen.query(StatusStrip):
+                strip.show(self.status_snapshot())
+
+    def action_toggle_contrast(self) -> None:
+        self.theme = self._default_theme if self.theme == self.HIGH_CONTRAST else self.HIGH_CONTRAST
+
+    def action_ctrl_c(self) -> None:
+        self.notify("Ctrl+C does nothing here: press q to quit.", severity="information", timeout=3)
+
+    async def action_quit(self) -> None:
+        if isinstance(self.screen, ConfirmScreen):
+            return
+
+        def done(answer: bool | None) -> None:
+            if answer:
+                self.exit(0)
+
+        self.push_screen(ConfirmScreen("Quit?", "Leave the SIPIS console?", confirm="Quit"), done)
+
+    # ------------------------------------------------------------------ actions (confirm → operator API)
+
+    def request_action(self, selector: str, name: str) -> None:
+        label, needed = ACTIONS[name]
+        if not self.may(needed):
+            self.notify(f"{label} needs the {needed} role.", severity="warning")
+            return
+        target = instance_label(self.model.store, selector)
+
+        def done(answer: bool | None) -> None:
+            if answer:
+                self.run_worker(self._run_action(selector, name), group="actions", exit_on_error=False)
+
+        self.push_screen(ConfirmScreen(f"{label}?", f"{label} {target}\n({selector})", confirm=label,
+                                       danger=name == "disable"), done)
+
+    async def _run_action(self, selector: str, name: str) -> None:
+        label = ACTIONS[name][0]
+        target = instance_label(self.model.store, selector)
+        try:
+            result = await self.feed.action(selector, name)
+        except Forbidden as exc:
+            self.notify(f"403 forbidden: {exc.detail}", title=label, severity="error", markup=False)
+            return
+        except FeedError as exc:
+            status = f"{exc.status} " if exc.status else ""
+            self.notify(f"{status}{exc.detail}", title=f"{label} failed", severity="error", markup=False)
+            return
+        if result.row is not None:
+            self.model.store.upsert(result.row)
+        text = f"{target}: done"
+        if result.push is not None:
+            text = f"{target}: push {result.push.outcome}"
+            if result.push.latency_ms is not None:
+                text += f" in {result.push.latency_ms:.0f} ms"
+        self.notify(text, title=label, markup=False)
+
+    def request_replay(self, push: PushRow) -> None:
+        if not self.may(REPLAY_ROLE):
+            self.notify(f"Replaying a push needs the {REPLAY_ROLE} role.", severity="warning")
+            return
+        target = instance_label(self.model.store, push.selector)
+
+        def done(answer: bool | None) -> None:
+            if answer:
+                self.run_worker(self._run_replay(push), group="actions", exit_on_error=False)
+
+        self.push_screen(ConfirmScreen("Replay push?", f"Send push {push.push_id} ({push.kind}) to {target} again",
+                                       confirm="Replay"), done)
+
+    async def _run_replay(self, push: PushRow) -> None:
+        try:
+            new = await self.feed.replay_push(push.push_id)
+        except Forbidden as exc:
+            self.notify(f"403 forbidden: {exc.detail}", title="Replay push", severity="error", markup=False)
+            return
+        except FeedError as exc:
+            status = f"{exc.status} " if exc.status else ""
+            self.notify(f"{status}{exc.detail}", title="Replay failed", severity="error", markup=False)
+            return
+        self.notify(f"{new.push_id}: {new.outcome}", title="Push replayed", markup=False)
+
+    # ------------------------------------------------------------------ exports
+
+    def export_trace(self, call_id: str, fmt: str) -> None:
+        self.run_worker(self._export(call_id, fmt), group="export", exit_on_error=False)
+
+    async def _export(self, call_id: str, fmt: str) -> Path | None:
+        folder = self.export_dir or Path.cwd()
+        try:
+            if fmt == "pcap":
+                data: bytes = await self.feed.call_trace_pcap(call_id)
+                path = folder / f"sipis-call-{_safe_name(call_id)}.pcap"
+            else:
+                data = (await self.feed.call_trace_text(call_id)).encode()
+                path = folder / f"sipis-call-{_safe_name(call_id)}.txt"
+            path.write_bytes(data)
+        except FeedError as exc:
+            self.notify(exc.detail, title=f"Export {fmt} failed", severity="error", markup=False)
+            return None
+        except OSError as exc:
+            self.notify(str(exc), title=f"Export {fmt} failed", severity="error", markup=False)
+            return None
+        self.notify(str(path), title=f"Trace written ({fmt})", markup=False)
+        return path
+
+
+def run_console(feed: Feed, *, operator_name: str | None = None, role: str | None = None,
+                theme: str | None = None, utc: bool = False) -> int:
+    """Run the console on the current terminal until the operator quits; returns the exit status."""
+    app = SipisConsole(feed, operator_name=operator_name, role=role, theme=theme, utc=utc)
+    app.run()
+    return app.return_code or 0

@@ -1,0 +1,22 @@
+"""The console's screens: one module per area (dashboard, detail/trace, logs, modals)."""
+
+from console.screens.common import ConsoleScreen
+from console.screens.dashboard import DashboardScreen
+from console.screens.detail import CallTraceScreen, InstanceDetailScreen
+from console.screens.logs import AuditScreen, CallsScreen, EventLogScreen, PushLogScreen
+from console.screens.modals import KEYMAP, ConfirmScreen, HelpScreen, keymap_for
+
+__all__ = [
+    "KEYMAP",
+    "AuditScreen",
+    "CallTraceScreen",
+    "CallsScreen",
+    "ConfirmScreen",
+    "ConsoleScreen",
+    "DashboardScreen",
+    "EventLogScreen",
+    "HelpScreen",
+    "InstanceDetailScreen",
+    "PushLogScreen",
+    "keymap_for",
+]

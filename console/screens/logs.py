@@ -1,0 +1,182 @@
+"""The held-call board, the push log, the event log and the audit log."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.widgets import Static
+
+from console.screens.common import ConsoleScreen, audit_columns, call_columns, event_columns, push_columns
+from widgets.rows import AuditRow, CallRow, EventRow, PushRow
+from widgets.table import VirtualTable
+
+
+class LogScreen(ConsoleScreen):
+    """A title line and one table, refreshed from the model when it changed."""
+
+    TITLE_TEXT = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._shown_version = -1
+
+    def refresh_view(self, now: float) -> None:
+        super().refresh_view(now)
+        model = self.console.model
+        if model.version != self._shown_version:
+            self._shown_version = model.version
+            self.reload_rows(now)
+        for table in self.query(VirtualTable):
+            table.set_now(now)
+
+    def reload_rows(self, now: float) -> None:
+        raise NotImplementedError
+
+
+class CallsScreen(LogScreen):
+    """Held INVITEs with their T1/T2 countdowns and push stage; recent calls below."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("enter", "open", "Trace", show=False),
+        Binding("i", "open_instance", "Instance"),
+        Binding("e", "export_text", "Export txt"),
+        Binding("E", "export_pcap", "Export pcap"),
+    ]
+
+    def body(self) -> ComposeResult:
+        store, utc = self.console.model.store, self.console.utc
+        yield Static("Held calls", id="held-title", classes="section-title")
+        yield VirtualTable[CallRow](call_columns(store, utc), key=lambda c: c.push_id or c.call_id,
+                                   empty_text="no held calls", id="held", classes="held")
+        yield Static("Recent calls", id="recent-title", classes="section-title")
+        yield VirtualTable[CallRow](call_columns(store, utc), key=lambda c: f"{c.push_id}:{c.call_id}",
+                                   empty_text="no recent calls", id="recent", classes="recent")
+
+    def on_mount(self) -> None:
+        self.query_one("#held", VirtualTable).focus()
+
+    def reload_rows(self, now: float) -> None:
+        model = self.console.model
+        held = model.held_calls()
+        self.query_one("#held-title", Static).update(f"Held calls ({len(held)})")
+        self.query_one("#held", VirtualTable).set_rows(held, now=now)
+        self.query_one("#recent", VirtualTable).set_rows(model.recent(), now=now)
+
+    def _focused_call(self) -> CallRow | None:
+        focused = self.focused
+        table = focused if isinstance(focused, VirtualTable) else self.query_one("#held", VirtualTable)
+        row = table.cursor_value
+        return row if isinstance(row, CallRow) else None
+
+    def selected_call_id(self) -> str | None:
+        call = self._focused_call()
+        return call.call_id if call is not None else None
+
+    def selected_selector(self) -> str | None:
+        call = self._focused_call()
+        return call.selector if call is not None else None
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "open_instance":
+            return True if self.selected_selector() else None
+        return super().check_action(action, parameters)
+
+    def action_open(self) -> None:
+        call = self._focused_call()
+        if call is not None:
+            self.console.open_call(call.call_id, call.selector)
+
+    def action_open_instance(self) -> None:
+        selector = self.selected_selector()
+        if selector:
+            self.console.open_instance(selector)
+
+    @on(VirtualTable.RowSelected)
+    def _selected(self, event: VirtualTable.RowSelected) -> None:
+        if isinstance(event.row, CallRow):
+            self.console.open_call(event.row.call_id, event.row.selector)
+
+    @on(VirtualTable.RowHighlighted)
+    def _highlighted(self) -> None:
+        self.refresh_bindings()
+
+
+class PushLogScreen(LogScreen):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("R", "replay", "Replay"),
+        Binding("e", "export_text", "Export txt", show=False),
+        Binding("E", "export_pcap", "Export pcap", show=False),
+    ]
+
+    def body(self) -> ComposeResult:
+        yield Static("Push log (newest first)", id="pushes-title", classes="section-title")
+        yield VirtualTable[PushRow](push_columns(self.console.model.store, self.console.utc),
+                                   key=lambda p: p.push_id, empty_text="no pushes yet", id="push-log")
+
+    def on_mount(self) -> None:
+        self.query_one("#push-log", VirtualTable).focus()
+
+    def reload_rows(self, now: float) -> None:
+        pushes = self.console.model.push_log()
+        self.query_one("#pushes-title", Static).update(f"Push log ({len(pushes)}, newest first)")
+        self.query_one("#push-log", VirtualTable).set_rows(pushes, now=now)
+
+    def selected_push(self) -> PushRow | None:
+        row = self.query_one("#push-log", VirtualTable).cursor_value
+        return row if isinstance(row, PushRow) else None
+
+    def selected_selector(self) -> str | None:
+        push = self.selected_push()
+        return push.selector if push is not None and push.selector else None
+
+    def selected_call_id(self) -> str | None:
+        push = self.selected_push()
+        return push.call_id if push is not None else None
+
+    @on(VirtualTable.RowSelected)
+    def _selected(self, event: VirtualTable.RowSelected) -> None:
+        if isinstance(event.row, PushRow) and event.row.selector:
+            self.console.open_instance(event.row.selector)
+
+    @on(VirtualTable.RowHighlighted)
+    def _highlighted(self) -> None:
+        self.refresh_bindings()
+
+
+class EventLogScreen(LogScreen):
+    def body(self) -> ComposeResult:
+        yield Static("Event log (newest first)", id="events-title", classes="section-title")
+        yield VirtualTable[EventRow](event_columns(self.console.model.store, self.console.utc),
+                                    key=lambda e: f"{e.seq}:{e.at}", empty_text="no events yet", id="event-log")
+
+    def on_mount(self) -> None:
+        self.query_one("#event-log", VirtualTable).focus()
+
+    def reload_rows(self, now: float) -> None:
+        events = self.console.model.event_log()
+        self.query_one("#events-title", Static).update(f"Event log ({len(events)}, newest first)")
+        self.query_one("#event-log", VirtualTable).set_rows(events, now=now)
+
+    @on(VirtualTable.RowSelected)
+    def _selected(self, event: VirtualTable.RowSelected) -> None:
+        if isinstance(event.row, EventRow) and event.row.selector and event.row.selector in self.console.model.store:
+            self.console.open_instance(event.row.selector)
+
+
+class AuditScreen(LogScreen):
+    def body(self) -> ComposeResult:
+        yield Static("Audit log (newest first)", id="audit-title", classes="section-title")
+        yield VirtualTable[AuditRow](audit_columns(self.console.model.store, self.console.utc),
+                                    key=lambda a: f"{a.at}:{a.action}:{a.target}",
+                                    empty_text="no audited actions", id="audit-log")
+
+    def on_mount(self) -> None:
+        self.query_one("#audit-log", VirtualTable).focus()
+
+    def reload_rows(self, now: float) -> None:
+        entries = self.console.model.audit_log()
+        self.query_one("#audit-title", Static).update(f"Audit log ({len(entries)}, newest first)")
+        self.query_one("#audit-log", VirtualTable).set_rows(entries, now=now)

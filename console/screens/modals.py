@@ -1,0 +1,119 @@
+"""The confirm modal (every action goes through it) and the help screen (the key map)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Label, Static
+
+from console.feed import role_allows
+
+#: (section, [(keys, what, role needed or None)]); the help screen and docs/console.md show this
+KEYMAP: list[tuple[str, list[tuple[str, str, str | None]]]] = [
+    ("Everywhere", [
+        ("1 2 3 4 5", "views: instances, held calls, push log, event log, audit log", None),
+        ("ctrl+p", "command palette: every view and action", None),
+        ("?", "this key map", None),
+        ("p", "pause / resume live updates (the view freezes, events queue up)", None),
+        ("f2", "toggle the high-contrast theme", None),
+        ("q", "quit (asks first); ctrl+c does nothing harmful", None),
+        ("esc", "back / close / clear the filter", None),
+    ]),
+    ("Tables", [
+        ("↑ ↓ j k", "move the cursor", None),
+        ("pgup pgdn home end", "page / jump", None),
+        ("enter", "open: instance detail, call trace", None),
+        ("click header", "sort by that column (again: reverse)", None),
+    ]),
+    ("Instances (1)", [
+        ("/", "filter as you type (words AND-ed; state:, status:, code:, push:, provider:)", None),
+        ("s / S", "sort by the next column / reverse the order", None),
+    ]),
+    ("Instance actions (instances, detail)", [
+        ("t", "take over: the SIPIS registers for the app now", "operator"),
+        ("h", "hand back: drop our binding, the app registers itself", "operator"),
+        ("r", "re-register now", "operator"),
+        ("n", "send a test push", "operator"),
+        ("D", "disable: unregister, wipe credentials, state off", "admin"),
+    ]),
+    ("Instance detail / call trace", [
+        ("tab / shift+tab", "move between ladder, timeline, pushes", None),
+        ("e / E", "export the selected call's trace as text / pcap (into the working dir)", None),
+        ("R", "replay the selected push (detail: Pushes tab; push log)", "operator"),
+        ("ctrl+r", "reload", None),
+        ("i", "open the call's instance (held calls)", None),
+    ]),
+]
+
+
+def keymap_for(role: str | None) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The key map without what ``role`` may not do."""
+    result = []
+    for section, keys in KEYMAP:
+        shown = [(k, what) for k, what, needed in keys if needed is None or role_allows(role, needed)]
+        if shown:
+            result.append((section, shown))
+    return result
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """Yes/no; ``y``/enter confirms, ``n``/esc cancels."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("y", "answer(True)", "Yes"),
+        Binding("n,escape", "answer(False)", "No"),
+    ]
+
+    def __init__(self, title: str, message: str, *, confirm: str = "Yes", danger: bool = False) -> None:
+        super().__init__(classes="-danger" if danger else None)
+        self.title_text = title
+        self.message = message
+        self.confirm = confirm
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="confirm-box"):
+            yield Label(self.title_text, id="confirm-title")
+            yield Static(self.message, id="confirm-message", markup=False)
+            with Horizontal(id="confirm-buttons"):
+                yield Button(f"{self.confirm} (y)", id="confirm-yes", variant="error" if
+                             self.has_class("-danger") else "primary")
+                yield Button("Cancel (n)", id="confirm-no")
+
+    def on_mount(self) -> None:
+        self.query_one("#confirm-no", Button).focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "confirm-yes")
+
+    def action_answer(self, answer: bool) -> None:
+        self.dismiss(answer)
+
+
+class HelpScreen(ModalScreen[None]):
+    """The key map (what this operator's role may use)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,question_mark,q", "close", "Close"),
+    ]
+
+    def __init__(self, role: str | None) -> None:
+        super().__init__()
+        self.role = role
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="help-box"):
+            yield Label("Key map", id="help-title")
+            with VerticalScroll(id="help-scroll"), Grid(id="help-grid"):
+                for section, keys in keymap_for(self.role):
+                    yield Label(section, classes="help-section")
+                    for key, what in keys:
+                        yield Label(key, classes="help-key", markup=False)
+                        yield Label(what, classes="help-what", markup=False)
+            yield Label("esc / ? closes · ctrl+p lists every command", id="help-hint")
+
+    def action_close(self) -> None:
+        self.dismiss(None)

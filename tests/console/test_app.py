@@ -1,0 +1,591 @@
+"""Pilot tests of the console against the FakeFeed (frozen clock, scripted events)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from textual.command import CommandPalette
+from textual.widgets import Input, OptionList
+
+from console.app import SipisConsole
+from console.commands import palette_commands
+from console.feed import FakeFeed, FeedError, InstanceStore
+from console.screens import (
+    AuditScreen,
+    CallsScreen,
+    CallTraceScreen,
+    ConfirmScreen,
+    DashboardScreen,
+    EventLogScreen,
+    HelpScreen,
+    InstanceDetailScreen,
+    PushLogScreen,
+)
+from widgets.instance_table import InstanceTable
+from widgets.ladder import Ladder
+from widgets.status_strip import StatusStrip
+from widgets.table import VirtualTable
+
+from .helpers import NOW, make_console, ready, record_notes, screen_text, until
+
+
+def info_text(app: SipisConsole) -> str:
+    return str(app.screen.query_one("#table-info").render())
+
+
+def table(app: SipisConsole) -> InstanceTable:
+    return app.screen.query_one(InstanceTable)
+
+
+def strip_text(app: SipisConsole) -> str:
+    return str(app.screen.query_one(StatusStrip).render())
+
+
+# ---------------------------------------------------------------------------------------------- dashboard
+
+
+async def test_dashboard_shows_every_instance_and_the_status_strip() -> None:
+    app = make_console()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        assert isinstance(app.screen, DashboardScreen)
+        assert "40 of 40" in info_text(app)
+        assert table(app).row_count == 40
+        strip = strip_text(app)
+        for text in ("sipis-lab-1", "up 3d04h", "PBX up", "held 2", "alice", "OPERATOR", "proxied 24", "99.4%"):
+            assert text in strip
+
+
+async def test_filter_narrows_as_you_type_and_shows_n_of_m() -> None:
+    app = make_console()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("slash")
+        assert isinstance(app.focused, Input)
+        await pilot.press(*"alice")
+        await pilot.pause()
+        assert "4 of 40" in info_text(app)
+        assert table(app).row_count == 4
+        assert all("alice" in row.aor for row in table(app).rows)
+        await pilot.press("space", *"state:prox")
+        await pilot.pause()
+        assert "3 of 40" in info_text(app)
+        await pilot.press("enter")  # keep the filter, back to the table
+        assert isinstance(app.focused, InstanceTable)
+        assert "3 of 40" in info_text(app)
+        await pilot.press("escape")  # clear it
+        await pilot.pause()
+        assert "40 of 40" in info_text(app)
+        assert not app.screen.query_one("#filter", Input).has_class("-active")
+
+
+async def test_typing_q_into_the_filter_does_not_quit() -> None:
+    app = make_console()
+    async with app.run_test() as pilot:
+        await ready(pilot, app)
+        await pilot.press("slash", "q", "p", "t")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmScreen)
+        assert app.screen.query_one("#filter", Input).value == "qpt"
+        assert not app.paused
+
+
+async def test_sort_keys_toggle_and_header_click() -> None:
+    app = make_console()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        store: InstanceStore = app.model.store
+        assert (store.sort_key, store.sort_desc) == ("aor", False)
+        await pilot.press("s")
+        assert (store.sort_key, store.sort_desc) == ("reg", False)
+        assert table(app).rows[0].reg_status == "unauthorized"
+        await pilot.press("S")
+        assert (store.sort_key, store.sort_desc) == ("reg", True)
+        assert table(app).rows[0].reg_status == "idle"
+        assert "Reg▼" in info_text(app)
+        await pilot.click(InstanceTable, offset=(2, 0))  # the "State" header
+        await pilot.pause()
+        assert (store.sort_key, store.sort_desc) == ("state", False)
+        assert table(app).rows[0].state == "active"
+        await pilot.click(InstanceTable, offset=(2, 0))
+        await pilot.pause()
+        assert (store.sort_key, store.sort_desc) == ("state", True)
+        assert table(app).rows[0].state == "off"
+
+
+async def test_countdowns_are_computed_at_render_time() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        first = table(app).rows[0]
+        assert first.next_refresh_at == NOW + 30
+        assert "     30s   1m00s" in screen_text(app)
+        feed.now += 10
+        app.tick()
+        await pilot.pause()
+        assert "     20s     50s" in screen_text(app)
+
+
+async def test_events_update_the_table_in_batches() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        first = table(app).rows[0]
+        assert first.state == "proxied"
+        feed.emit("instance.state", first.selector, state="off", previous="proxied")
+        feed.emit("registration.status", first.selector, status="idle", previous="registered")
+        await until(pilot, lambda: len(app._pending) == 2)
+        assert table(app).rows[0].state == "proxied"  # not before the tick
+        app.tick()
+        await pilot.pause()
+        assert table(app).rows[0].state == "off"
+        assert table(app).rows[0].reg_status == "idle"
+
+
+async def test_a_gap_in_the_event_stream_reloads_everything() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+    async with app.run_test() as pilot:
+        await ready(pilot, app)
+        loads = sum(1 for name, _ in feed.requests if name == "instances")
+        feed.emit("instance.app", "s000001", reported="active")
+        feed.emit("gap", None, since=1, first_available=7)  # events 2..6 left the core's ring
+        await until(pilot, lambda: app._resync)
+        app.tick()
+        await until(pilot, lambda: sum(1 for name, _ in feed.requests if name == "instances") == loads + 1)
+
+
+# ---------------------------------------------------------------------------------------------- drill-down
+
+
+async def test_click_a_row_then_click_it_again_opens_the_detail() -> None:
+    app = make_console()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await pilot.click(InstanceTable, offset=(5, 3))  # header is line 0: this is the third row
+        await pilot.pause()
+        assert table(app).cursor_row == 2
+        selector = table(app).rows[2].selector
+        await pilot.click(InstanceTable, offset=(5, 3))
+        await pilot.pause()
+        assert isinstance(app.screen, InstanceDetailScreen) and app.screen.selector == selector
+
+
+async def test_enter_opens_the_detail_with_a_ladder_and_escape_returns() -> None:
+    app = make_console()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        selector = table(app).rows[0].selector
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, InstanceDetailScreen)
+        assert app.screen.selector == selector
+        ladder = app.screen.query_one(Ladder)
+        await until(pilot, lambda: ladder.row_count > 0)
+        assert ladder.row_count == 14  # 10 SIP messages, a push and its answer, two app reports
+        text = screen_text(app)
+        for lane in ("PBX", "SIPIS", "Push/App"):
+            assert lane in text
+        assert "REGISTER" in text and "401 Unauthorized" in text and "push call (fcm)" in text
+        # the raw message of the selected arrow is shown beside the ladder
+        for _ in range(5):
+            await pilot.press("down")
+        await pilot.pause()
+        assert "Call-ID: inv-s000000@pbx1.example.net" in screen_text(app)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert isinstance(app.screen, DashboardScreen)
+
+
+async def test_export_a_call_trace_as_text_and_pcap(tmp_path: Path) -> None:
+    app = make_console(export_dir=tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        notes = record_notes(app)
+        await ready(pilot, app)
+        await pilot.press("enter")
+        ladder = app.screen.query_one(Ladder)
+        await until(pilot, lambda: ladder.row_count > 0)
+        for _ in range(5):
+            await pilot.press("down")
+        await pilot.press("e", "E")
+        text_file = tmp_path / "sipis-call-inv-s000000_pbx1.example.net.txt"
+        pcap_file = tmp_path / "sipis-call-inv-s000000_pbx1.example.net.pcap"
+        await until(pilot, lambda: text_file.exists() and pcap_file.exists())
+        assert text_file.read_text().startswith("call inv-s000000@pbx1.example.net")
+        assert pcap_file.read_bytes()[:4] == bytes.fromhex("d4c3b2a1")
+        await until(pilot, lambda: sum("Trace written" in n.title for n in notes) == 2)
+        assert any(str(text_file) in n.message for n in notes)
+
+
+async def test_held_calls_board_and_call_trace() -> None:
+    app = make_console()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("2")
+        await pilot.pause()
+        assert isinstance(app.screen, CallsScreen)
+        held = app.screen.query_one("#held", VirtualTable)
+        assert held.row_count == 2
+        text = screen_text(app)
+        assert "Held calls (2)" in text and "1m52s" in text and "3m52s" in text and "Push-Notification-Sent" in text
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, CallTraceScreen)
+        ladder = app.screen.query_one(Ladder)
+        await until(pilot, lambda: ladder.row_count > 0)
+        assert "INVITE" in screen_text(app)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert isinstance(app.screen, CallsScreen)
+
+
+async def test_views_switch_with_number_keys() -> None:
+    app = make_console()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        for key, kind in (("3", PushLogScreen), ("4", EventLogScreen), ("5", AuditScreen), ("1", DashboardScreen),
+                          ("2", CallsScreen)):
+            await pilot.press(key)
+            await pilot.pause()
+            assert isinstance(app.screen, kind)
+        await pilot.press("3")
+        await pilot.pause()
+        assert app.screen.query_one("#push-log", VirtualTable).row_count == 35
+        await pilot.press("5")
+        await pilot.pause()
+        assert "take_over" in screen_text(app)
+
+
+async def test_event_log_follows_the_stream() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("4")
+        feed.emit("registration", "s000001", result="registered", code=200, expires=3600)
+        await until(pilot, lambda: len(app._pending) == 1)
+        app.tick()
+        await pilot.pause()
+        text = screen_text(app)
+        assert "Event log (1, newest first)" in text
+        assert "registration" in text and "bob00001@pbx2.example.net" in text and "code=200" in text
+
+
+# ---------------------------------------------------------------------------------------------- actions and roles
+
+
+async def test_action_needs_confirmation_and_calls_the_feed_only_on_yes() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+    async with app.run_test(size=(120, 40)) as pilot:
+        notes = record_notes(app)
+        await ready(pilot, app)
+        selector = table(app).rows[0].selector
+        await pilot.press("t")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "Take over sip:alice00000@pbx1.example.net" in screen_text(app)
+        await pilot.press("n")
+        await pilot.pause()
+        assert isinstance(app.screen, DashboardScreen)
+        assert feed.actions == []
+        await pilot.press("t", "y")
+        await until(pilot, lambda: feed.actions == [(selector, "take-over")])
+        await until(pilot, lambda: any(n.title == "Take over" for n in notes))
+        for key, name in (("h", "hand-back"), ("r", "re-register"), ("n", "test-push")):
+            await pilot.press(key)
+            await pilot.pause()
+            await pilot.press("y")
+            await until(pilot, lambda name=name: feed.actions[-1] == (selector, name))  # type: ignore[misc]
+        await until(pilot, lambda: any("push accepted" in n.message for n in notes))
+        # disable needs admin: an operator does not even get the key
+        await pilot.press("D")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmScreen)
+
+
+async def test_actions_from_the_detail_screen() -> None:
+    feed = FakeFeed(now=NOW, role="admin")
+    app = make_console(feed, role="admin")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("enter")
+        await pilot.pause()
+        await pilot.press("D")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen) and app.screen.has_class("-danger")
+        await pilot.press("y")
+        await until(pilot, lambda: feed.actions == [("s000000", "disable")])
+        assert isinstance(app.screen, InstanceDetailScreen)
+
+
+async def test_replay_a_push_from_the_push_log() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("3")
+        await pilot.pause()
+        push = app.screen.query_one("#push-log", VirtualTable).cursor_value
+        await pilot.press("R")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await until(pilot, lambda: feed.actions == [(push.push_id, "replay")])  # type: ignore[union-attr]
+
+
+async def test_refused_action_shows_the_403() -> None:
+    feed = FakeFeed(now=NOW, refuse_actions=True)
+    app = make_console(feed)
+    async with app.run_test() as pilot:
+        notes = record_notes(app)
+        await ready(pilot, app)
+        await pilot.press("r", "y")
+        await until(pilot, lambda: any("403" in n.message for n in notes))
+        note = next(n for n in notes if "403" in n.message)
+        assert note.severity == "error" and note.title == "Re-register"
+        assert feed.actions == []
+
+
+async def test_viewer_sees_no_actions() -> None:
+    feed = FakeFeed(now=NOW, role="viewer")
+    app = make_console(feed, role="viewer")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        assert "VIEWER" in strip_text(app)
+        actions = {binding.binding.action for binding in app.screen.active_bindings.values()}
+        assert not any(action.startswith("act(") for action in actions)
+        footer = screen_text(app).splitlines()[-1]
+        assert "Take over" not in footer and "Filter" in footer
+        await pilot.press("t", "h", "r", "n", "D")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmScreen)
+        titles = [c.title for c in palette_commands(app)]
+        assert not any(title.startswith("Action:") for title in titles)
+        assert "View: held calls" in titles
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, InstanceDetailScreen)
+        actions = {binding.binding.action for binding in app.screen.active_bindings.values()}
+        assert not any(action.startswith("act(") for action in actions)
+        await pilot.press("escape", "3")
+        await pilot.pause()
+        assert "replay" not in {binding.binding.action for binding in app.screen.active_bindings.values()}
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert "take over" not in screen_text(app)
+        assert feed.actions == [] and not any(r[0] == "action" for r in feed.requests)
+
+
+async def test_operator_palette_and_footer_offer_actions() -> None:
+    app = make_console(role="operator")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        titles = [c.title for c in palette_commands(app)]
+        for title in ("View: instances (dashboard)", "View: held calls", "View: push log", "View: event log",
+                      "View: audit log", "Help: key map", "Pause updates", "Filter instances", "Quit",
+                      "Action: Take over sip:alice00000@pbx1.example.net", "Action: Hand back sip:alice00000@pbx1."
+                      "example.net", "Action: Re-register sip:alice00000@pbx1.example.net",
+                      "Action: Test push sip:alice00000@pbx1.example.net"):
+            assert title in titles
+        assert not any(title.startswith("Action: Disable") for title in titles)  # admin only
+        assert "Take over" in screen_text(app).splitlines()[-1]
+
+
+async def test_command_palette_lists_views_and_actions() -> None:
+    app = make_console()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("ctrl+p")
+        await until(pilot, lambda: isinstance(app.screen, CommandPalette))
+        await pilot.press(*"held calls")
+        options = app.screen.query_one(OptionList)
+        await until(pilot, lambda: options.option_count > 0)
+        prompts = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+        assert any("View: held calls" in p for p in prompts)
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, CallsScreen))
+        await pilot.press("1", "ctrl+p")
+        await until(pilot, lambda: isinstance(app.screen, CommandPalette))
+        await pilot.press(*"take over")
+        options = app.screen.query_one(OptionList)
+        await until(pilot, lambda: options.option_count > 0)
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+
+
+# ---------------------------------------------------------------------------------- alarms, pause, help, quit
+
+
+async def test_alarm_events_notify_at_once() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+    async with app.run_test() as pilot:
+        notes = record_notes(app)
+        await ready(pilot, app)
+        await pilot.press("p")  # even while paused
+        feed.emit("alarm", "s000005", alarm="unauthorized", code=403, reason="Forbidden")
+        feed.emit("alarm", "s000006", alarm="push-rejected", push_id="p1", provider_code=410,
+                  provider_reason="Unregistered")
+        feed.emit("alarm", None, alarm="pbx-down", detail="connect timeout")
+        await until(pilot, lambda: len(notes) == 3)
+        assert [n.title for n in notes] == ["Registrar refuses credentials", "Push rejected", "PBX unreachable"]
+        assert all(n.severity == "error" for n in notes)
+        assert "frank00005" in notes[0].message and "403" in notes[0].message
+        assert "410 Unregistered" in notes[1].message
+
+
+async def test_pbx_down_in_the_summary_notifies_once_and_shows_in_the_strip() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+    async with app.run_test(size=(120, 30)) as pilot:
+        notes = record_notes(app)
+        await ready(pilot, app)
+        feed.pbx_reachable = False
+        await app.refresh_now()
+        await app.refresh_now()
+        await pilot.pause()
+        assert [n.title for n in notes] == ["PBX unreachable"]
+        assert "DOWN" in strip_text(app) and "alarms 1" in strip_text(app)
+
+
+async def test_pause_freezes_the_view() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        before = screen_text(app)
+        await pilot.press("p")
+        await pilot.pause()
+        assert app.paused and "PAUSED" in strip_text(app)
+        selector = table(app).rows[0].selector
+        feed.emit("instance.state", selector, state="off", previous="proxied")
+        await until(pilot, lambda: len(app._pending) == 1)
+        feed.now += 15
+        app.tick()
+        await app.refresh_now()
+        await pilot.pause()
+        assert table(app).rows[0].state == "proxied"
+        assert screen_text(app).replace(" PAUSED ", "        ") == before.replace(" PAUSED ", "        ")
+        await pilot.press("p")
+        await until(pilot, lambda: table(app).rows[0].state == "off")
+        assert not app.paused and "PAUSED" not in strip_text(app)
+        assert "     15s     45s" in screen_text(app) or table(app).rows[0].next_refresh_at is not None
+
+
+async def test_help_lists_the_key_map() -> None:
+    app = make_console()
+    async with app.run_test(size=(100, 60)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        text = screen_text(app)
+        for item in ("Key map", "command palette", "filter as you type", "take over", "export", "pause"):
+            assert item in text
+        await pilot.press("escape")
+        await pilot.pause()
+        assert isinstance(app.screen, DashboardScreen)
+
+
+async def test_quit_asks_first_and_ctrl_c_is_harmless() -> None:
+    app = make_console()
+    async with app.run_test() as pilot:
+        notes = record_notes(app)
+        await ready(pilot, app)
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        assert app.is_running and not isinstance(app.screen, ConfirmScreen)
+        assert any("press q to quit" in n.message for n in notes)
+        await pilot.press("q")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")
+        await pilot.pause()
+        assert app.is_running and isinstance(app.screen, DashboardScreen)
+        await pilot.press("q", "y")
+        await pilot.pause()
+    assert app.return_code == 0
+
+
+async def test_high_contrast_theme_toggles() -> None:
+    app = make_console()
+    async with app.run_test() as pilot:
+        await ready(pilot, app)
+        default = app.theme
+        await pilot.press("f2")
+        assert app.theme == SipisConsole.HIGH_CONTRAST
+        await pilot.press("f2")
+        assert app.theme == default
+
+
+async def test_identity_comes_from_whoami_when_not_given() -> None:
+    feed = FakeFeed(now=NOW, name="carol", role="viewer")
+    app = make_console(feed, name=None, role=None)
+    async with app.run_test() as pilot:
+        await ready(pilot, app)
+        assert (app.operator_name, app.role) == ("carol", "viewer")
+        assert "carol" in strip_text(app) and "VIEWER" in strip_text(app)
+
+
+class BrokenFeed(FakeFeed):
+    async def instances(self) -> list:  # type: ignore[type-arg]
+        raise FeedError("connection refused", code="unreachable")
+
+
+async def test_unreachable_core_is_reported() -> None:
+    app = make_console(BrokenFeed(now=NOW))
+    async with app.run_test(size=(100, 24)) as pilot:
+        notes = record_notes(app)
+        await app.ready.wait()
+        await pilot.pause()
+        app.tick()
+        await pilot.pause()
+        assert any(n.title == "Core unreachable" for n in notes) or not app.connected
+        assert "DISCONNECTED" in strip_text(app)
+
+
+# ---------------------------------------------------------------------------------------------- size and scale
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 50)])
+async def test_every_screen_renders_at(size: tuple[int, int]) -> None:
+    app = make_console()
+    async with app.run_test(size=size) as pilot:
+        await ready(pilot, app)
+        assert "Instances  40 of 40" in screen_text(app)
+        await pilot.press("enter")
+        ladder = app.screen.query_one(Ladder)
+        await until(pilot, lambda: ladder.row_count > 0)
+        text = screen_text(app)
+        assert "REGISTER" in text and "esc Back" in text
+        for tab in ("tab", "tab"):
+            await pilot.press(tab)
+        await pilot.press("escape")
+        for key in ("2", "3", "4", "5", "question_mark", "escape", "1"):
+            await pilot.press(key)
+            await pilot.pause()
+            assert screen_text(app).strip()
+        assert isinstance(app.screen, DashboardScreen)
+
+
+async def test_100k_instances_load_and_scroll() -> None:
+    feed = FakeFeed(now=NOW, instances=100_000)
+    app = make_console(feed)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        tbl = table(app)
+        assert tbl.row_count == 100_000
+        assert tbl.virtual_size.height == 100_001  # one header line + the rows
+        assert "100,000 of 100,000" in info_text(app)
+        await pilot.press("end")
+        await pilot.pause()
+        assert tbl.cursor_row == 99_999
+        assert tbl.scroll_offset.y == 100_001 - tbl.scrollable_content_region.height
+        await pilot.press("slash", *"oscar09995")
+        await pilot.pause()
+        assert "1 of 100,000" in info_text(app)
+        assert tbl.rows[0].aor == "sip:oscar09995@pbx3.example.net"

@@ -1,0 +1,40 @@
+"""A row of labelled sparklines (``textual.widgets.Sparkline``) fed with plain number series."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Label, Sparkline
+
+
+class SparkPanel(Horizontal):
+    """One labelled sparkline per series; :meth:`show` replaces the data of one series."""
+
+    DEFAULT_CSS = """
+    SparkPanel {
+        height: 3;
+        background: $surface;
+        & > Vertical { width: 1fr; height: 3; padding: 0 1; }
+        & Label { height: 1; width: 1fr; color: $text-muted; }
+        & Sparkline { height: 2; width: 1fr; }
+    }
+    """
+
+    def __init__(self, series: Sequence[tuple[str, str]], *, id: str | None = None,
+                 classes: str | None = None) -> None:
+        """``series``: (key, title) pairs, in display order."""
+        super().__init__(id=id, classes=classes)
+        self.series = list(series)
+
+    def compose(self) -> ComposeResult:
+        for key, title in self.series:
+            with Vertical(id=f"spark-{key}"):
+                yield Label(title, id=f"spark-{key}-label")
+                yield Sparkline([], id=f"spark-{key}-line")
+
+    def show(self, key: str, data: Sequence[float], caption: str) -> None:
+        title = dict(self.series)[key]
+        self.query_one(f"#spark-{key}-label", Label).update(f"{title}  {caption}")
+        self.query_one(f"#spark-{key}-line", Sparkline).data = list(data)
