@@ -525,6 +525,9 @@ class _StreamProtocol(asyncio.Protocol):
             elif isinstance(frame, KeepAlivePong):
                 self.flow.ping_sent_at = None
             else:
+                # Any message proves the flow alive: under load the peer's pong queues behind the
+                # responses it owes us, and dropping a busy flow would re-register everyone on it.
+                self.flow.ping_sent_at = None
                 self.layer._deliver(frame, self.flow, stream=True)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -1121,3 +1121,30 @@ async def test_responses_are_passed_up_unstamped(make_harness: HarnessFactory, c
     message, _ = await harness.next_message()
     assert isinstance(message, Response) and message.status == 180
     assert message.top_via.params["rport"] is None and "received" not in message.top_via.params
+
+
+async def test_traffic_on_a_flow_counts_as_a_pong() -> None:
+    """A peer busy answering our requests may send its pong late; its messages prove the flow alive."""
+    from sipis.sip.transport import TransportLayer, _StreamProtocol
+
+    received: list[object] = []
+    layer = TransportLayer(lambda message, flow: received.append(message), keepalive_interval=0)
+    protocol = _StreamProtocol(layer, "tcp", outbound=True)
+
+    class FakeTransport:
+        def get_extra_info(self, name: str) -> tuple[str, int]:
+            return ("127.0.0.1", 5000) if name == "sockname" else ("127.0.0.1", 5060)
+
+        def write(self, data: bytes) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    protocol.connection_made(FakeTransport())  # type: ignore[arg-type]
+    assert protocol.flow is not None
+    protocol.flow.ping_sent_at = 123.0
+    protocol.data_received(
+        b"SIP/2.0 200 OK\r\nVia: SIP/2.0/TCP 127.0.0.1:5000;branch=z9hG4bKx\r\nFrom: <sip:a@b>;tag=1\r\n"
+        b"To: <sip:a@b>\r\nCall-ID: c\r\nCSeq: 1 REGISTER\r\nContent-Length: 0\r\n\r\n")
+    assert received and protocol.flow.ping_sent_at is None
