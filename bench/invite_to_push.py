@@ -20,28 +20,37 @@ No-Response-From-Device``, so about ``rate × wake_timeout`` calls are held at o
 An unmeasured ``--warmup`` run comes first (TLS connections of the push client warm, code paths hot);
 then ``--repeats`` measured runs, each followed by a drain until no call is held.
 
-Measured per call (all wall-clock ``time.time()``, one host, one clock):
+Measured per call (all wall-clock ``time.time()``, one host, one clock), in ``latency_ms``:
 
-* ``invite_to_push_sent_ms``: ``PushTrace.stages["invite_received"]`` → ``stages["push_sent"]``.
+* ``invite_to_push_sent``: ``PushTrace.stages["invite_received"]`` → ``stages["push_sent"]``.
   ``invite_received`` is stamped by ``CallManager.on_invite`` (the INVITE is parsed, its server
   transaction created, ``100 Trying`` sent, the instance found); ``push_sent`` is stamped by
   ``PushDelivery.deliver`` in the push task **just before** the request is handed to the provider
-  (the body is built and ``httpx`` called after it), so this is the core's own decision path
-  including the task hop, not the HTTP client.
-* ``invite_to_mediator_ms``: ``invite_received`` → the mediator's ``Received.at`` (stamped after
-  uvicorn/FastAPI read the whole request body). Adds the provider's body building, httpx, TLS,
-  loopback TCP and the mediator's HTTP parsing: an upper bound of "push request on the wire".
-* ``frame_to_invite_ms`` and ``frame_to_mediator_ms``: from the moment the INVITE's bytes (one
-  framed message from the TCP connection) are handed to our SIP parser. Taken by wrapping two
-  attributes of the core's ``TransportLayer`` instance (``_deliver`` and ``_on_message``) in this
-  benchmark; ``sipis/`` is not changed.
+  (the body is built and ``httpx`` called after it): the core's own decision path including the
+  task hop, not the HTTP client.
+* ``invite_to_wire`` (**the goal's figure**): ``invite_received`` → httpcore has written the whole
+  request into the provider's TLS connection (its ``http11.send_request_body.complete`` trace event,
+  through a request hook this benchmark adds to the provider's ``httpx.AsyncClient``): "push request
+  on the wire". ``push_sent_to_wire`` is the part spent in the provider and httpx/httpcore/TLS.
+* ``invite_to_mediator``: ``invite_received`` → the mediator's ``Received.at`` (stamped after
+  uvicorn/FastAPI read the whole body): adds loopback TCP and the mediator's HTTP parsing
+  (``wire_to_mediator``), an upper bound.
+* ``frame_to_invite`` and ``frame_to_wire``: from the moment the INVITE's bytes (one framed message
+  from the TCP connection) are handed to our SIP parser. Taken by wrapping two attributes of the
+  core's ``TransportLayer`` instance (``_deliver`` and ``_on_message``); ``sipis/`` is not changed.
 
-Also: calls attempted/held/completed, sipp's failed calls, the largest and the steady-state number
-of simultaneously held calls (``len(core.calls.held)`` sampled every 10 ms, which also yields the
-event-loop lag), CPU seconds per call of this process (the core, plus the mediator when inline), of
-the mediator process and of Kamailio. Per repeat p50/p90/p99/max; the summary gives the median over
-repeats of each percentile, the pooled p99 of all calls and the maximum.
+Also: calls attempted/held/completed, sipp's failed calls, pushes that never reached the mediator,
+the largest and the steady-state number of simultaneously held calls (``len(core.calls.held)``
+sampled every 10 ms, which also gives the event-loop lag), garbage-collector pauses per generation
+(``gc.callbacks``), TCP/TLS connections the push client opened, SIP connections the core lost
+(``endpoint.flow_closed_listeners``, with the reason) and SIP parse/framing errors, CPU seconds per
+call of this process (the core, plus the mediator when inline), of the mediator process and of
+Kamailio, and the 1-minute load average before and after (the machine is shared: a loaded machine
+makes every figure worse). Per repeat p50/p90/p99/max; the summary gives the median over repeats
+of each percentile, the pooled p99 of all calls and the maximum. The core's INFO log goes to
+``core.log`` in the work folder, which is kept (and named in the JSON) when a run had trouble.
 
+``--keepalive`` sets the core's ``sip.keepalive_interval`` (default 30 s as in the product).
 ``--profile FILE`` runs cProfile over the measured repeats (latencies are then inflated and not
 comparable) and prints the top functions to stderr.
 
@@ -567,6 +576,7 @@ class Options:
     repeats: int
     warmup: float
     mediator: str
+    keepalive: float
     profile: Path | None
     keep: bool
 
@@ -585,11 +595,12 @@ class Lab:
     kam_pid: int
 
 
-def make_config(workdir: Path, mediator: Mediator, wake_timeout: float) -> Any:
+def make_config(workdir: Path, mediator: Mediator, wake_timeout: float, keepalive: float) -> Any:
     port = free_port()
     return parse_config({
         "state_dir": str(workdir / "state"),
-        "sip": {"listen": [f"udp:127.0.0.1:{port}", f"tcp:127.0.0.1:{port}"], "register_expires": 3600},
+        "sip": {"listen": [f"udp:127.0.0.1:{port}", f"tcp:127.0.0.1:{port}"], "register_expires": 3600,
+                "keepalive_interval": keepalive},
         "api": {"listen": "127.0.0.1:0", "enroll_tokens": [ENROL_TOKEN]},
         "calls": {"wake_timeout": wake_timeout, "answer_timeout": wake_timeout},
         "push": {"mediator": {"type": "acrobits", "url": mediator.send_url, "ca_file": mediator.ca_file,
@@ -757,7 +768,7 @@ async def run_benchmark(opts: Options) -> tuple[dict[str, Any], bool]:
     result: dict[str, Any] = {
         "benchmark": "invite_to_push", "rate": opts.rate, "duration_s": opts.duration,
         "instances": opts.instances, "wake_timeout_s": opts.wake_timeout, "repeats": opts.repeats,
-        "warmup_s": opts.warmup,
+        "warmup_s": opts.warmup, "keepalive_interval_s": opts.keepalive,
     }
     runs: list[Run] = []
     profiler = cProfile.Profile() if opts.profile is not None else None
@@ -774,7 +785,7 @@ async def run_benchmark(opts: Options) -> tuple[dict[str, Any], bool]:
                 mediator = await InlineMediator.start(workdir / "mediator")
             result["mediator"] = mediator.where
             try:
-                core = Core(make_config(workdir, mediator, opts.wake_timeout))
+                core = Core(make_config(workdir, mediator, opts.wake_timeout, opts.keepalive))
                 listening = await core.start()
                 try:
                     assert listening.api_url is not None and core.endpoint is not None
@@ -898,6 +909,8 @@ def parse_args(argv: Sequence[str] | None) -> Options | Path:
                         help="seconds of unmeasured calling first (default 3; 0 = none)")
     parser.add_argument("--mediator", choices=("process", "inline"), default="process",
                         help="mediator in a child process (default) or on the core's event loop")
+    parser.add_argument("--keepalive", type=float, default=30.0,
+                        help="sip.keepalive_interval of the core, seconds (default 30 as in the product; 0 = off)")
     parser.add_argument("--profile", type=Path, default=None,
                         help="cProfile the measured runs into this file (latencies then inflated)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, sipp files)")
@@ -905,14 +918,14 @@ def parse_args(argv: Sequence[str] | None) -> Options | Path:
     ns = parser.parse_args(argv)
     if ns.mediator_child is not None:
         return Path(ns.mediator_child)
-    if ns.rate <= 0 or ns.duration <= 0 or ns.wake_timeout <= 0 or ns.warmup < 0:
-        parser.error("--rate, --duration and --wake-timeout must be > 0, --warmup >= 0")
+    if ns.rate <= 0 or ns.duration <= 0 or ns.wake_timeout <= 0 or ns.warmup < 0 or ns.keepalive < 0:
+        parser.error("--rate, --duration and --wake-timeout must be > 0, --warmup and --keepalive >= 0")
     if ns.instances < 1 or ns.repeats < 1:
         parser.error("--instances and --repeats must be at least 1")
     if ns.instances > 99999:
         parser.error("--instances: at most 99999 load users")
     return Options(ns.rate, ns.duration, ns.instances, ns.wake_timeout, ns.repeats, ns.warmup, ns.mediator,
-                   ns.profile, ns.keep)
+                   ns.keepalive, ns.profile, ns.keep)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

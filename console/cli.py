@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -48,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("path", type=Path, nargs="?", default=Path("sipis.toml"), help="where (default sipis.toml)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
 
+    console = commands.add_parser("console", help="open the live console on this terminal against a running core",
+                                  description="Open the NOC console against a running core through its operator "
+                                              "API (unix socket, or a URL with a token).")
+    console.add_argument("--socket", type=Path, help="the core's operator socket (default: from --config, "
+                                                     "else $SIPIS_OPERATOR_SOCKET)")
+    console.add_argument("--config", "-c", type=Path, metavar="FILE", help="read the socket path from this config")
+    console.add_argument("--url", help="operator API URL (TCP listener); the token comes from $SIPIS_OPERATOR_TOKEN")
+    console.add_argument("--theme", help="Textual theme name (F2 toggles high contrast)")
+    console.add_argument("--utc", action="store_true", help="show times in UTC")
+
     demo = commands.add_parser("demo", help="run the core with a simulated lab (PBX, phones, callers, push)",
                                description="Start the real core with a throwaway state folder, the lab PBX, "
                                            "the lab push mediator, simulated apps and callers, all on loopback "
@@ -65,12 +76,43 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args.config, args.log_level)
     if args.command == "init":
         return init(args.path, args.force)
+    if args.command == "console":
+        return open_console(args)
     if args.command == "demo":
         from lab.demo import main as demo_main
 
         return demo_main(args)
     parser.print_help()
     return 0
+
+
+def open_console(args: argparse.Namespace) -> int:
+    import asyncio as _asyncio
+    import os
+
+    from console.app import run_console
+    from console.client import OperatorClient
+    from console.feed import OperatorFeed
+
+    socket_path = args.socket
+    if socket_path is None and args.config is not None:
+        try:
+            socket_path = load_config(args.config).operator.socket
+        except (OSError, ConfigError) as exc:
+            print(f"sipis-console: {args.config}: {exc}", file=sys.stderr)
+            return 2
+    if args.url is None and socket_path is None and not os.environ.get("SIPIS_OPERATOR_SOCKET"):
+        print("sipis-console: no core to talk to: give --socket, --config or --url", file=sys.stderr)
+        return 2
+    if args.url is not None:
+        client = OperatorClient(url=args.url, token=os.environ.get("SIPIS_OPERATOR_TOKEN"))
+    else:
+        client = OperatorClient.from_environment(socket_path=socket_path)
+    try:
+        return run_console(OperatorFeed(client), theme=args.theme, utc=args.utc)
+    finally:
+        with contextlib.suppress(Exception):
+            _asyncio.run(client.aclose())
 
 
 def init(path: Path, force: bool) -> int:

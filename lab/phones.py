@@ -394,7 +394,7 @@ class LabPhone:
         self.stats["invites"] += 1
         if self.state != "awake":
             self.stats["invites_while_asleep"] += 1
-            incoming.respond(480, headers=[("Contact", self._own_contact(incoming))])
+            incoming.respond(480)
             return
         call_id = incoming.request.call_id
         dialog = _Dialog(call_id, incoming)

@@ -188,6 +188,9 @@ _LIST_ELEMENT = re.compile(r'(?:"(?:[^"\\]|\\.)*"?|<[^>]*>?|[^,"<])+', re.DOTALL
 
 def split_list(value: str) -> list[str]:
     """Split a comma-separated header value, ignoring commas in quotes or ``<...>``."""
+    if "," not in value:
+        value = value.strip()
+        return [value] if value else []
     plain = '"' not in value and "<" not in value  # the usual case: every comma separates
     parts = value.split(",") if plain else _LIST_ELEMENT.findall(value)
     return [stripped for part in parts if (stripped := part.strip())]
@@ -581,7 +584,10 @@ class Headers:
         which would split the serialised message (header injection)."""
         name, key, value = _checked_field(name, value)
         if key != "content-length":  # always derived from the body
-            self._append(name, key, value)
+            self._names.append(name)
+            self._values.append(value)
+            if self._index is not None:
+                _index_add(self._index, key, value)
 
     def prepend(self, name: str, value: str) -> None:
         """Insert a field before all others (a new top Via), checked like :meth:`add`."""
@@ -592,13 +598,6 @@ class Headers:
         self._values.insert(0, value)
         if self._index is not None:
             _index_add(self._index, key, value, first=True)
-
-    def _append(self, name: str, key: str, value: str) -> None:
-        """Append without checks: ``name`` is canonical, ``key`` its key, ``value`` clean."""
-        self._names.append(name)
-        self._values.append(value)
-        if self._index is not None:
-            _index_add(self._index, key, value)
 
     def set(self, name: str, value: str) -> None:
         """Replace every field of this name by one field."""
@@ -701,7 +700,7 @@ def _checked_field(name: str, value: str) -> tuple[str, str, str]:
     value = str(value)
     if "\r" in value or "\n" in value or "\x00" in value:
         raise ValueError(f"refusing header {canonical[:40]!r}: {value[:40]!r}")
-    return canonical, header_key(canonical), value
+    return canonical, _KEYS.get(canonical) or canonical.lower(), value  # header_key(canonical)
 
 
 # --------------------------------------------------------------------------- messages

@@ -222,31 +222,42 @@ def _granted_expires(response: Response, binding: Binding, requested: int) -> in
 
 class _OwnContact:
     """What identifies our binding in a registrar's Contact list: the same URI (user, host in any
-    case, port) as the one we sent, or our ``+sip.instance``."""
+    case, port) as the one we sent, or our ``+sip.instance``.
+
+    Registrars usually echo our URI as we wrote it; then it is recognised by its text and never
+    parsed. Parsed parts of a URI are slices of its text, so equal text means equal parts.
+    """
 
     def __init__(self, binding: Binding) -> None:
         self.text = binding.contact_uri
         self.instance = binding.contact_params.get("+sip.instance")
-        #: (user, lower-cased host, port) of our URI; None when it is unset or does not parse,
-        #: and then it is compared as text
-        self.key: tuple[str | None, str, int | None] | None = None
-        if self.text is not None:
+        self._key: tuple[str | None, str, int | None] | None = None
+        self._parsed = False
+
+    def key(self) -> tuple[str | None, str, int | None] | None:
+        """(user, lower-cased host, port) of our URI; None when it does not parse (then it is
+        compared as text)."""
+        if not self._parsed and self.text is not None:
+            self._parsed = True
             try:
                 uri = SipURI.parse(self.text)
             except ValueError:
-                return
-            self.key = (uri.user, uri.host.lower(), uri.port)
+                return None
+            self._key = (uri.user, uri.host.lower(), uri.port)
+        return self._key
 
     def may_match(self, value: str) -> bool:
-        """Cheap and never wrong when it says no: the parsed parts that must equal ours are
-        slices of the header text, so they occur in it (the host in any case)."""
+        """Cheap and never wrong when it says no: a matching URI's user and host are in the text."""
         if self.instance is not None and self.instance in value:
             return True
         if self.text is None:
             return False
-        if self.key is None:
+        if self.text in value:
             return True
-        user, host, _ = self.key
+        key = self.key()
+        if key is None:
+            return True  # compared as text after parsing: no shortcut
+        user, host, _ = key
         return (user is None or user in value) and host in value.lower()
 
     def matches(self, contact: NameAddr) -> bool:
@@ -255,9 +266,10 @@ class _OwnContact:
         if self.text is None:
             return False
         uri = contact.uri
-        if self.key is None:
-            return str(uri) == self.text
-        return uri.scheme in ("sip", "sips") and (uri.user, uri.host.lower(), uri.port) == self.key
+        if str(uri) == self.text:
+            return True
+        key = self.key()
+        return key is not None and uri.scheme in ("sip", "sips") and (uri.user, uri.host.lower(), uri.port) == key
 
 
 def _int_header(response: Response, name: str) -> int | None:

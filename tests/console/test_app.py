@@ -10,7 +10,7 @@ from textual.widgets import Input, OptionList
 
 from console.app import SipisConsole
 from console.commands import palette_commands
-from console.feed import FakeFeed, FeedError, InstanceStore
+from console.feed import FakeFeed, FeedError, InstanceDetail, InstanceStore
 from console.screens import (
     AuditScreen,
     CallsScreen,
@@ -236,7 +236,8 @@ async def test_held_calls_board_and_call_trace() -> None:
         assert isinstance(app.screen, CallTraceScreen)
         ladder = app.screen.query_one(Ladder)
         await until(pilot, lambda: ladder.row_count > 0)
-        assert "INVITE" in screen_text(app)
+        text = screen_text(app)
+        assert "INVITE" in text and "app: active" in text  # the app's report, from the push stages
         await pilot.press("escape")
         await pilot.pause()
         assert isinstance(app.screen, CallsScreen)
@@ -529,6 +530,21 @@ async def test_identity_comes_from_whoami_when_not_given() -> None:
         await ready(pilot, app)
         assert (app.operator_name, app.role) == ("carol", "viewer")
         assert "carol" in strip_text(app) and "VIEWER" in strip_text(app)
+
+
+class BuggyFeed(FakeFeed):
+    async def instance(self, selector: str) -> InstanceDetail:
+        raise RuntimeError("boom")
+
+
+async def test_an_unexpected_error_in_a_background_job_is_shown() -> None:
+    app = make_console(BuggyFeed(now=NOW))
+    async with app.run_test() as pilot:
+        notes = record_notes(app)
+        await ready(pilot, app)
+        await pilot.press("enter")
+        await until(pilot, lambda: any(n.title == "Console error" and "boom" in n.message for n in notes))
+        assert isinstance(app.screen, InstanceDetailScreen)
 
 
 class BrokenFeed(FakeFeed):
