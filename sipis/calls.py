@@ -271,6 +271,16 @@ class CallManager:
         if not task.cancelled() and task.exception() is not None:
             log.error("call task failed", exc_info=task.exception())
 
+    async def close(self) -> None:
+        """Shutdown: end every held call (480, Shutting-Down) and stop their timers and pushes, so
+        nothing publishes after storage has closed."""
+        for call in list(self.held.values()):
+            self._end(call, 480, "Shutting-Down", "shutdown")
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.0)
+
     async def drain(self) -> None:
         """Wait for pushes and releases in flight (tests, shutdown)."""
         while self._tasks:

@@ -201,6 +201,8 @@ class Core:
             await self.api.stop()
         if self.ageing is not None:
             await self.ageing.stop()
+        if self.calls is not None:
+            await self.calls.close()
         if self.engine is not None:
             await self.engine.stop(unregister=self.config.sip.unregister_on_shutdown)
         if self.delivery is not None:

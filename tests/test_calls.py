@@ -353,3 +353,14 @@ async def test_operator_test_and_replay_push_are_role_checked_and_audited() -> N
         ("noc-anna", "replay_push", "accepted")]
     assert w.calls.held == {}
     assert Stage.ENDED.value == "Ended"
+
+
+async def test_shutdown_ends_held_calls_and_stops_their_timers() -> None:
+    w = make_world()
+    instance = await sleeping_instance(w)
+    call = invite(instance)
+    w.calls.on_invite(call)  # type: ignore[arg-type]
+    await w.settle()
+    await w.calls.close()
+    assert call.final == 480 and call.responses[-1][1]["X-Sipis-Reason"] == "Shutting-Down"
+    assert not w.calls.held and w.timers.pending == 0
