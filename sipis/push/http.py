@@ -45,7 +45,10 @@ def build_client(config: PushProviderBase, *, http2: bool = False,
     return httpx.AsyncClient(
         verify=verify, http2=http2, timeout=httpx.Timeout(config.timeout),
         follow_redirects=False, headers=dict(headers or {}),
-        limits=httpx.Limits(max_keepalive_connections=20, keepalive_expiry=300.0),
+        # A small, bounded pool: after a stall, queued pushes wait for a warm connection instead of
+        # each opening its own TLS connection; idle connections are dropped before providers'
+        # typical 5 s server-side idle timeout so we never write into a closed one.
+        limits=httpx.Limits(max_connections=8, max_keepalive_connections=8, keepalive_expiry=4.0),
     )
 
 
