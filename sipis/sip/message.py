@@ -101,10 +101,16 @@ _HOSTPORT_COLON = re.compile(r"[ \t]*:[ \t]*")
 # separators is accepted so sloppy peers' Contact parameters still parse.
 _PARAM_VALUE_BAD = re.compile(r'[\s";,\x00-\x1f\x7f]')
 # A parameter list that the general loop in _parse_generic_params would accept as it is, read
-# in one go: ";name" or ";name=value" with a token name and an unquoted value.
-_PLAIN_PARAM_TEXT = r";[ \t]*([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*(?:(=)[ \t]*([^\s\";,\x00-\x1f\x7f]+)[ \t]*)?"
+# in one go: ";name" or ";name=value" with a token name and a value that is unquoted, or quoted
+# without backslash escapes (such as Kamailio's received="sip:...").
+_PLAIN_PARAM_TEXT = (r";[ \t]*([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*"
+                     r"(?:(=)[ \t]*(\"[^\"\\]*\"|[^\s\";,\x00-\x1f\x7f]+)[ \t]*)?")
 _PLAIN_PARAM = re.compile(_PLAIN_PARAM_TEXT)
 _PLAIN_PARAMS = re.compile(f"(?:{_PLAIN_PARAM_TEXT})+")
+# The usual Via in one match: "SIP/2.0/UDP host:port;params" with a token transport, a host name
+# or IPv4 address, an optional port and plain parameters (IPv6, LWS and the rest: Via.parse).
+_PLAIN_VIA = re.compile(r"SIP/2\.0/([A-Za-z0-9\-.!%*_+`'~]+) ([A-Za-z0-9\-._]+)(?::([0-9]{1,5}))?"
+                        f"((?:{_PLAIN_PARAM_TEXT})*)")
 
 
 class SipParseError(ValueError):
@@ -256,8 +262,8 @@ def _parse_generic_params(text: str) -> dict[str, str | None]:
     text = text.strip()
     if not text:
         return params
-    if _PLAIN_PARAMS.fullmatch(text):  # the usual case: no quotes, no empty or odd parameters
-        return {name.lower(): value if eq else None for name, eq, value in _PLAIN_PARAM.findall(text)}
+    if _PLAIN_PARAMS.fullmatch(text):  # the usual case: no odd or empty parameters
+        return _plain_params(text)
     if not text.startswith(";"):
         raise SipParseError(f"junk before parameters: {text[:80]!r}")
     for part in _split_params(text)[1:]:
@@ -272,6 +278,11 @@ def _parse_generic_params(text: str) -> dict[str, str | None]:
             raise SipParseError(f"bad value for parameter {name[:40]!r}: {value[:40]!r}")
         params[name.lower()] = value if eq else None
     return params
+
+
+def _plain_params(text: str) -> dict[str, str | None]:
+    """Parameters from text that _PLAIN_PARAMS matches in full."""
+    return {name.lower(): value if eq else None for name, eq, value in _PLAIN_PARAM.findall(text)}
 
 
 def _is_param_value(value: str) -> bool:
@@ -531,7 +542,13 @@ class Via:
 
     @classmethod
     def parse(cls, text: str) -> Via:
-        match = _VIA_PROTOCOL.fullmatch(text.strip())
+        stripped = text.strip()
+        plain = _PLAIN_VIA.fullmatch(stripped)
+        if plain is not None and (plain[3] is None or 0 < int(plain[3]) < 65536):
+            transport, host, port, params = plain.group(1, 2, 3, 4)
+            return cls(transport=transport.upper(), host=host, port=int(port) if port else None,
+                       params=_plain_params(params))
+        match = _VIA_PROTOCOL.fullmatch(stripped)
         if match is None or not is_token(match[1]):
             raise SipParseError(f"bad Via {text[:80]!r}")
         sent_by, semi, rest = match[2].partition(";")
@@ -560,9 +577,8 @@ class Via:
 class Headers:
     """Ordered, multi-valued, case-insensitive header fields.
 
-    Lookups go through an index from key (:func:`header_key`) to values, built on the first lookup
-    (the parser fills it as it goes), kept up to date by :meth:`add` and :meth:`prepend` and
-    dropped by :meth:`remove`; so reading a message costs one dict access per header name.
+    Lookups go through an index from key (:func:`header_key`) to values, kept up to date by every
+    change, so reading a message costs one dict access per header name.
 
     The layout keeps the number of objects the garbage collector tracks small (two lists and this
     object; no tuple per field, and an index of plain strings, which it does not track at all):
@@ -575,7 +591,7 @@ class Headers:
         self._names: list[str] = []
         self._values: list[str] = []
         #: key -> its value, or a tuple of its values when there are several
-        self._index: dict[str, str | tuple[str, ...]] | None = None
+        self._index: dict[str, str | tuple[str, ...]] = {}
         for name, value in items:
             self.add(name, value)
 
@@ -586,8 +602,7 @@ class Headers:
         if key != "content-length":  # always derived from the body
             self._names.append(name)
             self._values.append(value)
-            if self._index is not None:
-                _index_add(self._index, key, value)
+            _index_add(self._index, key, value)
 
     def prepend(self, name: str, value: str) -> None:
         """Insert a field before all others (a new top Via), checked like :meth:`add`."""
@@ -596,8 +611,7 @@ class Headers:
             return
         self._names.insert(0, name)
         self._values.insert(0, value)
-        if self._index is not None:
-            _index_add(self._index, key, value, first=True)
+        _index_add(self._index, key, value, first=True)
 
     def set(self, name: str, value: str) -> None:
         """Replace every field of this name by one field."""
@@ -606,17 +620,17 @@ class Headers:
 
     def remove(self, name: str) -> None:
         key = header_key(name)
-        if not self._lookup(key):
+        if key not in self._index:
             return
         kept = [(n, v) for n, v in zip(self._names, self._values, strict=True) if header_key(n) != key]
         self._names = [n for n, _ in kept]
         self._values = [v for _, v in kept]
-        self._index = None
+        del self._index[key]
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value; for list headers the first element of the list."""
         key = header_key(name)
-        found = self._index_of().get(key)
+        found = self._index.get(key)
         if found is None:
             return default
         if key not in LIST_HEADERS:
@@ -641,23 +655,15 @@ class Headers:
 
     def _lookup(self, key: str) -> tuple[str, ...]:
         """The stored values for ``key``."""
-        found = self._index_of().get(key)
+        found = self._index.get(key)
         if found is None:
             return ()
         return (found,) if isinstance(found, str) else found
 
-    def _index_of(self) -> dict[str, str | tuple[str, ...]]:
-        index = self._index
-        if index is None:
-            index = self._index = {}
-            for name, value in zip(self._names, self._values, strict=True):
-                _index_add(index, header_key(name), value)
-        return index
-
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
-        return header_key(name) in self._index_of()
+        return header_key(name) in self._index
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(list(zip(self._names, self._values, strict=True)))
@@ -673,6 +679,7 @@ class Headers:
         clone = Headers()
         clone._names = list(self._names)
         clone._values = list(self._values)
+        clone._index = dict(self._index)  # its values are strings and tuples: nothing to copy deeper
         return clone
 
     def __repr__(self) -> str:
@@ -908,7 +915,12 @@ def _parse(data: bytes, limits: Limits, stream: bool) -> Message:
     text = head.decode("utf-8", "surrogateescape").replace("\r\n", "\n")
     start, *lines = text.split("\n")
     problems: list[str] = []  # defects that still leave a request respondable
-    fields, damaged = _read_fields(lines, limits, problems, _no_controls(head))
+    clean = _no_controls(head)
+    plain = _plain_fields(text, start, lines, limits) if clean else None
+    if plain is not None:
+        fields, damaged = plain, False
+    else:
+        fields, damaged = _read_fields(lines, limits, problems, clean)
     headers, lengths = _store_fields(fields)
     message = _parse_start_line(start.strip(" \t"), headers, problems)
     message.body = _cut_body(body, lengths, stream, problems)
@@ -963,6 +975,25 @@ def _find_blank_line(data: bytes, window: int) -> tuple[int, int] | None:
         first, end = crlf, crlf + 3
     start = first - 1 if first > 0 and data[first - 1] == 0x0D else first
     return start, end
+
+
+# One "name: value" line as _read_fields reads it when nothing is wrong with it: a token name,
+# the value without the spaces and tabs around it.
+_PLAIN_FIELD = re.compile(r"^([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*:[ \t]*((?:.*[^ \t\n])?)[ \t]*$", re.MULTILINE)
+
+
+def _plain_fields(text: str, start: str, lines: list[str], limits: Limits) -> list[tuple[str, str]] | None:
+    """The fields in one regex pass when every line is a plain ``name: value`` (no folding, none
+    malformed, not too many), as in nearly every message; None sends the caller to _read_fields.
+
+    ``text`` has no control characters. A match is one whole line and a line holds at most one,
+    so as many matches as non-empty lines means every line was plain.
+    """
+    count = len(lines) - lines.count("")
+    if count > limits.max_headers:
+        return None
+    fields = _PLAIN_FIELD.findall(text, len(start) + 1)
+    return fields if len(fields) == count else None
 
 
 def _read_fields(lines: list[str], limits: Limits, problems: list[str],

@@ -19,6 +19,7 @@ import contextlib
 import ipaddress
 import logging
 import random
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -194,10 +195,7 @@ class TransportLayer:
         """Open a listener; returns the spec with the real port (port 0 = any free port)."""
         loop = asyncio.get_running_loop()
         if spec.transport == "udp":
-            _, protocol = await loop.create_datagram_endpoint(
-                lambda: _UdpProtocol(self), local_addr=(spec.host, spec.port)
-            )
-            self._udp_sockets.append(protocol)
+            protocol = await self._open_udp(spec.host, spec.port)
             port = protocol.local[1]
         else:
             ctx = self.tls.server_context() if spec.transport == "tls" else None
@@ -332,13 +330,24 @@ class TransportLayer:
     async def _udp_flow(self, host: str, port: int) -> Flow:
         sock = next((s for s in self._udp_sockets if _same_family(s.local[0], host)), None)
         if sock is None:
-            loop = asyncio.get_running_loop()
             bind = "::" if ":" in host else "0.0.0.0"
             if _is_loopback(host):
                 bind = "::1" if ":" in host else "127.0.0.1"
-            _, sock = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), local_addr=(bind, 0))
-            self._udp_sockets.append(sock)
+            sock = await self._open_udp(bind, 0)
         return sock.flow_for((host, port))
+
+    async def _open_udp(self, host: str, port: int) -> _UdpProtocol:
+        """A UDP socket bound to (host, port) under a _UdpProtocol that also gets the socket
+        itself, to read every queued datagram when woken (see _UdpProtocol.datagram_received)."""
+        loop = asyncio.get_running_loop()
+        sock = await _bound_udp_socket(host, port)
+        try:
+            _, protocol = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self, sock), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._udp_sockets.append(protocol)
+        return protocol
 
     # ------------------------------------------------------------------ inbound
 
@@ -432,9 +441,35 @@ def _stamp_received(request: Request, flow: Flow) -> None:
     request.headers = Headers(items)
 
 
+#: asyncio's own read size for datagram transports
+_UDP_READ_SIZE = 256 * 1024
+#: how many queued datagrams one wake-up reads at most, so other work is not starved
+_UDP_DRAIN_MAX = 64
+
+
+async def _bound_udp_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket bound to (host, port), tried in getaddrinfo order like
+    ``create_datagram_endpoint(local_addr=...)`` does."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    error: OSError = OSError(f"cannot resolve {host!r}")
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        return sock
+    raise error
+
+
 class _UdpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, layer: TransportLayer) -> None:
+    def __init__(self, layer: TransportLayer, sock: socket.socket | None = None) -> None:
         self.layer = layer
+        self._sock = sock  # the transport's socket, for reading what else is queued
         self.transport: asyncio.DatagramTransport | None = None
         self.local: Address = ("0.0.0.0", 0)
         self._flows: dict[Address, Flow] = {}
@@ -462,6 +497,31 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         return flow
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        self._handle(data, addr)
+        self._drain()
+
+    def _drain(self) -> None:
+        """Read the datagrams already waiting on the socket.
+
+        asyncio reads one datagram per wake-up of the loop; under load several are queued, and
+        each wake-up costs a poll system call and a pass through the loop.
+        """
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(_UDP_DRAIN_MAX):
+            if self.transport is None or self.transport.is_closing():
+                return
+            try:
+                data, addr = sock.recvfrom(_UDP_READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.error_received(exc)
+                return
+            self._handle(data, addr)
+
+    def _handle(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         if not data.strip(b"\r\n\x00"):
             return  # keep-alive datagram
         try:
@@ -481,12 +541,22 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 class _StreamProtocol(asyncio.Protocol):
+    """One TCP/TLS connection: frames what arrives, and coalesces what is sent.
+
+    Writes are queued and handed to the transport once per pass of the event loop: under load
+    many transactions send in the same pass (their responses arrived together), and one system
+    call and TCP segment for all of them costs far less than one each. Order is kept, and the
+    queue is flushed before the connection is closed.
+    """
+
     def __init__(self, layer: TransportLayer, transport_name: TransportName, *, outbound: bool) -> None:
         self.layer = layer
         self.name: TransportName = transport_name
         self.outbound = outbound
         self.transport: asyncio.Transport | None = None
         self.flow: Flow | None = None
+        self._pending: list[bytes] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.framer = StreamFramer(
             max_header_bytes=layer.limits.max_header_bytes,
             max_message_bytes=layer.limits.max_message_bytes,
@@ -497,11 +567,32 @@ class _StreamProtocol(asyncio.Protocol):
         self.transport = stream
         local = stream.get_extra_info("sockname")
         remote = stream.get_extra_info("peername")
+        self._loop = asyncio.get_running_loop()
         self.flow = Flow(
             self.name, (local[0], local[1]), (remote[0], remote[1]), self.outbound,
-            _write=stream.write, _close=stream.close,
+            _write=self._write, _close=self._close,
         )
         self.layer._register_flow(self.flow)
+
+    def _write(self, data: bytes) -> None:
+        if not self._pending and self._loop is not None:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        if not self._pending or self.transport is None:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
+        try:
+            self.transport.write(data)
+        except RuntimeError as exc:  # a transport that cannot write any more; connection_lost follows
+            log.info("write on %s failed: %s", self.flow, exc)
+
+    def _close(self) -> None:
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         assert self.flow is not None and self.transport is not None
@@ -511,7 +602,7 @@ class _StreamProtocol(asyncio.Protocol):
             self._handle(exc.frames)  # the messages completed before the error are intact
             self.layer.stats["framing_errors"] += 1
             log.info("framing error on %s: %s; closing this connection only", self.flow, exc)
-            self.transport.close()
+            self._close()
             self.layer._flow_closed(self.flow, f"framing error: {exc}")
             return
         self._handle(frames)
@@ -531,6 +622,7 @@ class _StreamProtocol(asyncio.Protocol):
                 self.layer._deliver(frame, self.flow, stream=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._pending.clear()  # nowhere to send it any more
         if self.flow is not None:
             self.layer._flow_closed(self.flow, f"connection lost: {exc}" if exc else "closed by peer")
 
