@@ -196,8 +196,11 @@ class RegistrationEngine:
         while True:
             delay = self.tick()
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that lands in the same loop iteration as the wake-up (gh-86296), so stop() hung.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay if delay is not None else 3600)
+                async with asyncio.timeout(delay if delay is not None else 3600):
+                    await self._wake.wait()
 
     def start(self) -> None:
         if self._runner is None:

@@ -624,3 +624,15 @@ async def test_refreshes_and_hand_backs_are_not_held_back_by_pacing() -> None:
     for call in refreshes:
         elapsed = call.at - refresh_due[call.selector]
         assert 300.0 <= elapsed <= 480.0 + 0.5, f"refresh of {call.selector} after {elapsed} s"
+
+
+async def test_stop_is_never_lost_when_it_races_a_wake_up() -> None:
+    """Python 3.11's wait_for could swallow a cancellation arriving together with the wake-up
+    (gh-86296), leaving the runner alive after stop(); the engine must stop every time."""
+    for seed in range(50):
+        h = make_harness(seed=seed)
+        h.engine.start()
+        await asyncio.sleep(0)
+        h.engine.take_over(make_instance(f"sel-{seed}"))  # sets the wake event in this iteration
+        await asyncio.wait_for(h.engine.stop(unregister=False), timeout=2.0)
+        assert h.engine._runner is None

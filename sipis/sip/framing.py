@@ -142,7 +142,10 @@ class StreamFramer:
                 elif left == 3 and buf[i + 2] == _CR:
                     break  # may be a ping whose last byte is still on its way
                 else:
-                    i += 2  # stray CRLF before a message
+                    # RFC 5626 §4.4.1: between messages a single CRLF is a pong, also when the
+                    # next message follows in the same read (a busy peer's pong usually does).
+                    frames.append(PONG)
+                    i += 2
             elif buf[i] == _CR and left == 1:
                 break  # may become a CRLF
             elif buf[i] in (_CR, _LF):

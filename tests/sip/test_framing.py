@@ -157,10 +157,18 @@ def test_keepalives_between_messages() -> None:
     assert framer.feed(b"\r\n\r\n" + FIRST + b"\r\n") == [PING, FIRST, PONG]
 
 
-def test_stray_crlf_before_a_message_is_skipped() -> None:
-    assert StreamFramer().feed(b"\r\n" + FIRST) == [FIRST]
-    assert StreamFramer().feed(b"\r\n\r\n\r\n" + FIRST) == [PING, FIRST]
-    assert StreamFramer().feed(b"\n\r" + FIRST) == [FIRST]
+def test_crlf_before_a_message_is_a_pong_and_bare_line_ends_are_skipped() -> None:
+    """RFC 5626 §4.4.1: between messages CRLFCRLF is a ping and a single CRLF a pong, also when the
+    next message follows in the same read (on a busy flow it usually does; missing it once made
+    the keep-alive drop a connection carrying thousands of registrations)."""
+    assert StreamFramer().feed(b"\r\n" + FIRST) == [PONG, FIRST]
+    assert StreamFramer().feed(b"\r\n\r\n\r\n" + FIRST) == [PING, PONG, FIRST]
+    assert StreamFramer().feed(b"\n\r" + FIRST) == [FIRST]  # not a CRLF pair: stray bytes
+
+
+def test_pong_arriving_with_the_next_response_is_reported() -> None:
+    framer = StreamFramer()
+    assert framer.feed(FIRST + b"\r\n" + FIRST) == [FIRST, PONG, FIRST]
 
 
 def test_ping_split_after_three_bytes_is_still_a_ping() -> None:
