@@ -2,37 +2,41 @@
 
 Per case (``--cases N:EXPIRES,...``) a fresh Kamailio (``lab.kamailio``, ``min_expires`` at most the
 case's expiry so a short expiry is granted as asked) and, in this process, the core's pieces wired
-the way ``sipis/core.py`` wires them: one ``SipEndpoint``, a ``ProxyRegistrar`` with the resolver,
-the ``RegistrationEngine``, the ``InstanceService`` and the storage path (``InstancePersistence`` on
-the bus → ``BatchedWriter`` → SQLite in a temp folder, credentials encrypted). No HTTP: N instances
-``load00001``… (password ``loadpw``, registrar ``sip:<kamailio>;transport=tcp`` by default, one TCP
-connection for all, as a deployment behind one PBX would have) are built as ``Instance`` objects,
-``service.add``-ed and handed to ``engine.take_over``: enrolment plus "app went to sleep".
+the way ``sipis/core.py`` wires them: one ``SipEndpoint`` with the SIP trace recorder on its
+observers, a ``ProxyRegistrar`` with the resolver, the ``RegistrationEngine``, the
+``InstanceService`` and the storage path (``InstancePersistence`` on the bus → ``BatchedWriter`` →
+SQLite in a temp folder, credentials encrypted). No HTTP, calls, push or operator API. N instances
+``load00001``… (password ``loadpw``, registrar ``sip:<kamailio>;transport=tcp`` by default: one TCP
+connection for all, as a deployment behind one PBX has) are built as ``Instance`` objects,
+``service.add``-ed and handed to ``engine.take_over``: enrolment plus "the app went to sleep".
 
 Phases of a case:
 
-1. **setup**: register all N, paced at ``--register-rate``. ``tracemalloc`` runs from just before
-   the first instance is created until all are registered and the process is quiet (writer flushed,
-   transactions ended, ``gc.collect()``); its increase / N is ``bytes_per_instance_tracemalloc``.
-   The RSS increase over the same span, minus tracemalloc's own bookkeeping
-   (``tracemalloc.get_tracemalloc_memory()``), / N is ``bytes_per_instance_rss``. tracemalloc is
-   then stopped so it does not slow the phases that measure time.
-2. **refresh**: run ``--duration`` seconds (default: two refresh rounds for short expiries, one for
-   long ones: ``rounds × 0.8 × expires + 10``). CPU per refresh = this process's CPU time over the
-   phase (SIP, engine, events, storage thread: everything) / refresh exchanges completed in it.
-   Punctuality is the engine's own ``engine.stats`` (lateness of a refresh's start against its due
-   time, whole life of the core); as a cross-check the exchange wrapper measures the lateness it
-   sees (``now - registration.next_refresh_at``, after task scheduling) and each refresh's duration.
-   Event-loop lag and garbage-collector pauses are recorded too: they are what makes refreshes late.
-3. **restore**: a crash: the engine's tasks are cancelled, the endpoint's sockets closed (nothing is
-   unregistered), the writer finishes what it was told (it commits every 50 ms anyway) and every
+1. **setup and memory**: register all N, paced at ``--register-rate``. ``tracemalloc`` runs from
+   just before the first instance is created until all are registered and the process is quiet
+   (writer drained, every transaction past its last timer, ``gc.collect()``); its increase / N is
+   ``bytes_per_instance_tracemalloc``. The RSS increase over the same span, minus tracemalloc's own
+   bookkeeping (``tracemalloc.get_tracemalloc_memory()``), / N is ``bytes_per_instance_rss``. The
+   top allocation sites go to stderr and ``memory_top``. Nothing in this phase is timed:
+   tracemalloc slows everything 3-4x.
+2. **crash and restore**: the engine's tasks are cancelled, the endpoint's sockets closed (nothing
+   is unregistered), the writer commits what it was told (it commits every 50 ms anyway) and every
    object is dropped. A new core is built from the same database the way ``Core.start`` does it
-   (``load_all`` → ``persistence.restore`` → ``service.resume``), and ``restore_s`` is the time from
-   opening the database until every instance is registered again (a successful REGISTER after the
-   restart: ``resume`` keeps unexpired instances ``proxied``, so the state alone says nothing) at
-   ``--register-rate``. Then the same again at ``--default-rate`` (200/s, the configured default)
-   when that takes at most ``--max-default-restore`` seconds (N / rate); otherwise that figure is
-   computed as load time + N / rate and marked ``restore_default_rate_measured: false``.
+   (``load_all`` → ``persistence.restore`` → ``service.resume``) at ``--register-rate``;
+   ``restore_s`` is the time from opening the database until every instance has had a successful
+   REGISTER after the restart (``resume`` keeps unexpired instances ``proxied``, so the state alone
+   says nothing).
+3. **refresh load** on that restored (never traced) core for ``--duration`` seconds (default: two
+   refresh rounds for short expiries, one for long ones: ``rounds × 0.8 × expires + 10``). CPU per
+   refresh = this process's CPU time over the phase (SIP, engine, events, trace, storage thread:
+   everything) / refresh exchanges completed in it. Punctuality is the engine's own
+   ``engine.stats`` (lateness of a refresh's start against its due time, over the restored core's
+   life); as a cross-check the exchange wrapper measures the lateness it sees
+   (``now - registration.next_refresh_at``, after task start-up) and each refresh's duration.
+   Event-loop lag and garbage-collector pauses are recorded too: they are what makes refreshes late.
+4. **restore at the configured default** (``--default-rate``, 200/s) the same way, when that takes
+   at most ``--max-default-restore`` seconds (N / rate); otherwise the figure is computed as load
+   time + N / rate and marked ``restore_default_rate_measured: false``.
 
 stdout gets exactly one JSON line; progress goes to stderr. Exit status: 0; 1 when more than 1 % of
 the exchanges failed or instances were left unregistered; 2 when the benchmark could not run.
@@ -181,21 +185,24 @@ class GcPauses:
     """Garbage-collector pauses per generation (gc.callbacks)."""
 
     def __init__(self) -> None:
-        self._started = 0.0
+        self._started = self._started_cpu = 0.0
         self.count = [0, 0, 0]
         self.max = [0.0, 0.0, 0.0]
+        self.max_gen2_cpu = 0.0  # CPU time of the longest gen2 pause's thread: wall minus this = starved
         self.total = 0.0
 
     def reset(self) -> None:
-        self.count, self.max, self.total = [0, 0, 0], [0.0, 0.0, 0.0], 0.0
+        self.count, self.max, self.total, self.max_gen2_cpu = [0, 0, 0], [0.0, 0.0, 0.0], 0.0, 0.0
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            self._started = time.perf_counter()
+            self._started, self._started_cpu = time.perf_counter(), time.thread_time()
             return
         took = time.perf_counter() - self._started
         generation = info.get("generation", 0)
         self.count[generation] += 1
+        if generation == 2 and took > self.max[2]:
+            self.max_gen2_cpu = time.thread_time() - self._started_cpu
         self.max[generation] = max(self.max[generation], took)
         self.total += took
 
@@ -208,6 +215,7 @@ class GcPauses:
 
     def summary(self) -> dict[str, Any]:
         return {"gen2_collections": self.count[2], "max_gen2_pause_s": round(self.max[2], 4),
+                "max_gen2_pause_cpu_s": round(self.max_gen2_cpu, 4),
                 "max_pause_s": round(max(self.max), 4), "total_s": round(self.total, 3)}
 
 
@@ -296,9 +304,9 @@ class World:
     engine_stop_retries: int = 0
 
 
-async def open_world(state_dir: Path, host: str, transport: TransportName, expires: int,
-                     rate: float, keepalive: float, trace: bool) -> World:
+async def open_world(state_dir: Path, host: str, opts: Options, expires: int, rate: float) -> World:
     """Storage, endpoint, registrar, engine, service; restore what the database holds; start."""
+    transport, keepalive, trace, freeze = opts.transport, opts.keepalive, opts.trace, opts.gc_freeze
     clock = SystemClock()
     box = SecretBox(load_or_create_key(state_dir / "credentials.key"))
     db = await Database.open(state_dir / "sipis.db")
@@ -332,6 +340,9 @@ async def open_world(state_dir: Path, host: str, transport: TransportName, expir
         restored += 1
     persistence.attach(bus)
     engine.start()
+    if freeze:  # as Core.start() ends: what start-up built is kept out of the collector's generations
+        gc.collect()
+        gc.freeze()
     return World(db, writer, bus, endpoint, registrar, probe, engine, service, persistence, recorder, restored)
 
 
@@ -363,6 +374,7 @@ async def stop_engine(engine: RegistrationEngine) -> int:
 async def crash(world: World, writer_timeout: float = 600.0) -> None:
     """Stop everything without unregistering; the writer still commits what it was told (bounded)."""
     world.engine_stop_retries += await stop_engine(world.engine)
+    gc.unfreeze()  # benchmark hygiene: a process that really crashed frees everything anyway
     await world.endpoint.close()
     try:
         await world.writer.close(timeout=writer_timeout)
@@ -458,6 +470,7 @@ class Options:
     transport: TransportName
     keepalive: float
     trace: bool
+    gc_freeze: bool
     profile: bool
     tracemalloc_frames: int
     top: int
@@ -650,7 +663,7 @@ async def restore(opts: Options, case: Case, kam: Kamailio, state_dir: Path, old
     gcp.reset()
     cpu0 = time.process_time()
     restart_wall, began = time.time(), time.perf_counter()
-    world = await open_world(state_dir, kam.host, opts.transport, case.expires, rate, opts.keepalive, opts.trace)
+    world = await open_world(state_dir, kam.host, opts, case.expires, rate)
     writer.watch(world)
     load_s = time.perf_counter() - began
     log.info("restart at %.0f/s: %d instances loaded from the database in %.2f s", rate, world.restored, load_s)
@@ -727,7 +740,8 @@ async def measure_refreshes(opts: Options, case: Case, kam: Kamailio, world: Wor
         "refresh_failures": phase.failed,
         "trace_bytes_per_instance_at_end": trace_bytes(world, n),
         "registered_at_end": count_registered_since(world, 0.0),
-        "gc_objects": {"start": objects_a, "end": len(gc.get_objects()), "full_gc_s_at_start": round(full_gc, 3)},
+        "gc_objects": {"start": objects_a, "end": len(gc.get_objects()), "frozen": gc.get_freeze_count(),
+                       "full_gc_s_at_start": round(full_gc, 3)},
         "kamailio_contacts": kam.contact_count(),
     })
     log.info("refresh phase: %d refreshes in %.0f s (%.1f/s), cpu %.0f µs per refresh (%.0f %% of a core), "
@@ -744,14 +758,15 @@ async def run_case(opts: Options, case: Case, kam: Kamailio, state_dir: Path) ->
     """Setup (memory) → crash → restore at --register-rate → refresh load → crash → restore at the default."""
     n, rate = case.instances, opts.register_rate
     result: dict[str, Any] = {"instances": n, "expires": case.expires, "transport": opts.transport,
-                              "register_rate": rate, "keepalive_s": opts.keepalive, "trace": opts.trace}
+                              "register_rate": rate, "keepalive_s": opts.keepalive, "trace": opts.trace,
+                              "gc_freeze": opts.gc_freeze}
     lag, gcp, writer = LoopLag(), GcPauses(), WriterWatch()
     lag.start()
     writer.start()
     gcp.install()
     world: World | None = None
     try:
-        world = await open_world(state_dir, kam.host, opts.transport, case.expires, rate, opts.keepalive, opts.trace)
+        world = await open_world(state_dir, kam.host, opts, case.expires, rate)
         writer.watch(world)
         await measure_setup(opts, case, kam, world, lag, writer, result)
         failures, exchanges = world.probe.total.failures.copy(), world.probe.total.exchanges
@@ -907,6 +922,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--no-trace", dest="trace", action="store_false",
                         help="leave out the SIP trace recorder the core attaches to the endpoint "
                              "(to see its share of memory and CPU)")
+    parser.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                        help="leave out the gc.collect() + gc.freeze() that Core.start() ends with")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the refresh phase and print the top functions to stderr (slows it down)")
     parser.add_argument("--tracemalloc-frames", type=int, default=1,
@@ -920,7 +937,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     if ns.tracemalloc_frames < 1 or ns.top < 1:
         parser.error("--tracemalloc-frames and --top must be >= 1")
     return Options(ns.cases, ns.duration, ns.register_rate, ns.default_rate, ns.max_default_restore,
-                   ns.transport, ns.keepalive, ns.trace, ns.profile, ns.tracemalloc_frames, ns.top)
+                   ns.transport, ns.keepalive, ns.trace, ns.gc_freeze, ns.profile, ns.tracemalloc_frames, ns.top)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
