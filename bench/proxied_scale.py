@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.kamailio import LOAD_PASSWORD, Kamailio
+from lab.procstat import group_cpu_seconds
 from sipis.clock import Clock, SystemClock
 from sipis.crypto import SecretBox, hash_token, load_or_create_key, new_token
 from sipis.engine import EngineSettings, Exchange, RegistrationEngine
@@ -112,22 +113,6 @@ def rss_bytes() -> int:
     """Resident set size of this process (Linux /proc)."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def group_cpu_seconds(pgid: int) -> float:
-    """user+sys CPU seconds of all live processes in process group ``pgid`` (Linux /proc)."""
-    ticks = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            data = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        fields = data[data.rindex(")") + 2:].split()  # from field 3 (state) on
-        if int(fields[2]) == pgid:  # field 5: pgrp
-            ticks += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def kamailio_cpu(kam: Kamailio) -> float:

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.kamailio import LOAD_PASSWORD, Kamailio, free_port, guarded_argv, kill_group
+from lab.procstat import group_cpu_seconds
 from lab.sipp import load_user, parse_stat_csv, scenario, write_users_csv
 from sipis.sip.digest import Credentials
 from sipis.sip.endpoint import EndpointSettings, SipEndpoint
@@ -93,22 +94,6 @@ class BenchError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- Kamailio CPU
-
-
-def group_cpu_seconds(pgid: int) -> float:
-    """user+sys CPU seconds of all live processes in process group ``pgid`` (Linux /proc)."""
-    ticks = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            data = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        fields = data[data.rindex(")") + 2:].split()  # from field 3 (state) on
-        if int(fields[2]) == pgid:  # field 5: pgrp
-            ticks += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def kamailio_cpu(kam: Kamailio) -> float:
