@@ -36,8 +36,6 @@ Response classification (Apple's reason strings, ``handling-error-responses-from
 from __future__ import annotations
 
 import asyncio
-import datetime
-import email.utils
 import hashlib
 import json
 import math
@@ -56,6 +54,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sipis.clock import Clock, SystemClock
 from sipis.config import ApnsPush
 from sipis.push.base import PushKind, PushOutcome, PushRequest, Verdict
+from sipis.push.http import mask_token, parse_retry_after  # shared with the other providers
 
 TOKEN_LIFETIME: Final = 40 * 60.0  # reuse one provider JWT this long (Apple: 20–60 min)
 TOO_MANY_REQUESTS_BACKOFF: Final = 60.0  # retry_after for a 429 without Retry-After
@@ -103,27 +102,6 @@ def collapse_id_for(call_id: str) -> str:
     if len(call_id.encode()) <= MAX_COLLAPSE_ID and call_id.isascii() and call_id.isprintable():
         return call_id
     return hashlib.sha256(call_id.encode()).hexdigest()
-
-
-def mask_token(token: str) -> str:
-    """Only the ends of a device token: ``abcd…wxyz``."""
-    return "…" if len(token) <= 10 else f"{token[:4]}…{token[-4:]}"
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return max(0.0, when.timestamp() - now)
 
 
 class ProviderToken:
