@@ -31,7 +31,7 @@ import ssl
 import stat
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from operator import attrgetter
@@ -45,6 +45,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from sipis.api.server import EmbeddedServer, bind_tcp
 from sipis.calls import CallManager
 from sipis.clock import Clock
 from sipis.config import Config, OperatorToken
@@ -901,17 +902,6 @@ async def _event_stream(ctx: OperatorContext, since: int | None) -> AsyncIterato
 # --------------------------------------------------------------------------- serving
 
 
-class _EmbeddedServer(uvicorn.Server):
-    """A uvicorn server that leaves the process's signal handlers to the core."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-    def install_signal_handlers(self) -> None:
-        return None
-
-
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -948,20 +938,6 @@ def bind_unix_socket(path: Path) -> socket.socket:
     return sock
 
 
-def _bind_tcp(host: str, port: int) -> socket.socket:
-    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                         flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 class OperatorServer:
     """Serves the operator API in the running loop: unix socket always, TCP when configured."""
 
@@ -974,7 +950,7 @@ class OperatorServer:
         self.tcp_host = tcp_host
         self.tcp_port = tcp_port
         self.tls_files = tls_files
-        self._servers: list[tuple[_EmbeddedServer, asyncio.Task[None]]] = []
+        self._servers: list[tuple[EmbeddedServer, asyncio.Task[None]]] = []
 
     @classmethod
     def from_config(cls, ctx: OperatorContext, config: Config) -> OperatorServer:
@@ -1003,7 +979,7 @@ class OperatorServer:
                 await self._serve(listener_app(self.app, "unix"), bind_unix_socket(self.socket_path), None, "unix")
                 log.info("operator API on unix socket %s", self.socket_path)
             if self.tcp_host is not None:
-                sock = _bind_tcp(self.tcp_host, self.tcp_port)
+                sock = bind_tcp(self.tcp_host, self.tcp_port)
                 self.tcp_port = sock.getsockname()[1]
                 await self._serve(listener_app(self.app, "tcp"), sock, self.tls_files, "tcp")
                 log.info("operator API on %s", self.tcp_url)
@@ -1024,7 +1000,7 @@ class OperatorServer:
             raise
         if config.ssl is not None:
             config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
-        server = _EmbeddedServer(config)
+        server = EmbeddedServer(config)
         task = asyncio.create_task(server.serve(sockets=[sock]), name=f"operator-api-{name}")
         self._servers.append((server, task))
         async with asyncio.timeout(START_TIMEOUT):

@@ -29,7 +29,7 @@ GRACEFUL_TIMEOUT = 5  # seconds in-flight requests get on stop() before they are
 START_TIMEOUT = 10.0
 
 
-class _EmbeddedServer(uvicorn.Server):
+class EmbeddedServer(uvicorn.Server):
     """A uvicorn server that leaves the process's signal handlers alone."""
 
     @contextlib.contextmanager
@@ -38,6 +38,21 @@ class _EmbeddedServer(uvicorn.Server):
 
     def install_signal_handlers(self) -> None:  # older uvicorn
         return None
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket we bound ourselves, so port 0 works and the real port is known."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class ApiServer:
@@ -57,7 +72,7 @@ class ApiServer:
         self.state_dir = Path(state_dir) if state_dir else None
         self.hostnames = hostnames
         self.fingerprint: str | None = None
-        self._server: _EmbeddedServer | None = None
+        self._server: EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -77,17 +92,7 @@ class ApiServer:
         return cert, key
 
     def _bind(self) -> socket.socket:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            self.host or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        return bind_tcp(self.host, self.port)
 
     async def start(self) -> None:
         if self._task is not None:
@@ -107,7 +112,7 @@ class ApiServer:
             config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
         sock = self._bind()
         self.port = sock.getsockname()[1]
-        self._server = _EmbeddedServer(config)
+        self._server = EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="app-api")
         try:
             async with asyncio.timeout(START_TIMEOUT):
