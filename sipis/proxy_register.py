@@ -64,7 +64,8 @@ class ProxyRegistrar:
             except TransportError as exc:
                 result = RegisterResult(Outcome.FAILED, 503, "Service Unavailable", detail=str(exc))
                 continue
-            if binding.contact_uri is not None and self._flow_of.get(instance.selector, flow.key)[0] != flow.transport:
+            previous = self._flow_of.get(instance.selector)
+            if previous is not None and previous[0] != flow.transport:
                 binding.contact_uri = None  # failed over to another transport: new Contact
             result = await register(self.endpoint, binding, flow, expires)
             self._track(instance.selector, flow, bound=result.ok and expires > 0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import secrets
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -194,7 +193,3 @@ def _summary(request: PushRequest, provider: PushProvider) -> dict[str, Any]:
     return {"provider": provider.name, "type": provider.type, "kind": request.kind.value, "app_id": request.app_id,
             "token": mask(request.token), "voip": request.voip, "ttl": round(request.ttl, 3),
             "call_id": request.call_id}
-
-
-def short_id() -> str:
-    return secrets.token_hex(4)
