@@ -73,7 +73,7 @@ class HeldCall:
     call_id: str
     push_id: str
     selector: str
-    incoming: IncomingRequest
+    incoming: IncomingRequest | None  # None once the call has ended: nothing answers it any more
     trace: PushTrace
     caller: str | None
     received_at: float  # wall clock
@@ -161,7 +161,8 @@ class CallManager:
 
     def _provisional(self, call: HeldCall, stage: Stage) -> None:
         call.stage = stage
-        call.incoming.respond(180, headers=[(PUSH_STATUS, stage.value), (PUSH_ID, call.push_id)])
+        if call.incoming is not None:
+            call.incoming.respond(180, headers=[(PUSH_STATUS, stage.value), (PUSH_ID, call.push_id)])
 
     def _t1_expired(self, call: HeldCall) -> None:
         if call.stage in (Stage.ALERTING, Stage.PUSH_SENT):
@@ -239,7 +240,8 @@ class CallManager:
         headers = [(REASON, reason), (PUSH_ID, call.push_id)]
         if contact is not None:
             headers.append(("Contact", f"<{contact}>"))
-        call.incoming.respond(status, reason_phrase, headers=headers)
+        if call.incoming is not None:
+            call.incoming.respond(status, reason_phrase, headers=headers)
         self._finish(call, status, outcome)
 
     def _finish(self, call: HeldCall, status: int, outcome: str) -> None:
@@ -249,6 +251,9 @@ class CallManager:
         call.t1_deadline = call.t2_deadline = None
         if call.timer is not None:
             call.timer.cancel()
+        # Ended calls stay in ``recent`` for the console: keep the summary, not the transaction,
+        # request and timer behind it (they only cost memory and GC time from here on).
+        call.incoming, call.timer = None, None
         self.delivery.stage(call.trace, "released" if outcome == "released" else "ended")
         self.held.pop(call.push_id, None)
         self.recent.append(call)

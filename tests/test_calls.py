@@ -188,6 +188,8 @@ async def test_held_call_alerts_pushes_progresses_and_is_released_with_302() -> 
     assert list(trace.stages) == ["invite_received", "push_sent", "provider_accepted", "device_progress",
                                   "app_active", "released"]
     assert w.calls.outcomes == {"released": 1}
+    ended = w.calls.recent[-1]
+    assert ended.incoming is None and ended.timer is None  # the summary stays, the transaction goes
 
 
 async def test_release_without_contact_points_at_the_aor_and_reject_mode_answers_480() -> None:
