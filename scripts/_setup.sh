@@ -20,7 +20,12 @@ ensure_venv() {
     local py="${PYTHON:-python3}"
     if [ ! -x .venv/bin/python ]; then
         echo "== creating .venv"
-        "$py" -m venv .venv
+        if ! "$py" -m venv .venv 2>/dev/null; then
+            # Debian's own python3 ships venv support separately
+            rm -rf .venv
+            ensure_apt_packages python3-venv
+            "$py" -m venv .venv
+        fi
     fi
     local stamp=".venv/.installed-${extras:-base}"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
