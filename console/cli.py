@@ -1,7 +1,7 @@
 """The ``sipis-console`` command line.
 
-``serve`` runs the core headless; ``init`` writes a commented starter config. (``demo`` and
-``console`` come with the lab and console work.)
+``serve`` runs the core headless; ``init`` writes a commented starter config; ``console`` (or no
+command at all) opens the NOC console against a running core; ``demo`` runs the core with the lab.
 """
 
 from __future__ import annotations
@@ -16,11 +16,17 @@ from pathlib import Path
 
 from sipis.config import ConfigError, load_config, write_starter_config
 
+DEFAULT_CONFIG = Path("sipis.toml")
+
 EXAMPLES = """\
 examples:
   sipis-console init sipis.toml          write a starter config (loopback only, random enrol token)
   sipis-console serve --config sipis.toml
                                          run the core: SIP, app API, registrations (Ctrl+C / SIGTERM stops)
+  sipis-console console --config sipis.toml
+                                         the live console against that running core (a bare
+                                         sipis-console does the same with ./sipis.toml)
+  ssh -p 2222 noc@HOST                   the same console over SSH ([ssh] listen + [[ssh.operators]])
   sipis-console demo                     the core + lab PBX, phones, callers and push mediator on loopback
   sipis-console demo --headless --duration 60 --apps 100 --call-rate 2 --seed 1 --json
                                          the same without the console; prints a summary (one JSON line)
@@ -58,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     console.add_argument("--url", help="operator API URL (TCP listener); the token comes from $SIPIS_OPERATOR_TOKEN")
     console.add_argument("--theme", help="Textual theme name (F2 toggles high contrast)")
     console.add_argument("--utc", action="store_true", help="show times in UTC")
+    # the SSH server's child: take the pty on stdin as controlling terminal, so a hang-up ends us
+    console.add_argument("--session-tty", action="store_true", help=argparse.SUPPRESS)
 
     demo = commands.add_parser("demo", help="run the core with a simulated lab (PBX, phones, callers, push)",
                                description="Start the real core with a throwaway state folder, the lab PBX, "
@@ -82,8 +90,34 @@ def main(argv: list[str] | None = None) -> int:
         from lab.demo import main as demo_main
 
         return demo_main(args)
+    if args.command is None and _local_core_known():
+        return open_console(parser.parse_args(["console", *(["--config", str(DEFAULT_CONFIG)]
+                                                            if DEFAULT_CONFIG.exists() else [])]))
     parser.print_help()
+    if args.command is None:
+        print(f"\nsipis-console: no running core to open the console on (no ./{DEFAULT_CONFIG} and no "
+              "$SIPIS_OPERATOR_SOCKET): start one with `serve`, or try `demo`", file=sys.stderr)
+        return 2
     return 0
+
+
+def _local_core_known() -> bool:
+    import os
+
+    return DEFAULT_CONFIG.exists() or bool(os.environ.get("SIPIS_OPERATOR_SOCKET")
+                                           or os.environ.get("SIPIS_OPERATOR_URL"))
+
+
+def _take_controlling_tty() -> None:
+    """Become the pty's session leader and owner, so closing the master sends us SIGHUP."""
+    import fcntl
+    import os
+    import termios
+
+    with contextlib.suppress(OSError):  # already a session leader (start_new_session)
+        os.setsid()
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 def open_console(args: argparse.Namespace) -> int:
@@ -94,6 +128,8 @@ def open_console(args: argparse.Namespace) -> int:
     from console.client import OperatorClient
     from console.feed import OperatorFeed
 
+    if args.session_tty:
+        _take_controlling_tty()
     socket_path = args.socket
     if socket_path is None and args.config is not None:
         try:
@@ -161,8 +197,9 @@ async def _serve(config: object) -> int:
     log.info("SIP listening on %s", ", ".join(str(s) for s in listening.sip) or "nothing")
     if listening.api_url:
         log.info("app API on %s", listening.api_url)
+    ssh = f"; SSH console {listening.ssh[0]}:{listening.ssh[1]}" if listening.ssh else ""
     print(f"sipis-console: core running (SIP {', '.join(str(s) for s in listening.sip)}; "
-          f"API {listening.api_url or 'off'})", file=sys.stderr, flush=True)
+          f"API {listening.api_url or 'off'}{ssh})", file=sys.stderr, flush=True)
     await stop.wait()
     log.info("shutting down")
     await core.stop()

@@ -34,6 +34,7 @@ from sipis.sip.endpoint import EndpointSettings, SipEndpoint
 from sipis.sip.resolver import Resolver
 from sipis.sip.transaction import TimerSettings
 from sipis.sip.transport import ListenSpec, TlsSettings
+from sipis.ssh_server import ConsoleSshServer
 from sipis.text_messages import TextMessages
 from sipis.timers import LoopTimers
 from sipis.tls_certs import ensure_self_signed
@@ -54,6 +55,7 @@ class Listening:
     api_url: str | None
     operator_socket: str | None = None
     operator_url: str | None = None
+    ssh: tuple[str, int] | None = None
 
 
 class Core:
@@ -79,6 +81,7 @@ class Core:
         self.operator_sessions = OperatorSessions()
         self.operator_context: OperatorContext | None = None
         self.operator_api: OperatorServer | None = None
+        self.ssh: ConsoleSshServer | None = None
         self.listening = Listening([], None)
         self._stopped = asyncio.Event()
         self.started_at = self.clock.wall()
@@ -151,6 +154,10 @@ class Core:
             await self.api.start()
             self.listening.api_url = self.api.url
         await self._start_operator_api()
+        if config.ssh.listen is not None:
+            self.ssh = ConsoleSshServer(config.ssh, self.operator_sessions, config.operator.socket,
+                                        audit=self.operations.audit)
+            self.listening.ssh = await self.ssh.start()
         # Everything built so far lives as long as the process: keep it out of the cyclic GC's
         # generations so full collections (measured 120–280 ms stalls under call load) stay short.
         gc.collect()
@@ -198,6 +205,8 @@ class Core:
 
     async def stop(self) -> None:
         """Clean shutdown: stop taking requests, optionally unREGISTER, flush storage."""
+        if self.ssh is not None:
+            await self.ssh.stop()
         if self.operator_api is not None:
             await self.operator_api.stop()
         if self.operator_context is not None:
