@@ -12,6 +12,8 @@ normal), :class:`GoAway` (no answer: GOAWAY, then the connection is closed) and 
 that many answers, the way APNs retires connections. :meth:`ApnsServer.unregister` makes a token
 answer ``410 Unregistered`` with a timestamp.
 
+:meth:`ApnsServer.answered` is called once per request with its outcome (a hook for subclasses).
+
 Everything is recorded: each request (:class:`ApnsRequest`: headers, JSON body, the JWT, which
 connection), the number of connections, and the distinct JWTs seen (proves token reuse).
 """
@@ -243,6 +245,11 @@ class ApnsServer:
 
     # request handling ---------------------------------------------------------------------------
 
+    def answered(self, request: ApnsRequest) -> None:
+        """Called once per request when it has been answered (``status`` set) or was not (``status``
+        None: GOAWAY, a dropped or closed connection). Does nothing here; a hook for subclasses (the
+        lab mediator counts answers and delivers accepted pushes to its simulated phones)."""
+
     def _next_action(self, device_token: str | None) -> Action | None:
         queue = self._scripts.get(device_token or "")
         return queue.popleft() if queue else None
@@ -430,11 +437,13 @@ class _Connection:
             request.action = "goaway"
             self._goaway(stream_id if action.last_stream_id is None else action.last_stream_id,
                          action.reason, keep_open=action.keep_open)
+            server.answered(request)
             return
         if isinstance(action, Drop):
             request.action = "drop"
             self.closed = True
             self.writer.transport.abort()
+            server.answered(request)
             return
         extra: dict[str, Any] = {}
         response_headers: dict[str, str] = {}
@@ -450,6 +459,7 @@ class _Connection:
                 await asyncio.sleep(action.seconds)
             status, reason, extra = server.check(request)
         if self.closed or self.zombie:
+            server.answered(request)  # never answered: the connection went meanwhile
             return
         apns_id = headers.get("apns-id") or str(uuid.uuid4())
         request.status, request.reason, request.apns_id = status, reason, apns_id
@@ -463,6 +473,7 @@ class _Connection:
             self.h2.send_data(stream_id, body_out, end_stream=True)
         self.flush()
         self.answered += 1
+        server.answered(request)
         limit = server.goaway_after_streams
         if limit is not None and self.answered >= limit:
             self.draining = True

@@ -4,13 +4,17 @@ Everything runs in one event loop on loopback, on free ports, with a throwaway s
 temporary directory, removed at exit):
 
 * the **core** (:class:`sipis.core.Core`, in-process): SIP on ``udp``/``tcp`` ``127.0.0.1:0``, the
-  HTTPS app API with its generated certificate, ``[push.mediator]`` (type ``acrobits``) pointing
-  at the lab mediator with the mediator's CA file, short timers so things move (``register_expires``
-  120, ``wake_timeout`` 15, ``answer_timeout`` 15 by default) and quick ageing;
+  HTTPS app API with its generated certificate, ``[push.mediator]`` (type ``acrobits``),
+  ``[push.fcm]`` and ``[push.apns]`` pointing at the lab's endpoints with their CA files and the
+  lab's credentials (:meth:`lab.mediator.LabMediator.push_tables`), short timers so things move
+  (``register_expires`` 120, ``wake_timeout`` 15, ``answer_timeout`` 15 by default) and quick ageing;
 * the **lab PBX** (:class:`lab.pbx.LabPbx`, registrar + forking proxy with 3xx retarget);
-* the **lab mediator** (:class:`lab.mediator.LabMediator`: latency, transient 503s, dead tokens,
-  delivery to the phones);
-* the **phones** (:class:`lab.phones.PhoneFleet`) and the **callers** (:class:`lab.callers.CallerLoad`).
+* the **lab mediator** (:class:`lab.mediator.LabMediator`: the Acrobits mediator plus FCM- and
+  APNs-shaped endpoints, all with latency, transient 503/429s, dead tokens and delivery to the
+  phones);
+* the **phones** (:class:`lab.phones.PhoneFleet`: most push through the mediator, ``fcm_rate`` of
+  them are Android apps on FCM, ``apns_rate`` iOS apps on APNs) and the **callers**
+  (:class:`lab.callers.CallerLoad`).
 
 Without ``--headless`` the console runs on the terminal as a child process
 (``python -m console.cli console --socket <core's operator socket>``) when ``console.app`` is
@@ -33,8 +37,10 @@ Summary format (:meth:`DemoLab.summary`; every count key is always present)::
      "held_calls":       {released, no-response, not-answered, push-rejected, cancelled, ...}  # the core's view
      "pushes":           {accepted, rejected-permanent, rejected-transient}   # final verdict per push
      "pushes_by_kind":   {"call": {...}, "missed": {...}, ...}
-     "push_attempts":    {accepted, rejected-permanent, rejected-transient}   # what the mediator answered
-     "phones":           {"kinds": {...}, "states": {...}, "stats": {...}}}
+     "pushes_by_provider": {"mediator": {...}, "fcm": {...}, "apns": {...}}   # by [push.NAME]
+     "push_attempts":    {accepted, rejected-permanent, rejected-transient}   # what the endpoints answered
+     "push_attempts_by_provider": {"mediator": {...}, "fcm": {...}, "apns": {...}}
+     "phones":           {"kinds": {...}, "push_types": {...}, "states": {...}, "stats": {...}}}
 """
 
 from __future__ import annotations
@@ -53,12 +59,20 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from lab.mediator import ACCEPTED, PERMANENT, TRANSIENT, Distribution, LabMediator, MediatorPolicy
+from lab.mediator import (
+    ACCEPTED,
+    PERMANENT,
+    PROVIDER_NAMES,
+    TRANSIENT,
+    Distribution,
+    LabMediator,
+    MediatorPolicy,
+)
 
 if TYPE_CHECKING:  # the rest is imported when a demo starts, so ``sipis-console --help`` stays fast
     from lab.callers import CallerLoad
@@ -97,6 +111,9 @@ class DemoOptions:
     never_wake_rate: float = 0.1
     dead_token_rate: float = 0.05
     stale_password_rate: float = 0.05
+    #: shares of the apps pushed through FCM (Android) and APNs (iOS); the rest use the mediator
+    fcm_rate: float = 0.2
+    apns_rate: float = 0.2
     cancel_rate: float = 0.1
     cancel_after: Distribution = field(default_factory=lambda: Distribution.uniform(0.5, 4.0))
     hold: Distribution = field(default_factory=lambda: Distribution.uniform(1.0, 5.0))
@@ -109,7 +126,7 @@ class DemoOptions:
 
 
 def core_config(state_dir: Path, mediator: LabMediator, enroll_token: str, options: DemoOptions) -> Config:
-    """The core's config for the lab: free loopback ports, TLS API, the lab mediator, short timers."""
+    """The core's config for the lab: free loopback ports, TLS API, the lab's push endpoints, short timers."""
     from sipis.config import parse_config
 
     return parse_config({
@@ -121,8 +138,7 @@ def core_config(state_dir: Path, mediator: LabMediator, enroll_token: str, optio
         "calls": {"wake_timeout": options.wake_timeout, "answer_timeout": options.answer_timeout},
         "ageing": {"not_registered_max_age": options.not_registered_max_age,
                    "check_interval": options.ageing_interval},
-        "push": {"mediator": {"type": "acrobits", "url": mediator.send_url, "ca_file": str(mediator.ca_file),
-                              "timeout": 3}},
+        "push": mediator.push_tables(timeout=3),
     }, state_dir.parent)
 
 
@@ -138,7 +154,8 @@ class DemoLab:
         self.enroll_token = secrets.token_urlsafe(24)
         self.pbx = LabPbx(transports=("udp", "tcp"), workdir=workdir / "pbx")
         self.mediator = LabMediator(workdir / "mediator", policy=options.mediator,
-                                    rng=random.Random(f"{self.seed}:mediator"))
+                                    rng=random.Random(f"{self.seed}:mediator"), fcm=options.fcm_rate > 0,
+                                    apns=options.apns_rate > 0)
         self.core: Core | None = None
         self.fleet: PhoneFleet | None = None
         self.callers: CallerLoad | None = None
@@ -170,6 +187,7 @@ class DemoLab:
         self.fleet = PhoneFleet(FleetSettings(
             apps=options.apps, profile=profile, never_wake_rate=options.never_wake_rate,
             dead_token_rate=options.dead_token_rate, stale_password_rate=options.stale_password_rate,
+            fcm_rate=options.fcm_rate, apns_rate=options.apns_rate,
         ), pbx=self.pbx, mediator=self.mediator, api_url=listening.api_url,
             api_ca_file=self.core.config.api.tls_cert, enroll_token=self.enroll_token, seed=self.seed)
         await self.fleet.start()
@@ -247,22 +265,29 @@ class DemoLab:
             if self.core is not None and self.core.service is not None else Counter()
         return {state: counts.get(state, 0) for state in STATES}
 
-    def push_verdicts(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    def push_verdicts(self) -> tuple[dict[str, int], dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+        """Final verdicts of the core's pushes: in total, by kind and by provider (``[push.NAME]``)."""
         totals: Counter[str] = Counter()
         kinds: dict[str, Counter[str]] = {}
+        providers: dict[str, Counter[str]] = {self.provider_name(t): Counter() for t in self.mediator.provider_types}
         traces = self.core.delivery.traces.values() if self.core is not None and self.core.delivery else ()
         for trace in traces:
             if trace.verdict == "pending":
                 continue
             totals[trace.verdict] += 1
             kinds.setdefault(trace.kind.value, Counter())[trace.verdict] += 1
-        return ({v: totals.get(v, 0) for v in PUSH_VERDICTS},
-                {k: {v: c.get(v, 0) for v in PUSH_VERDICTS} for k, c in sorted(kinds.items())})
+            providers.setdefault(trace.provider, Counter())[trace.verdict] += 1
+        return ({v: totals.get(v, 0) for v in PUSH_VERDICTS}, _by_verdict(sorted(kinds.items())),
+                _by_verdict(providers.items()))  # providers: mediator, fcm, apns, as the lab lists them
+
+    @staticmethod
+    def provider_name(push_type: str) -> str:
+        return PROVIDER_NAMES.get(push_type, push_type)
 
     def summary(self) -> dict[str, Any]:
         from lab.callers import OUTCOMES
 
-        pushes, by_kind = self.push_verdicts()
+        pushes, by_kind, by_provider = self.push_verdicts()
         callers = self.callers
         outcomes = callers.outcomes if callers is not None else Counter()
         held = dict(sorted(self.core.calls.outcomes.items())) if self.core is not None and self.core.calls else {}
@@ -279,9 +304,14 @@ class DemoLab:
             "held_calls": held,
             "pushes": pushes,
             "pushes_by_kind": by_kind,
+            "pushes_by_provider": by_provider,
             "push_attempts": {v: self.mediator.answers.get(v, 0) for v in PUSH_VERDICTS},
+            "push_attempts_by_provider": {
+                self.provider_name(t): {v: counts.get(v, 0) for v in PUSH_VERDICTS}
+                for t, counts in self.mediator.answers_by_provider.items()},
             "phones": {
                 "kinds": dict(sorted(fleet.kinds().items())) if fleet else {},
+                "push_types": dict(sorted(fleet.push_types().items())) if fleet else {},
                 "states": dict(sorted(fleet.states().items())) if fleet else {},
                 "stats": dict(sorted(fleet.stats().items())) if fleet else {},
             },
@@ -290,13 +320,17 @@ class DemoLab:
     def status_line(self) -> str:
         states = self.instance_states()
         held = len(self.core.calls.held) if self.core is not None and self.core.calls else 0
-        pushes, _ = self.push_verdicts()
+        pushes, _, _ = self.push_verdicts()
         outcomes = self.callers.outcomes if self.callers is not None else Counter()
         calls = " ".join(f"{k} {v}" for k, v in outcomes.most_common())
         return (f"[{time.monotonic() - (self.running_since or self.started_at):5.0f}s] "
                 + " ".join(f"{s} {states[s]}" for s in STATES)
                 + f" | held {held} | calls {sum(outcomes.values())}: {calls or '-'}"
                 + " | pushes " + " ".join(f"{k} {v}" for k, v in pushes.items()))
+
+
+def _by_verdict(groups: Iterable[tuple[str, Counter[str]]]) -> dict[str, dict[str, int]]:
+    return {k: {v: c.get(v, 0) for v in PUSH_VERDICTS} for k, c in groups}
 
 
 # ====================================================================== running it
@@ -450,6 +484,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         shown = [f"{k} {v}" for k, v in values.items() if v]
         return ", ".join(shown) or "none"
 
+    def groups(values: dict[str, dict[str, Any]]) -> str:
+        return "; ".join(f"{name}: {counts(group)}" for name, group in values.items()) or "none"
+
     calls = f"calls ({summary['calls_total']}):"
     lines = [
         f"demo summary: {summary['apps']} apps, {summary['call_rate']:g} calls/s, "
@@ -460,8 +497,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         + (f" (+{summary['calls_unfinished']} unfinished)" if summary["calls_unfinished"] else ""),
         f"  held calls (core):  {counts(summary['held_calls'])}",
         f"  pushes:             {counts(summary['pushes'])}",
-        f"  mediator answers:   {counts(summary['push_attempts'])}",
+        f"  ... by provider:    {groups(summary.get('pushes_by_provider', {}))}",
+        f"  provider answers:   {counts(summary['push_attempts'])}",
+        f"  ... by provider:    {groups(summary.get('push_attempts_by_provider', {}))}",
         f"  phones:             {counts(summary['phones']['kinds'])}",
+        f"  phones' push:       {counts(summary['phones'].get('push_types', {}))}",
     ]
     return "\n".join(lines)
 
@@ -486,7 +526,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dead-token-rate", type=_fraction, default=0.05, metavar="F",
                         help="share of phones with a dead push token (default 0.05)")
     parser.add_argument("--transient-rate", type=_fraction, default=0.05, metavar="F",
-                        help="share of push requests the mediator answers 503 (default 0.05)")
+                        help="share of push requests the lab's push endpoints answer 503/429 (default 0.05)")
+    parser.add_argument("--fcm-rate", type=_fraction, default=0.2, metavar="F",
+                        help="share of apps pushed through the lab's FCM (Android; default 0.2)")
+    parser.add_argument("--apns-rate", type=_fraction, default=0.2, metavar="F",
+                        help="share of apps pushed through the lab's APNs (iOS; default 0.2); "
+                             "the rest use the Acrobits mediator")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="error",
                         help="log level of the core and the lab on stderr (default error)")
 
@@ -496,6 +541,7 @@ def options_from_args(args: argparse.Namespace) -> DemoOptions:
         apps=args.apps, call_rate=args.call_rate, duration=args.duration, seed=args.seed, headless=args.headless,
         json=args.json, wake_timeout=args.wake_timeout, answer_timeout=args.answer_timeout,
         never_wake_rate=args.never_wake_rate, dead_token_rate=args.dead_token_rate,
+        fcm_rate=args.fcm_rate, apns_rate=args.apns_rate,
         mediator=MediatorPolicy(transient_rate=args.transient_rate), wake_delay=args.wake_delay,
         log_level=args.log_level,
     )

@@ -1,21 +1,37 @@
-"""The lab push mediator: an Acrobits-shaped PN mediator that fails like a real one and delivers.
+"""The lab push mediator: push endpoints that fail like real ones and deliver to the simulated phones.
 
-:class:`LabMediator` wraps :class:`lab.push_servers.MediatorServer` (the real wire format at
-``/pnm2/send`` over HTTPS, with its scripting and request log) and adds what a lab needs:
+:class:`LabMediator` wraps :class:`lab.push_servers.MediatorServer` (the Acrobits wire format at
+``/pnm2/send`` over HTTPS, with its scripting and request log) and, when asked for them
+(``fcm=True``, ``apns=True``), the provider-shaped servers the core's ``fcm`` and ``apns``
+providers talk to: :class:`lab.push_servers.FcmServer` (OAuth token endpoint + FCM HTTP v1
+``messages:send``; the mediator writes a service-account JSON with a fresh RSA key for it) and
+:class:`lab.apns_server.ApnsServer` (HTTP/2 over TLS, ES256 provider JWTs checked against the
+public half of an ``AuthKey_*.p8`` the mediator writes). :meth:`LabMediator.push_tables` gives the
+core's ``[push.NAME]`` tables for all of them (``mediator``, ``fcm``, ``apns``), with their CA files.
+On every endpoint the mediator adds what a lab needs:
 
 * **Latency** — every answer is held back by a sample of :attr:`MediatorPolicy.latency`.
 * **Transient failures** — a fraction :attr:`MediatorPolicy.transient_rate` of requests is answered
-  HTTP ``503`` (``{"code": 503, ...}``), with a ``Retry-After`` drawn from
+  HTTP ``503`` (``{"code": 503, ...}``; FCM ``UNAVAILABLE``; APNs ``ServiceUnavailable``) — on FCM
+  and APNs a share :attr:`MediatorPolicy.throttle_share` of them ``429`` instead (FCM
+  ``QUOTA_EXCEEDED``, APNs ``TooManyRequests``) — with a ``Retry-After`` drawn from
   :attr:`MediatorPolicy.retry_after` (``None`` = no header). A Retry-After beyond the call's
-  remaining wake timer makes the core give up: the push ends ``rejected-transient``.
-* **Dead tokens** — tokens in :attr:`LabMediator.dead_tokens` get ``{"code": 404}`` (the core marks
-  the device unreachable).
-* **Delivery** — an accepted push reaches the phone holding that ``DeviceToken``: the callback
-  given to :meth:`LabMediator.attach` is called with a :class:`LabPush` after a sample of
+  remaining wake timer makes the core give up: the push ends ``rejected-transient``. (FCM fails
+  only requests that pass its auth and message checks; APNs fails before its checks, like an
+  overloaded front end.)
+* **Dead tokens** — tokens in :attr:`LabMediator.dead_tokens` get ``{"code": 404}`` from the
+  mediator, ``404 UNREGISTERED`` from FCM and ``410 Unregistered`` from APNs (the core marks the
+  device unreachable). FCM and APNs check credentials and message shape first, as the real ones do.
+* **Delivery** — an accepted push reaches the phone holding that token (``DeviceToken``, the FCM
+  ``message.token``, the APNs device token in the path): the callback given to
+  :meth:`LabMediator.attach` is called with a :class:`LabPush` after a sample of
   :attr:`MediatorPolicy.delivery_latency` (the time the platform takes to get it to the device).
-  That is how a simulated phone "receives" a push.
+  That is how a simulated phone "receives" a push, whichever provider carried it.
 
-Scripted replies (:meth:`LabMediator.script`) still come first, as in ``MediatorServer``.
+Scripted replies still come first: :meth:`LabMediator.script` (the mediator),
+``mediator.fcm.script`` and ``mediator.apns.script`` (the servers' own scripting). What each
+endpoint answered is counted in :attr:`LabMediator.answers` and, per provider type,
+:attr:`LabMediator.answers_by_provider`.
 
 :class:`Distribution` (fixed, uniform, exponential, lognormal, choice) is the one way the lab
 describes a random duration; phones and callers use it too. ``Distribution.parse("lognormal:1.5,0.6")``
@@ -36,9 +52,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # imported when a mediator is built: ``Distribution`` alone stays cheap to import
+    from cryptography.hazmat.primitives.asymmetric import ec
     from fastapi.responses import Response
 
-    from lab.push_servers import MediatorServer, Received, Reply
+    from lab.apns_server import ApnsRequest, ApnsServer
+    from lab.push_servers import FcmServer, MediatorServer, Received, Reply
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +64,15 @@ DistributionKind = Literal["fixed", "uniform", "exponential", "lognormal", "choi
 
 #: accepted / rejected-transient / rejected-permanent, the names the core's outcome model uses
 ACCEPTED, TRANSIENT, PERMANENT = "accepted", "rejected-transient", "rejected-permanent"
+
+#: the lab's endpoints by provider type, and the ``[push.NAME]`` each gets in :meth:`LabMediator.push_tables`
+PROVIDER_TYPES = ("acrobits", "fcm", "apns")
+PROVIDER_NAMES: dict[str, str] = {"acrobits": "mediator", "fcm": "fcm", "apns": "apns"}
+#: the lab app: its id is also the APNs topic (bundle id) the lab APNs accepts
+LAB_APP_ID = "com.example.labphone"
+FCM_PROJECT = "sipis-lab"
+APNS_TEAM_ID = "LABTEAM001"
+APNS_KEY_ID = "LABKEY0001"
 
 
 @dataclass(frozen=True)
@@ -159,15 +186,21 @@ class MediatorPolicy:
     retry_after: Distribution = field(default_factory=lambda: Distribution.choice(None, 1, 1, 60))
     #: from "accepted" to the push arriving on the device
     delivery_latency: Distribution = field(default_factory=lambda: Distribution.lognormal(0.25, 0.5, cap=3.0))
+    #: FCM and APNs: the share of the transient failures answered 429 (quota) instead of 503
+    throttle_share: float = 0.25
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.transient_rate <= 1.0:
-            raise ValueError(f"transient_rate must be within 0..1, got {self.transient_rate}")
+        for name in ("transient_rate", "throttle_share"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be within 0..1, got {value}")
 
 
 @dataclass(frozen=True)
 class LabPush:
-    """A push as the device sees it (the mediator's JSON attributes, typed)."""
+    """A push as the device sees it, whichever provider carried it: the mediator's JSON attributes
+    or the FCM data / APNs custom keys (``PushRequest.payload_fields``), typed the same way
+    (``verb`` is the mediator's verb for the push kind)."""
 
     verb: str
     token: str
@@ -177,7 +210,8 @@ class LabPush:
     caller: str | None
     sent_at_ms: int | None
     received_at: float  # monotonic, when the device got it
-    body: dict[str, Any]
+    body: dict[str, Any]  # the mediator's JSON, the FCM ``data`` or the APNs payload without ``aps``
+    provider: str = "acrobits"  # the provider type that carried it
 
     @property
     def is_call(self) -> bool:
@@ -206,31 +240,113 @@ def _policy_server(owner: LabMediator, state_dir: Path, host: str) -> MediatorSe
     return PolicyMediatorServer(state_dir, host)
 
 
+def _policy_fcm(owner: LabMediator, state_dir: Path, host: str) -> FcmServer:
+    """An ``FcmServer`` (token endpoint and ``messages:send`` checks unchanged) whose verdict for a
+    well-formed, authorised push comes from ``owner``'s policy when no reply is scripted."""
+    from lab.push_servers import FcmServer
+
+    class PolicyFcmServer(FcmServer):
+        def _next_reply(self, token: str | None) -> Reply | None:
+            reply = super()._next_reply(token)
+            if reply is not None or token is None:
+                return reply
+            return owner._fcm_reply(token)
+
+        async def _send(self, project: str, received: Received) -> Response:
+            token = _fcm_token(received.json)
+            if token is None or not self._scripts.get(token):  # scripted replies bring their own delay
+                await self._pause(owner.policy.latency.sample(owner.rng))
+            response = await super()._send(project, received)
+            owner._fcm_answered(received)
+            return response
+
+    return PolicyFcmServer(state_dir, host)
+
+
+def _policy_apns(owner: LabMediator, directory: Path, public_key: ec.EllipticCurvePublicKey) -> ApnsServer:
+    """An ``ApnsServer`` (JWT, topic, token and payload checks unchanged) with ``owner``'s latency,
+    transient failures and dead tokens; every answer goes back to ``owner``."""
+    from lab.apns_server import Action, ApnsServer, Delay
+    from lab.apns_server import Reply as ApnsReply
+
+    class PolicyApnsServer(ApnsServer):
+        def _next_action(self, device_token: str | None) -> Action | None:
+            action = super()._next_action(device_token)
+            if action is not None:
+                return action
+            latency = owner.policy.latency.sample(owner.rng)
+            transient = owner._transient()
+            if transient is None:
+                return Delay(latency)  # then Apple's checks (and dead tokens, below) decide
+            status, retry = transient
+            return ApnsReply(status, "TooManyRequests" if status == 429 else "ServiceUnavailable",
+                             headers={} if retry is None else {"retry-after": str(int(retry))}, delay=latency)
+
+        def check(self, request: ApnsRequest) -> tuple[int, str | None, dict[str, Any]]:
+            status, reason, extra = super().check(request)
+            if status == 200 and request.device_token in owner.dead_tokens:
+                return 410, "Unregistered", {"timestamp": int(self.now() * 1000)}
+            return status, reason, extra
+
+        def answered(self, request: ApnsRequest) -> None:
+            owner._apns_answered(request)
+
+    return PolicyApnsServer(directory, team_id=APNS_TEAM_ID, key_id=APNS_KEY_ID, public_key=public_key,
+                            topic=LAB_APP_ID)
+
+
 class LabMediator:
-    """The lab's push mediator. ``await start()``, point ``[push.NAME]`` (type ``acrobits``) at
-    :attr:`send_url` with :attr:`ca_file`, and :meth:`attach` each phone's token."""
+    """The lab's push endpoints. ``await start()``, give the core :meth:`push_tables` (or point a
+    ``[push.NAME]`` of type ``acrobits`` at :attr:`send_url` with :attr:`ca_file`), and
+    :meth:`attach` each phone's token(s).
+
+    ``fcm`` / ``apns``: also run the FCM-shaped (:attr:`fcm`) / APNs-shaped (:attr:`apns`) endpoint,
+    with credentials written into ``state_dir`` (:attr:`fcm_account_file`, :attr:`apns_key_file`).
+    """
 
     def __init__(self, state_dir: str | Path, *, policy: MediatorPolicy | None = None,
-                 rng: random.Random | None = None, host: str = "127.0.0.1") -> None:
+                 rng: random.Random | None = None, host: str = "127.0.0.1", fcm: bool = False,
+                 apns: bool = False) -> None:
         self.policy = policy or MediatorPolicy()
         self.rng = rng or random.Random()
-        self.server = _policy_server(self, Path(state_dir), host)
-        #: what the mediator answered, per request: accepted / rejected-transient / rejected-permanent
+        self.state_dir = Path(state_dir)
+        self.server = _policy_server(self, self.state_dir, host)
+        self.fcm: FcmServer | None = _policy_fcm(self, self.state_dir, host) if fcm else None
+        self.fcm_account_file = self.state_dir / "fcm-service-account.json"
+        self.apns_key_file = self.state_dir / f"AuthKey_{APNS_KEY_ID}.p8"
+        self.apns: ApnsServer | None = None
+        if apns:
+            from lab.apns_server import write_apns_key
+
+            self.apns = _policy_apns(self, self.state_dir, write_apns_key(self.apns_key_file))
+        #: what the endpoints answered, per request: accepted / rejected-transient / rejected-permanent
         self.answers: Counter[str] = Counter()
+        #: the same, per provider type (acrobits, fcm, apns)
+        self.answers_by_provider: dict[str, Counter[str]] = {kind: Counter() for kind in self.provider_types}
         #: accepted pushes handed to a device / for tokens nobody attached
         self.delivered = 0
         self.undelivered = 0
+        #: pushes handed to a device, per provider type
+        self.delivered_by_provider: Counter[str] = Counter()
         self._devices: dict[str, PushCallback] = {}
         self._pending: set[asyncio.TimerHandle] = set()
 
     # ------------------------------------------------------------------ lifecycle and wiring
 
     @property
+    def provider_types(self) -> tuple[str, ...]:
+        """The provider types this mediator has endpoints for (``acrobits`` always)."""
+        return tuple(kind for kind, on in (("acrobits", True), ("fcm", self.fcm is not None),
+                                           ("apns", self.apns is not None)) if on)
+
+    @property
     def dead_tokens(self) -> set[str]:
+        """Tokens every endpoint calls dead (one set for all providers)."""
         return self.server.dead_tokens
 
     @property
     def requests(self) -> list[Received]:
+        """The mediator's requests (FCM: ``fcm.requests``; APNs: ``apns.requests``)."""
         return self.server.requests
 
     @property
@@ -241,14 +357,42 @@ class LabMediator:
     def ca_file(self) -> Path:
         return self.server.ca_file
 
+    def push_tables(self, *, timeout: float = 3.0) -> dict[str, dict[str, Any]]:
+        """The core's ``[push.NAME]`` tables for every endpoint that runs (names from
+        :data:`PROVIDER_NAMES`), each trusting only that endpoint's certificate. After :meth:`start`."""
+        tables: dict[str, dict[str, Any]] = {PROVIDER_NAMES["acrobits"]: {
+            "type": "acrobits", "url": self.send_url, "ca_file": str(self.ca_file), "timeout": timeout}}
+        if self.fcm is not None:
+            tables[PROVIDER_NAMES["fcm"]] = {
+                "type": "fcm", "url": self.fcm.url, "ca_file": str(self.fcm.ca_file), "timeout": timeout,
+                "service_account_file": str(self.fcm_account_file)}
+        if self.apns is not None:
+            tables[PROVIDER_NAMES["apns"]] = {
+                "type": "apns", "url": self.apns.url, "ca_file": str(self.apns.ca_file), "timeout": timeout,
+                "team_id": APNS_TEAM_ID, "key_id": APNS_KEY_ID, "key_file": str(self.apns_key_file),
+                "topic": LAB_APP_ID}
+        return tables
+
     async def start(self) -> None:
         await self.server.start()
+        if self.fcm is not None:
+            from lab.push_servers import make_service_account
+
+            await self.fcm.start()  # first: the account's token_uri names this server
+            self.fcm.add_service_account(make_service_account(self.fcm_account_file, self.fcm.token_uri,
+                                                              project_id=FCM_PROJECT))
+        if self.apns is not None:
+            await self.apns.start()
 
     async def stop(self) -> None:
         for handle in self._pending:
             handle.cancel()
         self._pending.clear()
         await self.server.stop()
+        if self.fcm is not None:
+            await self.fcm.stop()
+        if self.apns is not None:
+            await self.apns.stop()
 
     async def __aenter__(self) -> LabMediator:
         await self.start()
@@ -265,13 +409,15 @@ class LabMediator:
         self._devices.pop(token, None)
 
     def kill(self, token: str) -> None:
-        """From now on the mediator says this token is dead (code 404)."""
+        """From now on every endpoint says this token is dead (mediator code 404, FCM 404
+        UNREGISTERED, APNs 410 Unregistered)."""
         self.dead_tokens.add(token)
 
     def script(self, token: str, replies: Iterable[Reply]) -> None:
+        """Script the mediator's answers for ``token`` (FCM: ``fcm.script``; APNs: ``apns.script``)."""
         self.server.script(token, replies)
 
-    # ------------------------------------------------------------------ answering
+    # ------------------------------------------------------------------ answering: the mediator
 
     async def _answer(self, server: MediatorServer, received: Received) -> Response:
         from lab.push_servers import Reply
@@ -289,35 +435,84 @@ class LabMediator:
         await server._pause(self.policy.latency.sample(self.rng))
         problem = server._check(body)
         if problem:
-            self.answers[PERMANENT] += 1
+            self._tally("acrobits", PERMANENT)
             return server._response(received, 400, {"code": 400, "response": problem})
         assert isinstance(body, dict) and token is not None
         if self.rng.random() < self.policy.transient_rate:
-            self.answers[TRANSIENT] += 1
+            self._tally("acrobits", TRANSIENT)
             retry = self.policy.retry_after.sample_optional(self.rng)
             transient = Reply(503, retry_after=None if retry is None else float(max(1, round(retry))))
             return server._response(received, 503, {"code": 503, "response": "Service Unavailable"}, transient)
         if token in self.dead_tokens:
-            self.answers[PERMANENT] += 1
+            self._tally("acrobits", PERMANENT)
             return server._response(received, 200, {"code": 404, "response": "Device token not found"})
-        self.answers[ACCEPTED] += 1
-        self._deliver(token, body)
+        self._tally("acrobits", ACCEPTED)
+        self._deliver_mediator(token, body)
         return server._response(received, 200, {"code": 200, "response": "OK"})
 
     def _count(self, status: int, answer: Any, received: Received) -> None:
         code = answer.get("code") if isinstance(answer, dict) else None
         if status == 429 or status >= 500 or (isinstance(code, int) and (code >= 500 or code == 429)):
-            self.answers[TRANSIENT] += 1
+            self._tally("acrobits", TRANSIENT)
         elif 200 <= status < 300 and code == 200:
-            self.answers[ACCEPTED] += 1
+            self._tally("acrobits", ACCEPTED)
             body = received.json
             token = body.get("DeviceToken") if isinstance(body, dict) else None
             if isinstance(body, dict) and isinstance(token, str):
-                self._deliver(token, body)
+                self._deliver_mediator(token, body)
         else:
-            self.answers[PERMANENT] += 1
+            self._tally("acrobits", PERMANENT)
 
-    def _deliver(self, token: str, body: dict[str, Any]) -> None:
+    def _deliver_mediator(self, token: str, body: dict[str, Any]) -> None:
+        self._deliver(token, "acrobits", lambda: _lab_push(token, body))
+
+    # ------------------------------------------------------------------ answering: FCM and APNs
+
+    def _transient(self) -> tuple[int, float | None] | None:
+        """``(status, Retry-After)`` when this FCM/APNs request is to fail for now, else None."""
+        if self.rng.random() >= self.policy.transient_rate:
+            return None
+        status = 429 if self.rng.random() < self.policy.throttle_share else 503
+        retry = self.policy.retry_after.sample_optional(self.rng)
+        return status, None if retry is None else float(max(1, round(retry)))
+
+    def _fcm_reply(self, token: str) -> Reply | None:
+        """The policy's answer to a valid FCM push: a failure as a ``Reply``, None = accept."""
+        from lab.push_servers import Reply
+
+        transient = self._transient()
+        if transient is not None:
+            status, retry = transient
+            return Reply(status, retry_after=retry)  # 503 UNAVAILABLE / 429 QUOTA_EXCEEDED
+        if token in self.dead_tokens:
+            return Reply(404)  # UNREGISTERED
+        return None
+
+    def _fcm_answered(self, received: Received) -> None:
+        status = received.status
+        verdict = TRANSIENT if status is None else _verdict(status)
+        self._tally("fcm", verdict)
+        token = _fcm_token(received.json)
+        if verdict == ACCEPTED and token is not None:
+            message = received.json["message"]
+            data = message.get("data") if isinstance(message.get("data"), dict) else {}
+            self._deliver(token, "fcm", lambda: _lab_push_from_fields("fcm", token, data))
+
+    def _apns_answered(self, request: ApnsRequest) -> None:
+        verdict = TRANSIENT if request.status is None else _verdict(request.status)
+        self._tally("apns", verdict)
+        token = request.device_token
+        if verdict == ACCEPTED and token is not None and isinstance(request.payload, dict):
+            fields = {key: value for key, value in request.payload.items() if key != "aps"}
+            self._deliver(token, "apns", lambda: _lab_push_from_fields("apns", token, fields))
+
+    # ------------------------------------------------------------------ counting and delivery
+
+    def _tally(self, provider: str, verdict: str) -> None:
+        self.answers[verdict] += 1
+        self.answers_by_provider.setdefault(provider, Counter())[verdict] += 1
+
+    def _deliver(self, token: str, provider: str, make: Callable[[], LabPush]) -> None:
         loop = asyncio.get_running_loop()
         delay = self.policy.delivery_latency.sample(self.rng)
 
@@ -328,13 +523,29 @@ class LabMediator:
                 self.undelivered += 1
                 return
             self.delivered += 1
+            self.delivered_by_provider[provider] += 1
             try:
-                callback(_lab_push(token, body))
+                callback(make())
             except Exception:  # a broken phone must not break the mediator
                 log.exception("push delivery callback failed")
 
         handle = loop.call_later(delay, arrive)
         self._pending.add(handle)
+
+
+def _verdict(status: int) -> str:
+    """What an HTTP status from FCM or APNs means to the core."""
+    if 200 <= status < 300:
+        return ACCEPTED
+    if status in (408, 429) or status >= 500:
+        return TRANSIENT
+    return PERMANENT
+
+
+def _fcm_token(body: Any) -> str | None:
+    message = body.get("message") if isinstance(body, dict) else None
+    token = message.get("token") if isinstance(message, dict) else None
+    return token if isinstance(token, str) and token else None
 
 
 def _scripted(reply: Reply) -> tuple[int, Any]:
@@ -358,5 +569,30 @@ def _lab_push(token: str, body: dict[str, Any]) -> LabPush:
     )
 
 
-__all__ = ["ACCEPTED", "PERMANENT", "TRANSIENT", "Distribution", "LabMediator", "LabPush", "MediatorPolicy",
+def _lab_push_from_fields(provider: str, token: str, fields: dict[str, Any]) -> LabPush:
+    """A push from the provider-neutral fields (``PushRequest.payload_fields``) in FCM data or
+    APNs custom keys; ``type`` (call, missed, ...) becomes the mediator's verb for that kind."""
+    from sipis.push.acrobits import VERBS
+    from sipis.push.base import PushKind
+
+    def text(key: str) -> str | None:
+        value = fields.get(key)
+        return value if isinstance(value, str) else None
+
+    kind = text("type") or ""
+    try:
+        verb = VERBS[PushKind(kind)]
+    except ValueError:
+        verb = kind
+    sent_at = text("sent_at_ms")
+    return LabPush(
+        verb=verb, token=token, push_id=text("push_id") or "", selector=text("selector") or "",
+        call_id=text("call_id"), caller=text("caller"),
+        sent_at_ms=int(sent_at) if sent_at is not None and sent_at.isdigit() else None,
+        received_at=time.monotonic(), body=dict(fields), provider=provider,
+    )
+
+
+__all__ = ["ACCEPTED", "APNS_KEY_ID", "APNS_TEAM_ID", "FCM_PROJECT", "LAB_APP_ID", "PERMANENT", "PROVIDER_NAMES",
+           "PROVIDER_TYPES", "TRANSIENT", "Distribution", "LabMediator", "LabPush", "MediatorPolicy",
            "PushCallback"]

@@ -4,7 +4,10 @@ A :class:`LabPhone` behaves like a mobile softphone with a SIPIS account:
 
 1. **Enrols** at the app API (``POST /v1/instances`` with the enrolment token; the TLS certificate is
    checked against the core's generated one) with its SIP account and push token, and attaches its
-   token to the :class:`~lab.mediator.LabMediator` so accepted pushes reach it.
+   token to the :class:`~lab.mediator.LabMediator` so accepted pushes reach it. Its push goes
+   through the Acrobits mediator by default; :attr:`PhoneProfile.push_type` ``fcm`` makes it an
+   Android app (an FCM-style registration token, ``[push.fcm]``) and ``apns`` an iOS app (a
+   device token plus a PushKit token for calls, ``[push.apns]``).
 2. **Foreground** (``awake``): registers *itself* at the lab PBX with its own SIP endpoint (UDP on a
    free loopback port, Contact ``sip:<user>-app@127.0.0.1:<port>``), then reports
    ``PUT /v1/instances/{selector}/state {"state": "active", "contact": ...}``; refreshes its own
@@ -23,13 +26,14 @@ A :class:`LabPhone` behaves like a mobile softphone with a SIPIS account:
    ``603``. CANCEL stops the ringing (the endpoint answers 487).
 
 Profiles for the awkward cases: ``never_wakes`` (pushes arrive, nothing happens: the core's T1
-ends the call), ``dead_token`` (the mediator answers code 404: device unreachable), and
-``stale_password`` (the enrolment carries an outdated SIP password: the SIPIS cannot register for
-it, ageing turns the instance ``off``; the app notices the 409 on its next state report and enrols
-again with the right password).
+ends the call), ``dead_token`` (the mediator answers code 404, FCM ``UNREGISTERED``, APNs ``410``:
+device unreachable), and ``stale_password`` (the enrolment carries an outdated SIP password: the
+SIPIS cannot register for it, ageing turns the instance ``off``; the app notices the 409 on its
+next state report and enrols again with the right password).
 
 :class:`PhoneFleet` starts N phones with one seeded RNG per phone (``random.Random(f"{seed}:{i}")``)
-and assigns the awkward profiles to exact, seeded-shuffled shares of the fleet.
+and assigns the awkward profiles, and the FCM and APNs apps, to exact, seeded-shuffled shares of
+the fleet.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from typing import Any
 import httpx
 
 from lab.kamailio import LOAD_PASSWORD
-from lab.mediator import Distribution, LabMediator, LabPush
+from lab.mediator import LAB_APP_ID, PROVIDER_NAMES, Distribution, LabMediator, LabPush
 from lab.pbx import LabPbx
 from sipis.sip.digest import Credentials
 from sipis.sip.endpoint import EndpointSettings, IncomingRequest, SipEndpoint
@@ -59,7 +63,7 @@ from sipis.sip.transport import Flow, ListenSpec, TransportError
 
 log = logging.getLogger(__name__)
 
-APP_ID = "com.example.labphone"
+APP_ID = LAB_APP_ID  # also the bundle id (APNs topic) the lab APNs accepts
 SDP_ANSWER = (b"v=0\r\no=phone 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
               b"m=audio 40002 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
 #: a phone in a call stays awake at most this long past its planned foreground time
@@ -81,7 +85,10 @@ class PhoneProfile:
     dead_token: bool = False
     stale_password: bool = False
     register_expires: int = 120
+    #: the core's ``[push.NAME]`` for this app, and that provider's type (the shape of the tokens;
+    #: an ``apns`` app also enrols a PushKit token, which the core uses for call pushes)
     provider: str = "mediator"
+    push_type: str = "acrobits"
 
     @property
     def kind(self) -> str:
@@ -129,7 +136,8 @@ class LabPhone:
         self.profile = profile or PhoneProfile()
         self.rng = rng or random.Random()
         self.name = name or user
-        self.token = secrets.token_hex(32)
+        self.token = _push_token(self.profile.push_type)
+        self.voip_token = secrets.token_hex(32) if self.profile.push_type == "apns" else None
         self.selector: str | None = None
         self.bearer: str | None = None
         #: new → awake / asleep / waking → stopped
@@ -150,7 +158,8 @@ class LabPhone:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._password_fixed = not self.profile.stale_password
         if self.profile.dead_token:
-            mediator.kill(self.token)
+            for token in self.tokens:
+                mediator.kill(token)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -159,14 +168,16 @@ class LabPhone:
         await self.endpoint.start()
         self.endpoint.handlers["INVITE"] = self._on_invite
         self.endpoint.handlers["BYE"] = self._on_bye
-        self.mediator.attach(self.token, self._on_push)
+        for token in self.tokens:
+            self.mediator.attach(token, self._on_push)
         await self.enrol()
         if live:
             self._life = asyncio.create_task(self._run(), name=f"phone-{self.user}")
 
     async def stop(self) -> None:
         self.state = "stopped"
-        self.mediator.detach(self.token)
+        for token in self.tokens:
+            self.mediator.detach(token)
         tasks = [t for t in (self._life, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
@@ -181,6 +192,11 @@ class LabPhone:
     def kind(self) -> str:
         return self.profile.kind
 
+    @property
+    def tokens(self) -> list[str]:
+        """Every push token this app has (the PushKit token too, on iOS)."""
+        return [self.token] if self.voip_token is None else [self.token, self.voip_token]
+
     # ------------------------------------------------------------------ app API
 
     def _account(self) -> dict[str, Any]:
@@ -191,8 +207,10 @@ class LabPhone:
 
     async def enrol(self) -> None:
         """``POST /v1/instances`` (again with our selector after the instance went off)."""
-        body: dict[str, Any] = {"account": self._account(),
-                                "push": {"provider": self.profile.provider, "app_id": APP_ID, "token": self.token}}
+        push: dict[str, Any] = {"provider": self.profile.provider, "app_id": APP_ID, "token": self.token}
+        if self.voip_token is not None:
+            push["voip_token"] = self.voip_token
+        body: dict[str, Any] = {"account": self._account(), "push": push}
         if self.selector is not None:
             body["selector"] = self.selector
         response = await self.api.post("/v1/instances", json=body,
@@ -357,6 +375,7 @@ class LabPhone:
     def _on_push(self, push: LabPush) -> None:
         self.pushes.append(push)
         self.stats["pushes"] += 1
+        self.stats[f"pushes_via_{push.provider}"] += 1
         if push.is_missed:
             self.stats["missed_call_pushes"] += 1
             if push.call_id is not None:
@@ -455,19 +474,30 @@ class LabPhone:
         self._end(dialog)
 
 
+def _push_token(push_type: str) -> str:
+    """A token shaped like the platform's: FCM registration tokens are long URL-safe text with a
+    colon, APNs device tokens (and the mediator's) 64 hex digits."""
+    if push_type == "fcm":
+        return f"{secrets.token_urlsafe(16)}:APA91b{secrets.token_urlsafe(100)}"
+    return secrets.token_hex(32)
+
+
 # ====================================================================== the fleet
 
 
 @dataclass(frozen=True)
 class FleetSettings:
     """N phones: a base profile plus exact shares of awkward ones (rounded, at least one each when
-    the rate is above zero and the fleet has room)."""
+    the rate is above zero and the fleet has room), and — drawn independently — exact shares of
+    Android (``fcm_rate``) and iOS (``apns_rate``) apps; the rest push through the mediator."""
 
     apps: int = 12
     profile: PhoneProfile = field(default_factory=PhoneProfile)
     never_wake_rate: float = 0.1
     dead_token_rate: float = 0.05
     stale_password_rate: float = 0.05
+    fcm_rate: float = 0.0
+    apns_rate: float = 0.0
     user_prefix: str = "load"
     password: str = LOAD_PASSWORD
     enrol_concurrency: int = 16
@@ -496,7 +526,7 @@ class PhoneFleet:
         self.api: httpx.AsyncClient | None = None
 
     def profiles(self) -> list[PhoneProfile]:
-        """The profile of each phone, awkward ones at seeded-shuffled positions."""
+        """The profile of each phone, awkward ones and FCM/APNs apps at seeded-shuffled positions."""
         s = self.settings
         base = s.profile
         kinds = (["never"] * _share(s.apps, s.never_wake_rate) + ["dead"] * _share(s.apps, s.dead_token_rate)
@@ -505,7 +535,11 @@ class PhoneFleet:
         random.Random(f"{self.seed}:profiles").shuffle(kinds)
         variants = {"normal": base, "never": replace(base, never_wakes=True),
                     "dead": replace(base, dead_token=True), "stale": replace(base, stale_password=True)}
-        return [variants[k] for k in kinds]
+        platforms = (["fcm"] * _share(s.apps, s.fcm_rate) + ["apns"] * _share(s.apps, s.apns_rate))[: s.apps]
+        platforms += [""] * (s.apps - len(platforms))  # "": the base profile's provider
+        random.Random(f"{self.seed}:providers").shuffle(platforms)
+        return [replace(variants[k], provider=PROVIDER_NAMES[p], push_type=p) if p else variants[k]
+                for k, p in zip(kinds, platforms, strict=True)]
 
     async def start(self, *, live: bool = True) -> None:
         verify: ssl.SSLContext | bool = (ssl.create_default_context(cafile=str(self.api_ca_file))
@@ -543,6 +577,9 @@ class PhoneFleet:
 
     def kinds(self) -> Counter[str]:
         return Counter(p.kind for p in self.phones)
+
+    def push_types(self) -> Counter[str]:
+        return Counter(p.profile.push_type for p in self.phones)
 
     def stats(self) -> Counter[str]:
         total: Counter[str] = Counter()
