@@ -25,15 +25,25 @@ Measured per call (all wall-clock ``time.time()``, one host, one clock), in ``la
 * ``invite_to_push_sent``: ``PushTrace.stages["invite_received"]`` → ``stages["push_sent"]``.
   ``invite_received`` is stamped by ``CallManager.on_invite`` (the INVITE is parsed, its server
   transaction created, ``100 Trying`` sent, the instance found); ``push_sent`` is stamped by
-  ``PushDelivery.deliver`` in the push task **just before** the request is handed to the provider
-  (the body is built and ``httpx`` called after it): the core's own decision path including the
-  task hop, not the HTTP client.
-* ``invite_to_wire`` (**the goal's figure**): ``invite_received`` → httpcore has written the whole
-  request into the provider's TLS connection (its ``http11.send_request_body.complete`` trace event,
-  through a request hook this benchmark adds to the provider's ``httpx.AsyncClient``): "push request
-  on the wire". ``push_sent_to_wire`` is the part spent in the provider and httpx/httpcore/TLS;
-  ``invite_to_wire_warm`` / ``invite_to_wire_new_connection`` split the calls by whether the push
-  request went out on a pooled connection or had to open one (TCP connect + TLS handshake).
+  ``PushDelivery.deliver`` **just before** the request is handed to the provider (the body is built
+  and ``httpx`` called after it). The push is started eagerly inside ``on_invite`` (no task hop)
+  when the provider allows it, as the Acrobits provider over ``sipis.push.transport`` does.
+* ``invite_to_wire`` (**the goal's figure**): ``invite_received`` → the whole request has been
+  written into the provider's TLS connection (the ``http11.send_request_body.complete`` trace event
+  — emitted by httpcore, and with the same name by ``sipis.push.transport`` right after its single
+  ``write`` returned — through a request hook this benchmark adds to the provider's
+  ``httpx.AsyncClient``): "push request on the wire". ``push_sent_to_wire`` is the part spent in the
+  provider and httpx/TLS; ``invite_to_wire_warm`` / ``invite_to_wire_new_connection`` split the
+  calls by whether the push request went out on a pooled connection or had to open one (TCP
+  connect + TLS handshake); ``invite_to_wire_no_gc`` are the calls whose window saw no garbage
+  collection. ``invite_to_write_start`` ends just before the write call
+  (``http11.send_request_headers.started``), ``write_call`` is the write itself (encryption and
+  the loopback ``send``, which may switch the CPU to another process).
+* ``over_goal``: the calls over 5 ms by cause, the first that applies: a garbage collection in the
+  window (``gc_gen0/1/2``, from ``gc.callbacks`` with wall-clock times), a new connection,
+  ``in_write`` (the write started in time but returned late: the kernel or the scheduler held the
+  core in ``send``), ``before_write`` (anything else: a pool full of busy connections, the loop, the
+  scheduler before the write). ``gc_in_window`` counts the calls whose window saw a collection.
 * ``invite_to_mediator``: ``invite_received`` → the mediator's ``Received.at`` (stamped after
   uvicorn/FastAPI read the whole body): adds loopback TCP and the mediator's HTTP parsing
   (``wire_to_mediator``), an upper bound.
@@ -44,13 +54,20 @@ Measured per call (all wall-clock ``time.time()``, one host, one clock), in ``la
 Also: calls attempted/held/completed, sipp's failed calls, pushes that never reached the mediator,
 the largest and the steady-state number of simultaneously held calls (``len(core.calls.held)``
 sampled every 10 ms, which also gives the event-loop lag), garbage-collector pauses per generation
-(``gc.callbacks``), TCP/TLS connections the push client opened, SIP connections the core lost
+(``gc.callbacks``), TCP/TLS connections the push client opened, push requests that had to wait for
+a pooled connection because all were busy (``push_pool_waits``), SIP connections the core lost
 (``endpoint.flow_closed_listeners``, with the reason) and SIP parse/framing errors, CPU seconds per
 call of this process (the core, plus the mediator when inline), of the mediator process and of
 Kamailio, and the 1-minute load average before and after (the machine is shared: a loaded machine
 makes every figure worse). Per repeat p50/p90/p99/max; the summary gives the median over repeats
 of each percentile, the pooled p99 of all calls and the maximum. The core's INFO log goes to
 ``core.log`` in the work folder, which is kept (and named in the JSON) when a run had trouble.
+
+The mediator process runs with the ``SCHED_BATCH`` policy (``--mediator-sched normal`` to compare):
+it stands in for a service on another machine, and a request written to a normal-policy local
+reader makes the kernel switch to it inside the core's ``send`` (the reader was asleep, so it wins
+the wake-up preemption), which a remote mediator never does. Batch tasks get the same share of the
+CPU; they just never preempt on wake-up.
 
 ``--keepalive`` sets the core's ``sip.keepalive_interval`` (default 30 s as in the product).
 ``--profile FILE`` runs cProfile over the measured repeats (latencies are then inflated and not
@@ -64,6 +81,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import cProfile
 import gc
@@ -107,7 +125,13 @@ APP_ID = "com.example.bench"
 SIPP_BUFFER = 1 << 20
 SAMPLE_INTERVAL = 0.01
 LATENCIES = ("invite_to_push_sent", "invite_to_wire", "invite_to_mediator", "push_sent_to_wire", "wire_to_mediator",
-             "frame_to_invite", "frame_to_wire", "invite_to_wire_warm", "invite_to_wire_new_connection")
+             "frame_to_invite", "frame_to_wire", "invite_to_wire_warm", "invite_to_wire_new_connection",
+             "invite_to_wire_no_gc", "invite_to_write_start", "write_call")
+#: why a call's INVITE → wire window took longer than the goal (first that applies): a collection in
+#: the window, a new connection, the write call itself (the request was being written in time; the
+#: kernel or the scheduler kept us, e.g. switching to the woken mediator), anything before the write
+TAIL_CAUSES = ("gc_gen2", "gc_gen1", "gc_gen0", "new_connection", "in_write", "before_write")
+WRITE_START = "http11.send_request_headers.started"
 # httpcore trace events (``request.extensions["trace"]``) kept per push request
 WIRE_EVENTS = ("http11.send_request_headers.started", "http11.send_request_body.complete",
                "http11.receive_response_headers.complete")
@@ -262,10 +286,11 @@ class MediatorProcess:
         self.ca_file = str(hello["ca_file"])
 
     @classmethod
-    async def start(cls, state_dir: Path) -> MediatorProcess:
+    async def start(cls, state_dir: Path, sched: str = "batch") -> MediatorProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, str(Path(__file__).resolve()), "--mediator-child", str(state_dir),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 26)
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 26,
+            preexec_fn=_batch_scheduling if sched == "batch" else None)
         try:
             hello = await cls._read(proc, 30.0)
         except BaseException:
@@ -273,7 +298,9 @@ class MediatorProcess:
                 proc.kill()
             await proc.wait()
             raise
-        return cls(proc, hello)
+        mediator = cls(proc, hello)
+        mediator.where = f"separate process, {sched} scheduling"
+        return mediator
 
     @staticmethod
     async def _read(proc: asyncio.subprocess.Process, timeout: float) -> dict[str, Any]:
@@ -308,6 +335,17 @@ class MediatorProcess:
         except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
+
+
+def _batch_scheduling() -> None:
+    """In the mediator child before exec: SCHED_BATCH. The mediator stands in for a service on
+    another machine; a request written to it must not switch this 2-CPU box over to the mediator
+    in the middle of the core's ``send`` (a loopback write wakes the reader synchronously, and a
+    normal-policy reader that slept preempts the writer at once: measured 30-60 of 6000 calls
+    > 5 ms "in the write call" alone). Batch tasks get the same CPU share but never preempt on
+    wake-up; they run when the core blocks or on the other CPU."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
 async def mediator_child(state_dir: Path) -> int:
@@ -378,6 +416,7 @@ class WireStamps:
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.by_push_id: dict[str, dict[str, float]] = {}
         self.connections = 0
+        self.client = client
         hooks = client.event_hooks
         client.event_hooks = {"request": [*hooks.get("request", []), self._on_request],
                               "response": list(hooks.get("response", []))}
@@ -401,19 +440,42 @@ class WireStamps:
         self.by_push_id.clear()
         self.connections = 0
 
+    def pool_waits(self) -> int:
+        """Requests that waited for a pooled connection (all busy), as far as the transport counts them."""
+        return int(getattr(getattr(self.client, "_transport", None), "waits", 0))
+
 
 class GcPauses:
-    """Duration of every garbage collection while installed (``gc.callbacks``), by generation."""
+    """Duration of every garbage collection while installed (``gc.callbacks``), by generation, and
+    when it happened (wall clock, to find the calls whose INVITE → wire window it fell into)."""
 
     def __init__(self) -> None:
         self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}  # ms
+        self.spans: list[tuple[float, float, int]] = []  # (wall start, wall end, generation)
         self._started = 0.0
+        self._started_wall = 0.0
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
+            self._started_wall = time.time()
             self._started = time.perf_counter()
         else:
-            self.pauses[int(info["generation"])].append(1000 * (time.perf_counter() - self._started))
+            generation = int(info["generation"])
+            self.pauses[generation].append(1000 * (time.perf_counter() - self._started))
+            self.spans.append((self._started_wall, time.time(), generation))
+
+    def in_window(self, start: float, end: float) -> int | None:
+        """The oldest generation collected between ``start`` and ``end`` (wall clock), or None."""
+        spans = self.spans
+        i = bisect.bisect_left(spans, (start,)) - 1  # a collection that began just before start
+        found: int | None = None
+        for j in range(max(0, i), len(spans)):
+            began, ended, generation = spans[j]
+            if began > end:
+                break
+            if ended >= start:
+                found = generation if found is None else max(found, generation)
+        return found
 
     def __enter__(self) -> GcPauses:
         gc.callbacks.append(self._callback)
@@ -481,6 +543,7 @@ class Run:
     pushes_seen: int = 0
     pushes_missing: int = 0
     new_connections: int = 0
+    pool_waits: int = 0
     sip_flows_closed: list[str] = field(default_factory=list)
     sip_errors: dict[str, int] = field(default_factory=dict)
     outcomes: dict[str, int] = field(default_factory=dict)
@@ -488,6 +551,8 @@ class Run:
     held_steady: float = 0.0
     loop_lag_ms: dict[str, float | int] = field(default_factory=dict)
     gc_ms: dict[str, Any] = field(default_factory=dict)
+    gc_in_window: dict[str, int] = field(default_factory=dict)  # calls whose window saw a collection, by gen
+    over_goal: dict[str, int] = field(default_factory=dict)  # calls over the goal, by cause (TAIL_CAUSES)
     cpu_s: float = 0.0
     mediator_cpu_s: float | None = None
     kamailio_cpu_s: float = 0.0
@@ -516,12 +581,14 @@ class Run:
         return {
             "calls_attempted": self.attempted, "calls_held": self.calls_held, "calls_completed": self.completed,
             "sipp_failed_calls": self.failed, "pushes_seen": self.pushes_seen, "pushes_missing": self.pushes_missing,
-            "push_connections_opened": self.new_connections, "sip_flows_closed": self.sip_flows_closed,
+            "push_connections_opened": self.new_connections, "push_pool_waits": self.pool_waits,
+            "sip_flows_closed": self.sip_flows_closed,
             "sip_errors": self.sip_errors, "outcomes": self.outcomes,
             "held_max": self.held_max, "held_steady_median": self.held_steady,
             "elapsed_s": round(self.elapsed, 2),
             "latency_ms": {name: percentiles(self.latencies.get(name, [])) for name in LATENCIES},
             "loop_lag_ms": self.loop_lag_ms, "gc_pauses_ms": self.gc_ms,
+            "gc_in_window": self.gc_in_window, "over_goal": self.over_goal,
             "cpu_s_per_call": round(self.cpu_s / per_call, 6),
             "mediator_cpu_s_per_call": (None if self.mediator_cpu_s is None
                                         else round(self.mediator_cpu_s / per_call, 6)),
@@ -535,7 +602,8 @@ class Run:
             parts.append(f"{name.removeprefix('invite_to_')} p50 {p.get('p50')} p99 {p.get('p99')}")
         return (f"{self.attempted} calls at {self.rate:g}/s: {self.completed} ok, {self.failed} failed, "
                 f"held max {self.held_max}; ms: {'; '.join(parts)}; loop lag p99 {self.loop_lag_ms.get('p99')}; "
-                f"cpu {1000 * self.cpu_s / max(1, self.attempted):.2f} ms/call")
+                f"cpu {1000 * self.cpu_s / max(1, self.attempted):.2f} ms/call; GC in the window {self.gc_in_window}; "
+                f"over {GOAL_P99_MS:g} ms by cause {self.over_goal}")
 
 
 # --------------------------------------------------------------------------- the lab
@@ -553,6 +621,7 @@ class Options:
     keepalive: float
     profile: Path | None
     keep: bool
+    mediator_sched: str = "batch"
 
 
 @dataclass
@@ -656,6 +725,7 @@ async def measure(lab: Lab, opts: Options, index: int, profiler: cProfile.Profil
     sip_stats = core.endpoint.transport.stats
     errors_before = {k: sip_stats.get(k, 0) for k in ("parse_errors", "framing_errors")}
     closed_before = len(lab.flows_closed)
+    pool_waits_before = lab.wire.pool_waits()
     began_wall = time.time()
     sampler = Sampler(lambda: len(calls.held))
     kam_cpu, med_cpu = group_cpu_seconds(lab.kam_pid), mediator.cpu_seconds()
@@ -687,6 +757,7 @@ async def measure(lab: Lab, opts: Options, index: int, profiler: cProfile.Profil
     seen = {s.push_id: s for s in await mediator.requests() if s.verb == "NotifyIncomingCall"}
     wire = lab.wire.by_push_id
     run.new_connections = lab.wire.connections
+    run.pool_waits = lab.wire.pool_waits() - pool_waits_before
     lat: dict[str, list[float]] = {name: [] for name in LATENCIES}
     traces = [t for pid, t in delivery.traces.items() if pid not in known and t.kind is PushKind.CALL]
     run.calls_held = len(traces)
@@ -704,6 +775,21 @@ async def measure(lab: Lab, opts: Options, index: int, profiler: cProfile.Profil
 
         add("invite_to_push_sent", invite, sent)
         add("invite_to_wire", invite, written)
+        add("invite_to_write_start", invite, stamps.get(WRITE_START))
+        add("write_call", stamps.get(WRITE_START), written)
+        if invite is not None and written is not None:
+            generation = pauses.in_window(invite, written)
+            if generation is None:
+                add("invite_to_wire_no_gc", invite, written)
+            else:
+                key = f"gen{generation}"
+                run.gc_in_window[key] = run.gc_in_window.get(key, 0) + 1
+            if 1000 * (written - invite) > GOAL_P99_MS:
+                write_start = stamps.get(WRITE_START, written)
+                cause = (f"gc_gen{generation}" if generation is not None
+                         else "new_connection" if NEW_CONNECTION in stamps
+                         else "in_write" if 1000 * (write_start - invite) <= GOAL_P99_MS else "before_write")
+                run.over_goal[cause] = run.over_goal.get(cause, 0) + 1
         add("invite_to_wire_new_connection" if NEW_CONNECTION in stamps else "invite_to_wire_warm", invite, written)
         add("push_sent_to_wire", sent, written)
         add("frame_to_invite", frame, invite)
@@ -744,7 +830,7 @@ async def run_benchmark(opts: Options) -> tuple[dict[str, Any], bool]:
     result: dict[str, Any] = {
         "benchmark": "invite_to_push", "rate": opts.rate, "duration_s": opts.duration,
         "instances": opts.instances, "wake_timeout_s": opts.wake_timeout, "repeats": opts.repeats,
-        "warmup_s": opts.warmup, "keepalive_interval_s": opts.keepalive,
+        "warmup_s": opts.warmup, "keepalive_interval_s": opts.keepalive, "mediator_sched": opts.mediator_sched,
     }
     runs: list[Run] = []
     profiler = cProfile.Profile() if opts.profile is not None else None
@@ -756,7 +842,7 @@ async def run_benchmark(opts: Options) -> tuple[dict[str, Any], bool]:
             log.info("kamailio on %s, pid %s; workdir %s", kam.target(), kam.pid, workdir)
             mediator: Mediator
             if opts.mediator == "process":
-                mediator = await MediatorProcess.start(workdir / "mediator")
+                mediator = await MediatorProcess.start(workdir / "mediator", opts.mediator_sched)
             else:
                 mediator = await InlineMediator.start(workdir / "mediator")
             result["mediator"] = mediator.where
@@ -844,6 +930,7 @@ def summarize(runs: list[Run], opts: Options) -> dict[str, Any]:
         "sipp_failed_calls": sum(r.failed for r in runs),
         "pushes_missing": sum(r.pushes_missing for r in runs),
         "push_connections_opened": sum(r.new_connections for r in runs),
+        "push_pool_waits": sum(r.pool_waits for r in runs),
         "sip_flows_closed": sum(len(r.sip_flows_closed) for r in runs),
         "held_max": max((r.held_max for r in runs), default=0),
         "held_steady_median": _median([r.held_steady for r in runs], 1),
@@ -854,6 +941,8 @@ def summarize(runs: list[Run], opts: Options) -> dict[str, Any]:
         "gc_pauses_ms": {f"gen{g}": {"count": sum(r.gc_ms[f"gen{g}"]["count"] for r in runs),
                                      "max": max((r.gc_ms[f"gen{g}"]["max"] for r in runs), default=0.0)}
                          for g in (0, 1, 2)},
+        "gc_in_window": {f"gen{g}": sum(r.gc_in_window.get(f"gen{g}", 0) for r in runs) for g in (0, 1, 2)},
+        "over_goal": {cause: sum(r.over_goal.get(cause, 0) for r in runs) for cause in TAIL_CAUSES},
         "cpu_s_per_call": _median([r.cpu_s / max(1, r.attempted) for r in runs], 6),
         "mediator_cpu_s_per_call": _median([r.mediator_cpu_s / max(1, r.attempted) for r in runs
                                             if r.mediator_cpu_s is not None], 6),
@@ -885,6 +974,9 @@ def parse_args(argv: Sequence[str] | None) -> Options | Path:
                         help="seconds of unmeasured calling first (default 3; 0 = none)")
     parser.add_argument("--mediator", choices=("process", "inline"), default="process",
                         help="mediator in a child process (default) or on the core's event loop")
+    parser.add_argument("--mediator-sched", choices=("batch", "normal"), default="batch",
+                        help="scheduling policy of the mediator process: batch (default; it never preempts the "
+                             "core when woken by a push request, as a remote mediator would not) or normal")
     parser.add_argument("--keepalive", type=float, default=30.0,
                         help="sip.keepalive_interval of the core, seconds (default 30 as in the product; 0 = off)")
     parser.add_argument("--profile", type=Path, default=None,
@@ -901,7 +993,7 @@ def parse_args(argv: Sequence[str] | None) -> Options | Path:
     if ns.instances > 99999:
         parser.error("--instances: at most 99999 load users")
     return Options(ns.rate, ns.duration, ns.instances, ns.wake_timeout, ns.repeats, ns.warmup, ns.mediator,
-                   ns.keepalive, ns.profile, ns.keep)
+                   ns.keepalive, ns.profile, ns.keep, ns.mediator_sched)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

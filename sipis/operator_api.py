@@ -23,6 +23,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import marshal
 import os
 import re
 import secrets
@@ -133,19 +134,45 @@ class OperatorSessions:
 # --------------------------------------------------------------------------- bus subscribers
 
 
+#: How the ring keeps an event: ``(seq, at, kind, selector, data)`` with ``data`` marshalled to
+#: bytes. A tuple of numbers, strings and bytes is untracked by the cyclic garbage collector after
+#: the first collection it survives, so the ring's 10,000 events (with their nested dicts: push
+#: traces, request summaries) add nothing to the collector's pauses; an :class:`Event` is rebuilt
+#: when somebody reads. Data marshal cannot write (an enum, an object) is kept as it is.
+RingEntry = tuple[int, float, str, "str | None", "bytes | dict[str, Any]"]
+
+
+def _pack(event: Event) -> RingEntry:
+    payload: bytes | dict[str, Any]
+    try:
+        payload = marshal.dumps(event.data)
+    except ValueError:
+        payload = event.data
+    return (event.seq, event.at, event.kind, event.selector, payload)
+
+
+def _unpack(entry: RingEntry) -> Event:
+    seq, at, kind, selector, payload = entry
+    return Event(seq, at, kind, selector, marshal.loads(payload) if isinstance(payload, bytes) else payload)
+
+
 class EventRing:
-    """The last ``size`` events (for ``since`` replay and timelines), recent audit rows and alarms."""
+    """The last ``size`` events (for ``since`` replay and timelines), recent audit rows and alarms.
+
+    Stored as :data:`RingEntry` tuples (out of the garbage collector's way); every read returns
+    fresh :class:`Event` objects."""
 
     def __init__(self, bus: EventBus, size: int = EVENT_RING, audit_size: int = 1000) -> None:
-        self.events: deque[Event] = deque(maxlen=size)
-        self.audit: deque[Event] = deque(maxlen=audit_size)
+        self.entries: deque[RingEntry] = deque(maxlen=size)
+        self._audit: deque[RingEntry] = deque(maxlen=audit_size)
         self.alarm_times: deque[float] = deque(maxlen=size)
         self._unsubscribe = bus.subscribe(self._on_event)
 
     def _on_event(self, event: Event) -> None:
-        self.events.append(event)
+        entry = _pack(event)
+        self.entries.append(entry)
         if event.kind == "audit":
-            self.audit.append(event)
+            self._audit.append(entry)
         elif event.kind == "alarm":
             self.alarm_times.append(event.at)
 
@@ -153,31 +180,41 @@ class EventRing:
         self._unsubscribe()
 
     @property
+    def events(self) -> list[Event]:
+        """Every event in the ring, oldest first."""
+        return [_unpack(entry) for entry in self.entries]
+
+    @property
+    def audit(self) -> list[Event]:
+        """The recent audit events, oldest first."""
+        return [_unpack(entry) for entry in self._audit]
+
+    @property
     def last_seq(self) -> int:
-        return self.events[-1].seq if self.events else 0
+        return self.entries[-1][0] if self.entries else 0
 
     @property
     def first_seq(self) -> int | None:
-        return self.events[0].seq if self.events else None
+        return self.entries[0][0] if self.entries else None
 
     def since(self, seq: int) -> tuple[list[Event], bool]:
         """Events newer than ``seq``, oldest first, and whether some newer ones already left the ring."""
-        newer: list[Event] = []
-        for event in reversed(self.events):
-            if event.seq <= seq:
-                return newer[::-1], False
-            newer.append(event)
+        newer: list[RingEntry] = []
+        for entry in reversed(self.entries):
+            if entry[0] <= seq:
+                return [_unpack(e) for e in reversed(newer)], False
+            newer.append(entry)
         newer.reverse()
-        return newer, bool(newer) and newer[0].seq > seq + 1
+        return [_unpack(e) for e in newer], bool(newer) and newer[0][0] > seq + 1
 
     def for_selector(self, selector: str, limit: int) -> list[Event]:
-        found: list[Event] = []
-        for event in reversed(self.events):
-            if event.selector == selector:
-                found.append(event)
+        found: list[RingEntry] = []
+        for entry in reversed(self.entries):
+            if entry[3] == selector:
+                found.append(entry)
                 if len(found) >= limit:
                     break
-        return found[::-1]
+        return [_unpack(e) for e in reversed(found)]
 
     def alarms_since(self, since: float) -> int:
         count = 0

@@ -23,7 +23,7 @@ import datetime
 import ipaddress
 import re
 import struct
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -101,8 +101,24 @@ def mask_credentials(text: str) -> str:
     return _AUTH_LINE.sub(lambda m: f"{m.group(1)}{m.group(2)} {MASKED}", text)
 
 
+#: How a message is stored: a plain tuple of the :class:`TracedMessage` fields, in its constructor's
+#: order — ``(at, direction, transport, local, remote, raw, call_id, selector)``. Holding only
+#: strings, numbers, bytes and address tuples, it is untracked by the cyclic garbage collector
+#: after the first collection it survives, so tens of thousands of kept messages add nothing to
+#: the collector's pauses (a ``TracedMessage`` object would stay tracked for its whole life).
+Stored = tuple[float, str, str, tuple[Any, ...], tuple[Any, ...], bytes, str, "str | None"]
+
+
+def _size(stored: Stored) -> int:
+    return len(stored[5]) + OVERHEAD
+
+
 class _Rings:
-    """Bounded rings of messages keyed by Call-ID or selector; least recently active key goes first."""
+    """Bounded rings of messages keyed by Call-ID or selector; least recently active key goes first.
+
+    A ring is a tuple of :data:`Stored` messages, replaced on every append (at most ``per_key``
+    items are copied): like the messages it is untracked by the garbage collector, and a ring of a
+    few messages takes a tenth of a deque's memory."""
 
     def __init__(self, max_keys: int, per_key: int, max_bytes: int) -> None:
         self.max_keys = max_keys
@@ -110,29 +126,31 @@ class _Rings:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.messages = 0
-        self.rings: OrderedDict[str, deque[TracedMessage]] = OrderedDict()
+        self.rings: OrderedDict[str, tuple[Stored, ...]] = OrderedDict()
 
-    def add(self, key: str, message: TracedMessage) -> None:
+    def add(self, key: str, message: Stored) -> None:
         rings = self.rings
         ring = rings.get(key)
         if ring is None:
-            ring = rings[key] = deque(maxlen=self.per_key)
+            rings[key] = (message,)
         else:
             rings.move_to_end(key)
-        if len(ring) == self.per_key:
-            self.bytes -= ring[0].size
-            self.messages -= 1
-        ring.append(message)
-        self.bytes += message.size
+            if len(ring) >= self.per_key:
+                drop = len(ring) - self.per_key + 1
+                self.bytes -= sum(_size(m) for m in ring[:drop])
+                self.messages -= drop
+                ring = ring[drop:]
+            rings[key] = (*ring, message)
+        self.bytes += _size(message)
         self.messages += 1
         while len(rings) > self.max_keys or (self.bytes > self.max_bytes and len(rings) > 1):
             _, old = rings.popitem(last=False)
-            self.bytes -= sum(m.size for m in old)
+            self.bytes -= sum(_size(m) for m in old)
             self.messages -= len(old)
 
     def get(self, key: str) -> list[TracedMessage]:
         ring = self.rings.get(key)
-        return list(ring) if ring is not None else []
+        return [TracedMessage(*m) for m in ring] if ring is not None else []
 
     def __contains__(self, key: object) -> bool:
         return key in self.rings
@@ -168,8 +186,8 @@ class TraceRecorder:
             except ValueError:
                 method = ""
             selector = self._call_selector.get(call_id)
-        traced = TracedMessage(self.clock.wall(), direction, flow.transport, flow.local, flow.remote,
-                               message.to_bytes(), call_id, selector)
+        traced: Stored = (self.clock.wall(), direction, flow.transport, flow.local, flow.remote,
+                          message.to_bytes(), call_id, selector)
         if method not in NOT_CALLS and call_id:
             self.calls.add(call_id, traced)
         if selector is not None:

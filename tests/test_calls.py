@@ -6,6 +6,7 @@ records and operator actions. The SIP transaction side is replaced by a recorder
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,9 +69,16 @@ class FakeProvider:
     type: str = "acrobits"
     script: list[PushOutcome] = field(default_factory=list)
     sent: list[PushRequest] = field(default_factory=list)
+    eager_send: bool = False  # safe to start eagerly (the real HTTP providers are)
+    gate: asyncio.Future[None] | None = None  # set: send waits for it (an answer in flight)
+    on_send: Callable[[PushRequest], None] | None = None
 
     async def send(self, request: PushRequest) -> PushOutcome:
         self.sent.append(request)
+        if self.on_send is not None:
+            self.on_send(request)
+        if self.gate is not None:
+            await self.gate
         return self.script.pop(0) if self.script else PushOutcome(Verdict.ACCEPTED, 200)
 
     async def close(self) -> None:
@@ -116,13 +124,13 @@ class World:
         return [e for e in self.events if e.kind == kind]
 
 
-def make_world(**call_settings: object) -> World:
+def make_world(*, eager: bool = False, **call_settings: object) -> World:
     clock = FakeClock()
     timers = FakeTimers(clock)
     bus = EventBus(clock)
     events: list[Event] = []
     bus.subscribe(events.append)
-    provider = FakeProvider()
+    provider = FakeProvider(eager_send=eager)
     registrar = AcceptingRegistrar()
     engine = RegistrationEngine(registrar, bus, clock, EngineSettings(register_rate=1000), rng=random.Random(3))
     service = InstanceService(engine=engine, registrar=registrar, bus=bus, clock=clock,  # type: ignore[arg-type]
@@ -157,8 +165,9 @@ def invite(instance: Instance | None, call_id: str = "call-1", user: str | None 
     return FakeIncoming(Request("INVITE", f"sip:{target}@127.0.0.1:5070", headers))
 
 
-async def test_held_call_alerts_pushes_progresses_and_is_released_with_302() -> None:
-    w = make_world()
+@pytest.mark.parametrize("eager", [False, True])
+async def test_held_call_alerts_pushes_progresses_and_is_released_with_302(eager: bool) -> None:
+    w = make_world(eager=eager)
     instance = await sleeping_instance(w)
     call = invite(instance)
     w.calls.on_invite(call)  # type: ignore[arg-type]
@@ -284,8 +293,9 @@ async def test_unknown_and_off_instances_are_answered_at_once() -> None:
     assert not w.provider.sent
 
 
-async def test_transient_push_failures_retry_then_a_dead_token_ends_the_call() -> None:
-    w = make_world()
+@pytest.mark.parametrize("eager", [False, True])
+async def test_transient_push_failures_retry_then_a_dead_token_ends_the_call(eager: bool) -> None:
+    w = make_world(eager=eager)
     instance = await sleeping_instance(w)
     w.provider.script = [PushOutcome(Verdict.REJECTED_TRANSIENT, 503),
                          PushOutcome(Verdict.REJECTED_PERMANENT, 404, "Unregistered", token_dead=True)]
@@ -366,3 +376,57 @@ async def test_shutdown_ends_held_calls_and_stops_their_timers() -> None:
     await w.calls.close()
     assert call.final == 480 and call.responses[-1][1]["X-Sipis-Reason"] == "Shutting-Down"
     assert not w.calls.held and w.timers.pending == 0
+
+
+async def test_eager_push_goes_out_before_the_180_with_the_collector_off() -> None:
+    w = make_world(eager=True)
+    instance = await sleeping_instance(w)
+    call = invite(instance)
+    at_send: list[tuple[int, bool]] = []
+    w.provider.on_send = lambda request: at_send.append((len(call.responses), gc.isenabled()))
+    w.provider.gate = asyncio.get_running_loop().create_future()
+    w.calls.on_invite(call)  # type: ignore[arg-type]
+    assert at_send == [(0, False)]  # the push went out before any 180, with the collector off
+    assert call.push_statuses() == ["Alerting-Device"] and gc.isenabled()
+    trace = w.delivery.trace(call.responses[0][1]["X-Push-ID"])
+    assert trace is not None and list(trace.stages) == ["invite_received", "push_sent"]
+    assert not w.events_of("push")  # published in the loop's next turn, after the handler
+    await asyncio.sleep(0)
+    [pending] = w.events_of("push")
+    assert pending.data["outcome"] == "pending" and list(pending.data["stages"]) == ["invite_received", "push_sent"]
+    w.provider.gate.set_result(None)
+    await w.settle()
+    assert call.push_statuses() == ["Alerting-Device", "Push-Notification-Sent"]
+    assert [e.data["outcome"] for e in w.events_of("push")] == ["pending", "accepted"]
+
+    gc.disable()
+    try:
+        w.provider.on_send, w.provider.gate = None, None
+        w.calls.on_invite(invite(instance, "call-2"))  # type: ignore[arg-type]
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()
+
+
+async def test_eager_push_that_cannot_go_out_still_alerts_first_and_leaves_no_timer() -> None:
+    w = make_world(eager=True)
+    instance = await sleeping_instance(w)
+    instance.push.unreachable = True
+    call = invite(instance)
+    w.calls.on_invite(call)  # type: ignore[arg-type]
+    assert [status for status, _ in call.responses] == [180, 480]
+    assert call.responses[-1][1]["X-Sipis-Reason"] == "Device-Unreachable"
+    assert not w.calls.held and w.timers.pending == 0
+    await w.settle()
+    assert not w.provider.sent and w.calls.outcomes == {"push-rejected": 1}
+
+
+async def test_push_sent_is_published_once_even_when_the_answer_comes_at_once() -> None:
+    w = make_world()
+    instance = await sleeping_instance(w)
+    w.calls.on_invite(invite(instance))  # type: ignore[arg-type]
+    await w.settle()
+    pushes = w.events_of("push")
+    assert [e.data["outcome"] for e in pushes][-1] == "accepted"
+    assert all("push_sent" in e.data["stages"] for e in pushes)  # no event without it, none stale after
+    assert pushes[-1].data["stages"].keys() >= {"invite_received", "push_sent", "provider_accepted"}

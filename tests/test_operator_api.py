@@ -6,6 +6,7 @@ socket and a loopback TCP port with :class:`OperatorServer`; and the core's own 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import shutil
@@ -27,9 +28,11 @@ from console.client import OperatorClient, Unauthorized
 from sipis.api.models import EnrollIn
 from sipis.config import OperatorToken, parse_config
 from sipis.core import Core
+from sipis.events import EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget, RegStatus
 from sipis.operations import Operator
 from sipis.operator_api import (
+    EventRing,
     InstanceIndex,
     OperatorContext,
     OperatorServer,
@@ -652,3 +655,29 @@ async def test_tcp_is_plain_on_loopback_and_tls_elsewhere(short_dir: Path) -> No
     finally:
         op.ctx.close()
         await op.world.engine.stop(unregister=False)
+
+
+def test_event_ring_keeps_events_out_of_the_garbage_collectors_way() -> None:
+    bus = EventBus()
+    ring = EventRing(bus, size=5, audit_size=2)
+    bus.publish("push", "sel-1", push_id="p1", stages={"push_sent": 1.5}, request_summary={"body": {"Id": "p1"}})
+    bus.publish("audit", None, id="a1", operator="anna", detail={"k": [1, 2]})
+    bus.publish("alarm", "sel-1", alarm="push-rejected")
+    bus.publish("instance.state", "sel-2", state=AppState.PROXIED)  # an enum: marshal cannot, kept as is
+    gc.collect()
+    gc.collect()
+    assert not any(gc.is_tracked(entry) for entry in ring.entries if isinstance(entry[4], bytes))
+    events = ring.events
+    assert [e.seq for e in events] == [1, 2, 3, 4] and ring.first_seq == 1 and ring.last_seq == 4
+    assert events[0].data == {"push_id": "p1", "stages": {"push_sent": 1.5}, "request_summary": {"body": {"Id": "p1"}}}
+    assert events[3].data["state"] is AppState.PROXIED
+    assert [e.data["id"] for e in ring.audit] == ["a1"] and ring.alarms_since(0.0) == 1
+    assert [e.seq for e in ring.for_selector("sel-1", 10)] == [1, 3]
+    newer, gap = ring.since(2)
+    assert [e.seq for e in newer] == [3, 4] and not gap
+    for n in range(3):
+        bus.publish("tick", None, n=n)
+    newer, gap = ring.since(1)
+    assert [e.seq for e in newer] == [3, 4, 5, 6, 7] and gap  # event 2 already left the ring
+    assert ring.events[0].as_dict()["data"] == {"alarm": "push-rejected"}
+    ring.close()

@@ -4,6 +4,7 @@ pcap export (parsed back with ``struct``) and the endpoint's observer hook on a 
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import struct
 
@@ -121,7 +122,7 @@ def test_bounds_per_call_calls_instances_and_bytes_hold() -> None:
     for n in range(50):
         small.observe("in", invite(call_id=f"c{n}"), flow())
     assert small.calls.bytes <= 3000 and 1 <= len(small.calls.rings) < 50
-    assert small.calls.bytes == sum(m.size for ring in small.calls.rings.values() for m in ring)
+    assert small.calls.bytes == sum(m.size for key in small.calls.rings for m in small.calls.get(key))
 
 
 def test_call_id_mapping_is_bounded() -> None:
@@ -232,3 +233,20 @@ async def test_endpoint_observers_see_both_directions_and_a_failing_observer_bre
     finally:
         await client.close()
         await server.close()
+
+
+def test_stored_messages_are_out_of_the_garbage_collectors_way() -> None:
+    trace, _ = recorder()
+    for n in range(20):
+        request = invite(call_id=f"c{n}")
+        trace.observe("in", request, flow())
+        trace.observe("out", make_response(request, 180, to_tag="t"), flow("tcp"))
+    gc.collect()
+    gc.collect()  # a ring is untracked in the collection after the one that untracked its messages
+    stored = [m for rings in (trace.calls.rings, trace.instances.rings) for ring in rings.values() for m in ring]
+    assert len(stored) == 80
+    assert not any(gc.is_tracked(m) for m in stored)  # plain tuples of atomic values: untracked
+    assert not any(gc.is_tracked(ring) for ring in trace.calls.rings.values())
+    first = trace.call_messages("c0")[0]  # read back as TracedMessage, fields in their order
+    assert isinstance(first, TracedMessage) and first.direction == "in" and first.remote == PBX
+    assert first.call_id == "c0" and first.selector == SELECTOR and first.raw.startswith(b"INVITE ")

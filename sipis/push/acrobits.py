@@ -36,6 +36,7 @@ from sipis.push.http import (
     json_or_none,
     mask_token,
     outcome,
+    parsed_url,
     post,
     retry_after,
 )
@@ -78,12 +79,13 @@ class AcrobitsProvider(HttpPushProvider):
 
     def __init__(self, config: AcrobitsPush, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
+        self.url = parsed_url(config.url)
 
     async def send(self, request: PushRequest) -> PushOutcome:
         body = mediator_body(request)
+        exchange = await post(self.client, self.url, json_body=body)  # on the wire first, then the rest
         summary = base_summary(self.name, self.type, self.config.url, request)
         summary["body"] = {**body, "DeviceToken": mask_token(request.token)}
-        exchange = await post(self.client, self.config.url, json_body=body)
         latency = exchange.latency_ms
         if exchange.response is None:
             return outcome(Verdict.REJECTED_TRANSIENT, latency_ms=latency, summary=summary,

@@ -53,6 +53,8 @@ class PushTrace:
     caller: str | None = None
     caller_display_name: str | None = None
     message: str | None = None
+    #: a publication is scheduled (:meth:`PushDelivery._publish_soon`)
+    publish_pending: bool = field(default=False, repr=False, compare=False)
 
     def as_event(self) -> dict[str, Any]:
         return {
@@ -87,12 +89,38 @@ class PushDelivery:
 
     def stage(self, trace: PushTrace, name: str) -> None:
         """Record that a stage was reached (first time only) and publish the trace."""
-        if name not in trace.stages:
-            trace.stages[name] = self.clock.wall()
+        if self.stamp(trace, name):
             self._publish(trace)
 
+    def stamp(self, trace: PushTrace, name: str) -> bool:
+        """Record that a stage was reached (first time only), without publishing: the next
+        publication of the trace carries it. True if it was new."""
+        if name in trace.stages:
+            return False
+        trace.stages[name] = self.clock.wall()
+        return True
+
+    def eager_safe(self, instance: Instance) -> bool:
+        """Can :meth:`deliver` for ``instance`` be started eagerly (:mod:`sipis.push.eager`)?
+        Yes when it ends at once (no provider, dead token) or the provider says its ``send`` is
+        safe to run outside a task of its own until it first suspends (``eager_send``)."""
+        provider = self.providers.get(instance.push.provider)
+        return provider is None or instance.push.unreachable or bool(getattr(provider, "eager_send", False))
+
     def _publish(self, trace: PushTrace) -> None:
+        trace.publish_pending = False
         self.bus.publish("push", trace.selector, **trace.as_event())
+
+    def _publish_soon(self, trace: PushTrace) -> None:
+        """Publish the trace in the loop's next turn, unless it is published before that anyway
+        (the event shows the trace as it is then)."""
+        if not trace.publish_pending:
+            trace.publish_pending = True
+            asyncio.get_running_loop().call_soon(self._publish_pending, trace)
+
+    def _publish_pending(self, trace: PushTrace) -> None:
+        if trace.publish_pending:
+            self._publish(trace)
 
     def _remember(self, trace: PushTrace) -> None:
         self.traces[trace.push_id] = trace
@@ -124,7 +152,10 @@ class PushDelivery:
             trace.attempt += 1
             request = self._request(instance, trace, deadline)
             trace.request_summary = _summary(request, provider)
-            self.stage(trace, "push_sent")
+            if self.stamp(trace, "push_sent"):
+                # published a moment later, once ``send`` has written the request (it does so
+                # before it first waits) and the caller's handler has returned to the loop
+                self._publish_soon(trace)
             outcome = await provider.send(request)
             if outcome.verdict is not Verdict.REJECTED_TRANSIENT:
                 break

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import functools
 import json
 import math
 import ssl
@@ -19,12 +20,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+from urllib.request import getproxies
 
 import httpx
 
 from sipis.config import PushProviderBase
 from sipis.instance import mask
 from sipis.push.base import PushOutcome, PushRequest, Verdict
+from sipis.push.transport import Http11Transport
 
 #: Longest error/reason text kept in an outcome (answers can be whole HTML pages).
 MAX_TEXT = 300
@@ -42,14 +45,31 @@ def build_client(config: PushProviderBase, *, http2: bool = False,
         verify = ssl.create_default_context(cafile=str(config.ca_file))
     else:
         verify = True  # httpx's default trust store
+    # A small, bounded pool: after a stall, queued pushes wait for a warm connection instead of
+    # each opening its own TLS connection; idle connections are dropped before providers'
+    # typical 5 s server-side idle timeout so we never write into a closed one.
+    limits = httpx.Limits(max_connections=8, max_keepalive_connections=8, keepalive_expiry=4.0)
+    transport: httpx.AsyncBaseTransport | None = None
+    if not http2 and not environment_proxies():
+        # HTTP/1.1 without a proxy: our transport writes a request in one go, without yielding
+        # to the event loop first (sipis.push.transport); otherwise httpx's own.
+        transport = Http11Transport(ssl_context=httpx.create_ssl_context(verify=verify), limits=limits)
     return httpx.AsyncClient(
         verify=verify, http2=http2, timeout=httpx.Timeout(config.timeout),
-        follow_redirects=False, headers=dict(headers or {}),
-        # A small, bounded pool: after a stall, queued pushes wait for a warm connection instead of
-        # each opening its own TLS connection; idle connections are dropped before providers'
-        # typical 5 s server-side idle timeout so we never write into a closed one.
-        limits=httpx.Limits(max_connections=8, max_keepalive_connections=8, keepalive_expiry=4.0),
+        follow_redirects=False, headers=dict(headers or {}), limits=limits, transport=transport,
     )
+
+
+def environment_proxies() -> bool:
+    """True when the environment names an HTTP(S) proxy, which httpx's own transport honours."""
+    proxies = getproxies()
+    return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
+
+
+def fast_transport(client: httpx.AsyncClient) -> bool:
+    """True when ``client`` sends through :class:`Http11Transport`: nothing on its way to the wire
+    awaits (or needs a task of its own) while a pooled connection is idle."""
+    return isinstance(getattr(client, "_transport", None), Http11Transport)
 
 
 @dataclass(frozen=True)
@@ -61,7 +81,16 @@ class Exchange:
     error: str | None = None
 
 
-async def post(client: httpx.AsyncClient, url: str, *, json_body: Any = None,
+def parsed_url(url: str) -> httpx.URL | str:
+    """``url`` parsed once (httpx then skips parsing it for every request); left as text when it
+    does not parse, so that each push fails with the parser's message as before."""
+    try:
+        return httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return url
+
+
+async def post(client: httpx.AsyncClient, url: str | httpx.URL, *, json_body: Any = None,
                form: Mapping[str, str] | None = None,
                headers: Mapping[str, str] | None = None) -> Exchange:
     """POST and read the whole answer; transport problems come back as ``error`` text."""
@@ -70,6 +99,11 @@ async def post(client: httpx.AsyncClient, url: str, *, json_body: Any = None,
         response = await client.post(url, json=json_body, data=form, headers=headers)
     except (httpx.HTTPError, httpx.InvalidURL, ssl.SSLError, OSError) as exc:
         return Exchange(None, elapsed_ms(start), describe_error(exc))
+    # The body is read and the stream closed. httpx's client left the response in a reference
+    # cycle with its stream wrapper (response.stream._response is the response): only the cyclic
+    # garbage collector could free it, with its request, headers and URL, ~25 objects per push.
+    # A spent stream in its place lets reference counting free it all at once.
+    response.stream = httpx.ByteStream(b"")
     return Exchange(response, elapsed_ms(start))
 
 
@@ -142,6 +176,7 @@ def mask_token(token: str | None) -> str:
     return mask(token) or ""
 
 
+@functools.lru_cache(maxsize=64)
 def safe_url(url: str) -> str:
     """The URL without user info, query or fragment (they can carry secrets)."""
     try:
@@ -202,6 +237,9 @@ class HttpPushProvider:
         self.name: str = config.name
         self.config = config
         self.client = client if client is not None else build_client(config, http2=http2)
+        #: ``send`` may be started eagerly (sipis.push.eager): nothing before the request is written
+        #: awaits or needs a task of its own (see :func:`fast_transport`)
+        self.eager_send = fast_transport(self.client)
 
     async def close(self) -> None:
         await self.client.aclose()
