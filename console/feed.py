@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -98,6 +99,16 @@ class Summary:
 
 
 @dataclass(frozen=True, slots=True)
+class InstancePage:
+    """The first rows of the instance list in AOR order, with the list's size: enough for a first frame."""
+
+    total: int
+    matched: int
+    rows: list[InstanceRow]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceDetail:
     row: InstanceRow
     view: dict[str, Any]  # the core's public view (secrets masked), for the detail header
@@ -144,6 +155,10 @@ class Feed(Protocol):
         """All instance rows (``GET /v1/instances?limit=0``)."""
         ...
 
+    async def instance_page(self, limit: int) -> InstancePage:
+        """The first ``limit`` rows in AOR order and the list's size (``GET /v1/instances?limit=N``)."""
+        ...
+
     async def instance(self, selector: str) -> InstanceDetail: ...
 
     async def calls(self) -> CallsSnapshot: ...
@@ -178,26 +193,33 @@ def _int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _shared(value: Any) -> str | None:
+    """One string object for all rows with this value (states, codes' reasons, providers,
+    registrars repeat across 100k rows: ~27 MB of copies otherwise)."""
+    return None if value is None else sys.intern(str(value))
+
+
 def row_from_dict(d: dict[str, Any]) -> InstanceRow:
     """An operator API instance-list row."""
+    get = d.get
     return InstanceRow(
         selector=str(d["selector"]),
-        aor=str(d.get("aor") or ""),
-        user=str(d.get("user") or ""),
-        registrar=str(d.get("registrar") or ""),
-        state=str(d.get("state") or "inactive"),
-        reg_status=str(d.get("reg_status") or "idle"),
-        last_code=_int(d.get("last_code")),
-        last_reason=d.get("last_reason"),
-        expires_at=_float(d.get("expires_at")),
-        next_refresh_at=_float(d.get("next_refresh_at")),
-        failure_count=int(d.get("failure_count") or 0),
-        backoff_until=_float(d.get("backoff_until")),
-        push_provider=d.get("push_provider"),
-        push_unreachable=bool(d.get("push_unreachable")),
-        last_push_outcome=d.get("last_push_outcome"),
-        last_push_at=_float(d.get("last_push_at")),
-        app_last_seen=_float(d.get("app_last_seen")),
+        aor=str(get("aor") or ""),
+        user=str(get("user") or ""),
+        registrar=sys.intern(str(get("registrar") or "")),
+        state=sys.intern(str(get("state") or "inactive")),
+        reg_status=sys.intern(str(get("reg_status") or "idle")),
+        last_code=_int(get("last_code")),
+        last_reason=_shared(get("last_reason")),
+        expires_at=_float(get("expires_at")),
+        next_refresh_at=_float(get("next_refresh_at")),
+        failure_count=int(get("failure_count") or 0),
+        backoff_until=_float(get("backoff_until")),
+        push_provider=_shared(get("push_provider")),
+        push_unreachable=bool(get("push_unreachable")),
+        last_push_outcome=_shared(get("last_push_outcome")),
+        last_push_at=_float(get("last_push_at")),
+        app_last_seen=_float(get("app_last_seen")),
     )
 
 
@@ -473,6 +495,7 @@ class InstanceStore:
         self._filter_stale = True
         self._view: IndexedRows | None = None
         self.version = 0  # bumped whenever the visible rows (or their order) may have changed
+        self.partial_total: int | None = None  # see load()
 
     # -------------------------------------------------------------- contents
 
@@ -489,8 +512,13 @@ class InstanceStore:
     def all_rows(self) -> Iterator[InstanceRow]:
         return (row for row in self._rows if row is not None)
 
-    def load(self, rows: Iterable[InstanceRow]) -> None:
-        """Replace everything (the first load, or a resync)."""
+    def load(self, rows: Iterable[InstanceRow], *, partial_total: int | None = None) -> None:
+        """Replace everything (the first load, or a resync).
+
+        ``partial_total``: ``rows`` are only the first rows of a list this long (a first page shown
+        while the rest loads); :attr:`total` says the list's size and a filter waits for the rest.
+        """
+        self.partial_total = partial_total
         self._rows = list(rows)
         self._index = {row.selector: i for i, row in enumerate(self._rows) if row is not None}
         if len(self._index) != len(self._rows):  # duplicate selectors: keep the last
@@ -635,11 +663,20 @@ class InstanceStore:
         return self._view
 
     @property
+    def partial(self) -> bool:
+        """Only a first page of the list is in; the rest is on its way."""
+        return self.partial_total is not None
+
+    @property
     def total(self) -> int:
+        if self.partial_total is not None:
+            return max(self.partial_total, len(self._index))
         return len(self._index)
 
     @property
     def matched(self) -> int:
+        if self.partial_total is not None and not self._tokens:
+            return self.total
         return len(self.view())
 
     def counts(self) -> dict[str, int]:
@@ -916,9 +953,24 @@ class OperatorFeed:
         return summary_from_dict(await self._call("summary"))
 
     async def instances(self) -> list[InstanceRow]:
+        if hasattr(self.client, "stream_instances"):  # rows decoded while they arrive (client.py)
+            rows: list[InstanceRow] = []
+
+            def take(items: list[dict[str, Any]]) -> None:
+                rows.extend([row_from_dict(item) for item in items])
+
+            await self._call("stream_instances", take, offset=0, limit=0, q="", state="", sort="aor", desc=False)
+            return rows
         d = await self._call("instances", offset=0, limit=0, q="", state="", sort="aor", desc=False)
         items = d.get("items", []) if isinstance(d, dict) else d
         return [row_from_dict(item) for item in items]
+
+    async def instance_page(self, limit: int) -> InstancePage:
+        d = await self._call("instances", offset=0, limit=max(1, limit), q="", state="", sort="aor", desc=False)
+        rows = [row_from_dict(item) for item in d.get("items") or []]
+        total = int(d.get("total") or len(rows))
+        return InstancePage(total=total, matched=int(d.get("matched") or total), rows=rows,
+                            counts={str(k): int(v) for k, v in (d.get("counts") or {}).items()})
 
     async def instance(self, selector: str) -> InstanceDetail:
         d = await self._call("instance", selector)
@@ -1145,6 +1197,14 @@ class FakeFeed:
     async def instances(self) -> list[InstanceRow]:
         self._log("instances")
         return list(self.rows)
+
+    async def instance_page(self, limit: int) -> InstancePage:
+        self._log("instance_page", limit)
+        counts: dict[str, int] = {}
+        for row in self.rows:
+            counts[row.state] = counts.get(row.state, 0) + 1
+        first = sorted(self.rows, key=lambda r: r.aor.lower())[:max(1, limit)]
+        return InstancePage(total=len(self.rows), matched=len(self.rows), rows=first, counts=counts)
 
     async def instance(self, selector: str) -> InstanceDetail:
         self._log("instance", selector)

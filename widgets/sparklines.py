@@ -27,6 +27,7 @@ class SparkPanel(Horizontal):
         """``series``: (key, title) pairs, in display order."""
         super().__init__(id=id, classes=classes)
         self.series = list(series)
+        self._shown: dict[str, tuple[str, list[float]]] = {}
 
     def compose(self) -> ComposeResult:
         for key, title in self.series:
@@ -35,6 +36,15 @@ class SparkPanel(Horizontal):
                 yield Sparkline([], id=f"spark-{key}-line")
 
     def show(self, key: str, data: Sequence[float], caption: str) -> None:
+        """Only what changed is redrawn; the label and line keep their size (no new layout)."""
         title = dict(self.series)[key]
-        self.query_one(f"#spark-{key}-label", Label).update(f"{title}  {caption}")
-        self.query_one(f"#spark-{key}-line", Sparkline).data = list(data)
+        text = f"{title}  {caption}"
+        shown = self._shown.get(key)
+        values = list(data)
+        if shown is not None and shown[0] == text and shown[1] == values:
+            return
+        self._shown[key] = (text, values)
+        if shown is None or shown[0] != text:
+            self.query_one(f"#spark-{key}-label", Label).update(text, layout=False)
+        if shown is None or shown[1] != values:
+            self.query_one(f"#spark-{key}-line", Sparkline).data = values

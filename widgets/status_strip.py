@@ -41,7 +41,7 @@ class StatusStrip(Static):
         if snapshot != self.snapshot or snapshot.counts != self.snapshot.counts \
                 or snapshot.reg_status != self.snapshot.reg_status:
             self.snapshot = snapshot
-            self.update(self.render_snapshot(snapshot))
+            self.update(self.render_snapshot(snapshot), layout=False)  # always two lines: same size
 
     @staticmethod
     def render_snapshot(s: StatusSnapshot) -> Content:

@@ -39,6 +39,8 @@ class DashboardScreen(ConsoleScreen):
     def __init__(self) -> None:
         super().__init__(id="dashboard")
         self._shown_version = -1
+        self._shown_info = ""
+        self._had_selection = False
 
     def body(self) -> ComposeResult:
         yield SparkPanel(SPARK_SERIES, id="sparks")
@@ -68,6 +70,7 @@ class DashboardScreen(ConsoleScreen):
             self._shown_version = store.version
             table.set_sort_indicator(store.sort_key, store.sort_desc)
             table.set_rows(store.view(), now=now)
+            self._selection_changed()
         else:
             table.set_now(now)
         self._show_info()
@@ -80,15 +83,20 @@ class DashboardScreen(ConsoleScreen):
 
     def _show_info(self) -> None:
         store = self.console.model.store
-        matched, total = store.matched, store.total
+        total = store.total
         arrow = "▼" if store.sort_desc else "▲"
-        text = f"Instances  {thousands(matched)} of {thousands(total)}"
+        if store.partial and store.query:  # only the first page is in: the count comes with the rest
+            text = f"Instances  … of {thousands(total)}"
+        else:
+            text = f"Instances  {thousands(store.matched)} of {thousands(total)}"
         text += f"   sort {COLUMN_TITLES.get(store.sort_key, store.sort_key)}{arrow}"
         if store.query:
             text += f"   filter “{store.query}”"
         if not self.console.loaded:
             text += "   loading…"
-        self.query_one("#table-info", Static).update(text)
+        if text != self._shown_info:  # one line of fixed size: no new layout needed
+            self._shown_info = text
+            self.query_one("#table-info", Static).update(text, layout=False)
 
     def _show_rows(self) -> None:
         store = self.console.model.store
@@ -96,6 +104,7 @@ class DashboardScreen(ConsoleScreen):
         self.table.set_sort_indicator(store.sort_key, store.sort_desc)
         self.table.set_rows(store.view(), now=self.console.now())
         self._show_info()
+        self._selection_changed()  # e.g. a filter that matches nothing
 
     # -------------------------------------------------------------- filter
 
@@ -162,4 +171,12 @@ class DashboardScreen(ConsoleScreen):
 
     @on(VirtualTable.RowHighlighted, "#instances")
     def _row_highlighted(self, event: VirtualTable.RowHighlighted) -> None:
-        self.refresh_bindings()
+        self._selection_changed()
+
+    def _selection_changed(self) -> None:
+        """The footer's instance actions depend only on whether a row is selected, not on which: redo
+        the bindings (the footer rebuilds all its keys, ~10 ms) only when that changes."""
+        selected = self.table.selected is not None
+        if selected != self._had_selection:
+            self._had_selection = selected
+            self.refresh_bindings()

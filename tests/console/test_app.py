@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from console.screens import (
 )
 from widgets.instance_table import InstanceTable
 from widgets.ladder import Ladder
+from widgets.rows import InstanceRow
 from widgets.status_strip import StatusStrip
 from widgets.table import VirtualTable
 
@@ -605,3 +607,76 @@ async def test_100k_instances_load_and_scroll() -> None:
         await pilot.pause()
         assert "1 of 100,000" in info_text(app)
         assert tbl.rows[0].aor == "sip:oscar09995@pbx3.example.net"
+
+
+class SlowListFeed(FakeFeed):
+    """The whole instance list arrives only when the test says so (100k rows take a while)."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.release = asyncio.Event()
+
+    async def instances(self) -> list[InstanceRow]:
+        """The rows as they were when asked for (like the core's snapshot), delivered on release."""
+        self.requests.append(("instances_asked", ()))
+        snapshot = await super().instances()
+        await self.release.wait()
+        return snapshot
+
+
+async def test_the_first_page_shows_while_the_whole_list_loads() -> None:
+    feed = SlowListFeed(now=NOW, instances=450)
+    app = make_console(feed)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 200)  # FIRST_PAGE rows, in AOR order
+        assert "Instances  450 of 450" in info_text(app) and "loading…" in info_text(app)
+        first = min(feed.rows, key=lambda r: r.aor.lower())
+        assert table(app).rows[0].selector == first.selector
+        asked = [name for name, _ in feed.requests]
+        assert asked.index("instance_page") < asked.index("instances_asked")
+        await pilot.press("slash", "a")
+        await until(pilot, lambda: "… of 450" in info_text(app))  # no count from a partial list
+        feed.release.set()
+        await app.ready.wait()
+        await until(pilot, lambda: "loading…" not in info_text(app))
+        expected = sum(1 for r in feed.rows if "a" in f"{r.selector}\0{r.aor}\0{r.user}\0{r.registrar}".lower())
+        assert f"Instances  {expected:,} of 450" in info_text(app)
+
+
+async def test_events_wait_while_the_list_loads_and_apply_to_the_fresh_rows() -> None:
+    feed = SlowListFeed(now=NOW, instances=300)
+    app = make_console(feed)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: table(app).row_count == 200)
+        target = max(feed.rows, key=lambda r: r.aor.lower())  # not on the first page
+        feed.emit("instance.state", target.selector, state="off", previous=target.state)
+        await until(pilot, lambda: len(app._pending) == 1)
+        app.tick()  # the list is still loading: the event must wait, not be lost on a missing row
+        await pilot.pause()
+        assert len(app._pending) == 1
+        feed.release.set()
+        await app.ready.wait()
+        app.tick()
+        await pilot.pause()
+        assert app._pending == []
+        row = app.model.store.get(target.selector)
+        assert row is not None and row.state == "off"
+
+
+async def test_instance_actions_grey_out_when_the_filter_leaves_no_row_and_come_back() -> None:
+    from textual.widgets._footer import FooterKey
+
+    app = make_console()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+
+        def take_over_disabled() -> bool:
+            keys = [k for k in app.screen.query(FooterKey) if k.action == "act('take-over')"]
+            return bool(keys) and keys[0].has_class("-disabled")
+
+        await until(pilot, lambda: not take_over_disabled())
+        await pilot.press("slash", "z", "z", "z", "enter")  # enter: back to the (empty) table
+        await until(pilot, lambda: "Instances  0 of 40" in info_text(app))
+        await until(pilot, take_over_disabled)
+        await pilot.press("escape")  # clears the filter: a row is selected again
+        await until(pilot, lambda: not take_over_disabled())

@@ -409,3 +409,123 @@ async def test_fake_feed_enforces_roles_and_records_actions() -> None:
     assert operator.actions == [("s000000", "take-over")]
     with pytest.raises(NotFound):
         await operator.instance("nope")
+
+
+# ---------------------------------------------------------------------------------------------- the big list
+
+
+def test_a_first_page_stands_for_the_whole_list_until_the_rest_is_in() -> None:
+    rows = sorted(fake_rows(300, NOW), key=lambda r: r.aor.lower())
+    store = InstanceStore()
+    store.load(rows[:20], partial_total=300)
+    assert store.partial and store.total == 300 and store.matched == 300
+    assert [r.selector for r in store.view()] == [r.selector for r in rows[:20]]
+    store.set_query("alice")
+    assert store.matched == len(store.view())  # only what is in; the dashboard shows "…" meanwhile
+    store.load(rows)
+    assert not store.partial and store.total == 300
+    assert store.matched == len(brute(store, "alice"))
+
+
+def _items_chunks(doc: bytes, size: int) -> list[bytes]:
+    return [doc[i:i + size] for i in range(0, len(doc), size)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 4096, 1 << 30])
+def test_items_parser_decodes_any_chunking(size: int) -> None:
+    import json
+
+    from console.client import ItemsParser
+
+    items = [{"selector": f"s{i}", "aor": "sip:x}{" + str(i) + "@y", "n": i, "f": 1.5, "z": None, "t": True,
+              "nested": {"a": [1, {"b": "}],"}]}, "u": "é€𝄞"} for i in range(120)]
+    for document in ({"total": 120, "matched": 120, "counts": {"active": 3}, "items": items},
+                     {"items": items, "total": 12345678},
+                     {"total": 0, "items": []}):
+        got: list[Any] = []
+        parser = ItemsParser(got.extend)
+        for chunk in _items_chunks(json.dumps(document, ensure_ascii=False).encode(), size):
+            parser.feed(chunk)
+        head = parser.close()
+        assert got == document["items"]
+        assert head == {k: v for k, v in document.items() if k != "items"}
+    spaced = b' { "total" : 2 ,\n "items" : [ {"a":1} , \n {"a":"}"} ] , "x": [1,2] } '
+    got = []
+    parser = ItemsParser(got.extend)
+    for chunk in _items_chunks(spaced, size):
+        parser.feed(chunk)
+    assert parser.close() == {"total": 2, "x": [1, 2]} and got == [{"a": 1}, {"a": "}"}]
+
+
+@pytest.mark.parametrize("bad", [b'{"items": [{"a": 1}, {"a": 2', b'{"items": [{"a":1}]', b'{"items": []} x',
+                                 b"[1]", b'{"total": 1, "items": [{"a": }]}', b"", b'{"items": [{"a":1} {"a":2}]}'])
+def test_items_parser_refuses_broken_documents(bad: bytes) -> None:
+    from console.client import ItemsParser
+
+    parser = ItemsParser(lambda items: None)
+    with pytest.raises(ValueError):
+        parser.feed(bad)
+        parser.close()
+
+
+async def test_the_client_streams_the_instance_list_in_batches() -> None:
+    import json
+
+    import httpx
+
+    from console.client import Forbidden as ClientForbidden
+    from console.client import OperatorApiError, OperatorClient
+
+    rows = [{"selector": f"S{i:04d}", "aor": f"sip:u{i}@pbx", "state": "active"} for i in range(3000)]
+    body = json.dumps({"total": 3000, "matched": 3000, "counts": {"active": 3000}, "items": rows}).encode()
+
+    class Chunks(httpx.AsyncByteStream):
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for chunk in _items_chunks(self.data, 5000):
+                yield chunk
+
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.params.get("q") == "forbidden":
+            return httpx.Response(403, json={"error": "forbidden", "detail": "no"})
+        if request.url.params.get("q") == "broken":
+            return httpx.Response(200, stream=Chunks(body[:-40]))
+        return httpx.Response(200, stream=Chunks(body))
+
+    client = OperatorClient(transport=httpx.MockTransport(handler))
+    batches: list[int] = []
+    got: list[dict[str, Any]] = []
+
+    def take(items: list[Any]) -> None:
+        batches.append(len(items))
+        got.extend(items)
+
+    head = await client.stream_instances(take)
+    assert got == rows and len(batches) > 1
+    assert head == {"total": 3000, "matched": 3000, "counts": {"active": 3000}, "items": []}
+    assert seen[0].url.params["limit"] == "0"
+    with pytest.raises(ClientForbidden):
+        await client.stream_instances(take, q="forbidden")
+    with pytest.raises(OperatorApiError):
+        await client.stream_instances(take, q="broken")
+    feed = OperatorFeed(client)
+    assert [r.selector for r in await feed.instances()] == [r["selector"] for r in rows]
+    await client.aclose()
+
+
+async def test_operator_feed_asks_for_a_first_page() -> None:
+    client = FakeClient()
+    feed = OperatorFeed(client)
+    page = await feed.instance_page(50)
+    assert page.total == 1 and page.rows[0].aor == "sip:a@b"
+    assert client.log[-1] == ("instances", (), {"offset": 0, "limit": 50, "q": "", "state": "", "sort": "aor",
+                                                  "desc": False})
+    fake = FakeFeed(instances=30)
+    first = await fake.instance_page(5)
+    assert first.total == 30 and [r.aor for r in first.rows] == sorted((r.aor for r in fake.rows),
+                                                                      key=str.lower)[:5]
