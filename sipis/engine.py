@@ -22,18 +22,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
-import itertools
 import logging
 import random
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 from sipis.clock import Clock
 from sipis.events import EventBus
 from sipis.instance import AppState, Instance, RegStatus
 from sipis.sip.register import Outcome, RegisterResult
+from sipis.sip.transport import Flow
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,27 @@ class EngineStats:
             self.late_over_1s += 1
 
 
+#: The shortest sleep of :meth:`RegistrationEngine.run` between ticks (seconds).
+MIN_TICK = 0.01
+
+
+def _shared(text: str) -> str:
+    """One string object for values that repeat across instances ("OK", a flow's name).
+
+    Interned strings go away with their last user, so a registrar's odd reason phrases cost
+    nothing once no registration remembers them.
+    """
+    return sys.intern(text)
+
+
 #: Performs one REGISTER exchange for an instance: ``exchange(instance, expires)``.
 Exchange = Callable[[Instance, int], Awaitable[RegisterResult]]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Entry:
+    """One instance's schedule. Slotted and without a list of its own: there is one per instance."""
+
     instance: Instance
     want: Want = Want.UNREGISTERED
     #: we hold (or may hold) a binding at the registrar that must be removed when unwanted
@@ -86,7 +102,8 @@ class _Entry:
     queued: bool = False  # waiting in the paced ready queue
     #: the next attempt waits for a pacing token (take-over, retries); refreshes and removals don't
     paced: bool = True
-    waiters: list[asyncio.Future[RegisterResult | None]] = field(default_factory=list)
+    #: futures of hand_back/remove waiting for the binding to be gone (None: nobody waits)
+    waiters: list[asyncio.Future[RegisterResult | None]] | None = None
 
 
 class RegistrationEngine:
@@ -98,8 +115,8 @@ class RegistrationEngine:
         self.settings = settings or EngineSettings()
         self.rng = rng or random.Random()
         self._entries: dict[str, _Entry] = {}
-        self._heap: list[tuple[float, int, str]] = []
-        self._seq = itertools.count()
+        #: (due, selector): stale pairs are skipped when popped (the entry's own ``due`` differs)
+        self._heap: list[tuple[float, str]] = []
         self._ready: deque[str] = deque()
         self._tokens = 1.0
         self._tokens_at = clock.monotonic()
@@ -108,6 +125,8 @@ class RegistrationEngine:
         self._runner: asyncio.Task[None] | None = None
         self.attempts = 0
         self.stats = EngineStats()
+        self._named_flow: Flow | None = None
+        self._named_flow_text = ""
 
     # ------------------------------------------------------------------ public operations
 
@@ -159,7 +178,7 @@ class RegistrationEngine:
         """Start what is due (within the pacing budget); return seconds until the next due item."""
         now = self.clock.monotonic()
         while self._heap and self._heap[0][0] <= now:
-            due, _, selector = heapq.heappop(self._heap)
+            due, selector = heapq.heappop(self._heap)
             entry = self._entries.get(selector)
             if entry is None or entry.due != due:
                 continue
@@ -192,9 +211,17 @@ class RegistrationEngine:
         return None
 
     async def run(self) -> None:
-        """Production driver: tick whenever something is due or new work arrives."""
+        """Production driver: tick whenever something is due or new work arrives.
+
+        Sleeps at least :data:`MIN_TICK` between ticks it schedules itself, so refreshes spread
+        over time (hundreds a second at 100k instances) start a few per wake-up instead of one:
+        each wake-up costs a timer and a future, and the delay is far below anything that counts
+        as late. New work (``_wake``) is still picked up at once.
+        """
         while True:
             delay = self.tick()
+            if delay is not None:
+                delay = max(delay, MIN_TICK)
             self._wake.clear()
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
             # that lands in the same loop iteration as the wake-up (gh-86296), so stop() hung.
@@ -245,6 +272,8 @@ class RegistrationEngine:
             self._finish_unwanted(entry, None)
             future.set_result(None)
             return future
+        if entry.waiters is None:
+            entry.waiters = []
         entry.waiters.append(future)
         if not entry.busy:
             self._schedule(entry, self.clock.monotonic(), paced=False)
@@ -259,8 +288,12 @@ class RegistrationEngine:
             return
         entry.paced = paced
         entry.due = due
-        heapq.heappush(self._heap, (due, next(self._seq), entry.instance.selector))
-        self._wake.set()
+        # The runner sleeps until the earliest due time it knows of; only an earlier one needs
+        # it awake now (a refresh rescheduled 5 minutes ahead does not).
+        earlier = not self._heap or due < self._heap[0][0]
+        heapq.heappush(self._heap, (due, entry.instance.selector))
+        if earlier:
+            self._wake.set()
 
     def _refill_tokens(self, now: float) -> None:
         rate = self.settings.register_rate
@@ -297,8 +330,9 @@ class RegistrationEngine:
     def _after_register(self, entry: _Entry, result: RegisterResult) -> None:
         instance, reg, now = entry.instance, entry.instance.registration, self.clock.monotonic()
         wall = self.clock.wall()
-        reg.last_code, reg.last_reason = result.status, result.reason
-        reg.flow = str(result.flow) if result.flow is not None else reg.flow
+        reg.last_code, reg.last_reason = result.status, _shared(result.reason)
+        if result.flow is not None:
+            reg.flow = self._flow_name(result.flow)
         if result.ok and result.expires > 0:
             entry.bound = True
             delay = result.expires * self.rng.uniform(self.settings.refresh_min, self.settings.refresh_max)
@@ -339,7 +373,7 @@ class RegistrationEngine:
     def _after_unregister(self, entry: _Entry, result: RegisterResult) -> None:
         instance = entry.instance
         reg = instance.registration
-        reg.last_code, reg.last_reason = result.status, result.reason
+        reg.last_code, reg.last_reason = result.status, _shared(result.reason)
         self._publish_registration(instance, result, "unregistered" if result.ok else "unregister-failed")
         # Whatever the registrar said, our binding will lapse at its expiry; never loop on removal.
         entry.bound = False
@@ -366,10 +400,16 @@ class RegistrationEngine:
         entry.due = None
         if entry.want is Want.REMOVED:
             self._entries.pop(instance.selector, None)
-        waiters, entry.waiters = entry.waiters, []
-        for waiter in waiters:
+        waiters, entry.waiters = entry.waiters, None
+        for waiter in waiters or ():
             if not waiter.done():
                 waiter.set_result(result)
+
+    def _flow_name(self, flow: Flow) -> str:
+        """``str(flow)`` for the console: one string for all the instances on a flow, not one each."""
+        if flow is not self._named_flow:
+            self._named_flow, self._named_flow_text = flow, _shared(str(flow))
+        return self._named_flow_text
 
     def _backoff(self, failures: int, retry_after: float | None) -> float:
         if retry_after is not None and retry_after > 0:

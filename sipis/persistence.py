@@ -1,9 +1,11 @@
 """Instances to and from storage records; the storage subscriber of the event bus.
 
 Storage learns about changes only through the bus (DESIGN.md: one path per fact): every event that
-names an instance snapshots that instance into the batched writer, every event is appended to the
-event log, and ``instance.deleted`` deletes the row. Passwords are encrypted with the
-:class:`SecretBox` under the instance's selector, once per password change (cached blob).
+names an instance queues a snapshot of that instance in the batched writer (taken when the batch is
+written, so a burst of changes to one instance costs one row), every event is appended to the event
+log, and ``instance.deleted`` deletes the row. Passwords are encrypted with the :class:`SecretBox`
+under the instance's selector, once per password change (the blob is cached and re-checked by
+decrypting it, which keeps the cache at one ``bytes`` per instance).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ class InstancePersistence:
         self.box = box
         self.lookup = lookup
         self.clock = clock
-        self._blobs: dict[str, tuple[str, bytes]] = {}  # selector → (password, its blob)
+        self._blobs: dict[str, bytes] = {}  # selector → blob of its current password
+        self._snapshot = self.snapshot  # one bound method for every queued snapshot
 
     def attach(self, bus: EventBus) -> Callable[[], None]:
         return bus.subscribe(self.on_event)
@@ -48,9 +51,13 @@ class InstancePersistence:
             self._blobs.pop(event.selector, None)
             self.writer.delete_instance(event.selector)
             return
-        instance = self.lookup(event.selector)
-        if instance is not None:
-            self.writer.upsert_instance(self.record(instance))
+        if self.lookup(event.selector) is not None:
+            self.writer.snapshot_instance(event.selector, self._snapshot)
+
+    def snapshot(self, selector: str) -> InstanceRecord | None:
+        """The row of the instance as it is now; None when it is gone."""
+        instance = self.lookup(selector)
+        return self.record(instance) if instance is not None else None
 
     def record(self, instance: Instance) -> InstanceRecord:
         account, reg, push = instance.account, instance.registration, instance.push
@@ -75,11 +82,20 @@ class InstancePersistence:
             self._blobs.pop(instance.selector, None)
             return None
         cached = self._blobs.get(instance.selector)
-        if cached is not None and cached[0] == password:
-            return cached[1]
+        if cached is not None and self._decrypts_to(cached, instance.selector, password):
+            return cached
+        # A fresh random nonce per blob: encrypting only on a change keeps the key far from
+        # AES-GCM's limit on random nonces (2^32 messages), which a refresh-rate re-encryption
+        # of 100k instances would reach within a year.
         blob = self.box.encrypt(password, context=instance.selector)
-        self._blobs[instance.selector] = (password, blob)
+        self._blobs[instance.selector] = blob
         return blob
+
+    def _decrypts_to(self, blob: bytes, selector: str, password: str) -> bool:
+        try:
+            return self.box.decrypt(blob, context=selector) == password
+        except DecryptionError:
+            return False
 
     def restore(self, record: InstanceRecord) -> Instance:
         """Rebuild an instance from its row. A blob that fails to decrypt counts as wiped."""
@@ -87,7 +103,7 @@ class InstancePersistence:
         if record.password_blob is not None:
             try:
                 password = self.box.decrypt(record.password_blob, context=record.selector)
-                self._blobs[record.selector] = (password, record.password_blob)
+                self._blobs[record.selector] = record.password_blob
             except DecryptionError:
                 log.error("credentials of %s cannot be decrypted (wrong key file?); treating as wiped",
                           record.selector)

@@ -10,6 +10,7 @@ instances that used it.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 
 from sipis.instance import Instance
@@ -27,8 +28,15 @@ FAILOVER_STATUSES = frozenset({408, 503})
 
 
 def contact_user(instance: Instance) -> str:
-    """The Contact user part for an instance; incoming INVITEs are matched back by it."""
-    return "sipis-" + instance.instance_id.replace("-", "")
+    """The Contact user part for an instance; incoming INVITEs are matched back by it.
+
+    Interned: the service's routing table and the instance's :class:`Binding` hold one string.
+    """
+    return sys.intern("sipis-" + instance.instance_id.replace("-", ""))
+
+
+#: Registrar URIs parsed once each and shared by every binding that names them (read-only).
+_MAX_SHARED_REGISTRARS = 4096
 
 
 class ProxyRegistrar:
@@ -39,8 +47,13 @@ class ProxyRegistrar:
         self.default_registrar = default_registrar
         self.user_agent = user_agent
         self._bindings: dict[str, Binding] = {}
-        self._flow_users: dict[tuple[str, str, int], set[str]] = {}
+        self._registrars: dict[str, SipURI] = {}
+        #: selector → key of the reliable flow its binding rides on. No reverse index: a flow dies
+        #: rarely, and finding its instances then (one pass, ~5 ms per 100k) is cheaper than a
+        #: set entry per instance for as long as they live.
         self._flow_of: dict[str, tuple[str, str, int]] = {}
+        #: one key tuple per flow for all its instances (``flow.key`` makes a new one per call)
+        self._flow_keys: dict[tuple[str, str, int], tuple[str, str, int]] = {}
         self.on_flow_lost: Callable[[list[str]], None] | None = None
         endpoint.flow_closed_listeners.append(self._flow_closed)
 
@@ -56,7 +69,7 @@ class ProxyRegistrar:
             targets = await self.resolver.resolve(binding.registrar)
         except ResolveError as exc:
             return RegisterResult(Outcome.FAILED, 503, "Registrar not found", detail=str(exc))
-        result = RegisterResult(Outcome.FAILED, 503, "Service Unavailable", detail="no target")
+        result: RegisterResult | None = None
         for target in targets:
             try:
                 flow = await self.endpoint.transport.flow_to(target.transport, target.host, target.port,
@@ -71,7 +84,24 @@ class ProxyRegistrar:
             self._track(instance.selector, flow, bound=result.ok and expires > 0)
             if result.outcome is not Outcome.FAILED or result.status not in FAILOVER_STATUSES:
                 return result
+        if result is None:
+            result = RegisterResult(Outcome.FAILED, 503, "Service Unavailable", detail="no target")
         return result
+
+    def prepare(self, instance: Instance) -> None:
+        """Build the instance's binding now rather than at its first REGISTER.
+
+        Start-up calls this for every restored instance before it freezes what it built
+        (``gc.freeze()`` in ``Core.start``): bindings are the bulk of what lives per instance, and
+        frozen they no longer lengthen the garbage collector's full passes. A bad account is
+        left for the first exchange to report.
+        """
+        if instance.account.password is None:
+            return
+        try:
+            self._binding(instance)
+        except (SipParseError, ValueError):
+            pass
 
     def forget(self, selector: str) -> None:
         self._bindings.pop(selector, None)
@@ -83,38 +113,61 @@ class ProxyRegistrar:
         password = account.password or ""
         if binding is None or binding.credentials.password != password or \
                 binding.credentials.username != account.auth_user:
-            registrar_text = account.registrar or self.default_registrar
-            aor = SipURI.parse(account.aor)
-            registrar = SipURI.parse(registrar_text) if registrar_text else SipURI(host=aor.host, scheme=aor.scheme)
+            aor = _aor_uri(account.aor, account.username)
             binding = Binding(
-                aor=aor, registrar=registrar,
+                aor=aor, registrar=self._registrar_uri(account.registrar or self.default_registrar, aor),
                 credentials=Credentials(account.auth_user, password),
-                contact_params={"+sip.instance": instance.sip_instance, "reg-id": str(instance.reg_id)},
+                contact_params={"+sip.instance": instance.sip_instance, "reg-id": sys.intern(str(instance.reg_id))},
                 display_name=account.display_name, user_agent=self.user_agent,
                 contact_user=contact_user(instance),
             )
             self._bindings[instance.selector] = binding
         return binding
 
+    def _registrar_uri(self, text: str | None, aor: SipURI) -> SipURI:
+        """The registrar's parsed URI, one object per distinct registrar (most deployments: one).
+
+        Bindings only read it (the request URI, the resolver), so sharing it is safe.
+        """
+        key = text if text is not None else f"{aor.scheme}:{aor.host}"
+        uri = self._registrars.get(key)
+        if uri is None:
+            uri = SipURI.parse(text) if text is not None else SipURI(host=aor.host, scheme=aor.scheme)
+            if len(self._registrars) >= _MAX_SHARED_REGISTRARS:
+                self._registrars.clear()
+            self._registrars[key] = uri
+        return uri
+
     def _track(self, selector: str, flow: Flow, *, bound: bool) -> None:
-        self._untrack(selector)
         if bound and flow.reliable:
-            self._flow_of[selector] = flow.key
-            self._flow_users.setdefault(flow.key, set()).add(selector)
+            key = flow.key
+            if self._flow_of.get(selector) != key:
+                self._flow_of[selector] = self._flow_keys.setdefault(key, key)
+        else:
+            self._untrack(selector)
 
     def _untrack(self, selector: str) -> None:
-        key = self._flow_of.pop(selector, None)
-        if key is not None:
-            users = self._flow_users.get(key)
-            if users is not None:
-                users.discard(selector)
-                if not users:
-                    del self._flow_users[key]
+        self._flow_of.pop(selector, None)
 
     def _flow_closed(self, flow: Flow, reason: str) -> None:
-        users = self._flow_users.pop(flow.key, set())
+        key = self._flow_keys.pop(flow.key, None)
+        if key is None:
+            return  # no instance ever registered over it
+        users = sorted(selector for selector, used in self._flow_of.items() if used == key)
         for selector in users:
-            self._flow_of.pop(selector, None)
+            del self._flow_of[selector]
         if users and self.on_flow_lost is not None:
             log.info("flow %s lost (%s): re-registering %d instances", flow, reason, len(users))
-            self.on_flow_lost(sorted(users))
+            self.on_flow_lost(users)
+
+
+def _aor_uri(text: str, username: str) -> SipURI:
+    """The AOR parsed, its scheme and domain shared with every other AOR of that domain and its
+    user part with the account's username when they are equal: one copy of each per instance
+    is all the binding needs to keep."""
+    aor = SipURI.parse(text)
+    aor.scheme = sys.intern(aor.scheme)
+    aor.host = sys.intern(aor.host)
+    if aor.user == username:
+        aor.user = username
+    return aor

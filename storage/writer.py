@@ -23,7 +23,7 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
@@ -58,6 +58,21 @@ class UpsertInstance:
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotInstance:
+    """Write the instance's row as it is when the batch is written (``snapshot(selector)``; None
+    means the instance is gone and nothing is written).
+
+    For callers that report every change of an instance: one row per instance and batch is
+    built, not one per change, and the queue holds a reference instead of a full record. What
+    is written is never older than the state at submit time, so :meth:`BatchedWriter.flush`
+    still means "what was submitted before is on disk".
+    """
+
+    selector: str
+    snapshot: Callable[[str], InstanceRecord | None]
+
+
+@dataclass(frozen=True, slots=True)
 class DeleteInstance:
     selector: str
 
@@ -77,7 +92,7 @@ class UpsertPush:
     record: PushRecord
 
 
-WriteOp = UpsertInstance | DeleteInstance | AppendEvent | AppendAudit | UpsertPush
+WriteOp = UpsertInstance | SnapshotInstance | DeleteInstance | AppendEvent | AppendAudit | UpsertPush
 
 
 def describe_op(op: WriteOp) -> str:
@@ -85,6 +100,8 @@ def describe_op(op: WriteOp) -> str:
     match op:
         case UpsertInstance(record=record):
             return f"instance upsert {record.selector}"
+        case SnapshotInstance(selector=selector):
+            return f"instance upsert {selector}"
         case DeleteInstance(selector=selector):
             return f"instance delete {selector}"
         case AppendEvent(record=record):
@@ -120,7 +137,7 @@ class _Batch:
         match op:
             case UpsertInstance(record=record):
                 return self._add_instance_op(record.selector, op)
-            case DeleteInstance(selector=selector):
+            case SnapshotInstance(selector=selector) | DeleteInstance(selector=selector):
                 return self._add_instance_op(selector, op)
             case UpsertPush(record=record):
                 index = self._push_at.get(record.push_id)
@@ -135,11 +152,11 @@ class _Batch:
         self.ops.append(op)
         return False
 
-    def _add_instance_op(self, selector: str, op: UpsertInstance | DeleteInstance) -> bool:
+    def _add_instance_op(self, selector: str, op: UpsertInstance | SnapshotInstance | DeleteInstance) -> bool:
         index = self._instance_at.get(selector)
         if index is not None:
             previous = self.ops[index]
-            if isinstance(previous, UpsertInstance):
+            if isinstance(previous, UpsertInstance | SnapshotInstance):
                 self.ops[index] = op
                 return True
             if isinstance(op, DeleteInstance):
@@ -149,29 +166,55 @@ class _Batch:
         return False
 
 
+#: Which table an op writes: ops of different tables are independent of each other.
+_TABLE: dict[type, int] = {
+    UpsertInstance: 0, SnapshotInstance: 0, DeleteInstance: 0, AppendEvent: 1, AppendAudit: 2, UpsertPush: 3,
+}
+
+
 async def apply_ops(stores: Stores, ops: Sequence[WriteOp], chunk: int = 500) -> None:
-    """Apply ``ops`` in order, as runs of the same kind, within the caller's transaction.
+    """Apply ``ops`` within the caller's transaction: per table in submission order, as runs of
+    the same kind.
 
-    Runs are cut into ``chunk``-sized calls so a long backlog gives the event loop room to breathe.
+    The tables share no keys, triggers or foreign keys, so only the order of ops on one table
+    matters (an instance's delete before its re-enrolment's upsert). Taking each table's ops
+    apart means the usual interleaved stream (event, upsert, event, event, upsert, ...) becomes
+    one statement per table and chunk instead of one per op. Runs are cut into ``chunk``-sized
+    calls so a long backlog gives the event loop room to breathe.
     """
-    for _, run in itertools.groupby(ops, key=type):
-        group = list(run)
-        for start in range(0, len(group), chunk):
-            await _apply_run(stores, group[start : start + chunk])
+    tables: tuple[list[WriteOp], ...] = ([], [], [], [])
+    for op in ops:
+        tables[_TABLE[type(op)]].append(op)
+    for table_ops in tables:
+        for kind, run in itertools.groupby(table_ops, key=_run_kind):
+            group = list(run)
+            for start in range(0, len(group), chunk):
+                await _apply_run(stores, kind, group[start : start + chunk])
 
 
-async def _apply_run(stores: Stores, run: list[WriteOp]) -> None:
-    first = run[0]
-    if isinstance(first, UpsertInstance):
-        await stores.instances.upsert_many([op.record for op in run if isinstance(op, UpsertInstance)])
-    elif isinstance(first, DeleteInstance):
+def _run_kind(op: WriteOp) -> type:
+    return UpsertInstance if isinstance(op, SnapshotInstance) else type(op)
+
+
+async def _apply_run(stores: Stores, kind: type, run: list[WriteOp]) -> None:
+    if kind is UpsertInstance:
+        records = [record for op in run if (record := _instance_record(op)) is not None]
+        if records:
+            await stores.instances.upsert_many(records)
+    elif kind is DeleteInstance:
         await stores.instances.delete_many([op.selector for op in run if isinstance(op, DeleteInstance)])
-    elif isinstance(first, AppendEvent):
+    elif kind is AppendEvent:
         await stores.events.append_many([op.record for op in run if isinstance(op, AppendEvent)])
-    elif isinstance(first, AppendAudit):
+    elif kind is AppendAudit:
         await stores.audit.append_many([op.record for op in run if isinstance(op, AppendAudit)])
     else:
         await stores.pushes.upsert_many([op.record for op in run if isinstance(op, UpsertPush)])
+
+
+def _instance_record(op: WriteOp) -> InstanceRecord | None:
+    if isinstance(op, SnapshotInstance):
+        return op.snapshot(op.selector)
+    return op.record if isinstance(op, UpsertInstance) else None
 
 
 # -- the writer ----------------------------------------------------------------------------------
@@ -304,6 +347,11 @@ class BatchedWriter:
 
     def upsert_instance(self, record: InstanceRecord) -> None:
         self.submit(UpsertInstance(record))
+
+    def snapshot_instance(self, selector: str, snapshot: Callable[[str], InstanceRecord | None]) -> None:
+        """Upsert the row ``snapshot(selector)`` returns when the batch is written (see
+        :class:`SnapshotInstance`)."""
+        self.submit(SnapshotInstance(selector, snapshot))
 
     def delete_instance(self, selector: str) -> None:
         self.submit(DeleteInstance(selector))

@@ -20,6 +20,7 @@ from sipis.engine import EngineSettings, RegistrationEngine
 from sipis.events import Event, EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget, RegStatus
 from sipis.sip.register import Outcome, RegisterResult
+from sipis.sip.transport import Flow
 
 START = 1000.0  # FakeClock's monotonic start
 SEEDS = [0, 1, 7, 42, 2024]
@@ -574,6 +575,23 @@ async def test_flow_lost_re_registers_within_two_seconds(seed: int) -> None:
     assert h.exchange.calls[-1].selector == "sel-1" and h.exchange.calls[-1].expires == 600
     assert START + 10 <= h.exchange.calls[-1].at <= START + 12
     assert instance.state is AppState.PROXIED
+
+
+async def test_instances_on_one_flow_share_its_name_and_the_reason_phrase() -> None:
+    """What every registration remembers (the flow, "OK") is one string for all of them, not a copy
+    per instance: at 100k instances the copies cost megabytes."""
+    h = make_harness()
+    flow = Flow("tcp", ("127.0.0.1", 5070), ("192.0.2.1", 5060), True, lambda _data: None, lambda: None)
+    instances = [make_instance(f"sel-{n}") for n in range(3)]
+    for instance in instances:
+        reason = "".join(["O", "K"])  # a new string each time, as a parsed response has
+        h.exchange.script(instance.selector, RegisterResult(Outcome.REGISTERED, 200, reason, 600, flow=flow))
+        h.engine.take_over(instance)
+    await h.run_for(3.0, step=0.5)
+    regs = [instance.registration for instance in instances]
+    assert all(r.status is RegStatus.REGISTERED and r.flow == str(flow) and r.last_reason == "OK" for r in regs)
+    assert regs[0].flow is regs[1].flow is regs[2].flow
+    assert regs[0].last_reason is regs[1].last_reason is regs[2].last_reason
 
 
 async def test_stop_with_unregister_removes_every_binding_we_hold() -> None:

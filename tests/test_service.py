@@ -28,11 +28,25 @@ PASSWORD = "correct horse battery staple"
 
 
 @dataclass
+class CountingBox(SecretBox):
+    __slots__ = ("encryptions",)
+
+    def __init__(self, key: bytes) -> None:
+        super().__init__(key)
+        self.encryptions = 0
+
+    def encrypt(self, plaintext: str, *, context: str) -> bytes:
+        self.encryptions += 1
+        return super().encrypt(plaintext, context=context)
+
+
+@dataclass
 class FakeRegistrar:
     """Stands in for the SIP side: records exchanges, always succeeds."""
 
     calls: list[tuple[str, int]] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)
+    prepared: list[str] = field(default_factory=list)
 
     async def __call__(self, instance: Instance, expires: int) -> RegisterResult:
         self.calls.append((instance.selector, expires))
@@ -40,6 +54,9 @@ class FakeRegistrar:
 
     def forget(self, selector: str) -> None:
         self.forgotten.append(selector)
+
+    def prepare(self, instance: Instance) -> None:
+        self.prepared.append(instance.selector)
 
 
 @dataclass
@@ -154,6 +171,8 @@ async def test_restart_restores_instances_and_takes_sleeping_ones_over(tmp_path:
         assert reopened.service.get(awake.selector) is not None
         await reopened.settle()
         assert reopened.registrar.calls == [(sleeping.selector, 600)]  # only the sleeping app re-registered
+        # its binding was built during start-up (covered by Core.start's gc.freeze()), the awake one's not
+        assert reopened.registrar.prepared == [sleeping.selector]
         assert restored.state is AppState.PROXIED
     finally:
         await reopened.close()
@@ -199,3 +218,35 @@ async def test_an_off_instance_refuses_state_changes_until_reenrolled(world: Wor
         await world.service.set_state(instance.selector, "inactive", None)
     again, _ = await world.service.enroll(enrol_request(selector=instance.selector))
     assert again.state is AppState.ACTIVE and again.account.password == PASSWORD
+
+
+async def test_instances_share_the_strings_they_have_in_common(world: World) -> None:
+    """Registrar, push provider and app id are the same for most instances: one object each."""
+    first, _ = await world.service.enroll(enrol_request("alice"))
+    second, _ = await world.service.enroll(enrol_request("bob"))
+    assert first.account.registrar == "sip:pbx.example.com;transport=tcp"
+    assert first.account.registrar is second.account.registrar
+    assert first.push.provider is second.push.provider and first.push.app_id is second.push.app_id
+    assert first.push.token is not second.push.token  # per-instance values stay their own
+
+
+async def test_a_password_is_encrypted_once_however_often_the_row_is_written(tmp_path: Path) -> None:
+    world = await open_world(tmp_path)
+    box = CountingBox(load_or_create_key(tmp_path / "credentials.key"))
+    world.persistence.box = box
+    try:
+        instance, _ = await world.service.enroll(enrol_request())
+        for _ in range(3):
+            await world.service.set_state(instance.selector, "inactive", None)
+            await world.settle()
+            await world.service.set_state(instance.selector, "active", None)
+            await world.settle()
+        assert box.encryptions == 1
+        await world.service.enroll(enrol_request(selector=instance.selector, password="changed"))
+        assert box.encryptions == 2
+        record = await sqlite_stores(world.db).instances.get(instance.selector)
+        assert record is not None and record.password_blob is not None
+        assert box.decrypt(record.password_blob, context=instance.selector) == "changed"
+        assert record.state == "active" and record.reg_status == "idle"  # the latest state
+    finally:
+        await world.close()
