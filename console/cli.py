@@ -14,8 +14,6 @@ import signal
 import sys
 from pathlib import Path
 
-from sipis.config import ConfigError, load_config, write_starter_config
-
 DEFAULT_CONFIG = Path("sipis.toml")
 
 EXAMPLES = """\
@@ -132,6 +130,8 @@ def open_console(args: argparse.Namespace) -> int:
         _take_controlling_tty()
     socket_path = args.socket
     if socket_path is None and args.config is not None:
+        from sipis.config import ConfigError, load_config  # only here: the console starts faster without it
+
         try:
             socket_path = load_config(args.config).operator.socket
         except (OSError, ConfigError) as exc:
@@ -152,6 +152,8 @@ def open_console(args: argparse.Namespace) -> int:
 
 
 def init(path: Path, force: bool) -> int:
+    from sipis.config import write_starter_config
+
     try:
         write_starter_config(path, force=force)
     except FileExistsError:
@@ -162,6 +164,8 @@ def init(path: Path, force: bool) -> int:
 
 
 def serve(config_path: Path, log_level: str | None) -> int:
+    from sipis.config import ConfigError, load_config
+
     try:
         config = load_config(config_path)
     except FileNotFoundError:

@@ -184,6 +184,8 @@ class Core:
 
     async def _start_operator_api(self) -> None:
         assert self.operator_context is not None
+        # index the restored instances now (before gc.freeze), not on the first console's request
+        self.operator_context.index.sync()
         self.operator_api = OperatorServer.from_config(self.operator_context, self.config)
         await self.operator_api.start()
         self.listening.operator_socket = str(self.config.operator.socket)

@@ -9,6 +9,7 @@ import asyncio
 import gc
 import json
 import os
+import random
 import shutil
 import stat
 import struct
@@ -21,6 +22,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import sipis.operator_api as operator_api
 from console.client import Forbidden as ClientForbidden
@@ -32,6 +35,7 @@ from sipis.events import EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget, RegStatus
 from sipis.operations import Operator
 from sipis.operator_api import (
+    DYNAMIC_SORTS,
     EventRing,
     InstanceIndex,
     OperatorContext,
@@ -681,3 +685,216 @@ def test_event_ring_keeps_events_out_of_the_garbage_collectors_way() -> None:
     assert [e.seq for e in newer] == [3, 4, 5, 6, 7] and gap  # event 2 already left the ring
     assert ring.events[0].as_dict()["data"] == {"alarm": "push-rejected"}
     ring.close()
+
+
+# =========================================================================== the incremental index
+
+
+class _Service:
+    """Just what :class:`InstanceIndex` reads of the service."""
+
+    def __init__(self) -> None:
+        self.instances: dict[str, Instance] = {}
+
+
+_AORS = ("sip:alice@pbx", "sip:Alice@pbx", "sip:bob@pbx", "sip:carol@edge", "sip:dave@pbx")
+_REGISTRARS = (None, "sip:edge;transport=tcp", "sip:PBX")
+_CONTINUOUS = {"expires_at", "next_refresh_at", "backoff_until", "app_last_seen", "last_push_at"}
+
+
+def _brute_rows(index: InstanceIndex, service: _Service, *, q: str, state: str, sort: str,
+                desc: bool) -> tuple[dict[str, int], list[tuple[str, Any]]]:
+    """The instance list recomputed from scratch: (counts among the q matches, [(selector, sort value)])."""
+    needle = q.lower()
+
+    def hay(i: Instance) -> str:
+        return "\0".join((i.selector.lower(), i.account.aor.lower(), i.account.username.lower(),
+                          (i.account.registrar or index.default_registrar or "").lower()))
+
+    found = [i for i in service.instances.values() if needle in hay(i)]
+    counts = {s.value: sum(1 for i in found if i.state is s) for s in AppState}
+    if state:
+        found = [i for i in found if i.state.value == state]
+    aor_key = {i.selector: (i.account.aor.lower(), i.selector) for i in found}
+    found.sort(key=lambda i: aor_key[i.selector])
+
+    def value(i: Instance) -> Any:
+        row = index.row(i)
+        if sort in ("aor", "user", "registrar", "selector"):
+            return {"aor": i.account.aor.lower(), "user": i.account.username.lower(), "selector": i.selector,
+                    "registrar": (row["registrar"] or "").lower()}[sort]
+        return row[sort]
+
+    if sort in ("aor", "user", "registrar", "selector"):
+        found.sort(key=value)  # stable: ties in aor order
+        if desc:
+            found.reverse()
+    else:
+        present = [i for i in found if value(i) is not None]
+        present.sort(key=value, reverse=desc)  # stable: ties in aor order
+        found = present + [i for i in found if value(i) is None]
+    return counts, [(i.selector, value(i)) for i in found]
+
+
+def _check(index: InstanceIndex, service: _Service) -> None:
+    index.sync()
+    live = list(service.instances.values())
+    assert index.state_counts == {s.value: sum(1 for i in live if i.state is s) for s in AppState}
+    assert index.status_counts == {s.value: sum(1 for i in live if i.registration.status is s) for s in RegStatus}
+    for q, state, sort, desc in (("", "", "aor", False), ("", "", "aor", True), ("ali", "", "aor", False),
+                                 ("", "proxied", "aor", False), ("", "", "registrar", False),
+                                 ("PBX", "", "user", True), ("", "", "state", False), ("", "", "reg_status", True),
+                                 ("", "active", "last_code", False), ("", "", "expires_at", True),
+                                 ("", "", "last_push_at", False), ("", "", "selector", True)):
+        counts, want = _brute_rows(index, service, q=q, state=state, sort=sort, desc=desc)
+        total, matched, got_counts, page = index.query_entries(q=q, state=state, sort=sort, desc=desc, limit=0)
+        assert (total, matched, got_counts) == (len(live), len(want), counts), (q, state, sort, desc)
+        got = [(e.selector, index.row(e.instance)[sort] if sort in DYNAMIC_SORTS else None) for e in page]
+        if sort in _CONTINUOUS:  # ties of times: any order
+            assert [v for _s, v in got] == [v for _s, v in want], (sort, desc)
+            assert sorted(s for s, _v in got) == sorted(s for s, _v in want)
+        else:
+            assert [s for s, _v in got] == [s for s, _v in want], (q, state, sort, desc)
+        for offset, limit in ((0, 1), (1, 2), (3, 200)):
+            sliced = index.query_entries(q=q, state=state, sort=sort, desc=desc, offset=offset, limit=limit)[3]
+            if sort not in _CONTINUOUS:
+                assert [e.selector for e in sliced] == [s for s, _v in want[offset:offset + limit]]
+    for entry in index.entries.values():
+        assert json.loads(index.row_json(entry)) == index.row(entry.instance)
+
+
+_OPS = st.lists(st.tuples(
+    st.sampled_from(["add", "add-silently", "remove", "state", "status", "account", "registration", "push",
+                     "seen", "check"]),
+    st.integers(0, 5), st.integers(0, 1_000), st.booleans()), max_size=60)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_OPS, dirty_limit=st.sampled_from([1, 3, 256]))
+def test_index_counts_and_orders_match_a_recount_after_any_events(ops: list[tuple[str, int, int, bool]],
+                                                                 dirty_limit: int) -> None:
+    """Instances come, go and change state, status, account, registration values and pushes, each
+    change announced on the bus as the core does (restores are not); after any of them the kept
+    counts, orders, pages and cached rows equal a recount from scratch."""
+    _run_index_ops(ops, dirty_limit)
+
+
+def test_index_matches_a_recount_after_many_random_event_sequences() -> None:
+    """The same as above over many seeded random sequences (long ones, every kind of step)."""
+    rng = random.Random(5)
+    kinds = ["add", "add-silently", "remove", "state", "status", "account", "registration", "push", "seen", "check"]
+    for _ in range(200):
+        ops = [(rng.choice(kinds), rng.randrange(6), rng.randrange(1000), rng.random() < 0.5)
+               for _ in range(rng.randrange(1, 80))]
+        _run_index_ops(ops, rng.choice([1, 3, 256]))
+
+
+def _run_index_ops(ops: list[tuple[str, int, int, bool]], dirty_limit: int) -> None:
+    bus = EventBus()
+    service = _Service()
+    index = InstanceIndex(service, bus, default_registrar="sip:default-pbx")  # type: ignore[arg-type]
+    saved, operator_api.DIRTY_LIMIT = operator_api.DIRTY_LIMIT, dirty_limit
+    try:
+        _check(index, service)
+        for op, which, value, flag in ops:
+            selector = f"{which:040X}:{which:08X}"
+            instance = service.instances.get(selector)
+            if op == "add" or (op == "add-silently" and instance is None):  # a restore brings new ones only
+                made = Instance(selector, Account(_AORS[value % len(_AORS)], f"u{value % 7}", "pw",
+                                                  registrar=_REGISTRARS[value % 3]), PushTarget("m", "a", "t"), "h")
+                made.state = list(AppState)[value % 4]
+                made.registration.status = list(RegStatus)[value % 6]
+                service.instances[selector] = made  # a new object also when the selector is known
+                if op == "add":
+                    bus.publish("instance.enrolled", selector, aor=made.account.aor)
+                continue
+            if op == "check":
+                _check(index, service)
+                continue
+            if instance is None:
+                continue
+            if op == "remove":
+                del service.instances[selector]
+                bus.publish("instance.deleted", selector, reason="test")
+            elif op == "state":
+                instance.state = list(AppState)[value % 4]
+                bus.publish("instance.state", selector, state=instance.state.value)
+            elif op == "status":
+                instance.registration.status = list(RegStatus)[value % 6]
+                bus.publish("registration.status", selector, status=instance.registration.status.value)
+            elif op == "account":
+                if flag:
+                    instance.account = Account(_AORS[value % len(_AORS)], f"u{value % 5}", "pw")
+                else:
+                    instance.account.registrar = _REGISTRARS[value % 3]
+                bus.publish("instance.updated", selector, credentials_changed=True)
+            elif op == "registration":
+                reg = instance.registration
+                reg.expires_at = None if flag else float(value % 13)
+                reg.last_code, reg.failure_count = (value % 3) * 200 or None, value % 4
+                bus.publish("registration", selector, code=reg.last_code)
+            elif op == "push":
+                bus.publish("push", selector, outcome="accepted" if flag else "rejected-transient",
+                            stages={"push_sent": float(value % 17)})
+            elif op == "seen":  # changes a row without any event (as call progress does)
+                instance.app_last_seen = float(value)
+            if flag and value % 2:
+                index.sync()  # a read in between: changes are applied one by one, not coalesced
+        _check(index, service)
+    finally:
+        operator_api.DIRTY_LIMIT = saved
+        index.close()
+
+
+def test_the_whole_list_handed_out_stays_as_it_was_while_the_index_changes() -> None:
+    bus = EventBus()
+    service = _Service()
+    index = InstanceIndex(service, bus)  # type: ignore[arg-type]
+    for n in range(5):
+        made = Instance(f"{n:040X}:0", Account(f"sip:u{n}@pbx", f"u{n}", "pw"), PushTarget("m", "a", "t"), "h")
+        service.instances[made.selector] = made
+    held = index.query_entries(limit=0)[3]
+    before = [e.selector for e in held]
+    gone = before[2]
+    del service.instances[gone]
+    bus.publish("instance.deleted", gone)
+    added = Instance("F" * 40 + ":0", Account("sip:a@pbx", "a", "pw"), PushTarget("m", "a", "t"), "h")
+    service.instances[added.selector] = added
+    bus.publish("instance.enrolled", added.selector)
+    now = [e.selector for e in index.query_entries(limit=0)[3]]
+    assert [e.selector for e in held] == before  # a stream still sending it is not disturbed
+    assert now == [added.selector] + [s for s in before if s != gone]
+    index.close()
+
+
+async def test_summary_counts_follow_events_without_recounting(op: Op) -> None:
+    alice = await op.enrol("alice")
+    bob = await op.enrol("bob", sleeping=True)
+    async with op.client(VIEWER) as viewer:
+        assert (await viewer.summary())["counts"] == {"active": 1, "inactive": 0, "proxied": 1, "off": 0}
+        await op.world.service.set_state(alice.selector, "inactive", None)
+        for _ in range(10):
+            await op.world.settle(0.01)
+            if alice.state is AppState.PROXIED:
+                break
+        await op.world.service.delete(bob.selector)
+        summary = await viewer.summary()
+        assert summary["counts"] == {"active": 0, "inactive": 0, "proxied": 1, "off": 0}
+        assert sum(summary["reg_status"].values()) == 1
+        assert summary["reg_status"][alice.registration.status.value] == 1
+        page = await viewer.instances(limit=0)
+        assert page["counts"] == summary["counts"] and [r["selector"] for r in page["items"]] == [alice.selector]
+
+
+async def test_streamed_pages_in_many_slices_equal_the_plain_answer(op: Op, monkeypatch: pytest.MonkeyPatch) -> None:
+    made = [await op.enrol(f"user{n:02d}") for n in range(9)]
+    async with op.client(VIEWER) as viewer:
+        plain = await viewer.instances(limit=0)
+        monkeypatch.setattr(operator_api, "STREAM_ROWS_OVER", 2)
+        monkeypatch.setattr(operator_api, "SLICE_CHECK", 2)
+        monkeypatch.setattr(operator_api, "SLICE_SECONDS", 0.0)  # a slice per check
+        assert await viewer.instances(limit=0) == plain
+        made[3].app_last_seen = 12345.5  # no event: the cached row notices anyway
+        again = await viewer.instances(limit=0, sort="user", desc=True)
+        assert next(r for r in again["items"] if r["selector"] == made[3].selector)["app_last_seen"] == 12345.5
+        assert [r["user"] for r in again["items"]] == sorted((r["user"] for r in plain["items"]), reverse=True)
