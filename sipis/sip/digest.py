@@ -13,12 +13,19 @@ exceptions or logs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sipis.sip.message import random_hex
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
 
 __all__ = [
     "AuthorizationParams",
@@ -97,7 +104,27 @@ def _h(algorithm: str, data: str | bytes) -> str:
     """H(data) of RFC 7616 §3.4.1: lower-case hex digest of the algorithm's hash."""
     base, _ = _split_algorithm(algorithm)
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    return hashlib.new(_HASHLIB_NAMES[base], raw, usedforsecurity=False).hexdigest()
+    return _HASHERS[base](raw).hexdigest()
+
+
+def _hasher(hashlib_name: str) -> Callable[[bytes], Hash]:
+    """hashlib's own constructor for this name where there is one (``hashlib.new`` looks the name
+    up on every call), else ``hashlib.new``; never for security (MD5 under FIPS policies)."""
+    constructor = getattr(hashlib, hashlib_name, None)
+    if constructor is not None:
+        try:
+            constructor(b"", usedforsecurity=False)
+        except (TypeError, ValueError):
+            constructor = None
+    if constructor is not None:
+        return functools.partial(constructor, usedforsecurity=False)
+    return functools.partial(hashlib.new, hashlib_name, usedforsecurity=False)
+
+
+#: base algorithm token -> bytes -> hash object
+_HASHERS: dict[str, Callable[[bytes], Hash]] = {
+    base: _hasher(name) for base, name in _HASHLIB_NAMES.items() if _hash_available(name)
+}
 
 
 # --------------------------------------------------------------------------- header syntax
@@ -226,7 +253,15 @@ def _flag(params: dict[str, str], name: str) -> bool:
     return params.get(name, "").strip().lower() == "true"
 
 
+def _plain(value: str) -> bool:
+    """Whether ``value`` needs no more than quotes around it: printable ASCII, no quote, no
+    backslash (so a run of values joined together is plain when each of them is)."""
+    return value.isascii() and value.isprintable() and '"' not in value and "\\" not in value
+
+
 def _quote(value: str) -> str:
+    if _plain(value):
+        return f'"{value}"'  # the usual value: nothing to check further or to escape
     if _CONTROL.search(value):
         raise DigestError("control character in a value to send")
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -239,7 +274,7 @@ def _qop_tokens(value: str) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- challenges
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Challenge:
     """One Digest challenge from a ``WWW-Authenticate`` or ``Proxy-Authenticate`` value."""
 
@@ -282,6 +317,25 @@ def _check_answerable(challenge: Challenge) -> None:
     # A -sess key needs a cnonce, and RFC 2617 only lets the client send one with qop.
     if _split_algorithm(challenge.algorithm)[1] and not challenge.qop:
         raise DigestError(f"{challenge.algorithm} challenge without qop")
+
+
+#: (scheme, algorithm, qop offered) -> the qop to answer with, for challenges found answerable
+_ANSWERABLE: dict[tuple[str, str, tuple[str, ...]], str | None] = {}
+
+
+def _answerable_qop(challenge: Challenge) -> str | None:
+    """``_check_answerable(challenge)`` then ``_pick_qop(challenge.qop)``, remembered per (scheme,
+    algorithm, qop offered), which is all either looks at."""
+    key = (challenge.scheme, challenge.algorithm, challenge.qop)
+    try:
+        return _ANSWERABLE[key]
+    except KeyError:
+        pass
+    _check_answerable(challenge)  # raises for what cannot be answered (not remembered)
+    qop = _pick_qop(challenge.qop)
+    if len(_ANSWERABLE) < 256:  # servers send a handful of kinds; a flood of odd ones is not kept
+        _ANSWERABLE[key] = qop
+    return qop
 
 
 def _is_answerable(challenge: Challenge) -> bool:
@@ -421,7 +475,7 @@ class Credentials:
     password: str = field(repr=False)
 
 
-@dataclass
+@dataclass(slots=True)
 class _NonceState:
     """How often the current nonce of one realm has been used."""
 
@@ -434,7 +488,7 @@ _MAX_NC = 0xFFFFFFFF
 
 
 def _default_cnonce() -> str:
-    return secrets.token_hex(16)
+    return random_hex(16)
 
 
 class DigestSession:
@@ -443,37 +497,115 @@ class DigestSession:
     Reusing a nonce increments ``nc``; a challenge with a new nonce (``stale=true`` or not)
     starts again at 1. A stale challenge is never a failure: whether a re-challenge means the
     password was refused is answered by :meth:`credentials_rejected`.
+
+    Credentials in advance (:meth:`reuse`): once a request that answered a challenge has been
+    accepted, the next request (a REGISTER refresh) may carry an answer to the same challenge
+    with the next ``nc`` before being challenged at all (RFC 7616 §3.4: ``nc`` counts the
+    requests sent with one nonce), which spares it the 401 round trip for as long as the server
+    takes the nonce. A server that
+    does not (its nonce expired: ``stale=true``; one-time nonces) challenges it: the caller
+    answers that challenge as usual and calls :meth:`reuse_refused`, and the session stops
+    offering nonces as old as the refused one was.
     """
+
+    __slots__ = ("_cnonce_factory", "_credentials", "_reusable", "_reuse_max_age", "_states")
 
     def __init__(self, credentials: Credentials, *, cnonce_factory: Callable[[], str] | None = None) -> None:
         self._credentials = credentials
         self._cnonce_factory = cnonce_factory or _default_cnonce
         self._states: dict[str, _NonceState] = {}
+        #: (challenge, credentials header, when its nonce was first answered, where it was
+        #: accepted) of the last challenge whose answer was accepted
+        self._reusable: tuple[Challenge, str, float, object] | None = None
+        #: nonces at least this old (seconds) are not offered again; learnt from refusals
+        self._reuse_max_age: float | None = None
+
+    def reuse(self, method: str, uri: str, now: float, scope: object = None) -> tuple[str, str] | None:
+        """``(header, value)`` answering the last accepted challenge again (next ``nc``), for a
+        request nobody has challenged yet; None when there is none, when it was accepted for
+        another ``scope`` (the caller's notion of "the same server", compared by equality) or when
+        its nonce is probably too old by what refusals taught. ``now`` is a monotonic time, as
+        given to :meth:`accepted`."""
+        reusable = self._reusable
+        if reusable is None:
+            return None
+        challenge, header, since, accepted_scope = reusable
+        if accepted_scope != scope:
+            return None
+        if self._reuse_max_age is not None and now - since >= self._reuse_max_age:
+            return None
+        state = self._states.get(challenge.realm)
+        if state is None or state.nonce != challenge.nonce or state.count >= _MAX_NC:
+            return None  # another nonce answered since, or nc exhausted
+        return header, self.authorize(challenge, method, uri)
+
+    def accepted(self, challenge: Challenge, header: str, since: float, scope: object = None) -> None:
+        """A request carrying our answer to ``challenge`` (in ``header``) was accepted by
+        ``scope``; its nonce was first answered at ``since``: offer it again by :meth:`reuse`."""
+        self._reusable = (challenge, header, since, scope)
+
+    def reuse_refused(self, now: float) -> None:
+        """The request with the credentials :meth:`reuse` gave was challenged: offer no nonce that
+        old again (a margin below it, as refresh times vary), and not this one at all."""
+        reusable = self._reusable
+        if reusable is None:
+            return
+        age = max(0.0, now - reusable[2]) * 0.75
+        if self._reuse_max_age is None or age < self._reuse_max_age:
+            self._reuse_max_age = age
+        self._reusable = None
+
+    def forget_reuse(self) -> None:
+        """Offer nothing by :meth:`reuse` until the next accepted answer (e.g. after a 403)."""
+        self._reusable = None
 
     def __repr__(self) -> str:
         return f"DigestSession(username={self._credentials.username!r}, realms={sorted(self._states)!r})"
 
     def authorize(self, challenge: Challenge, method: str, uri: str, body: bytes = b"") -> str:
-        """The ``Authorization``/``Proxy-Authorization`` value answering ``challenge``."""
-        _check_answerable(challenge)
-        qop = _pick_qop(challenge.qop)
+        """The ``Authorization``/``Proxy-Authorization`` value answering ``challenge``.
+
+        Computes what ``_response(_Inputs(...))`` does (RFC 7616 §3.4.1), without the _Inputs.
+        """
+        qop = _answerable_qop(challenge)
         state = self._use_nonce(challenge)
-        nc = f"{state.count:08x}" if qop else None
-        cnonce = self._cnonce(state, challenge.algorithm) if qop else None
-        inputs = _Inputs(
-            algorithm=challenge.algorithm,
-            username=self._credentials.username,
-            realm=challenge.realm,
-            password=self._credentials.password,
-            nonce=challenge.nonce,
-            method=method,
-            uri=uri,
-            qop=qop,
-            nc=nc,
-            cnonce=cnonce,
-            body=body,
-        )
-        return _format_authorization(challenge, inputs, _response(inputs))
+        algorithm, realm, nonce = challenge.algorithm, challenge.realm, challenge.nonce
+        base, sess = _split_algorithm(algorithm)
+        hasher = _HASHERS[base]
+        credentials = self._credentials
+        ha1 = hasher(f"{credentials.username}:{realm}:{credentials.password}".encode()).hexdigest()
+        a2 = f"{method}:{uri}"
+        if qop == "auth-int":
+            a2 += ":" + hasher(body).hexdigest()
+        ha2 = hasher(a2.encode()).hexdigest()
+        if qop is None:  # RFC 2069 compatibility (never -sess: _check_answerable)
+            response = hasher(f"{ha1}:{nonce}:{ha2}".encode()).hexdigest()
+            nc = cnonce = None
+        else:
+            nc = f"{state.count:08x}"
+            cnonce = self._cnonce(state, sess) if sess else self._cnonce_factory()
+            if sess:
+                ha1 = hasher(f"{ha1}:{nonce}:{cnonce}".encode()).hexdigest()
+            response = hasher(f"{ha1}:{nonce}:{nc}:{cnonce}:{qop}:{ha2}".encode()).hexdigest()
+        username = credentials.username
+        if challenge.userhash:
+            username = _userhash(algorithm, username, realm)
+        # RFC 7616 §3.4: algorithm, qop and nc are never quoted.
+        if _plain(username + realm + nonce + uri + (cnonce or "")):  # _quote only adds the quotes
+            value = (f'Digest username="{username}", realm="{realm}", nonce="{nonce}", uri="{uri}", '
+                     f'response="{response}", algorithm={algorithm}')
+            if qop is not None:
+                value += f', qop={qop}, nc={nc}, cnonce="{cnonce}"'
+        else:
+            value = (f"Digest username={_quote(username)}, realm={_quote(realm)}, nonce={_quote(nonce)}, "
+                     f'uri={_quote(uri)}, response="{response}", algorithm={algorithm}')
+            if qop is not None:
+                value += f", qop={qop}, nc={nc}, cnonce={_quote(cnonce or '')}"
+        if challenge.opaque is not None:
+            value += f", opaque={_quote(challenge.opaque)}"
+        if challenge.userhash:
+            value += ", userhash=true"
+        return value
 
     def credentials_rejected(self, challenge: Challenge) -> bool:
         """Whether a re-challenge of a request that carried our credentials means "wrong password".
@@ -496,34 +628,12 @@ class DigestSession:
         state.count += 1
         return state
 
-    def _cnonce(self, state: _NonceState, algorithm: str) -> str:
-        if not _split_algorithm(algorithm)[1]:
+    def _cnonce(self, state: _NonceState, sess: bool) -> str:
+        if not sess:
             return self._cnonce_factory()
         if state.cnonce is None:
             state.cnonce = self._cnonce_factory()
         return state.cnonce
-
-
-def _format_authorization(challenge: Challenge, inputs: _Inputs, response: str) -> str:
-    username = inputs.username
-    if challenge.userhash:
-        username = _userhash(inputs.algorithm, inputs.username, inputs.realm)
-    # RFC 7616 §3.4: algorithm, qop and nc are never quoted.
-    parts = [
-        f"username={_quote(username)}",
-        f"realm={_quote(inputs.realm)}",
-        f"nonce={_quote(inputs.nonce)}",
-        f"uri={_quote(inputs.uri)}",
-        f'response="{response}"',
-        f"algorithm={inputs.algorithm}",
-    ]
-    if inputs.qop is not None:
-        parts += [f"qop={inputs.qop}", f"nc={inputs.nc}", f"cnonce={_quote(inputs.cnonce or '')}"]
-    if challenge.opaque is not None:
-        parts.append(f"opaque={_quote(challenge.opaque)}")
-    if challenge.userhash:
-        parts.append("userhash=true")
-    return "Digest " + ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- server (lab registrar)

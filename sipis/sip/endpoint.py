@@ -6,6 +6,8 @@ transaction user (registration engine, held calls) sees two things:
 
 * :meth:`SipEndpoint.request` — send a request on a flow, await its final response (transport
   failures and timeouts come back as locally generated ``503``/``408``);
+  :meth:`SipEndpoint.send_request` does the same for a :class:`ResponseCallback`, which gets the
+  final response from the endpoint directly and may send the next request from there;
 * handlers per method for incoming requests, each given an :class:`IncomingRequest` to answer.
 
 The endpoint itself answers what needs no application: ``100 Trying`` for INVITE, ``200`` to
@@ -16,6 +18,7 @@ in-dialog requests (we never keep dialogs: calls are redirected or rejected).
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import itertools
 import logging
@@ -39,33 +42,74 @@ from sipis.sip.transaction import (
     PassResponse,
     ServerInviteTransaction,
     ServerNonInviteTransaction,
+    State,
     Terminate,
     TimerSettings,
     Transaction,
     TransactionFailed,
     TransactionTable,
     Transmit,
+    client_key,
 )
 from sipis.sip.transport import Flow, ListenSpec, TlsSettings, TransportError, TransportLayer
 
 log = logging.getLogger(__name__)
 
-ClientTransaction = ClientNonInviteTransaction | ClientInviteTransaction
 ServerTransaction = ServerInviteTransaction | ServerNonInviteTransaction
 RequestHandler = Callable[["IncomingRequest"], None]
 ProvisionalHandler = Callable[[Response], None]
 
 
-@dataclass(eq=False)
-class _ClientContext:
-    """What the endpoint keeps for a client transaction. Once the TU has its final response,
-    only the flow is still needed (an INVITE's ACK may have to be re-sent): the future and the
-    callback are dropped then, so a transaction lingering for its timers does not keep them (and
-    through the future the response) alive."""
+class ResponseCallback:
+    """Receives the outcome of a client transaction started with :meth:`SipEndpoint.send_request`,
+    for transaction users that drive several transactions from callbacks instead of awaiting each
+    one (a REGISTER answering its 401, for one). Exactly one of the three is called, once, from
+    the event loop and never from within ``send_request`` itself."""
+
+    __slots__ = ()
+
+    def __call__(self, response: Response) -> None:
+        """The final response: received, or a local 408 (timeout) / 503 (transport failure)."""
+        raise NotImplementedError
+
+    def error(self, exc: TransportError) -> None:
+        """The transaction ended without a final response (``request`` raises ``exc``)."""
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        """The endpoint closed first (``request`` is cancelled)."""
+        raise NotImplementedError
+
+
+Waiter = asyncio.Future[Response] | ResponseCallback
+
+
+# What the endpoint keeps for a client transaction rides on the transaction itself: the flow,
+# who waits for the final response (the future ``request`` awaits, or a ResponseCallback) and the
+# provisional-response callback. Once the TU has its final response, only the flow is still
+# needed (an INVITE's ACK may have to be re-sent): the waiter and the callback are dropped then,
+# so a transaction lingering for its timers does not keep them (and what they hold) alive.
+
+
+class _ClientNonInvite(ClientNonInviteTransaction):
+    __slots__ = ("flow", "on_provisional", "waiter")
 
     flow: Flow
-    future: asyncio.Future[Response] | None
+    waiter: Waiter | None
     on_provisional: ProvisionalHandler | None
+
+
+class _ClientInvite(ClientInviteTransaction):
+    __slots__ = ("flow", "on_provisional", "waiter")
+
+    flow: Flow
+    waiter: Waiter | None
+    on_provisional: ProvisionalHandler | None
+
+
+ClientTransaction = _ClientNonInvite | _ClientInvite
+_COMPLETED = State.COMPLETED
+_TERMINATED = State.TERMINATED
 
 
 class IncomingRequest:
@@ -140,12 +184,18 @@ class SipEndpoint:
         self.flow_closed_listeners: list[Callable[[Flow, str], None]] = []
         #: see every message received ("in") or sent ("out"), e.g. the trace recorder; must not block
         self.observers: list[Callable[[str, Message, Flow], None]] = []
-        self._clients: dict[int, _ClientContext] = {}
         self._servers: dict[int, IncomingRequest] = {}
+        #: non-INVITE client transactions in Completed on an unreliable flow, by key -> the end of
+        #: their Timer K. All such a transaction still does is absorb retransmissions of its final
+        #: response, so it is dropped and only its key kept (see _retire). Timer K is T4 for every
+        #: one of them, so insertion order is expiry order.
+        self._completed: dict[ClientKey, float] = {}
+        self._completed_order: collections.deque[tuple[float, ClientKey]] = collections.deque()
         self._heap: list[tuple[float, int, Transaction]] = []
         self._seq = itertools.count()
         self._scheduled: dict[int, float] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when self._timer fires
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -158,13 +208,18 @@ class SipEndpoint:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for ctx in self._clients.values():
-            if ctx.future is not None and not ctx.future.done():
-                ctx.future.cancel()
+        for tx in self.table:
+            if isinstance(tx, _ClientNonInvite | _ClientInvite):
+                waiter, tx.waiter, tx.on_provisional = tx.waiter, None, None
+                if isinstance(waiter, ResponseCallback):
+                    _call(waiter.cancel)
+                elif waiter is not None and not waiter.done():
+                    waiter.cancel()
         # Drop every transaction now: the endpoint and its transport refer to each other, so
         # whatever it still holds would otherwise wait for the cyclic garbage collector.
-        self._clients.clear()
         self._servers.clear()
+        self._completed.clear()
+        self._completed_order.clear()
         self._heap.clear()
         self._scheduled.clear()
         self.table = TransactionTable()
@@ -177,23 +232,31 @@ class SipEndpoint:
         return self._loop
 
     def now(self) -> float:
-        return self.loop.time()
+        return (self._loop or self.loop).time()
 
     # ------------------------------------------------------------------ client side
 
     def add_via(self, request: Request, flow: Flow) -> str:
         """Put our Via (new branch, ``rport``) on top; returns the branch."""
-        branch = new_branch()
-        host, port = flow.local
-        host = f"[{host}]" if ":" in host else host
+        branch, via = self.new_via(flow)
         headers = request.headers
-        # str(Via(transport, host, port, {"rport": None, "branch": branch})), written directly
-        headers.prepend("Via", f"SIP/2.0/{flow.via_transport} {host}:{port};rport;branch={branch}")
+        headers.prepend("Via", via)
         if "Max-Forwards" not in headers:
             headers.add("Max-Forwards", "70")
         if "User-Agent" not in headers and self.user_agent:
             headers.add("User-Agent", self.user_agent)
         return branch
+
+    def new_via(self, flow: Flow) -> tuple[str, str]:
+        """(branch, Via value) of our Via for a new request on ``flow``, as :meth:`add_via` puts
+        it on, for callers that build the request's headers in one go: such a request must also
+        get ``Max-Forwards: 70`` and our ``User-Agent`` (unless it has its own) like add_via adds."""
+        branch = new_branch()
+        host, port = flow.local
+        if ":" in host:
+            host = f"[{host}]"
+        # str(Via(transport, host, port, {"rport": None, "branch": branch})), written directly
+        return branch, f"SIP/2.0/{flow.transport.upper()} {host}:{port};rport;branch={branch}"
 
     async def request(self, request: Request, flow: Flow, *,
                       on_provisional: ProvisionalHandler | None = None,
@@ -203,22 +266,31 @@ class SipEndpoint:
         ``branch`` is what :meth:`add_via` returned for this request: passing it spares reading
         the Via back. Without it the branch is taken from the request.
         """
-        self.loop  # noqa: B018 - binds the loop
-        key = ClientKey(branch, request.cseq[1]) if branch else None
-        tx: ClientTransaction
-        if request.method == "INVITE":
-            tx = ClientInviteTransaction(request, reliable=flow.reliable, timers=self.timers, key=key)
-        else:
-            tx = ClientNonInviteTransaction(request, reliable=flow.reliable, timers=self.timers, key=key)
-        future: asyncio.Future[Response] = self.loop.create_future()
-        self._clients[id(tx)] = _ClientContext(flow, future, on_provisional)
-        self.table.add(tx)
-        self._run(tx, tx.start(self.now()))
+        future: asyncio.Future[Response] = (self._loop or self.loop).create_future()
+        self.send_request(request, flow, future, on_provisional=on_provisional, branch=branch)
         try:
             return await future
         finally:
             if not future.done():
                 future.cancel()
+
+    def send_request(self, request: Request, flow: Flow, waiter: Waiter, *,
+                     on_provisional: ProvisionalHandler | None = None,
+                     branch: str | None = None) -> None:
+        """Start a client transaction on ``flow`` whose final response goes to ``waiter``: a
+        future (what :meth:`request` awaits) or a :class:`ResponseCallback`."""
+        loop = self._loop or self.loop
+        # ClientKey(branch, CSeq method), made as the tuple it is (its __new__ is Python code)
+        key = tuple.__new__(ClientKey, (branch, request.cseq[1])) if branch else None
+        reliable = flow.transport != "udp"  # flow.reliable
+        tx: ClientTransaction
+        if request.method == "INVITE":
+            tx = _ClientInvite(request, reliable=reliable, timers=self.timers, key=key)
+        else:
+            tx = _ClientNonInvite(request, reliable=reliable, timers=self.timers, key=key)
+        tx.flow, tx.waiter, tx.on_provisional = flow, waiter, on_provisional
+        self.table.add(tx)
+        self._run(tx, tx.start(loop.time()))
 
     # ------------------------------------------------------------------ server side
 
@@ -241,11 +313,20 @@ class SipEndpoint:
         if isinstance(message, Response):
             tx = self.table.match_response(message)
             if tx is None:
-                log.debug("stray response %s from %s", message, flow)
+                if not (self._completed and self._absorbed(message)):
+                    log.debug("stray response %s from %s", message, flow)
                 return
             self._run(tx, tx.on_response(message, self.now()))
             return
         self._on_request(message, flow)
+
+    def _absorbed(self, response: Response) -> bool:
+        """Whether ``response`` is for a transaction in Completed: a retransmission it absorbs."""
+        try:
+            deadline = self._completed.get(client_key(response))
+        except ValueError:
+            return False
+        return deadline is not None and deadline > self.now()
 
     def _on_request(self, request: Request, flow: Flow) -> None:
         existing = self.table.match_request(request)
@@ -312,8 +393,7 @@ class SipEndpoint:
     def _on_flow_closed(self, flow: Flow, reason: str) -> None:
         if flow.reliable:  # no response can arrive on a closed connection any more: 503 at once
             for tx in list(self.table):
-                ctx = self._clients.get(id(tx))
-                if ctx is not None and ctx.flow is flow:
+                if isinstance(tx, _ClientNonInvite | _ClientInvite) and tx.flow is flow:
                     self._run(tx, tx.on_transport_error(self.now()))
         for listener in list(self.flow_closed_listeners):
             try:
@@ -325,21 +405,25 @@ class SipEndpoint:
 
     def _run(self, tx: Transaction, actions: list[Action]) -> None:
         for action in actions:
-            if isinstance(action, Transmit):
+            if type(action) is Transmit:
                 self._transmit(tx, action.message)
-            elif isinstance(action, PassResponse):
+            elif type(action) is PassResponse:
                 self._pass_response(tx, action.response)
+            elif type(action) is Terminate:
+                self._terminate(tx)
             elif isinstance(action, TransactionFailed):
                 if action.response is not None:  # client side: a local 408/503 is the final answer
                     self._pass_response(tx, action.response)
                 else:
                     log.info("server transaction %s failed: %d %s", tx, action.status, action.reason)
-            elif isinstance(action, Terminate):
-                self._terminate(tx)
-        self._schedule(tx)
+        state = tx.state
+        if state is _COMPLETED and type(tx) is _ClientNonInvite:
+            self._retire(tx)
+        elif state is not _TERMINATED:  # a terminated one is forgotten already (_terminate)
+            self._schedule(tx)
 
     def _transmit(self, tx: Transaction, message: Message) -> None:
-        flow = self._flow_of(tx)
+        flow = tx.flow if type(tx) is _ClientNonInvite else self._flow_of(tx)
         try:
             if flow is None:
                 raise TransportError("transaction has no flow")
@@ -352,34 +436,67 @@ class SipEndpoint:
             self.loop.call_soon(lambda: self._run(tx, tx.on_transport_error(self.now())))
 
     def _flow_of(self, tx: Transaction) -> Flow | None:
-        client = self._clients.get(id(tx))
-        if client is not None:
-            return client.flow
+        if isinstance(tx, _ClientNonInvite | _ClientInvite):
+            return tx.flow
         server = self._servers.get(id(tx))
         return server.flow if server is not None else None
 
     def _pass_response(self, tx: Transaction, response: Response) -> None:
-        ctx = self._clients.get(id(tx))
-        if ctx is None or ctx.future is None:
-            return  # unknown, or the TU has its final response already
+        if type(tx) is not _ClientNonInvite and not isinstance(tx, _ClientInvite):
+            return
+        waiter = tx.waiter
+        if waiter is None:
+            return  # the TU has its final response already
         if response.status < 200:
-            if ctx.on_provisional is not None:
+            if tx.on_provisional is not None:
                 try:
-                    ctx.on_provisional(response)
+                    tx.on_provisional(response)
                 except Exception:
                     log.exception("provisional-response callback failed")
             return
-        if not ctx.future.done():
-            ctx.future.set_result(response)
-        ctx.future = ctx.on_provisional = None
+        tx.waiter = tx.on_provisional = None
+        if isinstance(waiter, ResponseCallback):
+            _call(waiter, response)  # may start the TU's next transaction right away
+        elif not waiter.done():
+            waiter.set_result(response)
 
     def _terminate(self, tx: Transaction) -> None:
         self.table.remove(tx)
         self._scheduled.pop(id(tx), None)
-        ctx = self._clients.pop(id(tx), None)
-        if ctx is not None and ctx.future is not None and not ctx.future.done():
-            ctx.future.set_exception(TransportError("transaction ended without a final response"))
-        self._servers.pop(id(tx), None)
+        if isinstance(tx, _ClientNonInvite | _ClientInvite):
+            waiter, tx.waiter, tx.on_provisional = tx.waiter, None, None
+            error = TransportError("transaction ended without a final response")
+            if isinstance(waiter, ResponseCallback):
+                _call(waiter.error, error)
+            elif waiter is not None and not waiter.done():
+                waiter.set_exception(error)
+        else:
+            self._servers.pop(id(tx), None)
+
+    def _retire(self, tx: _ClientNonInvite) -> None:
+        """A non-INVITE client transaction entered Completed (Timer K, unreliable flow): keep only
+        its key until Timer K would fire, to absorb retransmissions of the final response as the
+        transaction would (§17.1.2.2), instead of the transaction and its request."""
+        deadline = tx.next_deadline
+        self.table.remove(tx)
+        self._scheduled.pop(id(tx), None)
+        tx.waiter = tx.on_provisional = None
+        if deadline is None:
+            return
+        self._completed[tx.key] = deadline
+        order = self._completed_order
+        order.append((deadline, tx.key))
+        if order[0][0] <= deadline - self.timers.t4:  # Timer K of the oldest is over: expire
+            self._expire_completed(self.now())
+        if self._timer is None or deadline < self._timer_at:  # wake up to forget it in time
+            self._arm_at(deadline)
+
+    def _expire_completed(self, now: float) -> None:
+        order, completed = self._completed_order, self._completed
+        while order and order[0][0] <= now:
+            deadline, key = order.popleft()
+            if completed.get(key) == deadline:
+                del completed[key]
 
     # The deadline heap is lazily invalidated: an entry counts only while ``_scheduled`` holds its
     # deadline for its transaction. Stale entries (re-armed or ended transactions) are skipped when
@@ -388,35 +505,51 @@ class SipEndpoint:
 
     def _schedule(self, tx: Transaction) -> None:
         deadline = tx.next_deadline
+        key = id(tx)
         if deadline is None:
-            self._scheduled.pop(id(tx), None)
+            self._scheduled.pop(key, None)
             return
-        if self._scheduled.get(id(tx)) == deadline:
+        if self._scheduled.get(key) == deadline:
             return
-        self._scheduled[id(tx)] = deadline
+        self._scheduled[key] = deadline
         heapq.heappush(self._heap, (deadline, next(self._seq), tx))
         if len(self._heap) > 2 * len(self._scheduled) + 64:
             self._drop_stale()
-        if self._timer is None or deadline < self._timer.when():
+        if self._timer is None or deadline < self._timer_at:
             self._arm()
 
     def _is_live(self, entry: tuple[float, int, Transaction]) -> bool:
         return self._scheduled.get(id(entry[2])) == entry[0]
 
     def _drop_stale(self) -> None:
-        self._heap = [entry for entry in self._heap if self._is_live(entry)]
+        scheduled = self._scheduled  # _is_live, inlined: this runs over the whole heap
+        self._heap = [entry for entry in self._heap if scheduled.get(id(entry[2])) == entry[0]]
         heapq.heapify(self._heap)
 
     def _arm(self) -> None:
-        """Set the loop timer to the earliest live deadline (one TimerHandle at a time)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """Set the loop timer to the earliest live deadline, or to the end of the oldest Timer K
+        kept in ``_completed`` (one TimerHandle at a time)."""
         heap = self._heap
         while heap and not self._is_live(heap[0]):
             heapq.heappop(heap)
-        if heap:
-            self._timer = self.loop.call_at(heap[0][0], self._fire)
+        when = heap[0][0] if heap else None
+        if self._completed_order:
+            oldest = self._completed_order[0][0]
+            when = oldest if when is None or oldest < when else when
+        if when is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            return
+        self._arm_at(when)
+
+    def _arm_at(self, when: float) -> None:
+        if self._timer is not None:
+            if self._timer_at == when:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
@@ -429,8 +562,20 @@ class SipEndpoint:
             del self._scheduled[id(tx)]
             if tx.next_deadline is not None and tx.next_deadline <= now and self.table.contains(tx):
                 self._run(tx, tx.on_timer(now))
+        self._expire_completed(now)
         self._arm()
 
     @property
     def pending_transactions(self) -> int:
-        return len(self._clients) + len(self._servers)
+        """Transactions not yet terminated, those in Completed for Timer K included."""
+        if self._completed:
+            self._expire_completed(self.now())
+        return len(self.table) + len(self._completed)
+
+
+def _call(callback: Callable[..., None], *args: object) -> None:
+    """Run a transaction user's callback; what it raises is logged, never the endpoint's problem."""
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("response callback %r failed", callback)

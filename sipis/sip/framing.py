@@ -129,6 +129,10 @@ class StreamFramer:
         """Consume keep-alives and stray line ends; True when a message starts at ``_start``."""
         buf, size = self._buf, len(self._buf)
         i = self._start
+        if i < size and buf[i] != _CR and buf[i] != _LF:  # the usual case: a message, right here
+            if self._searched < i:
+                self._searched = i
+            return True
         ready = False
         while i < size:
             left = size - i
@@ -194,6 +198,22 @@ def _content_length(head: bytes) -> int:
     Lines are cut on LF like the parser does, names compare case-insensitively, ``l`` is the
     compact form and folded values are joined, so framer and parser agree on the length.
     """
+    # The usual block: one "Content-Length:" line, no compact form, nothing folded. Found by
+    # searching the lower-cased block instead of reading every line (_content_length_by_line).
+    lower = head.lower()
+    at = lower.find(b"\ncontent-length")
+    if at >= 0 and lower.find(b"\ncontent-length", at + 1) < 0 and b"\nl" not in lower \
+            and b"\n " not in head and b"\n\t" not in head:
+        end = head.find(b"\n", at + 1)
+        line = head[at + 1:end if end >= 0 else len(head)].removesuffix(b"\r")
+        name, colon, value = line.partition(b":")
+        if colon and name.strip(b" \t").lower() == b"content-length":
+            return _parse_length(value.strip(b" \t"))
+    return _content_length_by_line(head)
+
+
+def _content_length_by_line(head: bytes) -> int:
+    """_content_length, reading every line."""
     values: list[list[bytes]] = []
     in_length = False  # is the current field a Content-Length (for its folded lines)?
     for line in head.split(b"\n")[1:]:

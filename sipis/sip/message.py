@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import os
 import re
-import secrets
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -161,6 +161,8 @@ def _known_spellings() -> dict[str, str]:
 _SPELLINGS = _known_spellings()
 #: The same spellings -> the key headers are compared by (the lower-cased canonical name).
 _KEYS = {spelling: name.lower() for spelling, name in _SPELLINGS.items()}
+#: The same spellings -> (canonical name, key), for the parser's one lookup per field.
+_FIELD_NAMES = {spelling: (name, name.lower()) for spelling, name in _SPELLINGS.items()}
 
 
 def header_key(name: str) -> str:
@@ -316,17 +318,53 @@ def format_params(params: dict[str, str | None]) -> str:
     return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
 
 
+_RANDOM_CHUNK = 16  # bytes handed out at a time (the longest token asks for 16)
+_RANDOM_READ = 4096  # bytes read from the OS at a time
+_random_chunks: Iterator[bytes] = iter(())
+
+
+def _random_chunk() -> bytes:
+    """16 bytes from ``os.urandom``, read 4 KiB at a time and handed out in slices: every branch,
+    tag, Call-ID and cnonce is as random as ``secrets.token_hex`` makes it, for one system call
+    per 256 of them instead of one each. ``next`` on the shared iterator is atomic, so threads
+    never get the same slice; a forked child starts afresh (it must not reuse its parent's)."""
+    global _random_chunks
+    chunk = next(_random_chunks, None)
+    if chunk is None:
+        data = os.urandom(_RANDOM_READ)
+        chunks = [data[i:i + _RANDOM_CHUNK] for i in range(0, _RANDOM_READ, _RANDOM_CHUNK)]
+        chunk = chunks.pop()
+        _random_chunks = iter(chunks)
+    return chunk
+
+
+def _forget_random_chunks() -> None:
+    global _random_chunks
+    _random_chunks = iter(())
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_random_chunks)
+
+
+def random_hex(nbytes: int) -> str:
+    """``secrets.token_hex(nbytes)`` (``nbytes`` random bytes from the OS as hex), pooled."""
+    if nbytes > _RANDOM_CHUNK:
+        return os.urandom(nbytes).hex()
+    return _random_chunk()[:nbytes].hex()
+
+
 def new_branch() -> str:
     """A fresh RFC 3261 magic-cookie branch."""
-    return "z9hG4bK" + secrets.token_hex(10)
+    return "z9hG4bK" + _random_chunk()[:10].hex()
 
 
 def new_tag() -> str:
-    return secrets.token_hex(6)
+    return _random_chunk()[:6].hex()
 
 
 def new_call_id() -> str:
-    return secrets.token_hex(16)
+    return _random_chunk().hex()
 
 
 # --------------------------------------------------------------------------- URIs and addresses
@@ -337,7 +375,7 @@ def _check_uri_chars(rest: str, text: str) -> None:
         raise SipParseError(f"bad characters in URI {text[:80]!r}")
 
 
-@dataclass
+@dataclass(slots=True)
 class SipURI:
     """A ``sip:``/``sips:`` URI (RFC 3261 §19.1). ``host`` keeps IPv6 brackets.
 
@@ -371,6 +409,12 @@ class SipURI:
             if not user:
                 raise SipParseError(f"empty user part in URI: {text[:80]!r}")
             rest = hostpart
+        if "?" not in rest and ";" not in rest and "[" not in rest and " " not in rest:
+            # the usual host[:port] alone: _split_hostport without its IPv6 and spacing cases
+            host, colon, port_text = rest.partition(":")
+            if _HOST.fullmatch(host) is not None and (
+                    not colon or (_is_digits(port_text, 5) and 0 < int(port_text) < 65536)):
+                return cls(host, user, password, int(port_text) if colon else None, scheme, {}, "")
         rest, _, uri_headers = rest.partition("?")
         hostport, *param_parts = rest.split(";")
         host, port = _split_hostport(hostport)
@@ -444,7 +488,7 @@ def _split_hostport(text: str) -> tuple[str, int | None]:
     return host, int(port_text)
 
 
-@dataclass
+@dataclass(slots=True)
 class NameAddr:
     """A From/To/Contact/Route value: optional display name, URI, header parameters (tag, expires...).
 
@@ -531,7 +575,7 @@ def _find_unquoted(text: str, needle: str) -> int:
     return -1
 
 
-@dataclass
+@dataclass(slots=True)
 class Via:
     """One Via value (RFC 3261 §20.42): ``SIP/2.0/TCP host:port;branch=...;rport``."""
 
@@ -543,6 +587,9 @@ class Via:
     @classmethod
     def parse(cls, text: str) -> Via:
         stripped = text.strip()
+        quick = _quick_via(stripped)
+        if quick is not None:
+            return quick
         plain = _PLAIN_VIA.fullmatch(stripped)
         if plain is not None and (plain[3] is None or 0 < int(plain[3]) < 65536):
             transport, host, port, params = plain.group(1, 2, 3, 4)
@@ -571,6 +618,83 @@ class Via:
         return f"SIP/2.0/{self.transport} {self.sent_by}{format_params(self.params)}"
 
 
+_VIA_TRANSPORTS = {name: name.upper() for upper in ("UDP", "TCP", "TLS", "SCTP", "WS", "WSS")
+                   for name in (upper, upper.lower())}
+# The Via most peers write, "SIP/2.0/UDP host:port;branch=..;rport=..", in one tight match: a
+# transport, a host name or IPv4 address, a port, and parameters of token characters, "=" and ";"
+# only (whether they make well-formed parameters is checked apart, far faster than a regex can).
+_QUICK_VIA = re.compile(r"SIP/2\.0/([A-Za-z]+) ([A-Za-z0-9\-._]+)(?::([0-9]{1,5}))?"
+                        r"(;[;=A-Za-z0-9\-.!%*_+`'~]*)?")
+_QUICK_VIA_PARAM = re.compile(r";([^;=]+)=?([^;]*)")
+
+
+class _NotQuick:
+    pass
+
+
+_NOT_QUICK = _NotQuick()
+
+
+def _quick_via_match(text: str) -> tuple[str, str, int | None, str | None] | None:
+    """(transport, host, port, parameter text) of a Via _QUICK_VIA matches and Via.parse would
+    read alike, or None (then only Via.parse can tell)."""
+    match = _QUICK_VIA.fullmatch(text)
+    if match is None:
+        return None
+    transport_text, host, port_text, rest = match.groups()
+    transport = _VIA_TRANSPORTS.get(transport_text)
+    if transport is None:
+        return None
+    port = None
+    if port_text is not None:
+        port = int(port_text)
+        if not 0 < port < 65536:
+            return None
+    # every parameter a name, maybe "=" and a value (no empty name or value, nothing empty)
+    if rest and (";;" in rest or ";=" in rest or "=;" in rest or rest[-1] in ";="):
+        return None
+    return transport, host, port, rest
+
+
+def _quick_branch(text: str) -> str | _NotQuick | None:
+    """``Via.parse(text).branch`` for a Via that _quick_via_match reads (so it parses), without
+    the Via: None when it has no branch; _NOT_QUICK for any other Via (or two branch-like names)."""
+    parts = _quick_via_match(text)
+    if parts is None:
+        return _NOT_QUICK
+    rest = parts[3]
+    if not rest:
+        return None
+    lowered = rest.lower()
+    at = lowered.find(";branch")
+    if at < 0:
+        return None
+    if lowered.find(";branch", at + 1) >= 0:
+        return _NOT_QUICK  # which one wins is the parser's business
+    end = rest.find(";", at + 1)
+    name, eq, value = rest[at + 1:end if end >= 0 else len(rest)].partition("=")
+    if name.lower() != "branch":
+        return None  # "branchx" or the like: no branch parameter at all
+    return value if eq else None
+
+
+def _quick_via(text: str) -> Via | None:
+    """The usual Via (see _QUICK_VIA) without the general parser; None for anything else, which
+    Via.parse then reads the general way (to the same result)."""
+    parts = _quick_via_match(text)
+    if parts is None:
+        return None
+    transport, host, port, rest = parts
+    if not rest:
+        return Via(transport, host, port, {})
+    pairs = _QUICK_VIA_PARAM.findall(rest)
+    params: dict[str, str | None] = dict(pairs)
+    if len(params) != len(pairs) or "" in params.values() or not "".join(params).islower():
+        # repeated or flag parameters, upper case names: the dictionary the general way
+        params = {name.lower(): value or None for name, value in pairs}
+    return Via(transport, host, port, params)
+
+
 # --------------------------------------------------------------------------- headers
 
 
@@ -585,20 +709,45 @@ class Headers:
     collections run over every live message, and many live on in transactions awaiting timers.
     """
 
-    __slots__ = ("_index", "_names", "_values")
+    __slots__ = ("_index", "_names", "_values", "_version")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._names: list[str] = []
         self._values: list[str] = []
         #: key -> its value, or a tuple of its values when there are several
         self._index: dict[str, str | tuple[str, ...]] = {}
+        #: counts changes made through add/prepend/remove (see Request.to_bytes)
+        self._version = 0
         for name, value in items:
             self.add(name, value)
+
+    @classmethod
+    def from_canonical(cls, names: list[str], keys: list[str], values: list[str]) -> Headers:
+        """Headers with these fields, for callers that build many at once from names they know:
+        ``names`` in their canonical spelling, ``keys`` their :func:`header_key` (the caller's
+        promise; no Content-Length among them). Values are checked like :meth:`add` does, in one
+        pass over all of them; ValueError names the first bad one."""
+        joined = "".join(values)
+        if "\r" in joined or "\n" in joined or "\x00" in joined:
+            for name, value in zip(names, values, strict=True):
+                _checked_field(name, value)  # raises for the first bad value
+        headers = cls.__new__(cls)  # its fields are set right here
+        headers._names = names
+        headers._values = values
+        headers._version = 0
+        index: dict[str, str | tuple[str, ...]] = dict(zip(keys, values, strict=True))
+        if len(index) != len(keys):  # a name more than once: tuples of its values
+            index = {}
+            for key, value in zip(keys, values, strict=True):
+                _index_add(index, key, value)
+        headers._index = index
+        return headers
 
     def add(self, name: str, value: str) -> None:
         """Append a field. Raises ValueError for a non-token name or a value with CR, LF or NUL,
         which would split the serialised message (header injection)."""
         name, key, value = _checked_field(name, value)
+        self._version += 1
         if key != "content-length":  # always derived from the body
             self._names.append(name)
             self._values.append(value)
@@ -607,6 +756,7 @@ class Headers:
     def prepend(self, name: str, value: str) -> None:
         """Insert a field before all others (a new top Via), checked like :meth:`add`."""
         name, key, value = _checked_field(name, value)
+        self._version += 1
         if key == "content-length":
             return
         self._names.insert(0, name)
@@ -620,6 +770,7 @@ class Headers:
 
     def remove(self, name: str) -> None:
         key = header_key(name)
+        self._version += 1
         if key not in self._index:
             return
         kept = [(n, v) for n, v in zip(self._names, self._values, strict=True) if header_key(n) != key]
@@ -673,7 +824,9 @@ class Headers:
 
     def _serialised(self) -> str:
         """Every field as ``Name: value`` + CRLF, in order."""
-        return "".join([f"{name}: {value}{CRLF}" for name, value in zip(self._names, self._values, strict=True)])
+        if not self._names:
+            return ""
+        return CRLF.join(map(": ".join, zip(self._names, self._values, strict=True))) + CRLF
 
     def copy(self) -> Headers:
         clone = Headers()
@@ -717,17 +870,24 @@ class _Message:
     """What requests and responses share: headers, body and accessors for the core headers.
 
     The top Via and the CSeq are read by validation, transaction matching and the layers above,
-    so their parsed forms are kept together with the text they were parsed from: a cached value
-    is used only while the header still holds that very text, so changing or replacing
-    ``headers`` needs no invalidation.
+    so their parsed forms are kept together with the header's stored value they were parsed
+    from (the string, or the tuple of strings of a repeated header, in the headers' index): a
+    cached value is used only while the header still holds that very object, so changing or
+    replacing ``headers`` needs no invalidation. (The cache keeps the object alive, so no other
+    can take its identity; strings and tuples are immutable, so the same object is the same text.)
     """
+
+    __slots__ = ("__weakref__", "_branch_cache", "_cseq_cache", "_top_via", "_top_via_raw", "_wire",
+                 "body", "headers")
 
     def __init__(self, headers: Headers, body: bytes) -> None:
         self.headers = headers
         self.body = body
-        self._top_via_text: str | None = None  # what _top_via was parsed from
+        self._wire: tuple[Headers, int, object, object, bytes, bytes] | None = None  # Request.to_bytes
+        self._top_via_raw: str | tuple[str, ...] | None = None  # what _top_via was parsed from
         self._top_via: Via | None = None
-        self._cseq_cache: tuple[str | None, tuple[int, str]] | None = None
+        self._branch_cache: tuple[str | tuple[str, ...], str | None] | None = None
+        self._cseq_cache: tuple[str | tuple[str, ...], tuple[int, str]] | None = None
 
     @property
     def call_id(self) -> str:
@@ -736,13 +896,21 @@ class _Message:
     @property
     def cseq(self) -> tuple[int, str]:
         """(number, method) from CSeq; raises SipParseError when absent or malformed."""
-        value = self.headers.get("CSeq")
+        raw = self.headers._index.get("cseq")
         cached = self._cseq_cache
-        if cached is not None and cached[0] == value:
+        if cached is not None and cached[0] is raw:
             return cached[1]
-        cseq = parse_cseq(value)
-        self._cseq_cache = (value, cseq)
+        if raw is None:
+            raise SipParseError("missing CSeq")
+        cseq = parse_cseq(raw if isinstance(raw, str) else raw[0])
+        self._cseq_cache = (raw, cseq)
         return cseq
+
+    def _known_cseq(self, number: int, method: str) -> None:
+        """Tell the message what its CSeq header reads (its builder wrote it), sparing the parse."""
+        raw = self.headers._index.get("cseq")
+        if raw is not None:
+            self._cseq_cache = (raw, (number, method))
 
     @property
     def vias(self) -> list[Via]:
@@ -756,18 +924,43 @@ class _Message:
 
     def shared_top_via(self) -> Via:
         """The top Via, parsed once per value and shared by every caller: treat it as read-only."""
+        raw = self.headers._index.get("via")
+        if raw is not None and raw is self._top_via_raw and self._top_via is not None:
+            return self._top_via
         first = self.headers.get("Via")
         if first is None:
             raise SipParseError("missing Via")
-        if self._top_via is not None and self._top_via_text == first:
-            return self._top_via
         via = Via.parse(first)
-        self._top_via_text, self._top_via = first, via
+        self._top_via_raw, self._top_via = raw, via
         return via
 
     @property
     def branch(self) -> str | None:
-        return self.shared_top_via().branch
+        """The top Via's branch parameter (read without building the Via where it can be)."""
+        raw = self.headers._index.get("via")
+        cached = self._branch_cache
+        if cached is not None and cached[0] is raw:
+            return cached[1]
+        branch = self.shared_top_via().branch
+        if raw is not None:
+            self._branch_cache = (raw, branch)
+        return branch
+
+    def _check_top_via(self) -> None:
+        """Raise SipParseError unless the top Via parses: the usual one is only checked (and its
+        branch kept), for a message whose Via may never be needed as a whole (a response)."""
+        raw = self.headers._index.get("via")
+        if type(raw) is str and "," not in raw:
+            first: str | None = raw  # one Via value: it is the top one (what get("Via") returns)
+        else:
+            first = self.headers.get("Via")
+        if raw is None or first is None:
+            raise SipParseError("missing Via")
+        branch = _quick_branch(first.strip())
+        if branch is _NOT_QUICK:
+            self.shared_top_via()
+        else:
+            self._branch_cache = (raw, branch)  # type: ignore[assignment]  # str | None here
 
     @property
     def from_(self) -> NameAddr:
@@ -785,9 +978,12 @@ class _Message:
         raise NotImplementedError
 
     def to_bytes(self) -> bytes:
-        text = (f"{self.start_line()}{CRLF}{self.headers._serialised()}"
-                f"Content-Length: {len(self.body)}{CRLF}{CRLF}")
-        return text.encode("utf-8", "surrogateescape") + self.body
+        headers, body = self.headers, self.body
+        fields = CRLF.join(map(": ".join, zip(headers._names, headers._values, strict=True)))
+        # start line, every field as "Name: value", the real Content-Length, the empty line
+        text = (f"{self.start_line()}{CRLF}{fields}{CRLF if fields else ''}"
+                f"Content-Length: {len(body)}{CRLF}{CRLF}")
+        return text.encode("utf-8", "surrogateescape") + body
 
 
 def _required_address(headers: Headers, name: str) -> NameAddr:
@@ -797,12 +993,19 @@ def _required_address(headers: Headers, name: str) -> NameAddr:
     return NameAddr.parse(value)
 
 
+_METHODS = frozenset({"REGISTER", "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "MESSAGE", "INFO",
+                      "NOTIFY", "SUBSCRIBE", "PUBLISH", "REFER", "UPDATE", "PRACK"})
+
+
 def parse_cseq(value: str | None) -> tuple[int, str]:
     """(number, method) from a CSeq value. The method keeps its case: SIP methods are
     case-sensitive (RFC 3261 §7.1), so ``invite`` is not ``INVITE``."""
     if value is None:
         raise SipParseError("missing CSeq")
     parts = value.split()
+    if len(parts) == 2 and parts[1] in _METHODS and parts[0].isdigit() and parts[0].isascii() \
+            and len(parts[0]) <= 20:
+        return int(parts[0]), parts[1]  # the usual case, checked as below without the regex
     # Numbers of 2**31 and more are wrong too (RFC 3261 §8.1.1.5) but still readable, so the
     # request validation reports them and a 400 that echoes them can be parsed.
     if len(parts) != 2 or not _is_digits(parts[0], 20) or not is_token(parts[1]):
@@ -811,11 +1014,16 @@ def parse_cseq(value: str | None) -> tuple[int, str]:
 
 
 class Request(_Message):
+    __slots__ = ("method", "uri")
+
     def __init__(self, method: str, uri: str | SipURI, headers: Headers | None = None,
                  body: bytes = b"") -> None:
-        super().__init__(headers if headers is not None else Headers(), body)
+        # _Message.__init__, inlined (a message is made for every one sent or received)
+        self.headers = headers if headers is not None else Headers()
+        self.body = body
+        self._top_via_raw = self._top_via = self._cseq_cache = self._branch_cache = self._wire = None
         self.method = method.upper()
-        self.uri = str(uri)
+        self.uri = uri if type(uri) is str else str(uri)
 
     @property
     def request_uri(self) -> SipURI:
@@ -824,14 +1032,37 @@ class Request(_Message):
     def start_line(self) -> str:
         return f"{self.method} {self.uri} {SIP_VERSION}"
 
+    def _prepared(self, data: bytes) -> None:
+        """``data`` is what to_bytes() makes of the request as it is now: its builder wrote it
+        along with the fields. The next to_bytes() returns it if nothing changed in between (the
+        headers object and its changes, method, URI and body), and forgets it either way: it is
+        for sending the request once, not kept along with it."""
+        headers = self.headers
+        self._wire = (headers, headers._version, self.method, self.uri, self.body, data)
+
+    def to_bytes(self) -> bytes:
+        wire = self._wire
+        if wire is not None:
+            self._wire = None
+            headers = self.headers
+            if wire[0] is headers and wire[1] == headers._version and wire[2] is self.method \
+                    and wire[3] is self.uri and wire[4] is self.body:
+                return wire[5]
+        return super().to_bytes()
+
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.uri} call-id={self.call_id}>"
 
 
 class Response(_Message):
+    __slots__ = ("reason", "status")
+
     def __init__(self, status: int, reason: str | None = None, headers: Headers | None = None,
                  body: bytes = b"") -> None:
-        super().__init__(headers if headers is not None else Headers(), body)
+        # _Message.__init__, inlined (a message is made for every one sent or received)
+        self.headers = headers if headers is not None else Headers()
+        self.body = body
+        self._top_via_raw = self._top_via = self._cseq_cache = self._branch_cache = self._wire = None
         self.status = status
         self.reason = REASON_PHRASES.get(status, "Unknown") if reason is None else reason
 
@@ -886,6 +1117,7 @@ def _has_tag(to_value: str) -> bool:
 
 
 _REQUIRED_REQUEST_HEADERS = ("Via", "From", "To", "Call-ID", "CSeq")
+_REQUIRED_KEYS = tuple((name.lower(), name) for name in _REQUIRED_REQUEST_HEADERS)
 #: What a response is built from (make_response copies these): if one of them is damaged, a 400
 #: could go to the wrong place or carry garbage, so the request is not respondable.
 _RESPONSE_CRITICAL = frozenset({"via", "from", "to", "call-id", "cseq"})
@@ -913,23 +1145,23 @@ def _parse(data: bytes, limits: Limits, stream: bool) -> Message:
         raise SipParseError(f"message of {len(data)} bytes exceeds {limits.max_message_bytes}")
     head, body = _split_head(data.lstrip(b"\r\n"), limits)
     text = head.decode("utf-8", "surrogateescape").replace("\r\n", "\n")
-    start, *lines = text.split("\n")
+    newline = text.find("\n")
+    start = text if newline < 0 else text[:newline]
     problems: list[str] = []  # defects that still leave a request respondable
-    clean = _no_controls(head)
-    plain = _plain_fields(text, start, lines, limits) if clean else None
-    if plain is not None:
-        fields, damaged = plain, False
-    else:
-        fields, damaged = _read_fields(lines, limits, problems, clean)
-    headers, lengths = _store_fields(fields)
-    message = _parse_start_line(start.strip(" \t"), headers, problems)
-    message.body = _cut_body(body, lengths, stream, problems)
+    clean = _no_controls(head, text)
+    plain = _plain_headers(text, newline, limits) if clean else None
+    damaged = False
+    if plain is None:
+        fields, damaged = _read_fields(text.split("\n")[1:], limits, problems, clean)
+        plain = _store_fields(fields)
+    headers, lengths = plain
+    message = _parse_start_line(start.strip(" \t"), headers, problems, clean)
+    message.body = b"" if lengths == ["0"] else _cut_body(body, lengths, stream, problems)
+    _validate(message, problems)
     if isinstance(message, Response):
-        _validate(message, problems)
         if problems:
             raise SipParseError(problems[0])  # a broken response is dropped, never answered
         return message
-    _validate(message, problems)
     _validate_request(message, problems)
     if problems:
         raise SipParseError(problems[0], partial=None if damaged else _respondable(message))
@@ -952,12 +1184,13 @@ def _split_head(data: bytes, limits: Limits) -> tuple[bytes, bytes]:
     raise SipParseError("no end of headers")
 
 
-def _no_controls(head: bytes) -> bool:
+def _no_controls(head: bytes, text: str) -> bool:
     """Whether the header block has no control characters but its CRLF/LF line ends, as in most
-    messages: then no field needs a check of its own. Controls are ASCII, so bytes tell."""
-    if len(head.translate(None, _CONTROL_BYTES_BUT_CRLF)) != len(head):
-        return False
-    return head.count(b"\r") == head.count(b"\r\n")  # no CR outside a CRLF
+    messages: then no field needs a check of its own. Controls are ASCII, so bytes tell.
+
+    ``text`` is ``head`` decoded with its CRLFs made LFs: a CR left in it stood alone.
+    """
+    return len(head.translate(None, _CONTROL_BYTES_BUT_CRLF)) == len(head) and "\r" not in text
 
 
 def _find_blank_line(data: bytes, window: int) -> tuple[int, int] | None:
@@ -977,23 +1210,51 @@ def _find_blank_line(data: bytes, window: int) -> tuple[int, int] | None:
     return start, end
 
 
-# One "name: value" line as _read_fields reads it when nothing is wrong with it: a token name,
-# the value without the spaces and tabs around it.
-_PLAIN_FIELD = re.compile(r"^([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*:[ \t]*((?:.*[^ \t\n])?)[ \t]*$", re.MULTILINE)
+def _plain_headers(text: str, newline: int, limits: Limits) -> tuple[Headers, list[str]] | None:
+    """What _store_fields makes of the fields, read in one pass when every line is a plain
+    ``name: value`` (no folding, none malformed, not too many), as in nearly every message; None
+    sends the caller to _read_fields, which reads the same lines the same way when they are plain.
 
-
-def _plain_fields(text: str, start: str, lines: list[str], limits: Limits) -> list[tuple[str, str]] | None:
-    """The fields in one regex pass when every line is a plain ``name: value`` (no folding, none
-    malformed, not too many), as in nearly every message; None sends the caller to _read_fields.
-
-    ``text`` has no control characters. A match is one whole line and a line holds at most one,
-    so as many matches as non-empty lines means every line was plain.
+    ``text`` has no control characters and ``newline`` ends its start line (-1: there is no other
+    line). Only the last line can be empty (the header block ends at the first blank line).
     """
-    count = len(lines) - lines.count("")
-    if count > limits.max_headers:
+    headers = Headers()
+    lengths: list[str] = []
+    if newline < 0:
+        return headers, lengths
+    if text.count("\n") > limits.max_headers:
         return None
-    fields = _PLAIN_FIELD.findall(text, len(start) + 1)
-    return fields if len(fields) == count else None
+    names, values = headers._names, headers._values
+    index = headers._index
+    known = _FIELD_NAMES
+    for line in text[newline + 1:].split("\n"):
+        name, colon, value = line.partition(":")
+        found = known.get(name)
+        if found is None:
+            if not line:
+                continue
+            plain = _PLAIN_NAME.fullmatch(name) if colon else None
+            if plain is None:
+                return None  # a folded or malformed line
+            canonical = canonical_name(plain[1])
+            key = _KEYS.get(canonical) or canonical.lower()  # header_key(canonical), inlined
+        else:
+            canonical, key = found
+        value = value.strip(" \t")
+        if key == "content-length":
+            lengths.append(value)
+            continue
+        names.append(canonical)
+        values.append(value)
+        if key in index:
+            _index_add(index, key, value)
+        else:
+            index[key] = value
+    return headers, lengths
+
+
+# A header name as _read_fields takes it: a token, maybe followed by spaces and tabs.
+_PLAIN_NAME = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*")
 
 
 def _read_fields(lines: list[str], limits: Limits, problems: list[str],
@@ -1048,11 +1309,16 @@ def _store_fields(fields: list[tuple[str, str]]) -> tuple[Headers, list[str]]:
     and apart from them the Content-Length values. One tight loop: it runs for every field."""
     headers = Headers()
     names, values = headers._names, headers._values
-    index: dict[str, str | tuple[str, ...]] = {}
+    index = headers._index
     lengths: list[str] = []
+    known = _FIELD_NAMES
     for name, value in fields:
-        canonical = _SPELLINGS.get(name) or canonical_name(name)
-        key = _KEYS.get(canonical) or canonical.lower()  # header_key(canonical), inlined
+        found = known.get(name)
+        if found is None:
+            canonical = canonical_name(name)
+            key = _KEYS.get(canonical) or canonical.lower()  # header_key(canonical), inlined
+        else:
+            canonical, key = found
         if key == "content-length":
             lengths.append(value)
             continue
@@ -1062,7 +1328,6 @@ def _store_fields(fields: list[tuple[str, str]]) -> tuple[Headers, list[str]]:
             _index_add(index, key, value)
         else:
             index[key] = value
-    headers._index = index
     return headers, lengths
 
 
@@ -1071,14 +1336,24 @@ def _guess_name(line: str) -> str:
     return canonical_name(words[0]).lower() if words else ""
 
 
-def _parse_start_line(start: str, headers: Headers, problems: list[str]) -> Message:
-    """The message the start line announces; raises when it is not even a request line."""
+def _parse_start_line(start: str, headers: Headers, problems: list[str], clean: bool = False) -> Message:
+    """The message the start line announces; raises when it is not even a request line.
+
+    ``clean``: the header block has no control characters (then the reason phrase has none).
+    """
+    if start[:8] == "SIP/2.0 " and start[8:11].isdigit() and start[8] in "123456" and \
+            (len(start) == 11 or start[11] == " ") and start.isascii():
+        # the usual "SIP/2.0 200 OK": what _STATUS_LINE would match, without the regex
+        reason = start[12:].strip(" \t")
+        if not clean and _CONTROL.search(reason):
+            raise SipParseError(f"control character in reason phrase {reason[:80]!r}")
+        return Response(int(start[8:11]), reason, headers)
     if start[:4].upper() == "SIP/":
         match = _STATUS_LINE.fullmatch(start)
         if match is None:
             raise SipParseError(f"bad status line {start[:80]!r}")
         reason = (match[2] or "").strip(" \t")
-        if _CONTROL.search(reason):
+        if not clean and _CONTROL.search(reason):
             raise SipParseError(f"control character in reason phrase {reason[:80]!r}")
         return Response(int(match[1]), reason, headers)
     parts = start.split(" ")  # exactly one SP between the elements (RFC 3261 §7.1)
@@ -1142,21 +1417,25 @@ def _validate(message: Message, problems: list[str]) -> None:
     Responses are checked no further: their other fields are copies of our own request's, and a
     400 we build from a :attr:`SipParseError.partial` must parse even if its From was broken.
     """
-    headers = message.headers
-    for name in _REQUIRED_REQUEST_HEADERS:
-        if not any(map(str.strip, headers._lookup(name.lower()))):  # canonical names: key = lower
+    index = message.headers._index  # keys are the lower-cased canonical names
+    for key, name in _REQUIRED_KEYS:
+        found = index.get(key)
+        if found is None or not (found.strip() if isinstance(found, str) else any(map(str.strip, found))):
             problems.append(f"missing {name}")
-    for name in ("Call-ID", "CSeq"):  # make_response copies only the first of these
-        if len(headers._lookup(name.lower())) > 1:
+    for key, name in (("call-id", "Call-ID"), ("cseq", "CSeq")):  # make_response copies the first
+        if isinstance(index.get(key), tuple):
             problems.append(f"more than one {name}")
-    if headers._lookup("cseq"):
+    if "cseq" in index:
         try:
             message.cseq  # noqa: B018 - parsed (and kept) to see that it parses
         except SipParseError as exc:
             problems.append(exc.reason)
-    if headers._lookup("via"):
+    if "via" in index:
         try:
-            message.shared_top_via()
+            if isinstance(message, Response):
+                message._check_top_via()  # its Via is read whole only if someone asks
+            else:
+                message.shared_top_via()
         except SipParseError as exc:
             problems.append(exc.reason)
 

@@ -84,28 +84,28 @@ DEFAULT_TIMERS = TimerSettings()
 # --------------------------------------------------------------------------- actions
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Transmit:
     """Send ``message`` on this transaction's flow/destination."""
 
     message: Request | Response
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PassResponse:
     """Client transaction → TU: a received provisional or final response."""
 
     response: Response
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PassRequest:
     """Server transaction → TU: a request the TU must see (the ACK to a 2xx while Accepted)."""
 
     request: Request
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TransactionFailed:
     """The transaction gave up: 408 when a timer ran out, 503 on a transport error.
 
@@ -117,9 +117,12 @@ class TransactionFailed:
     response: Response | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Terminate:
     """The transaction reached Terminated: remove it from every table."""
+
+
+_TERMINATE = Terminate()  # immutable and without fields: one instance serves every transaction
 
 
 Action: TypeAlias = Transmit | PassResponse | PassRequest | TransactionFailed | Terminate
@@ -150,6 +153,13 @@ class Timer(StrEnum):
     K = "K"
     L = "L"
     M = "M"
+
+
+# Enum members read on every transaction event, as module globals: reading ``State.TRYING``
+# costs a few times what reading a global does.
+_TRYING, _PROCEEDING, _COMPLETED = State.TRYING, State.PROCEEDING, State.COMPLETED
+_TERMINATED_STATE = State.TERMINATED
+_TIMER_E, _TIMER_F, _TIMER_K = Timer.E, Timer.F, Timer.K
 
 
 # --------------------------------------------------------------------------- keys
@@ -259,7 +269,13 @@ def _request_like(invite: Request, method: str, *, to: str) -> Request:
 
 
 class Transaction:
-    """What all four machines share: the request, the state and a set of named deadlines."""
+    """What all four machines share: the request, the state and a set of named deadlines.
+
+    Client transactions have ``__slots__`` (many of them are alive at once under load); server
+    transactions keep a ``__dict__``.
+    """
+
+    __slots__ = ("_deadlines", "_interval", "key", "reliable", "request", "state", "timers")
 
     key: ClientKey | ServerTransactionKey
 
@@ -310,7 +326,7 @@ class Transaction:
     def _terminate(self) -> list[Action]:
         self.state = State.TERMINATED
         self._deadlines.clear()
-        return [Terminate()]
+        return [_TERMINATE]
 
     def _linger(self, state: State, timer: Timer, now: float, delay: float) -> list[Action]:
         """Enter a state that only absorbs stragglers; with nothing to wait for, terminate at once."""
@@ -330,6 +346,8 @@ class Transaction:
 
 
 class ClientTransaction(Transaction):
+    __slots__ = ("_started",)
+
     key: ClientKey
 
     def __init__(self, request: Request, *, reliable: bool, timers: TimerSettings, state: State,
@@ -368,22 +386,47 @@ class ClientTransaction(Transaction):
 class ClientNonInviteTransaction(ClientTransaction):
     """§17.1.2: Trying → Proceeding → Completed → Terminated; Timers E, F, K."""
 
+    __slots__ = ()
+
     def __init__(self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS,
                  key: ClientKey | None = None) -> None:
-        super().__init__(request, reliable=reliable, timers=timers, state=State.TRYING, key=key)
+        # Transaction.__init__ and ClientTransaction.__init__ inlined: one is made per request.
+        self.request = request
+        self.reliable = reliable
+        self.timers = timers
+        self.state = _TRYING
+        self._deadlines = {}
+        self._interval = timers.t1
+        self.key = key if key is not None else client_key(request)
+        self._started = False
 
     def _arm_initial(self, now: float) -> None:
-        self._start_retransmitting(Timer.E, now)
-        self._arm(Timer.F, now, self.timers.timeout)
+        # _start_retransmitting(Timer.E) and _arm(Timer.F), inlined
+        timers = self.timers
+        if not self.reliable:
+            self._deadlines[_TIMER_E] = now + timers.t1
+        self._deadlines[_TIMER_F] = now + 64 * timers.t1  # timers.timeout
 
     def on_response(self, response: Response, now: float) -> list[Action]:
-        if self.state not in (State.TRYING, State.PROCEEDING):
+        state = self.state
+        if state is not _TRYING and state is not _PROCEEDING:
             return []  # Completed absorbs retransmitted finals
         if response.status < 200:
-            self.state = State.PROCEEDING
+            self.state = _PROCEEDING
             return [PassResponse(response)]
-        return [PassResponse(response), *self._linger(State.COMPLETED, Timer.K, now,
-                                                      self._unreliable(self.timers.t4))]
+        if self.reliable:  # Timer K is zero: straight to Terminated
+            self.state = _TERMINATED_STATE
+            self._deadlines.clear()
+            return [PassResponse(response), _TERMINATE]
+        # _linger(State.COMPLETED, Timer.K, now, T4), inlined
+        self._deadlines.clear()
+        t4 = self.timers.t4
+        if t4 <= 0:
+            self.state = _TERMINATED_STATE
+            return [PassResponse(response), _TERMINATE]
+        self.state = _COMPLETED
+        self._deadlines[_TIMER_K] = now + t4
+        return [PassResponse(response)]
 
     def _fire(self, timer: Timer, now: float) -> list[Action]:
         if timer is Timer.E:
@@ -404,6 +447,8 @@ class ClientInviteTransaction(ClientTransaction):
 
     Like the RFC, Proceeding has no timer: the TU bounds a ringing INVITE itself (CANCEL, §9.1).
     """
+
+    __slots__ = ("ack",)
 
     def __init__(self, request: Request, *, reliable: bool, timers: TimerSettings = DEFAULT_TIMERS,
                  key: ClientKey | None = None) -> None:
@@ -595,6 +640,8 @@ class TransactionTable:
             if tx.key in self._clients:
                 raise ValueError(f"duplicate client transaction {tx.key}")
             self._clients[tx.key] = tx
+            if not tx._deadlines:
+                return  # not armed (not started yet), nor in _armed: nothing to record
         elif isinstance(tx, ServerTransaction):
             if tx.key in self._servers:
                 raise ValueError(f"duplicate server transaction {tx.key}")
@@ -648,7 +695,9 @@ class TransactionTable:
     def match_response(self, response: Response) -> ClientTransaction | None:
         """The client transaction ``response`` belongs to, or ``None`` (§17.1.3)."""
         try:
-            return self._clients.get(client_key(response))
+            branch = response.branch
+            # client_key(response), as the plain tuple it equals (and hashes like)
+            return self._clients.get((branch, response.cseq[1])) if branch else None  # type: ignore[call-overload]
         except ValueError:  # SipParseError included: no Via, CSeq or branch
             return None
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
-from sipis.sip.framing import Frame, FramingError, KeepAlivePing, KeepAlivePong, StreamFramer
+from sipis.sip.framing import Frame, FramingError, KeepAlivePing, StreamFramer
 from sipis.sip.message import (
     DEFAULT_LIMITS,
     Headers,
@@ -441,8 +441,8 @@ def _stamp_received(request: Request, flow: Flow) -> None:
     request.headers = Headers(items)
 
 
-#: asyncio's own read size for datagram transports
-_UDP_READ_SIZE = 256 * 1024
+#: the largest UDP payload there is (asyncio reads 256 KiB at a time, and allocates as much)
+_UDP_READ_SIZE = 65536
 #: how many queued datagrams one wake-up reads at most, so other work is not starved
 _UDP_DRAIN_MAX = 64
 
@@ -473,11 +473,16 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.local: Address = ("0.0.0.0", 0)
         self._flows: dict[Address, Flow] = {}
+        self._handed = False  # a datagram was given to the transport to queue (see _send)
+        #: datagrams written in this pass of the event loop, sent together at its end (_send_all)
+        self._out: list[tuple[bytes, Address]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a datagram transport by construction
         sockname = transport.get_extra_info("sockname")
         self.local = (sockname[0], sockname[1])
+        self._loop = asyncio.get_running_loop()
 
     def flow_for(self, remote: Address) -> Flow:
         flow = self._flows.get(remote)
@@ -485,9 +490,20 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             transport = self.transport
             if transport is None or transport.is_closing():
                 raise TransportError("UDP socket closed")
+            out = self._out
 
             def write(data: bytes, remote: Address = remote) -> None:
-                transport.sendto(data, remote)
+                if data.startswith(b"SIP/"):
+                    # A response goes out at once (after what is waiting, so order is kept): a
+                    # provisional and the final right behind it, sent together, could reach a
+                    # proxy's parallel workers together and be relayed the wrong way round.
+                    if out:
+                        self._send_all()
+                    self._send(data, remote)
+                    return
+                if not out and self._loop is not None:
+                    self._loop.call_soon(self._send_all)
+                out.append((data, remote))
 
             flow = Flow("udp", self.local, remote, outbound=False, _write=write, _close=lambda: None)
             if len(self._flows) > 100_000:
@@ -495,6 +511,41 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             self._flows[remote] = flow
             self.layer._register_flow(flow)
         return flow
+
+    def _send_all(self) -> None:
+        """Send the requests written in this pass of the loop, in order.
+
+        Under load many client transactions send in the same pass (the responses that woke them
+        arrived together): sent back to back, the peer's workers find them queued and take them
+        in one go, instead of being woken for each one while we work on the next. (Requests of
+        different transactions only: see the responses in flow_for's ``write``.)
+        """
+        out = self._out
+        batch = out.copy()
+        out.clear()
+        for data, remote in batch:
+            self._send(data, remote)
+
+    def _send(self, data: bytes, remote: Address) -> None:
+        """Straight to the socket while the transport has nothing queued (what its sendto does
+        first, minus its checks); when the socket is full, the transport queues the datagram and
+        sends it once writable, after whatever it holds already. Only this protocol writes to the
+        transport, so until it has handed it a datagram (``_handed``) its queue is known empty."""
+        transport, sock = self.transport, self._sock
+        if transport is None:
+            return
+        if sock is not None and (not self._handed or not _write_buffer_size(transport)):
+            self._handed = False
+            try:
+                sock.sendto(data, remote)
+                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:  # as the transport reports it: the datagram is lost
+                self.error_received(exc)
+                return
+        self._handed = True
+        transport.sendto(data, remote)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         self._handle(data, addr)
@@ -506,11 +557,11 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         asyncio reads one datagram per wake-up of the loop; under load several are queued, and
         each wake-up costs a poll system call and a pass through the loop.
         """
-        sock = self._sock
-        if sock is None:
+        sock, transport = self._sock, self.transport
+        if sock is None or transport is None:
             return
         for _ in range(_UDP_DRAIN_MAX):
-            if self.transport is None or self.transport.is_closing():
+            if transport.is_closing():
                 return
             try:
                 data, addr = sock.recvfrom(_UDP_READ_SIZE)
@@ -522,18 +573,22 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             self._handle(data, addr)
 
     def _handle(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        if not data.strip(b"\r\n\x00"):
-            return  # keep-alive datagram
-        try:
-            flow = self.flow_for((str(addr[0]), int(addr[1])))
-        except TransportError:
-            return
+        if data[:1] in b"\r\n\x00" and not data.strip(b"\r\n\x00"):
+            return  # keep-alive datagram (or an empty one)
+        flow = self._flows.get(addr)  # type: ignore[arg-type]  # an IPv4 (host, port) is a key as it is
+        if flow is None or not flow.alive:
+            try:
+                flow = self.flow_for((str(addr[0]), int(addr[1])))
+            except TransportError:
+                return
         self.layer._deliver(data, flow, stream=False)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("UDP error on %s: %s", self.local, exc)
 
     def close(self) -> None:
+        if self._out:
+            self._send_all()  # what was written before the close still goes out
         if self.transport is not None:
             self.transport.close()
         for flow in self._flows.values():
@@ -610,21 +665,28 @@ class _StreamProtocol(asyncio.Protocol):
     def _handle(self, frames: list[Frame]) -> None:
         assert self.flow is not None
         for frame in frames:
-            if isinstance(frame, KeepAlivePing):
-                with contextlib.suppress(TransportError):
-                    self.flow.send(b"\r\n")
-            elif isinstance(frame, KeepAlivePong):
-                self.flow.ping_sent_at = None
-            else:
+            if type(frame) is bytes:
                 # Any message proves the flow alive: under load the peer's pong queues behind the
                 # responses it owes us, and dropping a busy flow would re-register everyone on it.
                 self.flow.ping_sent_at = None
                 self.layer._deliver(frame, self.flow, stream=True)
+            elif isinstance(frame, KeepAlivePing):
+                with contextlib.suppress(TransportError):
+                    self.flow.send(b"\r\n")
+            else:  # KeepAlivePong
+                self.flow.ping_sent_at = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._pending.clear()  # nowhere to send it any more
         if self.flow is not None:
             self.layer._flow_closed(self.flow, f"connection lost: {exc}" if exc else "closed by peer")
+
+
+def _write_buffer_size(transport: asyncio.DatagramTransport) -> int:
+    """What the transport holds unsent (event loops' datagram transports tell; if one does not,
+    assume something, so the datagram goes through the transport)."""
+    size: Callable[[], int] | None = getattr(transport, "get_write_buffer_size", None)
+    return size() if size is not None else 1
 
 
 def _is_ip(host: str) -> bool:

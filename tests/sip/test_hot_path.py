@@ -12,24 +12,30 @@ import weakref
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sipis.sip.digest import Credentials
 from sipis.sip.endpoint import EndpointSettings, SipEndpoint
+from sipis.sip.framing import FramingError, _content_length, _content_length_by_line
 from sipis.sip.message import (
+    _NOT_QUICK,
     Headers,
     Request,
     Response,
     SipParseError,
     SipURI,
     Via,
+    _quick_branch,
+    _quick_via,
     first_list_element,
     make_response,
     parse_message,
     split_list,
 )
 from sipis.sip.register import Binding, _granted_expires
-from sipis.sip.transaction import ClientKey, ClientNonInviteTransaction, client_key
-from sipis.sip.transport import ListenSpec
+from sipis.sip.transaction import ClientKey, ClientNonInviteTransaction, TimerSettings, client_key
+from sipis.sip.transport import Flow, ListenSpec
 from tests.sip.test_transport import HOST, WAIT, Harness, RawServer, UdpPeer, sip_request
 
 
@@ -257,3 +263,155 @@ async def test_a_burst_of_datagrams_is_read_in_full(harness: Harness) -> None:
         assert [message.branch for message in received] == [f"z9hG4bKd{n}" for n in range(40)]
     finally:
         peer.close()
+
+
+# --------------------------------------------------------------------------- shortcuts vs the general way
+
+_PARAM_NAMES = st.sampled_from(["branch", "Branch", "BRANCH", "branchx", "rport", "received", "x", "ttl", ""])
+_PARAM_VALUES = st.one_of(st.none(), st.just(""), st.sampled_from(["z9hG4bK1", "5060", "192.0.2.1", "a=b", "Z"]))
+
+
+@st.composite
+def via_texts(draw: st.DrawFn) -> str:
+    transport = draw(st.sampled_from(["UDP", "tcp", "TLS", "WSS", "XYZ"]))
+    host = draw(st.sampled_from(["192.0.2.1", "h.example", "[2001:db8::1]", "bad host", ""]))
+    port = draw(st.sampled_from(["", ":5060", ":0", ":65535", ":65536", ":x"]))
+    params = "".join(
+        f";{name}" + ("" if value is None else f"={value}")
+        for name, value in draw(st.lists(st.tuples(_PARAM_NAMES, _PARAM_VALUES), max_size=5)))
+    tail = draw(st.sampled_from(["", "", ";", " ", ";=x"]))
+    return f"SIP/2.0/{transport} {host}{port}{params}{tail}"
+
+
+@settings(max_examples=600, deadline=None)
+@given(via_texts())
+def test_the_quick_via_readers_agree_with_the_parser(text: str) -> None:
+    try:
+        reference: Via | None = Via.parse(text.replace("SIP/2.0/", "SIP/2.0 /", 1))  # the general way
+    except SipParseError:
+        reference = None
+    quick = _quick_via(text)
+    if quick is not None:
+        assert quick == reference
+    branch = _quick_branch(text)
+    if branch is not _NOT_QUICK:
+        assert reference is not None and branch == reference.branch
+    assert (Via.parse(text) if reference is not None else None) == reference
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([
+    "Content-Length: 12", "content-length:3", "l: 7", "Content-Length :  0 ", "Contentlength: 4",
+    "Content-Length: x", "X: 1", " folded", "Content-Length-X: 9", "L:2",
+]), max_size=6))
+def test_the_framer_finds_content_length_as_reading_every_line_does(fields: list[str]) -> None:
+    head = "\r\n".join(["SIP/2.0 200 OK", *fields]).encode()
+    try:
+        expected: int | str = _content_length_by_line(head)
+    except FramingError as exc:
+        expected = exc.reason
+    try:
+        got: int | str = _content_length(head)
+    except FramingError as exc:
+        got = exc.reason
+    assert got == expected
+
+
+async def test_a_retransmitted_final_response_is_absorbed_after_the_transaction_is_dropped() -> None:
+    endpoint = SipEndpoint(EndpointSettings(keepalive_interval=0, timers=TimerSettings(t4=5.0)))
+    await endpoint.start()
+    flow = Flow("udp", ("192.0.2.1", 5070), ("192.0.2.9", 5060), False, _write=lambda _: None,
+                _close=lambda: None)
+    try:
+        request = request_with("z9hG4bKdone", "OPTIONS")
+        request.headers.remove("Via")
+        endpoint.add_via(request, flow)
+        waiting = asyncio.ensure_future(endpoint.request(request, flow))
+        await asyncio.sleep(0)
+        endpoint._on_message(make_response(request, 200), flow)
+        assert (await waiting).status == 200
+        assert endpoint.pending_transactions == 1  # in Completed for Timer K, as its key only
+        assert len(endpoint.table) == 0 and endpoint._absorbed(make_response(request, 200))
+        assert not endpoint._absorbed(make_response(request_with("z9hG4bKother"), 200))
+    finally:
+        await endpoint.close()
+    assert endpoint.pending_transactions == 0
+
+
+async def test_a_full_udp_socket_leaves_the_datagram_to_the_transport(harness: Harness) -> None:
+    await harness.layer.listen(ListenSpec("udp", HOST, 0))
+    protocol = harness.layer._udp_sockets[0]
+
+    class Full:
+        def sendto(self, data: bytes, address: tuple[str, int]) -> int:
+            raise BlockingIOError
+
+    real, protocol._sock = protocol._sock, Full()  # type: ignore[assignment]
+    peer = await UdpPeer.open()
+    try:
+        flow = protocol.flow_for(peer.address)
+        flow.send(sip_request("OPTIONS", branch="z9hG4bKqueued"))
+        assert (await peer.recv_message()).branch == "z9hG4bKqueued"  # sent by the transport
+        assert protocol._handed
+    finally:
+        protocol._sock = real
+        peer.close()
+
+
+async def test_a_dropped_transaction_key_is_forgotten_when_its_timer_k_ends() -> None:
+    endpoint = SipEndpoint(EndpointSettings(keepalive_interval=0, timers=TimerSettings(t1=0.01, t4=0.05)))
+    await endpoint.start()
+    flow = Flow("udp", ("192.0.2.1", 5070), ("192.0.2.9", 5060), False, _write=lambda _: None,
+                _close=lambda: None)
+    try:
+        request = request_with("z9hG4bKtimerk", "OPTIONS")
+        request.headers.remove("Via")
+        endpoint.add_via(request, flow)
+        waiting = asyncio.ensure_future(endpoint.request(request, flow))
+        await asyncio.sleep(0)
+        endpoint._on_message(make_response(request, 200), flow)
+        await waiting
+        assert len(endpoint._completed) == 1
+        await asyncio.sleep(0.15)  # T4 is over; the endpoint's own timer forgot the key
+        assert endpoint._completed == {} and not endpoint._completed_order
+        assert not endpoint._absorbed(make_response(request, 200))
+    finally:
+        await endpoint.close()
+
+
+
+async def test_udp_requests_of_one_pass_go_together_and_a_response_keeps_its_place(harness: Harness) -> None:
+    await harness.layer.listen(ListenSpec("udp", HOST, 0))
+    protocol = harness.layer._udp_sockets[0]
+    peer = await UdpPeer.open()
+    try:
+        flow = protocol.flow_for(peer.address)
+        flow.send(sip_request("OPTIONS", branch="z9hG4bKfirst"))
+        flow.send(sip_request("OPTIONS", branch="z9hG4bKsecond"))
+        assert len(protocol._out) == 2  # held until the end of this pass of the loop
+        response = make_response(request_with("z9hG4bKanswer"), 180)
+        flow.send(response.to_bytes())  # a response goes at once, behind what was waiting
+        assert protocol._out == []
+        flow.send(sip_request("OPTIONS", branch="z9hG4bKlast"))
+        received = [await peer.recv_message() for _ in range(4)]
+        assert [message.branch for message in received] == [
+            "z9hG4bKfirst", "z9hG4bKsecond", "z9hG4bKanswer", "z9hG4bKlast"]
+    finally:
+        peer.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["sip:", "SIPS:", "sip:alice@", "sip:a:pw@", "sip:@"]),
+       st.sampled_from(["127.0.0.1", "h.example", "h_x", "bad!host", "", "[::1]"]),
+       st.sampled_from(["", ":5060", ":0", ":65536", ":x", ":", ":050"]))
+def test_a_plain_sip_uri_parses_as_the_general_way_does(prefix: str, host: str, port: str) -> None:
+    text = prefix + host + port
+    try:
+        reference: SipURI | None = SipURI.parse(text + "?")  # "?": never the shortcut
+    except SipParseError:
+        reference = None
+    try:
+        quick: SipURI | None = SipURI.parse(text)
+    except SipParseError:
+        quick = None
+    assert quick == reference
