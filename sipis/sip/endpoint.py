@@ -22,6 +22,7 @@ import collections
 import heapq
 import itertools
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ from sipis.sip.transaction import (
     ServerNonInviteTransaction,
     State,
     Terminate,
+    Timer,
     TimerSettings,
     Transaction,
     TransactionFailed,
@@ -110,6 +112,7 @@ class _ClientInvite(ClientInviteTransaction):
 ClientTransaction = _ClientNonInvite | _ClientInvite
 _COMPLETED = State.COMPLETED
 _TERMINATED = State.TERMINATED
+_TIMER_K = Timer.K
 
 
 class IncomingRequest:
@@ -197,12 +200,21 @@ class SipEndpoint:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # when self._timer fires
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._clock: Callable[[], float] | None = None  # the loop's time(), see _bind_loop
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> list[ListenSpec]:
-        self._loop = asyncio.get_running_loop()
+        self._bind_loop()
         return [await self.transport.listen(spec) for spec in self.settings.listen]
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop = asyncio.get_running_loop()
+        # The clock deadlines are kept in is the loop's (call_at goes by it). The standard loops'
+        # time() is time.monotonic(), which is read directly then: it is read for every message.
+        standard = type(loop).time is asyncio.BaseEventLoop.time and "time" not in vars(loop)
+        self._clock = time.monotonic if standard else loop.time
+        return loop
 
     async def close(self) -> None:
         if self._timer is not None:
@@ -227,12 +239,11 @@ class SipEndpoint:
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        return self._loop
+        return self._loop or self._bind_loop()
 
     def now(self) -> float:
-        return (self._loop or self.loop).time()
+        clock = self._clock
+        return clock() if clock is not None else self._bind_loop().time()
 
     # ------------------------------------------------------------------ client side
 
@@ -279,7 +290,6 @@ class SipEndpoint:
                      branch: str | None = None) -> None:
         """Start a client transaction on ``flow`` whose final response goes to ``waiter``: a
         future (what :meth:`request` awaits) or a :class:`ResponseCallback`."""
-        loop = self._loop or self.loop
         # ClientKey(branch, CSeq method), made as the tuple it is (its __new__ is Python code)
         key = tuple.__new__(ClientKey, (branch, request.cseq[1])) if branch else None
         reliable = flow.transport != "udp"  # flow.reliable
@@ -290,7 +300,7 @@ class SipEndpoint:
             tx = _ClientNonInvite(request, reliable=reliable, timers=self.timers, key=key)
         tx.flow, tx.waiter, tx.on_provisional = flow, waiter, on_provisional
         self.table.add(tx)
-        self._run(tx, tx.start(loop.time()))
+        self._run(tx, tx.start(self.now()))
 
     # ------------------------------------------------------------------ server side
 
@@ -477,7 +487,7 @@ class SipEndpoint:
         """A non-INVITE client transaction entered Completed (Timer K, unreliable flow): keep only
         its key until Timer K would fire, to absorb retransmissions of the final response as the
         transaction would (§17.1.2.2), instead of the transaction and its request."""
-        deadline = tx.next_deadline
+        deadline = tx._deadlines.get(_TIMER_K)  # its only timer in Completed
         self.table.remove(tx)
         self._scheduled.pop(id(tx), None)
         tx.waiter = tx.on_provisional = None

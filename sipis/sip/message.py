@@ -666,16 +666,14 @@ def _quick_branch(text: str) -> str | _NotQuick | None:
     if not rest:
         return None
     lowered = rest.lower()
-    at = lowered.find(";branch")
+    count = lowered.count(";branch")
+    if count != 1:
+        return None if count == 0 else _NOT_QUICK  # of several, which wins is the parser's call
+    at = lowered.find(";branch=")
     if at < 0:
-        return None
-    if lowered.find(";branch", at + 1) >= 0:
-        return _NOT_QUICK  # which one wins is the parser's business
-    end = rest.find(";", at + 1)
-    name, eq, value = rest[at + 1:end if end >= 0 else len(rest)].partition("=")
-    if name.lower() != "branch":
-        return None  # "branchx" or the like: no branch parameter at all
-    return value if eq else None
+        return None  # a ";branch" flag (no value) or a ";branchx..." name: no branch value
+    end = rest.find(";", at + 8)
+    return rest[at + 8:end] if end >= 0 else rest[at + 8:]
 
 
 def _quick_via(text: str) -> Via | None:
@@ -1218,14 +1216,16 @@ def _plain_headers(text: str, newline: int, limits: Limits) -> tuple[Headers, li
     ``text`` has no control characters and ``newline`` ends its start line (-1: there is no other
     line). Only the last line can be empty (the header block ends at the first blank line).
     """
-    headers = Headers()
+    headers = Headers.__new__(Headers)  # Headers(), its fields set right here
+    names: list[str] = []
+    values: list[str] = []
+    index: dict[str, str | tuple[str, ...]] = {}
+    headers._names, headers._values, headers._index, headers._version = names, values, index, 0
     lengths: list[str] = []
     if newline < 0:
         return headers, lengths
     if text.count("\n") > limits.max_headers:
         return None
-    names, values = headers._names, headers._values
-    index = headers._index
     known = _FIELD_NAMES
     for line in text[newline + 1:].split("\n"):
         name, colon, value = line.partition(":")

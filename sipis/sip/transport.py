@@ -493,7 +493,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             out = self._out
 
             def write(data: bytes, remote: Address = remote) -> None:
-                if data.startswith(b"SIP/"):
+                if data.startswith(b"SIP/") or self._loop is None:
                     # A response goes out at once (after what is waiting, so order is kept): a
                     # provisional and the final right behind it, sent together, could reach a
                     # proxy's parallel workers together and be relayed the wrong way round.
@@ -501,7 +501,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
                         self._send_all()
                     self._send(data, remote)
                     return
-                if not out and self._loop is not None:
+                if not out:
                     self._loop.call_soon(self._send_all)
                 out.append((data, remote))
 
@@ -524,7 +524,10 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         batch = out.copy()
         out.clear()
         for data, remote in batch:
-            self._send(data, remote)
+            try:
+                self._send(data, remote)
+            except Exception:  # lost like a dropped datagram; its transaction retransmits
+                log.exception("UDP send to %s failed", remote)
 
     def _send(self, data: bytes, remote: Address) -> None:
         """Straight to the socket while the transport has nothing queued (what its sendto does
@@ -560,8 +563,10 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         sock, transport = self._sock, self.transport
         if sock is None or transport is None:
             return
-        for _ in range(_UDP_DRAIN_MAX):
-            if transport.is_closing():
+        for n in range(_UDP_DRAIN_MAX):
+            # A handler cannot close the transport under us (closing the layer is a coroutine),
+            # so one look per few datagrams is enough; a socket closed since fails recvfrom.
+            if not n & 7 and transport.is_closing():
                 return
             try:
                 data, addr = sock.recvfrom(_UDP_READ_SIZE)

@@ -151,6 +151,12 @@ class CallRecorder:
         incoming.on_cancel(lambda _cancel: self.cancelled.set())
         if self.hold:
             return  # wait for the caller's CANCEL
+        # The final answer a moment later, as a SIPIS gives it (never in the same instant as the
+        # 180): two datagrams sent back to back may be relayed out of order by Kamailio's parallel
+        # UDP workers, and the caller would then miss the 180.
+        asyncio.get_running_loop().call_later(0.05, self._answer, incoming)
+
+    def _answer(self, incoming: IncomingRequest) -> None:
         if self.final == 302:
             incoming.respond(302, headers=[("Contact", "<sip:alice-app@127.0.0.1:5999>"),
                                            ("X-Sipis-Reason", "Released-To-App")])
