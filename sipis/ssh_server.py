@@ -23,6 +23,7 @@ import os
 import struct
 import sys
 import termios
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +85,7 @@ class SessionStats:
     refused_full: int = 0
     refused_no_pty: int = 0
     auth_failed: int = 0
-    spawn_seconds: list[float] = field(default_factory=list)
+    spawn_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=100))  # the latest
 
 
 class _Connection(asyncssh.SSHServer):
@@ -120,7 +121,7 @@ class _Connection(asyncssh.SSHServer):
         self._candidate = self._server.operator_for(key)
         if self._candidate is None:
             self._server.stats.auth_failed += 1
-            log.warning("SSH: refused key %s for user %r from %s", key.get_fingerprint(), username, self._peer())
+            log.warning("SSH: refused key %s for user %r from %s", key.get_fingerprint(), username, self._where)
         return self._candidate is not None
 
     def auth_completed(self) -> None:
@@ -130,10 +131,7 @@ class _Connection(asyncssh.SSHServer):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
-            log.info("SSH connection from %s lost: %s", self._peer(), exc)
-
-    def _peer(self) -> str:
-        return self._where
+            log.info("SSH connection from %s lost: %s", self._where, exc)
 
 
 class ConsoleSshServer:
@@ -251,7 +249,6 @@ class ConsoleSshServer:
             os.close(slave)
         self._children.add(child)
         self.stats.spawn_seconds.append(loop.time() - started)
-        del self.stats.spawn_seconds[:-100]
         try:
             process.set_redirect_pid(child.pid)  # window changes → SIGWINCH to the console
             to_child = os.fdopen(master, "wb", buffering=0)

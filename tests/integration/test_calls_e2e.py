@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from sipis.sip.endpoint import EndpointSettings, IncomingRequest, SipEndpoint
 from sipis.sip.message import Headers, Request, SipURI
 from sipis.sip.register import Binding, register
 from sipis.sip.transport import ListenSpec
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -69,15 +70,6 @@ class Lab:
     def pushes(self, verb: str | None = None) -> list[Received]:
         return [r for r in self.mediator.requests if verb is None or (r.json or {}).get("verb") == verb]
 
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def make_config(tmp: Path, mediator: MediatorServer, *, wake: float = 20.0, answer: float = 20.0) -> Any:

@@ -33,6 +33,7 @@ from lab.kamailio import free_port
 from lab.push_servers import MediatorServer
 from sipis.config import parse_config
 from sipis.core import Core
+from tests.waiting import wait_for
 
 pytestmark = [
     pytest.mark.integration,
@@ -86,13 +87,10 @@ class SshTerminal:
         await self.wait_until(lambda: all(n in self.text() for n in needles), f"{needles} on screen", timeout)
 
     async def wait_until(self, predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            if predicate():
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{what}: not seen after {timeout} s:\n{self.text()}")
+        try:
+            await wait_for(predicate, timeout, what)
+        except AssertionError as exc:  # show the operator's screen with the failure
+            raise AssertionError(f"{exc}; the screen:\n{self.text()}") from None
 
     def resize(self, columns: int, rows: int) -> None:
         """What a terminal window does: new size on the pty, SIGWINCH to the program on it."""

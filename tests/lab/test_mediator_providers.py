@@ -20,7 +20,7 @@ import random
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,20 +49,12 @@ from sipis.config import parse_config
 from sipis.core import Core
 from sipis.push.base import PushKind, PushProvider, PushRequest, Verdict
 from sipis.push.registry import build_providers
+from tests.waiting import wait_for
 
 TYPES = ("acrobits", "fcm", "apns")
 QUIET = MediatorPolicy(latency=Distribution.fixed(0.01), transient_rate=0.0,
                        delivery_latency=Distribution.fixed(0.02))
 
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 # ====================================================================== provider level

@@ -23,6 +23,7 @@ from sipis.sip.endpoint import EndpointSettings, IncomingRequest, SipEndpoint
 from sipis.sip.message import Headers, Request, Response, SipURI, new_call_id, new_tag
 from sipis.sip.register import Binding, Outcome, RegisterResult, register
 from sipis.sip.transport import Flow, ListenSpec, TlsSettings, TransportName
+from tests.waiting import wait_for
 
 TRANSPORTS: list[TransportName] = ["udp", "tcp", "tls"]
 INSTANCE_A = '"<urn:uuid:00000000-0000-4000-8000-0000000000aa>"'
@@ -172,14 +173,6 @@ async def caller(pbx: LabPbx) -> AsyncIterator[Caller]:
     yield Caller(pbx, endpoint)
     await endpoint.close()
 
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("timed out waiting for a condition")
-        await asyncio.sleep(0.01)
 
 
 async def raw_register(phone: Phone, headers: list[tuple[str, str]], *, call_id: str, cseq: int,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from lab.pbx import LabPbx
 from lab.phones import FleetSettings, LabPhone, PhoneFleet, PhoneProfile
 from sipis.core import Core
 from sipis.instance import AppState
+from tests.waiting import wait_for
 
 ENROL = "phones-test-enrol-token"
 SLEEPER = PhoneProfile(first_foreground=Distribution.fixed(0.1), background=Distribution.fixed(1000),
@@ -61,15 +62,6 @@ class Lab:
 
         await wait_for(proxied_only, what=f"{phone.user} asleep, only the core's binding at the PBX")
 
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture
