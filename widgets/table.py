@@ -98,31 +98,24 @@ class VirtualTable(ScrollView, Generic[T], can_focus=True):
     }
     """
 
-    class RowHighlighted(Message):
+    class _RowMessage(Message):
+        """Something happened to one row (``index`` in the current view)."""
+
+        def __init__(self, table: VirtualTable[Any], index: int, row: Any) -> None:
+            super().__init__()
+            self.table = table
+            self.index = index
+            self.row = row
+
+        @property
+        def control(self) -> VirtualTable[Any]:
+            return self.table
+
+    class RowHighlighted(_RowMessage):
         """The cursor moved to another row."""
 
-        def __init__(self, table: VirtualTable[Any], index: int, row: Any) -> None:
-            super().__init__()
-            self.table = table
-            self.index = index
-            self.row = row
-
-        @property
-        def control(self) -> VirtualTable[Any]:
-            return self.table
-
-    class RowSelected(Message):
+    class RowSelected(_RowMessage):
         """Enter (or a click on the highlighted row / a double click) on a row."""
-
-        def __init__(self, table: VirtualTable[Any], index: int, row: Any) -> None:
-            super().__init__()
-            self.table = table
-            self.index = index
-            self.row = row
-
-        @property
-        def control(self) -> VirtualTable[Any]:
-            return self.table
 
     class HeaderClicked(Message):
         """A column header was clicked (the owner decides how to sort)."""
