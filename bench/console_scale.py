@@ -83,6 +83,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# run as bench/console_scale.py (as the README does, and as this script starts its driver) only bench/ is
+# on sys.path; the package import below needs the repository
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import LoopLag, run_main
+
 if TYPE_CHECKING:
     from sipis.core import Core
 
@@ -486,62 +491,6 @@ def read_marks(path: Path) -> Marks:
 # =========================================================================== samplers in the core's loop
 
 
-class LagSampler:
-    """How late the core's event loop wakes a task that sleeps ``interval``; every sample kept with
-    its time, so login windows can be cut out afterwards.
-
-    A late wake-up is either the loop busy with other work or the whole process not scheduled (two
-    shared cores, other benchmarks running). ``busy`` is the part of each lag that this thread spent
-    on the CPU (``time.thread_time``): the stall the core's own work caused."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self.at: list[float] = []  # when the late wake-up happened (monotonic)
-        self.lag: list[float] = []  # seconds late
-        self.busy: list[float] = []  # of that, seconds this thread ran (bounded by the lag)
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="bench-loop-lag")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        interval, at, lag, busy = self.interval, self.at, self.lag, self.busy
-        clock, cpu = time.monotonic, time.thread_time
-        while True:
-            before, cpu_before = clock(), cpu()
-            await asyncio.sleep(interval)
-            woke, ran = clock(), cpu() - cpu_before
-            late = max(0.0, woke - before - interval)
-            at.append(woke)
-            lag.append(late)
-            busy.append(min(late, ran))
-
-    def began(self, k: int) -> float:
-        """When the ``k``-th wake-up was due: the loop was blocked (or not scheduled) from about then."""
-        return self.at[k] - self.lag[k] - self.interval / 2
-
-    def window(self, start: float, end: float, *, busy: bool = False) -> list[float]:
-        lo, hi = bisect.bisect_left(self.at, start), bisect.bisect_right(self.at, end)
-        return (self.busy if busy else self.lag)[lo:hi]
-
-    def worst(self, start: float, end: float, *, busy: bool = False) -> tuple[float, float]:
-        """(lag, when it began) of the worst wake-up in the window."""
-        lo, hi = bisect.bisect_left(self.at, start), bisect.bisect_right(self.at, end)
-        if lo >= hi:
-            return 0.0, start
-        values = self.busy if busy else self.lag
-        k = max(range(lo, hi), key=values.__getitem__)
-        return values[k], self.began(k)
-
-
 class GcLog:
     """Garbage-collector pauses of this process, with their times (gc.callbacks)."""
 
@@ -689,7 +638,7 @@ class Bench:
         self.driver = Driver()
         self.core: Core | None = None
         self.port = 0
-        self.lag = LagSampler(opts.lag_interval)
+        self.lag = LoopLag(opts.lag_interval, keep=True)  # every sample: login windows are cut out later
         self.gc = GcLog()
         self.ssh_logins: list[float] = []  # when the core audited ssh_login
         self.plan: list[Seeded] = []
@@ -1317,26 +1266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(_driver_main())
         return 0
     opts = parse_args(args)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    log.setLevel(logging.INFO)
     missing = [tool for tool in ("ssh", "ssh-keygen") if shutil.which(tool) is None]
     try:
         import pyte  # noqa: F401
     except ImportError:
         missing.append("pyte (pip install pyte)")
-    if missing:
-        print(json.dumps({"benchmark": "console_scale", "error": f"missing: {', '.join(missing)}"}))
-        return 2
-    try:
-        doc, ok = asyncio.run(run_benchmark(opts))
-    except Exception as exc:
-        log.exception("benchmark could not run")
-        print(json.dumps({"benchmark": "console_scale", "error": f"{type(exc).__name__}: {exc}"}))
-        return 2
-    print(json.dumps(doc, separators=(",", ":")))
-    return 0 if ok else 1
+    return run_main("console_scale", log, lambda: asyncio.run(run_benchmark(opts)),
+                    unavailable=f"missing: {', '.join(missing)}" if missing else None)
 
 
 if __name__ == "__main__":

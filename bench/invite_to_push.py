@@ -105,6 +105,10 @@ from typing import Any, Protocol
 
 import httpx
 
+# run as bench/invite_to_push.py (as the README does, and as this script starts its mediator child) only
+# bench/ is on sys.path; the package import below needs the repository
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import run_main, stderr_logging
 from lab.kamailio import LOAD_PASSWORD, Kamailio, free_port
 from lab.procstat import group_cpu_seconds, process_cpu_seconds
 from lab.push_servers import MediatorServer
@@ -998,23 +1002,11 @@ def parse_args(argv: Sequence[str] | None) -> Options | Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if isinstance(opts, Path):
+        stderr_logging()
         return asyncio.run(mediator_child(opts))
-    log.setLevel(logging.INFO)
-    if shutil.which("sipp") is None or shutil.which("kamailio") is None:
-        print(json.dumps({"benchmark": "invite_to_push", "error": "kamailio and sipp are needed"}))
-        return 2
-    try:
-        result, within_limits = asyncio.run(run_benchmark(opts))
-    except Exception as exc:  # Kamailio/sipp broken: say so in the one JSON line
-        log.exception("benchmark could not run")
-        print(json.dumps({"benchmark": "invite_to_push", "error": f"{type(exc).__name__}: {exc}"}))
-        return 2
-    print(json.dumps(result, separators=(",", ":")))
-    return 0 if within_limits else 1
+    unavailable = None if shutil.which("sipp") and shutil.which("kamailio") else "kamailio and sipp are needed"
+    return run_main("invite_to_push", log, lambda: asyncio.run(run_benchmark(opts)), unavailable=unavailable)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,6 @@ import contextlib
 import cProfile
 import gc
 import io
-import json
 import linecache
 import logging
 import math
@@ -72,6 +71,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# run as bench/proxied_scale.py (as the README does) only bench/ is on sys.path; the package import below
+# needs the repository
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import LoopLag, run_main
 from lab.kamailio import LOAD_PASSWORD, Kamailio
 from lab.procstat import group_cpu_seconds
 from sipis.clock import Clock, SystemClock
@@ -126,44 +129,6 @@ def kamailio_version() -> str | None:
         return None
     match = re.search(r"kamailio (\S+)", out)
     return match.group(1) if match else None
-
-
-class LoopLag:
-    """How late the event loop wakes a task that sleeps ``interval``: what delays every timer."""
-
-    def __init__(self, interval: float = 0.05) -> None:
-        self.interval = interval
-        self.max = 0.0
-        self.over_100ms = 0
-        self.over_1s = 0
-        self._epoch = 0
-        self._task: asyncio.Task[None] | None = None
-
-    def reset(self) -> None:
-        """Start counting afresh; a sleep under way when this is called is not counted."""
-        self.max, self.over_100ms, self.over_1s = 0.0, 0, 0
-        self._epoch += 1
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="bench-loop-lag")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            before, epoch = time.perf_counter(), self._epoch
-            await asyncio.sleep(self.interval)
-            if epoch != self._epoch:
-                continue
-            lag = time.perf_counter() - before - self.interval
-            self.max = max(self.max, lag)
-            self.over_100ms += lag > 0.1
-            self.over_1s += lag > 1.0
 
 
 class GcPauses:
@@ -745,7 +710,7 @@ async def run_case(opts: Options, case: Case, kam: Kamailio, state_dir: Path) ->
     result: dict[str, Any] = {"instances": n, "expires": case.expires, "transport": opts.transport,
                               "register_rate": rate, "keepalive_s": opts.keepalive, "trace": opts.trace,
                               "gc_freeze": opts.gc_freeze}
-    lag, gcp, writer = LoopLag(), GcPauses(), WriterWatch()
+    lag, gcp, writer = LoopLag(0.05), GcPauses(), WriterWatch()
     lag.start()
     writer.start()
     gcp.install()
@@ -927,23 +892,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    log.setLevel(logging.INFO)
     for name in ("sipis.sip.transport", "sipis.proxy_register"):  # lost flows and why: rare, and they matter
         logging.getLogger(name).setLevel(logging.INFO)
-    if shutil.which("kamailio") is None:
-        print(json.dumps({"benchmark": "proxied_scale", "error": "kamailio not found"}))
-        return 2
-    try:
-        doc, within_limits = run_benchmark(opts)
-    except Exception as exc:  # Kamailio missing or broken: say so in the one JSON line
-        log.exception("benchmark could not run")
-        print(json.dumps({"benchmark": "proxied_scale", "error": f"{type(exc).__name__}: {exc}"}))
-        return 2
-    print(json.dumps(doc, separators=(",", ":")))
-    return 0 if within_limits else 1
+    return run_main("proxied_scale", log, lambda: run_benchmark(opts),
+                    unavailable="kamailio not found" if shutil.which("kamailio") is None else None)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,12 +24,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from lab.apns_server import Reply as ApnsReply
-from lab.callers import CallerLoad, CallerSettings
-from lab.demo import DemoOptions, core_config
+from lab.demo import DemoOptions
 from lab.mediator import (
     ACCEPTED,
     LAB_APP_ID,
@@ -42,13 +39,12 @@ from lab.mediator import (
     LabPush,
     MediatorPolicy,
 )
-from lab.pbx import LabPbx
 from lab.phones import LabPhone, PhoneProfile
 from lab.push_servers import Reply
 from sipis.config import parse_config
-from sipis.core import Core
 from sipis.push.base import PushKind, PushProvider, PushRequest, Verdict
 from sipis.push.registry import build_providers
+from tests.lab.world import LabSettings, LabWorld
 from tests.waiting import wait_for
 
 TYPES = ("acrobits", "fcm", "apns")
@@ -212,57 +208,24 @@ SLEEPER = PhoneProfile(first_foreground=Distribution.fixed(0.1), background=Dist
                        wake_delay=Distribution.fixed(0.3), answer_delay=Distribution.fixed(0.1), reject_rate=0.0)
 
 
-@dataclass
-class Lab:
-    pbx: LabPbx
-    mediator: LabMediator
-    core: Core
-    api: httpx.AsyncClient
-    callers: CallerLoad
-    phones: list[LabPhone]
-
+class Lab(LabWorld):
     async def phone(self, user: str, push_type: str, *, dead_token: bool = False) -> LabPhone:
         profile = replace(SLEEPER, provider=PROVIDER_NAMES[push_type], push_type=push_type, dead_token=dead_token)
-        phone = LabPhone(user, "loadpw", pbx=self.pbx, api=self.api, enroll_token=ENROL, mediator=self.mediator,
-                         profile=profile, rng=random.Random(user))
-        self.phones.append(phone)
-        await phone.start()
-        return phone
+        return await self.start_phone(user, profile)
 
     async def asleep(self, phone: LabPhone) -> None:
         assert self.core.service is not None
 
         def proxied() -> bool:
-            assert self.core.service is not None and phone.selector is not None
-            instance = self.core.service.get(phone.selector)
+            instance = self.instance(phone)
             return phone.state == "asleep" and instance is not None and instance.state.value == "proxied"
 
         await wait_for(proxied, what=f"{phone.user} asleep with the core registered for it")
 
 
 @pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
-    async with LabPbx(transports=("udp", "tcp")) as pbx, \
-            LabMediator(tmp_path / "mediator", policy=QUIET, rng=random.Random(1), fcm=True,
-                        apns=True) as mediator:
-        core = Core(core_config(tmp_path / "state", mediator, ENROL, DemoOptions(wake_timeout=5.0,
-                                                                                 answer_timeout=3.0)))
-        listening = await core.start()
-        assert listening.api_url is not None
-        assert set(core.config.push) == {"mediator", "fcm", "apns"}
-        trust = ssl.create_default_context(cafile=str(core.config.api.tls_cert))
-        api = httpx.AsyncClient(base_url=listening.api_url, verify=trust, timeout=10)
-        callers = CallerLoad(pbx, [], settings=CallerSettings(rate=0))
-        await callers.open()
-        value = Lab(pbx, mediator, core, api, callers, [])
-        try:
-            yield value
-        finally:
-            await callers.stop()
-            for phone in value.phones:
-                await phone.stop()
-            await api.aclose()
-            await core.stop()
+def lab_settings() -> LabSettings:
+    return LabSettings(Lab, ENROL, QUIET, DemoOptions(wake_timeout=5.0, answer_timeout=3.0), fcm=True, apns=True)
 
 
 @pytest.mark.parametrize("push_type", ["fcm", "apns"])

@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import random
-import ssl
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-import httpx
 import pytest
 
-from lab.callers import CallerLoad, CallerSettings
-from lab.demo import DemoOptions, core_config
+from lab.demo import DemoOptions
 from lab.mediator import Distribution, LabMediator, MediatorPolicy
 from lab.pbx import LabPbx
 from lab.phones import FleetSettings, LabPhone, PhoneFleet, PhoneProfile
-from sipis.core import Core
 from sipis.instance import AppState
+from tests.lab.world import LabSettings, LabWorld
 from tests.waiting import wait_for
 
 ENROL = "phones-test-enrol-token"
@@ -33,25 +29,12 @@ SLEEPER = PhoneProfile(first_foreground=Distribution.fixed(0.1), background=Dist
                        wake_delay=Distribution.fixed(0.3), answer_delay=Distribution.fixed(0.1), reject_rate=0.0)
 
 
-@dataclass
-class Lab:
-    pbx: LabPbx
-    mediator: LabMediator
-    core: Core
-    api: httpx.AsyncClient
-    callers: CallerLoad
-    phones: list[LabPhone]
-
+class Lab(LabWorld):
     async def phone(self, user: str, profile: PhoneProfile) -> LabPhone:
-        phone = LabPhone(user, "loadpw", pbx=self.pbx, api=self.api, enroll_token=ENROL, mediator=self.mediator,
-                         profile=profile, rng=random.Random(user))
-        self.phones.append(phone)
-        await phone.start()
-        return phone
+        return await self.start_phone(user, profile)
 
     def state(self, phone: LabPhone) -> AppState | None:
-        assert self.core.service is not None and phone.selector is not None
-        instance = self.core.service.get(phone.selector)
+        instance = self.instance(phone)
         return instance.state if instance is not None else None
 
     async def asleep(self, phone: LabPhone) -> None:
@@ -63,30 +46,11 @@ class Lab:
         await wait_for(proxied_only, what=f"{phone.user} asleep, only the core's binding at the PBX")
 
 
-
 @pytest.fixture
-async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
-    async with LabPbx(transports=("udp", "tcp")) as pbx:
-        policy = MediatorPolicy(latency=Distribution.fixed(0.01), transient_rate=0.0,
-                                delivery_latency=Distribution.fixed(0.05))
-        async with LabMediator(tmp_path / "mediator", policy=policy, rng=random.Random(1)) as mediator:
-            options = DemoOptions(wake_timeout=2.0, answer_timeout=3.0)
-            core = Core(core_config(tmp_path / "state", mediator, ENROL, options))
-            listening = await core.start()
-            assert listening.api_url is not None
-            trust = ssl.create_default_context(cafile=str(core.config.api.tls_cert))
-            api = httpx.AsyncClient(base_url=listening.api_url, verify=trust, timeout=10)
-            callers = CallerLoad(pbx, [], settings=CallerSettings(rate=0))
-            await callers.open()
-            value = Lab(pbx, mediator, core, api, callers, [])
-            try:
-                yield value
-            finally:
-                await callers.stop()
-                for phone in value.phones:
-                    await phone.stop()
-                await api.aclose()
-                await core.stop()
+def lab_settings() -> LabSettings:
+    policy = MediatorPolicy(latency=Distribution.fixed(0.01), transient_rate=0.0,
+                            delivery_latency=Distribution.fixed(0.05))
+    return LabSettings(Lab, ENROL, policy, DemoOptions(wake_timeout=2.0, answer_timeout=3.0))
 
 
 async def test_phone_enrols_sleeps_receives_a_push_wakes_and_answers(lab: Lab) -> None:
