@@ -15,6 +15,14 @@ from typing import Any
 Outcome = tuple[dict[str, Any], bool]  # (the JSON document, whether the run stayed within its limits)
 
 
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background task (a sampler, a reader) and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class LoopLag:
     """How late the event loop wakes a task that sleeps ``interval``: what delays every timer.
 
@@ -50,11 +58,8 @@ class LoopLag:
             self._task = asyncio.create_task(self._run(), name="bench-loop-lag")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         # locals: at a 1 ms interval this loop's own cost would show up in what it measures

@@ -86,7 +86,7 @@ from typing import TYPE_CHECKING, Any
 # run as bench/console_scale.py (as the README does, and as this script starts its driver) only bench/ is
 # on sys.path; the package import below needs the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import LoopLag, run_main
+from bench._common import LoopLag, cancel_and_wait, run_main
 
 if TYPE_CHECKING:
     from sipis.core import Core
@@ -368,10 +368,7 @@ class Driver:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        await cancel_and_wait(self._reader)
 
 
 # =========================================================================== the console bootstrap

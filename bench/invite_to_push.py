@@ -108,7 +108,7 @@ import httpx
 # run as bench/invite_to_push.py (as the README does, and as this script starts its mediator child) only
 # bench/ is on sys.path; the package import below needs the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import run_main, stderr_logging
+from bench._common import cancel_and_wait, run_main, stderr_logging
 from lab.kamailio import LOAD_PASSWORD, Kamailio, free_port
 from lab.procstat import group_cpu_seconds, process_cpu_seconds
 from lab.push_servers import MediatorServer
@@ -506,10 +506,7 @@ class Sampler:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -74,7 +74,7 @@ from typing import Any
 # run as bench/proxied_scale.py (as the README does) only bench/ is on sys.path; the package import below
 # needs the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import LoopLag, run_main
+from bench._common import LoopLag, cancel_and_wait, run_main
 from lab.kamailio import LOAD_PASSWORD, Kamailio
 from lab.procstat import group_cpu_seconds
 from sipis.clock import Clock, SystemClock
@@ -494,11 +494,8 @@ class WriterWatch:
         self._task = asyncio.create_task(self._run(), name="bench-writer-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:
