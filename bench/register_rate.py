@@ -47,6 +47,7 @@ from typing import Any
 from lab.kamailio import LOAD_PASSWORD, Kamailio, free_port, guarded_argv, kill_group
 from lab.procstat import group_cpu_seconds
 from lab.sipp import load_user, parse_stat_csv, scenario, write_users_csv
+from sipis.sip import IMPLEMENTATION as SIP_IMPLEMENTATION
 from sipis.sip.digest import Credentials
 from sipis.sip.endpoint import EndpointSettings, SipEndpoint
 from sipis.sip.message import SipURI
@@ -330,7 +331,9 @@ def run_benchmark(opts: Options) -> tuple[dict[str, Any], bool]:
         return first
 
     result: dict[str, Any] = {"benchmark": "register_rate", "users": opts.users,
-                              "repeats": opts.repeats, "concurrency": opts.concurrency}
+                              "repeats": opts.repeats, "concurrency": opts.concurrency,
+                              # compiled (scripts/compile) or Python (SIPIS_PURE_PYTHON=1)
+                              "sip_layer": "compiled" if SIP_IMPLEMENTATION.compiled else "python"}
     within_limits = True
     with Kamailio(children=4, tcp_children=4, shm_mb=256, pkg_mb=16,
                   max_expires=EXPIRES, default_expires=EXPIRES) as kam:
@@ -389,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
+    log.info("%s", SIP_IMPLEMENTATION.describe())
     try:
         result, within_limits = run_benchmark(opts)
     except Exception as exc:  # Kamailio/sipp missing or broken: say so in the one JSON line

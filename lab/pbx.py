@@ -47,7 +47,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -85,25 +85,6 @@ def _int(value: str | None) -> int | None:
         return None
     value = value.split(";")[0].strip()
     return int(value) if value.isdigit() else None
-
-
-class _ProxyEndpoint(SipEndpoint):
-    """Our endpoint plus one hook: an ACK that matches no transaction (the ACK for a 2xx).
-
-    :class:`SipEndpoint` drops such ACKs, which is right for a user agent that keeps no dialogs
-    but not for a proxy that must pass them on to the callee.
-    """
-
-    unmatched_ack: Callable[[Request, Flow], None] | None = None
-
-    def _on_request(self, request: Request, flow: Flow) -> None:
-        if request.method == "ACK" and self.unmatched_ack is not None and self.table.match_request(request) is None:
-            try:
-                self.unmatched_ack(request, flow)
-            except Exception:
-                log.exception("ACK forwarding failed for %s", request)
-            return
-        super()._on_request(request, flow)
 
 
 @dataclass(eq=False)
@@ -169,7 +150,7 @@ class LabPbx:
         self.udp_port = self.tcp_port = self.tls_port = 0
         self._own_workdir = workdir is None
         self._workdir = workdir
-        self._endpoint: _ProxyEndpoint | None = None
+        self._endpoint: SipEndpoint | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._calls: set[_InviteProxy] = set()
         self._expiry: asyncio.TimerHandle | None = None
@@ -198,7 +179,7 @@ class LabPbx:
                 specs += [ListenSpec(t, self.host, port) for t in plain]
             if "tls" in self.transports:
                 specs.append(ListenSpec("tls", self.host, 0))
-            endpoint = _ProxyEndpoint(EndpointSettings(listen=specs, tls=tls, user_agent=""))
+            endpoint = SipEndpoint(EndpointSettings(listen=specs, tls=tls, user_agent=""))
             try:
                 listening = await endpoint.start()
             except OSError as exc:  # somebody took the port since free_port probed it

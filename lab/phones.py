@@ -45,7 +45,7 @@ import random
 import secrets
 import ssl
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -109,18 +109,6 @@ class _Dialog:
     timer: asyncio.TimerHandle | None = None
 
 
-class _PhoneEndpoint(SipEndpoint):
-    """Our endpoint plus one hook: the ACK for our 2xx (the plain endpoint drops it unseen)."""
-
-    on_ack: Callable[[Request], None] | None = None
-
-    def _on_request(self, request: Request, flow: Flow) -> None:
-        if request.method == "ACK" and self.on_ack is not None and self.table.match_request(request) is None:
-            self.on_ack(request)
-            return
-        super()._on_request(request, flow)
-
-
 class LabPhone:
     """One simulated app (see the module docstring). ``await start()`` enrols it and starts its life."""
 
@@ -144,9 +132,9 @@ class LabPhone:
         self.state = "new"
         self.stats: Counter[str] = Counter()
         self.pushes: list[LabPush] = []
-        self.endpoint = _PhoneEndpoint(EndpointSettings(listen=[ListenSpec("udp", pbx.host, 0)],
+        self.endpoint = SipEndpoint(EndpointSettings(listen=[ListenSpec("udp", pbx.host, 0)],
                                                         user_agent="sipis-lab-phone"))
-        self.endpoint.on_ack = self._on_ack
+        self.endpoint.unmatched_ack = self._on_ack  # the ACK for our 2xx
         self.binding: Binding | None = None
         self.contact: str | None = None
         self.dialogs: dict[str, _Dialog] = {}
@@ -453,7 +441,7 @@ class LabPhone:
         if not self.dialogs:
             self._idle.set()
 
-    def _on_ack(self, request: Request) -> None:
+    def _on_ack(self, request: Request, _flow: Flow) -> None:
         dialog = self.dialogs.get(request.call_id)
         if dialog is not None and dialog.state == "answered":
             dialog.state = "confirmed"

@@ -28,10 +28,42 @@ ensure_venv() {
         fi
     fi
     local stamp=".venv/.installed-${extras:-base}"
-    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        echo "== installing sipis-console${extras:+[$extras]} into .venv"
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+        ensure_compiler
+        echo "== installing sipis-console${extras:+[$extras]} into .venv (compiles the SIP layer)"
         .venv/bin/pip install -q --upgrade pip >/dev/null
-        .venv/bin/pip install -q -e ".${extras:+[$extras]}"
+        pip_install -e ".${extras:+[$extras]}"
         touch "$stamp"
     fi
+    ensure_compiled
+}
+
+# pip install, its chatter kept in .venv/install.log: shown whole when it fails, else only the
+# build's own notes (e.g. that the SIP layer could not be compiled).
+pip_install() {
+    if ! .venv/bin/pip install -q "$@" >.venv/install.log 2>&1; then
+        cat .venv/install.log >&2
+        return 1
+    fi
+    grep "sipis-console build:" .venv/install.log >&2 || true
+}
+
+# A C compiler and the Python headers, so that setup.py can compile the SIP layer's hot modules.
+ensure_compiler() {
+    local include
+    include=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+    if command -v gcc >/dev/null && [ -f "$include/Python.h" ]; then
+        return 0
+    fi
+    ensure_apt_packages gcc python3-dev
+}
+
+# Recompile when a compiled module's source changed since the last build (until then the package
+# runs those modules as Python: sipis/sip/_implementation.py).
+ensure_compiled() {
+    if .venv/bin/python -c 'import sys, sipis.sip as s; sys.exit(1 if s.IMPLEMENTATION.degraded else 0)'; then
+        return 0
+    fi
+    echo "== recompiling the SIP layer (its sources changed)"
+    pip_install --no-deps -e .
 }

@@ -30,6 +30,7 @@ from sipis.proxy_register import ProxyRegistrar
 from sipis.push.delivery import PushDelivery
 from sipis.push.registry import build_providers
 from sipis.service import InstanceService
+from sipis.sip import IMPLEMENTATION as SIP_IMPLEMENTATION
 from sipis.sip.endpoint import EndpointSettings, SipEndpoint
 from sipis.sip.resolver import Resolver
 from sipis.sip.transaction import TimerSettings
@@ -92,6 +93,8 @@ class Core:
         config = self.config
         for warning in insecure_settings(config):
             log.warning("lab-only setting in use: %s", warning)
+        # a stale or partial compiled build still runs (as Python), only slower: say so
+        log.log(logging.WARNING if SIP_IMPLEMENTATION.degraded else logging.INFO, SIP_IMPLEMENTATION.describe())
         state_dir = config.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(state_dir, 0o700)

@@ -737,7 +737,7 @@ def verify_authorization(
     ``username`` is the account name the registrar expects; it is required when the client
     used ``userhash``. Nonce freshness, realm and ``nc`` replay checks are the caller's job.
     """
-    if params.algorithm not in _SUPPORTED or params.qop not in (None, *_QOPS):
+    if params.algorithm not in _SUPPORTED or (params.qop is not None and params.qop not in _QOPS):
         return False
     account = _account_name(params, username)
     if account is None:

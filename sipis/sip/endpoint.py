@@ -187,6 +187,9 @@ class SipEndpoint:
         self.flow_closed_listeners: list[Callable[[Flow, str], None]] = []
         #: see every message received ("in") or sent ("out"), e.g. the trace recorder; must not block
         self.observers: list[Callable[[str, Message, Flow], None]] = []
+        #: an ACK that matches no transaction (the ACK for a 2xx, RFC 3261 §17.2.1): dropped unless
+        #: someone who keeps dialogs takes it here (a proxy passes it on, a callee ends its wait)
+        self.unmatched_ack: Callable[[Request, Flow], None] | None = None
         self._servers: dict[int, IncomingRequest] = {}
         #: non-INVITE client transactions in Completed on an unreliable flow, by key -> the end of
         #: their Timer K. All such a transaction still does is absorb retransmissions of its final
@@ -345,7 +348,9 @@ class SipEndpoint:
             self._run(existing, existing.on_request(request, self.now()))
             return
         if request.method == "ACK":
-            return  # ACK for a 2xx or for a transaction long gone: nothing to do
+            if self.unmatched_ack is not None:  # ACK for a 2xx or for a transaction long gone
+                _call(self.unmatched_ack, request, flow)
+            return
         if request.method == "CANCEL":
             self._on_cancel(request, flow)
             return

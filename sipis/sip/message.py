@@ -93,7 +93,8 @@ _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 # The control bytes but CR and LF, to delete with bytes.translate (a C loop, unlike a regex).
 _CONTROL_BYTES_BUT_CRLF = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
-_NON_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of undecodable bytes
+# what surrogateescape makes of undecodable bytes (spelled with chr: mypyc takes no surrogate literals)
+_NON_UTF8 = re.compile(f"[{chr(0xDC80)}-{chr(0xDCFF)}]")
 _STATUS_LINE = re.compile(r"SIP/2\.0 ([1-6][0-9][0-9])(?: (.*))?", re.IGNORECASE | re.DOTALL)
 _VIA_PROTOCOL = re.compile(r"SIP[ \t]*/[ \t]*2\.0[ \t]*/[ \t]*([^\s/]+)[ \t]+(.*)", re.IGNORECASE | re.DOTALL)
 _HOSTPORT_COLON = re.compile(r"[ \t]*:[ \t]*")
@@ -729,7 +730,7 @@ class Headers:
         if "\r" in joined or "\n" in joined or "\x00" in joined:
             for name, value in zip(names, values, strict=True):
                 _checked_field(name, value)  # raises for the first bad value
-        headers = cls.__new__(cls)  # its fields are set right here
+        headers = cls()  # its fields are replaced right here
         headers._names = names
         headers._values = values
         headers._version = 0
@@ -1216,11 +1217,8 @@ def _plain_headers(text: str, newline: int, limits: Limits) -> tuple[Headers, li
     ``text`` has no control characters and ``newline`` ends its start line (-1: there is no other
     line). Only the last line can be empty (the header block ends at the first blank line).
     """
-    headers = Headers.__new__(Headers)  # Headers(), its fields set right here
-    names: list[str] = []
-    values: list[str] = []
-    index: dict[str, str | tuple[str, ...]] = {}
-    headers._names, headers._values, headers._index, headers._version = names, values, index, 0
+    headers = Headers()  # filled right here
+    names, values, index = headers._names, headers._values, headers._index
     lengths: list[str] = []
     if newline < 0:
         return headers, lengths

@@ -275,9 +275,9 @@ class Transaction:
     transactions keep a ``__dict__``.
     """
 
+    # ``key`` is declared by the client and server subclasses, each with its own type (mypyc, which
+    # compiles this module, does not let a subclass narrow an attribute's type)
     __slots__ = ("_deadlines", "_interval", "key", "reliable", "request", "state", "timers")
-
-    key: ClientKey | ServerTransactionKey
 
     def __init__(self, request: Request, *, reliable: bool, timers: TimerSettings, state: State) -> None:
         self.request = request
@@ -342,7 +342,7 @@ class Transaction:
         return 0.0 if self.reliable else delay
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.key} {self.state.value}>"
+        return f"<{type(self).__name__} {getattr(self, 'key', None)} {self.state.value}>"
 
 
 class ClientTransaction(Transaction):

@@ -20,7 +20,7 @@ from lab.pbx import LabPbx
 from lab.sipp import arun_scenario
 from sipis.sip.digest import Credentials, DigestSession, choose_challenge, parse_challenges
 from sipis.sip.endpoint import EndpointSettings, IncomingRequest, SipEndpoint
-from sipis.sip.message import Headers, Request, Response, SipURI, new_call_id, new_tag
+from sipis.sip.message import Headers, Message, Request, Response, SipURI, new_call_id, new_tag
 from sipis.sip.register import Binding, Outcome, RegisterResult, register
 from sipis.sip.transport import Flow, ListenSpec, TlsSettings, TransportName
 from tests.waiting import wait_for
@@ -89,15 +89,13 @@ class Phone:
         return self
 
     def _watch_acks(self) -> None:
-        """Record ACKs (the endpoint absorbs them below any handler) by wrapping its request entry."""
-        original = self.endpoint._on_request
+        """Record ACKs as they arrive (the endpoint absorbs them below any handler)."""
 
-        def on_request(request: Request, flow: Flow) -> None:
-            if request.method == "ACK":
-                self.acks.append(request)
-            original(request, flow)
+        def on_message(direction: str, message: Message, _flow: Flow) -> None:
+            if direction == "in" and isinstance(message, Request) and message.method == "ACK":
+                self.acks.append(message)
 
-        self.endpoint._on_request = on_request  # type: ignore[method-assign]
+        self.endpoint.observers.append(on_message)
 
     async def register(self, expires: int = 300) -> RegisterResult:
         assert self.flow is not None
