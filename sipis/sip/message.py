@@ -1339,7 +1339,7 @@ def _parse_start_line(start: str, headers: Headers, problems: list[str], clean: 
 
     ``clean``: the header block has no control characters (then the reason phrase has none).
     """
-    if start[:8] == "SIP/2.0 " and start[8:11].isdigit() and start[8] in "123456" and \
+    if start[:8] == "SIP/2.0 " and len(start) >= 11 and start[8:11].isdigit() and start[8] in "123456" and \
             (len(start) == 11 or start[11] == " ") and start.isascii():
         # the usual "SIP/2.0 200 OK": what _STATUS_LINE would match, without the regex
         reason = start[12:].strip(" \t")

@@ -399,6 +399,9 @@ def test_status_lines() -> None:
     assert odd.status == 499 and odd.reason == "Reason: with  odd   spacing, ÜTF-8"
     assert parse_response(sip("sip/2.0 603 Decline", *base)).status == 603
     roundtrip(odd)
+    for short in ("SIP/2.0 2", "SIP/2.0 20", "SIP/2.0 2x0 OK"):  # found by the fuzzer: a clean error
+        with pytest.raises(SipParseError, match="bad status line"):
+            parse_message(sip(short, *base))
 
 
 def test_leading_crlfs_and_bare_lf_line_ends() -> None:
