@@ -228,6 +228,10 @@ class ConsoleSshServer:
             self._audit(operator, "ssh_logout", where, outcome)
         with contextlib.suppress(Exception):
             process.exit(status)
+        # asyncssh closes the redirected pty through cleanup steps that only wait_closed() runs;
+        # skipped, they are left unawaited (a RuntimeWarning) and the pty pipes close late
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(process.wait_closed(), TERMINATE_GRACE)
 
     async def _run_console(self, process: asyncssh.SSHServerProcess[Any], token: str) -> tuple[int, str]:
         """Run one console; (exit status, audit outcome: ok | dropped | exit N)."""
