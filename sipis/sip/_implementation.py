@@ -16,15 +16,12 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import json
-import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-
-log = logging.getLogger(__name__)
 
 PACKAGE = "sipis.sip"
 HERE = Path(__file__).parent
