@@ -502,6 +502,29 @@ async def test_two_endpoints_invite_ring_and_cancel(transport: TransportName, ma
     assert states_after_ack[0] in (State.CONFIRMED, State.TERMINATED)
 
 
+async def test_an_ack_no_transaction_takes_goes_to_the_unmatched_ack_hook(
+    make_endpoint: EndpointFactory, peers: list[Any],
+) -> None:
+    """The ACK for a 2xx matches no transaction (RFC 3261 §17.2.1): dropped without a word, unless
+    someone keeping dialogs set ``unmatched_ack``."""
+    endpoint = await make_endpoint("udp")
+    peer = await udp_peer(peers)
+    to = (HOST, port_of(endpoint, "udp"))
+    sent_by = f"{HOST}:{peer.address[1]}"
+    peer.send(sip_request("ACK", sent_by=sent_by, to_tag="t2xx", call_id="dropped@test"), to)
+    peer.send(sip_request("OPTIONS", sent_by=sent_by, call_id="after@test"), to)
+    answer, _ = await peer.recv()  # the ACK before it was handled: dropped, not answered
+    assert answer.startswith(b"SIP/2.0 200") and b"after@test" in answer
+
+    seen: list[tuple[Request, Flow]] = []
+    endpoint.unmatched_ack = lambda request, flow: seen.append((request, flow))
+    peer.send(sip_request("ACK", sent_by=sent_by, to_tag="t2xx", call_id="acked@test"), to)
+    await wait_for(lambda: bool(seen), WAIT, "the ACK at the hook")
+    request, flow = seen[0]
+    assert (request.method, request.call_id, flow.remote) == ("ACK", "acked@test", peer.address)
+    assert peer.queue.empty()  # an ACK is never answered
+
+
 @pytest.mark.parametrize("transport", ["tcp", "tls"])
 async def test_request_back_over_the_connection_the_other_side_opened(
     transport: TransportName, make_endpoint: EndpointFactory,
