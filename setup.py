@@ -1,7 +1,7 @@
 """Build step: compile the SIP layer's hot modules with mypyc (the rest is in pyproject.toml).
 
 A registration goes through the parser, the transaction layer, digest and the endpoint several
-times; compiled, those cost ~40 % less CPU (bench/README.md, register_rate). The modules stay
+times; compiled, a registration costs ~30 % less CPU (bench/README.md, register_rate). The modules stay
 plain, type-checked Python: the compiled form is a build product, never edited.
 
 Without a C compiler or mypyc the package installs uncompiled (with a warning) and runs the same

@@ -23,6 +23,17 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
             await task
 
 
+async def end_child(proc: asyncio.subprocess.Process, grace: float = 10.0) -> None:
+    """End a helper child that quits when its stdin closes; killed after ``grace`` seconds."""
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
 class LoopLag:
     """How late the event loop wakes a task that sleeps ``interval``: what delays every timer.
 

@@ -86,7 +86,7 @@ from typing import TYPE_CHECKING, Any
 # run as bench/console_scale.py (as the README does, and as this script starts its driver) only bench/ is
 # on sys.path; the package import below needs the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import LoopLag, cancel_and_wait, run_main
+from bench._common import LoopLag, cancel_and_wait, end_child, run_main
 
 if TYPE_CHECKING:
     from sipis.core import Core
@@ -361,13 +361,7 @@ class Driver:
 
     async def stop(self) -> None:
         if self.proc is not None:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+            await end_child(self.proc)
         await cancel_and_wait(self._reader)
 
 

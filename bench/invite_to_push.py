@@ -108,7 +108,7 @@ import httpx
 # run as bench/invite_to_push.py (as the README does, and as this script starts its mediator child) only
 # bench/ is on sys.path; the package import below needs the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._common import cancel_and_wait, run_main, stderr_logging
+from bench._common import cancel_and_wait, end_child, run_main, stderr_logging
 from lab.kamailio import LOAD_PASSWORD, Kamailio, free_port
 from lab.procstat import group_cpu_seconds, process_cpu_seconds
 from lab.push_servers import MediatorServer
@@ -332,13 +332,7 @@ class MediatorProcess:
         return process_cpu_seconds(self.proc.pid)
 
     async def stop(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            await asyncio.wait_for(self.proc.wait(), 10)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
+        await end_child(self.proc)
 
 
 def _batch_scheduling() -> None:

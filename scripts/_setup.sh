@@ -61,7 +61,7 @@ ensure_compiler() {
 # Recompile when a compiled module's source changed since the last build (until then the package
 # runs those modules as Python: sipis/sip/_implementation.py).
 ensure_compiled() {
-    if .venv/bin/python -c 'import sys, sipis.sip as s; sys.exit(1 if s.IMPLEMENTATION.degraded else 0)'; then
+    if .venv/bin/python -m sipis.sip >/dev/null; then
         return 0
     fi
     echo "== recompiling the SIP layer (its sources changed)"

@@ -93,3 +93,10 @@ def test_the_python_form_passes_the_sip_unit_tests() -> None:
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout.splitlines()[-1]
+
+
+def test_the_module_says_which_form_runs() -> None:
+    """``python -m sipis.sip``, which the scripts ask before deciding to recompile."""
+    run = subprocess.run([sys.executable, "-m", "sipis.sip"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "SIPIS_PURE_PYTHON": "1"}, timeout=60)
+    assert (run.returncode, run.stdout) == (0, "SIP layer: Python (SIPIS_PURE_PYTHON is set)\n")
