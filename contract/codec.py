@@ -1,0 +1,191 @@
+"""JSON to and from the contract's types: the wire shapes of ``docs/operator-api.md``.
+
+:func:`to_json` turns any contract object into JSON-ready values; :func:`from_json` builds one from
+what a peer sent, tolerantly: unknown fields are ignored, a missing field takes its default (or
+``None``, or the type's zero), so a console keeps working against a core one version apart. Each
+type's decoding plan is worked out once from its annotations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from enum import Enum
+from typing import Any, TypeVar
+
+from contract.events import PAYLOADS, Event, Payload, StreamNotice, UnknownPayload
+from contract.kinds import EventKind, StreamNoticeKind
+
+T = TypeVar("T")
+
+Convert = Callable[[Any], Any]
+#: (field name, converter or None for "as is", value when missing, factory for a missing value)
+_Step = tuple[str, Convert | None, Any, Callable[[], Any] | None]
+
+_PLANS: dict[type[Any], list[_Step]] = {}
+_EVENT_KINDS: dict[str, EventKind] = {kind.value: kind for kind in EventKind}
+_NOTICE_KINDS: dict[str, StreamNoticeKind] = {kind.value: kind for kind in StreamNoticeKind}
+_MISSING = dataclasses.MISSING
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+
+def to_json(obj: Any) -> Any:
+    """A contract object (or a list/dict of them) as plain JSON values. Enum members stay as they
+    are: they are ``str`` subclasses, which ``json`` writes as strings."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        if isinstance(obj, Event):
+            return encode_event(obj)
+        return {f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [to_json(item) for item in obj]
+    if isinstance(obj, dict):
+        return {key: to_json(value) for key, value in obj.items()}
+    return obj
+
+
+def payload_data(payload: Payload | UnknownPayload) -> dict[str, Any]:
+    """An event's ``data``: the payload's fields, optional ones left out while ``None`` where the
+    payload says so."""
+    if isinstance(payload, UnknownPayload):
+        return dict(payload.data)
+    data: dict[str, Any] = {}
+    omit_none = payload.OMIT_NONE
+    for f in dataclasses.fields(payload):
+        value = getattr(payload, f.name)
+        if value is None and omit_none and f.default is None:
+            continue
+        data[f.name] = to_json(value)
+    return data
+
+
+def encode_event(event: Event) -> dict[str, Any]:
+    return {"seq": event.seq, "at": event.at, "kind": event.kind, "selector": event.selector,
+            "data": payload_data(event.payload)}
+
+
+def encode_notice(notice: StreamNotice) -> dict[str, Any]:
+    line: dict[str, Any] = {"kind": notice.kind.value, "at": notice.at}
+    for name in ("seq", "since", "first_available", "dropped"):
+        value = getattr(notice, name)
+        if value is not None or (name == "first_available" and notice.kind is StreamNoticeKind.GAP):
+            line[name] = value
+    return line
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+def from_json(cls: type[T], data: Any) -> T:
+    """Build a ``cls`` (a contract dataclass) from a JSON object."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = _plan(cls)
+    values: dict[str, Any] = {}
+    get = data.get
+    for name, convert, missing, factory in plan:
+        value = get(name, _MISSING)
+        if value is _MISSING or value is None:
+            values[name] = factory() if factory is not None else missing
+        else:
+            values[name] = value if convert is None else convert(value)
+    return cls(**values)
+
+
+def decode_payload(kind: str, data: dict[str, Any], selector: str | None = None) -> Payload | UnknownPayload:
+    """The payload of an event of ``kind``; a kind this version does not know stays raw."""
+    known = _EVENT_KINDS.get(kind)
+    if known is None:
+        return UnknownPayload(kind, dict(data))
+    cls = PAYLOADS[known]
+    if selector is not None and "selector" in _field_names(cls) and "selector" not in data:
+        data = {**data, "selector": selector}
+    return from_json(cls, data)
+
+
+def decode_event(line: dict[str, Any]) -> Event:
+    selector = line.get("selector")
+    data = line.get("data")
+    return Event(seq=int(line.get("seq") or 0), at=float(line.get("at") or 0.0),
+                 selector=None if selector is None else str(selector),
+                 payload=decode_payload(str(line.get("kind") or ""), data if isinstance(data, dict) else {},
+                                        None if selector is None else str(selector)))
+
+
+def decode_stream_line(line: dict[str, Any]) -> Event | StreamNotice:
+    """One line of ``GET /v1/events``: an event, or a heartbeat/gap/overflow notice."""
+    notice = _NOTICE_KINDS.get(str(line.get("kind") or ""))
+    if notice is None:
+        return decode_event(line)
+    return StreamNotice(kind=notice, at=float(line.get("at") or 0.0), seq=_opt_int(line.get("seq")),
+                        since=_opt_int(line.get("since")), first_available=_opt_int(line.get("first_available")),
+                        dropped=_opt_int(line.get("dropped")))
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _field_names(cls: type[Any]) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+def _plan(cls: type[Any]) -> list[_Step]:
+    hints = typing.get_type_hints(cls)
+    steps: list[_Step] = []
+    for f in dataclasses.fields(cls):
+        convert, zero = _converter(hints[f.name])
+        if f.default is not _MISSING:
+            steps.append((f.name, convert, f.default, None))
+        elif f.default_factory is not _MISSING:
+            steps.append((f.name, convert, None, f.default_factory))
+        else:
+            steps.append((f.name, convert, zero, None))
+    return steps
+
+
+def _converter(hint: Any) -> tuple[Convert | None, Any]:
+    """How to turn a JSON value into ``hint``, and the value a missing required field takes."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        convert, _ = _converter(inner[0]) if len(inner) == 1 else (None, None)
+        return convert, None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        item_convert, _ = _converter(item)
+        if item_convert is None:
+            return list, []
+        return (lambda value: [item_convert(v) for v in value]), []
+    if origin is dict:
+        return dict, {}
+    if hint is Event:
+        return decode_event, None
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return (lambda value: from_json(hint, value)), None
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return _enum_converter(hint), None
+    if hint is float:
+        return float, 0.0
+    if hint is int:
+        return int, 0
+    if hint is bool:
+        return bool, False
+    if hint is str:
+        return None, ""
+    return None, None
+
+
+def _enum_converter(enum: type[Enum]) -> Convert:
+    members = {member.value: member for member in enum}
+
+    def convert(value: Any) -> Any:
+        # a value this version does not know stays a plain string rather than failing the event
+        return members.get(value, value)
+
+    return convert
