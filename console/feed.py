@@ -714,8 +714,8 @@ def row_patch(event: EventRow) -> dict[str, Any]:
             patch["last_code"] = _int(data["code"])
         if "reason" in data:
             patch["last_reason"] = data["reason"]
-        if "failures" in data:
-            patch["failure_count"] = int(data["failures"] or 0)
+        if "failure_count" in data:
+            patch["failure_count"] = int(data["failure_count"] or 0)
         for name in ("next_refresh_at", "expires_at", "backoff_until"):
             if name in data:
                 patch[name] = _float(data[name])

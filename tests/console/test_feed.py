@@ -204,7 +204,7 @@ def test_events_update_rows_calls_pushes_and_logs() -> None:
     applied = model.apply([
         ev(1, "instance.state", "s000001", state="off", previous="proxied"),
         ev(2, "registration.status", "s000001", status="unauthorized", previous="registered"),
-        ev(3, "registration", "s000001", result="failed", code=403, reason="Forbidden", failures=2,
+        ev(3, "registration", "s000001", result="failed", code=403, reason="Forbidden", failure_count=2,
            next_refresh_at=NOW + 99, expires_at=None),
         ev(4, "call", "s000002", call_id="c1", push_id="p1", stage="Alerting-Device", caller="sip:x@y",
            received_at=NOW, t1_remaining=120.0, t2_remaining=None),
