@@ -19,7 +19,6 @@ from sipis.config import (
     ACROBITS_PNM_URL,
     APNS_URL,
     FCM_URL,
-    STARTER_CONFIG,
     STARTER_TOKEN_PLACEHOLDER,
     AcrobitsPush,
     ApnsPush,
@@ -35,6 +34,7 @@ from sipis.config import (
     parse_host_port,
     parse_sip_listen,
     ssh_public_key_problem,
+    starter_config,
     write_starter_config,
 )
 
@@ -599,17 +599,17 @@ def test_ssh_public_key_check() -> None:
 
 
 def test_starter_config_parses_to_a_valid_config() -> None:
-    c = parse_config(tomllib.loads(STARTER_CONFIG), BASE)
+    c = parse_config(tomllib.loads(starter_config()), BASE)
     assert c.api.enroll_tokens == (STARTER_TOKEN_PLACEHOLDER,)
     assert all(x.host == "127.0.0.1" for x in c.sip.listen)
     assert c.api.listen is not None and c.api.listen.host == "127.0.0.1"
     assert c.ssh.listen is None and c.operator.tcp_listen is None
-    assert STARTER_CONFIG.count(f'"{STARTER_TOKEN_PLACEHOLDER}"') == 1
+    assert starter_config().count(f'"{STARTER_TOKEN_PLACEHOLDER}"') == 1
 
 
 def test_starter_config_examples_parse_when_uncommented() -> None:
     # Uncomment every example key/table once ("# # x" stays a comment), with a real SSH key.
-    text = re.sub(r"(?m)^# (?=\[|\w+ = )", "", STARTER_CONFIG)
+    text = re.sub(r"(?m)^# (?=\[|\w+ = )", "", starter_config())
     text = text.replace("ssh-ed25519 AAAA... noc@example", ssh_key())
     text = text.replace('listen = ""  ', 'listen = "127.0.0.1:2222"  ')
     c = parse_config(tomllib.loads(text), BASE)
@@ -620,7 +620,7 @@ def test_starter_config_examples_parse_when_uncommented() -> None:
 
 
 def test_starter_config_comments_every_key() -> None:
-    for line in STARTER_CONFIG.splitlines():
+    for line in starter_config().splitlines():
         if re.match(r"^(# )?(# )?\w+ = ", line):
             assert "  # " in line.split(" = ", 1)[1], f"no comment: {line}"
 
