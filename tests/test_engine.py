@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from sipis.clock import FakeClock
-from sipis.engine import EngineSettings, RegistrationEngine
+from sipis.config import SipConfig
+from sipis.engine import RegistrationEngine
 from sipis.events import Event, EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget, RegStatus
 from sipis.sip.register import Outcome, RegisterResult
@@ -120,7 +121,7 @@ def make_harness(seed: int = 0, **settings: Any) -> Harness:
     events: list[Event] = []
     bus.subscribe(events.append)
     exchange = FakeExchange(clock)
-    engine = RegistrationEngine(exchange, bus, clock, EngineSettings(**settings), rng=random.Random(seed))
+    engine = RegistrationEngine(exchange, bus, clock, SipConfig(**settings), rng=random.Random(seed))
     return Harness(clock, exchange, engine, events)
 
 
