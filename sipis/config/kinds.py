@@ -195,6 +195,8 @@ MAX_SOCKET_PATH: Final = 107
 class SocketPath(StatePath):
     """A unix socket's path, which the kernel limits in length."""
 
+    doc = f"path (at most {MAX_SOCKET_PATH} bytes)"
+
     def read(self, value: object, table: TableReader, name: str) -> Path:
         return self._check(super().read(value, table, name), table, name)
 
@@ -348,6 +350,8 @@ class Strings(Kind[tuple[str, ...]]):
 
     def __init__(self, *, distinct: str | None = None) -> None:
         self.distinct = distinct  # what the items are, for the problem ("token")
+        if distinct:
+            self.doc = "array of strings, no two alike"
 
     def read(self, value: object, table: TableReader, name: str) -> tuple[str, ...]:
         if not isinstance(value, list):
@@ -369,7 +373,7 @@ class SipListens(Kind[tuple[SipListen, ...]]):
     """SIP listeners ``transport:host:port``: at least one, no two on one port."""
 
     what = "an array of strings"
-    doc = "array of `transport:host:port`"
+    doc = "array of `transport:host:port`, at least one"
 
     def read(self, value: object, table: TableReader, name: str) -> tuple[SipListen, ...]:
         if not isinstance(value, list):

@@ -168,7 +168,7 @@ class CallsConfig:
 
 @section(rules=(
     Check("ca_file", lambda v: v["ca_file"] is not None and not v["verify"],
-          "has no effect with {verify} = false; drop one of them", needs=("verify",)),
+          "has no effect with {verify} = false; drop one of them", needs=("verify",), doc="not with `verify = false`"),
 ))
 class PushProviderBase:
     """Settings every provider type shares. ``name`` is the ``NAME`` of ``[push.NAME]``."""

@@ -213,13 +213,17 @@ class Together(Rule):
 
 
 class Check(Rule):
-    """A condition on the section's values; ``message`` may name keys as ``{key}`` (full key)."""
+    """A condition on the section's values; ``message`` may name keys as ``{key}`` (full key),
+    ``doc`` is what the docs add to the meaning of ``key``."""
 
     def __init__(self, key: str, fails: Callable[[Mapping[str, Any]], bool], message: str,
-                 needs: tuple[str, ...] = ()) -> None:
+                 needs: tuple[str, ...] = (), doc: str | None = None) -> None:
         self.keys = (key, *needs)
-        self.key, self.fails, self.message = key, fails, message
+        self.key, self.fails, self.message, self.doc_text = key, fails, message, doc
 
     def apply(self, values: dict[str, Any], table: TableReader) -> None:
         if self.fails(values):
             table.error(self.key, self.message.format(**{name: table.key(name) for name in values}))
+
+    def doc(self) -> Mapping[str, str]:
+        return {self.key: self.doc_text} if self.doc_text else {}
