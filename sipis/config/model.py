@@ -177,7 +177,8 @@ class PushProviderBase:
     title: ClassVar[str]
     example_name: ClassVar[str]
     name: str
-    url: str = setting(Url(), "endpoint (acrobits, webhook) or base URL (fcm, apns)")
+    url: str = setting(Url(), "endpoint (acrobits, webhook) or base URL (fcm, apns; the APNs sandbox: "
+                       "`https://api.sandbox.push.apple.com`)")
     verify: bool = setting(Flag(), "check the provider's TLS certificate", default=True)
     ca_file: Path | None = setting(FilePath(), "trust only this CA", default=None, default_doc="system trust store",
                                    example=Path("mediator-ca.pem"))
@@ -211,7 +212,7 @@ class FcmPush(PushProviderBase):
 @section()
 class ApnsPush(PushProviderBase):
     type: ClassVar[str] = "apns"
-    title: ClassVar[str] = "Apple Push Notification service, token (`.p8`) auth; sandbox: `https://api.sandbox.push.apple.com`"
+    title: ClassVar[str] = "Apple Push Notification service, token (`.p8`) auth"
     example_name: ClassVar[str] = "ios"
     url: str = override(PushProviderBase, "url", default=APNS_URL)
     team_id: str = setting(APPLE_ID, "Apple developer team id", example="ABCDE12345")
