@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sipis.clock import Clock
+from sipis.config import AgeingConfig
 from sipis.instance import AppState, Instance
 
 if TYPE_CHECKING:
@@ -25,13 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class AgeingPolicy:
-    max_age: float = 3 * 86400.0
-    not_registered_max_age: float = 12 * 3600.0
-
-
-def ageing_reason(instance: Instance, now: float, policy: AgeingPolicy) -> str | None:
+def ageing_reason(instance: Instance, now: float, policy: AgeingConfig) -> str | None:
     """Why this instance must go off now, or None."""
     if instance.state is AppState.OFF or instance.disabled:
         return None
@@ -44,7 +38,7 @@ def ageing_reason(instance: Instance, now: float, policy: AgeingPolicy) -> str |
 
 
 class Ageing:
-    def __init__(self, service: InstanceService, clock: Clock, policy: AgeingPolicy) -> None:
+    def __init__(self, service: InstanceService, clock: Clock, policy: AgeingConfig) -> None:
         self.service = service
         self.clock = clock
         self.policy = policy

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from contract.documents import HeldCall as CallView
 from sipis.clock import Clock
+from sipis.config import CallsConfig
 from sipis.events import EventBus
 from sipis.instance import AppState, Instance
 from sipis.push.base import PushKind, Verdict
@@ -60,15 +61,6 @@ class Stage(StrEnum):
     PROGRESS = "Device-Making-Progress"
     RELEASING = "Releasing"
     ENDED = "Ended"
-
-
-@dataclass(frozen=True)
-class CallSettings:
-    wake_timeout: float = 120.0
-    answer_timeout: float = 120.0
-    release: str = "redirect"  # or "reject"
-    no_response_status: int = 480
-    no_response_reason: str = "Temporarily Unavailable"
 
 
 @dataclass(eq=False)
@@ -104,13 +96,13 @@ class CallError(LookupError):
 
 class CallManager:
     def __init__(self, *, service: InstanceService, delivery: PushDelivery, bus: EventBus, clock: Clock,
-                 timers: Timers, settings: CallSettings | None = None) -> None:
+                 timers: Timers, settings: CallsConfig | None = None) -> None:
         self.service = service
         self.delivery = delivery
         self.bus = bus
         self.clock = clock
         self.timers = timers
-        self.settings = settings or CallSettings()
+        self.settings = settings or CallsConfig()
         self.held: dict[str, HeldCall] = {}  # push_id → call
         self.recent: deque[HeldCall] = deque(maxlen=RECENT_CALLS)
         self.outcomes: dict[str, int] = {}

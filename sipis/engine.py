@@ -33,6 +33,7 @@ from enum import StrEnum
 from contract.events import Alarm, InstanceStateChanged, RegistrationResult, RegistrationStatusChanged
 from contract.kinds import AlarmKind
 from sipis.clock import Clock
+from sipis.config import SipConfig
 from sipis.events import EventBus
 from sipis.instance import AppState, Instance, RegStatus
 from sipis.sip.register import Outcome, RegisterResult
@@ -47,16 +48,8 @@ class Want(StrEnum):
     REMOVED = "removed"
 
 
-@dataclass(frozen=True)
-class EngineSettings:
-    register_expires: int = 600
-    refresh_min: float = 0.5
-    refresh_max: float = 0.8
-    register_rate: float = 200.0
-    backoff_base: float = 2.0
-    backoff_max: float = 300.0
-    unauthorized_retry: float = 3600.0
-    max_in_flight: int = 2000
+#: REGISTER exchanges running at once, at most.
+MAX_IN_FLIGHT = 2000
 
 
 @dataclass
@@ -110,11 +103,11 @@ class _Entry:
 
 class RegistrationEngine:
     def __init__(self, exchange: Exchange, bus: EventBus, clock: Clock,
-                 settings: EngineSettings | None = None, rng: random.Random | None = None) -> None:
+                 settings: SipConfig | None = None, rng: random.Random | None = None) -> None:
         self.exchange = exchange
         self.bus = bus
         self.clock = clock
-        self.settings = settings or EngineSettings()
+        self.settings = settings or SipConfig()
         self.rng = rng or random.Random()
         self._entries: dict[str, _Entry] = {}
         #: (due, selector): stale pairs are skipped when popped (the entry's own ``due`` differs)
@@ -187,14 +180,14 @@ class RegistrationEngine:
             entry.due = None  # also when already queued: a stale due would block every later _schedule
             if entry.queued:
                 continue
-            if not entry.paced and not entry.busy and len(self._tasks) < self.settings.max_in_flight:
+            if not entry.paced and not entry.busy and len(self._tasks) < MAX_IN_FLIGHT:
                 self.stats.note_unpaced_start(now - due)
                 self._start(entry)  # a routine refresh or a removal: on time, outside the bucket
                 continue
             entry.queued = True
             self._ready.append(selector)
         self._refill_tokens(now)
-        while self._ready and self._tokens >= 1.0 and len(self._tasks) < self.settings.max_in_flight:
+        while self._ready and self._tokens >= 1.0 and len(self._tasks) < MAX_IN_FLIGHT:
             selector = self._ready.popleft()
             entry = self._entries.get(selector)
             if entry is None:

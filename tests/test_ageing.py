@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, cast
 
 import pytest
 
-from sipis.ageing import Ageing, AgeingPolicy, ageing_reason
+from sipis.ageing import Ageing, ageing_reason
 from sipis.clock import FakeClock
+from sipis.config import AgeingConfig
 from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 NOW = 1_800_000_000.0
 DAY, HOUR = 86400.0, 3600.0
-POLICY = AgeingPolicy()  # 3 days / 12 hours
+POLICY = AgeingConfig()  # 3 days / 12 hours
 
 
 def make_instance(selector: str = "sel-1", state: AppState = AppState.PROXIED, *,
@@ -66,7 +67,7 @@ def test_inactive_and_unregistered_too_long_goes_off() -> None:
 
 
 def test_policy_values_are_used() -> None:
-    policy = AgeingPolicy(max_age=100.0, not_registered_max_age=10.0)
+    policy = AgeingConfig(max_age=100.0, not_registered_max_age=10.0)
     assert ageing_reason(make_instance(last_seen_ago=101), NOW, policy) is not None
     assert ageing_reason(make_instance(last_seen_ago=99), NOW, policy) is None
     inactive = make_instance(state=AppState.INACTIVE, last_seen_ago=1, unregistered_ago=11)

@@ -16,9 +16,10 @@ import pytest
 from contract.codec import payload_data
 from contract.documents import PushRecord
 from sipis.api.models import AccountIn, EnrollIn, PushIn
-from sipis.calls import CallManager, CallSettings, Stage
+from sipis.calls import CallManager, Stage
 from sipis.clock import FakeClock
-from sipis.engine import EngineSettings, RegistrationEngine
+from sipis.config import CallsConfig, SipConfig
+from sipis.engine import RegistrationEngine
 from sipis.events import Event, EventBus
 from sipis.instance import Instance
 from sipis.operations import Forbidden, Operations, Operator
@@ -134,12 +135,12 @@ def make_world(*, eager: bool = False, **call_settings: object) -> World:
     bus.subscribe(events.append)
     provider = FakeProvider(eager_send=eager)
     registrar = AcceptingRegistrar()
-    engine = RegistrationEngine(registrar, bus, clock, EngineSettings(register_rate=1000), rng=random.Random(3))
+    engine = RegistrationEngine(registrar, bus, clock, SipConfig(register_rate=1000), rng=random.Random(3))
     service = InstanceService(engine=engine, registrar=registrar, bus=bus, clock=clock,  # type: ignore[arg-type]
                               enroll_tokens=("e",))
     delivery = PushDelivery({"mediator": provider}, bus, clock, retry=RetryPolicy(max_attempts=3, backoff_base=0.0),
                             rng=random.Random(1))
-    settings = CallSettings(**{"wake_timeout": 10.0, "answer_timeout": 20.0, **call_settings})  # type: ignore[arg-type]
+    settings = CallsConfig(**{"wake_timeout": 10.0, "answer_timeout": 20.0, **call_settings})  # type: ignore[arg-type]
     calls = CallManager(service=service, delivery=delivery, bus=bus, clock=clock, timers=timers, settings=settings)
     service.calls = calls
     messages = TextMessages(service=service, delivery=delivery, bus=bus, clock=clock, max_body=1000)

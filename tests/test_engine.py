@@ -17,7 +17,8 @@ import pytest
 
 from contract.codec import payload_data
 from sipis.clock import FakeClock
-from sipis.engine import EngineSettings, RegistrationEngine
+from sipis.config import SipConfig
+from sipis.engine import RegistrationEngine
 from sipis.events import Event, EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget, RegStatus
 from sipis.sip.register import Outcome, RegisterResult
@@ -122,7 +123,7 @@ def make_harness(seed: int = 0, **settings: Any) -> Harness:
     events: list[Event] = []
     bus.subscribe(events.append)
     exchange = FakeExchange(clock)
-    engine = RegistrationEngine(exchange, bus, clock, EngineSettings(**settings), rng=random.Random(seed))
+    engine = RegistrationEngine(exchange, bus, clock, SipConfig(**settings), rng=random.Random(seed))
     return Harness(clock, exchange, engine, events)
 
 

@@ -13,8 +13,9 @@ import pytest
 from sipis.api.models import AccountIn, EnrollIn, PushIn
 from sipis.api.service_protocol import InstanceGone, ServiceError
 from sipis.clock import FakeClock
+from sipis.config import SipConfig
 from sipis.crypto import SecretBox, load_or_create_key
-from sipis.engine import EngineSettings, RegistrationEngine
+from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
 from sipis.instance import AppState, Instance, RegStatus
 from sipis.persistence import InstancePersistence
@@ -90,7 +91,7 @@ async def open_world(path: Path) -> World:
     writer = BatchedWriter(db, stores)
     writer.start()
     registrar = FakeRegistrar()
-    engine = RegistrationEngine(registrar, bus, clock, EngineSettings(register_rate=1000),
+    engine = RegistrationEngine(registrar, bus, clock, SipConfig(register_rate=1000),
                                 rng=random.Random(7))
     service = InstanceService(engine=engine, registrar=registrar, bus=bus, clock=clock,  # type: ignore[arg-type]
                               enroll_tokens=("enrol-me",), durable=writer.flush)
