@@ -1,0 +1,1 @@
+"""The operator contract: event kinds, alarm kinds, typed payloads, row/page types (shared by every layer)."""
