@@ -17,7 +17,7 @@ generated key; the screen is the client's output fed through pyte. The terminals
 **driver child process** (this file with ``--driver``), so emulating the terminal never takes time
 from the core's event loop whose lag is being measured. The core's SSH server spawns one console
 process per session; its command is wrapped by a small bootstrap (``python -c``, then exactly what
-``python -m console.cli`` does) that appends time stamps to a file: interpreter up, console imported,
+``python -m sipis_console`` does) that appends time stamps to a file: interpreter up, console imported,
 app mounted, first page and whole instance list requested / received / loaded, and every 1 Hz tick
 (with the console's GC time so far); optionally it runs cProfile (``--profile-console``). All times
 are ``CLOCK_MONOTONIC`` (``time.monotonic()``), the same clock in every process.
@@ -367,7 +367,7 @@ class Driver:
 
 # =========================================================================== the console bootstrap
 #
-# The console child's command: the same as ``python -m console.cli console --socket S --session-tty``
+# The console child's command: the same as ``python -m sipis_console console --socket S --session-tty``
 # plus time stamps appended to <marks dir>/<pid>.marks, and optionally cProfile for its whole life.
 
 BOOTSTRAP = r"""
@@ -392,7 +392,7 @@ if _profile_dir:
     atexit.register(_dump)
     if not _steady:
         _profiler.enable()
-import console.app, console.cli, console.feed
+import console.app, console.cli, console.feed, sipis_console.cli
 _mark("imported")
 _Feed, _Store, _App = console.feed.OperatorFeed, console.feed.InstanceStore, console.app.SipisConsole
 _instances = _Feed.instances
@@ -442,7 +442,7 @@ def _counted_tick(self):
             _profiler.enable()
 _App.tick = _counted_tick
 sys.argv = ["sipis-console", *sys.argv[3:]]
-sys.exit(console.cli.main())
+sys.exit(sipis_console.cli.main())
 """
 
 
@@ -704,9 +704,9 @@ class Bench:
 
         ssh.audit = audit
         command = list(ssh.command)
-        if "console.cli" not in command:
+        if "sipis_console" not in command:
             raise BenchError(f"unexpected console command {command}")
-        rest = command[command.index("console.cli") + 1:]
+        rest = command[command.index("sipis_console") + 1:]
         profile = ""
         if self.opts.profile_console is not None:
             profile = f"{self.opts.profile_phase}:{self.opts.profile_console}"
