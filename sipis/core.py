@@ -25,6 +25,7 @@ from sipis.config import Config, insecure_settings
 from sipis.crypto import SecretBox, load_or_create_key
 from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
+from sipis.lifecycle import InstanceLifecycle
 from sipis.operations import Operations
 from sipis.operator_api import OperatorContext, OperatorServer, OperatorSessions
 from sipis.persistence import InstancePersistence
@@ -71,6 +72,7 @@ class Core:
         self.writer: BatchedWriter | None = None
         self.endpoint: SipEndpoint | None = None
         self.engine: RegistrationEngine | None = None
+        self.lifecycle: InstanceLifecycle | None = None
         self.service: InstanceService | None = None
         self.api: ApiServer | None = None
         self.ageing: Ageing | None = None
@@ -115,18 +117,20 @@ class Core:
                                    default_registrar=sip.default_registrar, user_agent=sip.user_agent)
         self.engine = RegistrationEngine(registrar, self.bus, self.clock, sip)
         registrar.on_flow_lost = self.engine.flow_lost
-        self.service = InstanceService(engine=self.engine, registrar=registrar, bus=self.bus, clock=self.clock,
-                                       enroll_tokens=config.api.enroll_tokens, durable=self.writer.flush)
+        self.lifecycle = InstanceLifecycle(engine=self.engine, registrar=registrar, bus=self.bus, clock=self.clock)
         self.delivery = PushDelivery(build_providers(config.push), self.bus, self.clock)
         calls = config.calls
-        self.calls = CallManager(service=self.service, delivery=self.delivery, bus=self.bus, clock=self.clock,
+        self.calls = CallManager(lifecycle=self.lifecycle, delivery=self.delivery, bus=self.bus, clock=self.clock,
                                  timers=LoopTimers(), settings=calls)
-        self.service.calls = self.calls
-        self.messages = TextMessages(service=self.service, delivery=self.delivery, bus=self.bus, clock=self.clock,
-                                     max_body=calls.max_message_body)
+        self.service = InstanceService(lifecycle=self.lifecycle, registrar=registrar, bus=self.bus, clock=self.clock,
+                                       enroll_tokens=config.api.enroll_tokens, calls=self.calls,
+                                       durable=self.writer.flush)
+        self.messages = TextMessages(lifecycle=self.lifecycle, delivery=self.delivery, bus=self.bus,
+                                     clock=self.clock, max_body=calls.max_message_body)
         self.endpoint.handlers["INVITE"] = self.calls.on_invite
         self.endpoint.handlers["MESSAGE"] = self.messages.on_message
-        self.operations = Operations(service=self.service, delivery=self.delivery, bus=self.bus, clock=self.clock)
+        self.operations = Operations(service=self.service, lifecycle=self.lifecycle, delivery=self.delivery,
+                                     bus=self.bus, clock=self.clock)
         self._wire_operator(self.service, self.delivery, self.calls, self.operations, self.writer)
         persistence = InstancePersistence(self.writer, box, self.service.get, self.clock)
         restored = 0
@@ -138,7 +142,7 @@ class Core:
         log.info("restored %d instances", restored)
         self.bus.publish(None, CoreStarted(restored, config.node_name))
 
-        self.ageing = Ageing(self.service, self.clock, config.ageing)
+        self.ageing = Ageing(self.lifecycle, self.clock, config.ageing)
         self.ageing.start(config.ageing.check_interval)
 
         api = config.api

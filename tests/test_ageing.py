@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import pytest
 
@@ -15,10 +15,8 @@ from sipis.config import AgeingConfig
 from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget
+from sipis.lifecycle import InstanceLifecycle
 from sipis.sip.register import Outcome, RegisterResult
-
-if TYPE_CHECKING:
-    from sipis.service import InstanceService
 
 NOW = 1_800_000_000.0
 DAY, HOUR = 86400.0, 3600.0
@@ -110,11 +108,12 @@ async def test_not_registered_max_age_counts_from_the_take_over_not_the_last_han
         return RegisterResult(Outcome.FAILED, 503, "Service Unavailable", retry_after=60)
 
     engine = RegistrationEngine(exchange, EventBus(clock), clock, rng=random.Random(5))
+    lifecycle = InstanceLifecycle(engine=engine, registrar=None, bus=engine.bus, clock=clock)  # type: ignore[arg-type]
     instance = make_instance(state=AppState.ACTIVE, now=clock.wall())
-    engine.take_over(instance)
+    lifecycle.take_over(instance)
     engine.tick()
     await engine.drain()
-    engine.hand_back(instance)  # the app is back in the foreground ...
+    lifecycle.hand_back(instance, None)  # the app is back in the foreground ...
     clock.advance(1)
     engine.tick()
     await engine.drain()
@@ -122,7 +121,7 @@ async def test_not_registered_max_age_counts_from_the_take_over_not_the_last_han
 
     clock.advance(13 * HOUR)  # ... all day long, then goes to sleep while the PBX is down
     instance.app_last_seen = clock.wall()
-    engine.take_over(instance)
+    lifecycle.take_over(instance)
     engine.tick()
     await engine.drain()
     assert state_of(instance) is AppState.INACTIVE and instance.registration.failure_count == 1
@@ -148,7 +147,7 @@ class FakeService:
 
 
 def make_ageing(service: FakeService, clock: FakeClock) -> Ageing:
-    return Ageing(cast("InstanceService", service), clock, POLICY)
+    return Ageing(cast("InstanceLifecycle", service), clock, POLICY)
 
 
 async def test_sweep_retires_only_aged_instances() -> None:
