@@ -188,7 +188,7 @@ class RegistrationOut(BaseModel):
 
 
 class InstanceOut(BaseModel):
-    """Documentation of :meth:`sipis.instance.Instance.public_view`; never holds secrets."""
+    """Documentation of :class:`contract.documents.InstanceView`; never holds secrets."""
 
     selector: str
     state: str
