@@ -51,6 +51,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from contract.codec import decode_payload, encode_event, payload_data, to_json
 from contract.documents import PushRecord as PushPayload
+from contract.documents import WriterStatus
 from contract.events import InstanceDeleted, RegistrationResult
 from sipis.api.server import EmbeddedServer, bind_tcp
 from sipis.calls import CallManager
@@ -63,9 +64,7 @@ from sipis.push.delivery import PushDelivery, PushTrace
 from sipis.service import InstanceService
 from sipis.tls_certs import ensure_self_signed
 from sipis.trace import TraceRecorder
-from storage.records import AuditRecord, PushRecord
 from storage.repositories import Stores
-from storage.writer import WriterStatus
 
 log = logging.getLogger(__name__)
 
@@ -656,22 +655,8 @@ def push_view(trace: PushTrace) -> dict[str, Any]:
     return cast(dict[str, Any], to_json(trace.record()))
 
 
-def push_record_view(record: PushRecord) -> dict[str, Any]:
-    return {"selector": record.selector, "push_id": record.push_id, "kind": record.kind,
-            "provider": record.provider, "call_id": record.call_id, "attempt": record.attempt,
-            "outcome": record.outcome, "provider_code": record.provider_code, "provider_reason": None,
-            "latency_ms": record.latency_ms, "error": record.error, "replay_of": record.replay_of,
-            "stages": dict(record.stages), "request_summary": dict(record.request_summary)}
-
-
 def audit_event_view(event: Event) -> dict[str, Any]:
     return {**payload_data(event.payload), "at": event.at}
-
-
-def audit_record_view(record: AuditRecord) -> dict[str, Any]:
-    return {"id": record.id, "at": record.at, "operator": record.operator, "role": record.role,
-            "action": record.action, "target": record.target, "outcome": record.outcome,
-            "detail": dict(record.detail)}
 
 
 def _percentile(sorted_values: list[float], fraction: float) -> float | None:
@@ -891,7 +876,7 @@ def create_operator_app(ctx: OperatorContext) -> FastAPI:
             except Exception:
                 log.exception("reading pushes of %s failed", selector)
                 records = []
-            stored = [push_record_view(r) for r in records if r.push_id not in known]
+            stored = [to_json(r) for r in records if r.push_id not in known]
         return (stored + memory)[-DETAIL_PUSHES:]
 
     @app.get("/v1/instances/{selector}")
@@ -900,9 +885,8 @@ def create_operator_app(ctx: OperatorContext) -> FastAPI:
         timeline = {e.seq: encode_event(e) for e in ctx.ring.for_selector(selector, TIMELINE_LIMIT)}
         if ctx.stores is not None and len(timeline) < TIMELINE_LIMIT:
             try:
-                for record in await ctx.stores.events.recent(TIMELINE_LIMIT, selector=selector):
-                    timeline.setdefault(record.seq, {"seq": record.seq, "at": record.at, "kind": record.kind,
-                                                     "selector": record.selector, "data": record.data})
+                for event in await ctx.stores.events.recent(TIMELINE_LIMIT, selector=selector):
+                    timeline.setdefault(event.seq, encode_event(event))
             except Exception:
                 log.exception("reading the timeline of %s failed", selector)
         events = [timeline[seq] for seq in sorted(timeline)][-TIMELINE_LIMIT:]
@@ -923,7 +907,7 @@ def create_operator_app(ctx: OperatorContext) -> FastAPI:
         stored: list[dict[str, Any]] = []
         if ctx.stores is not None:
             try:
-                stored = [push_record_view(r) for r in await ctx.stores.pushes.for_call(call_id)
+                stored = [to_json(r) for r in await ctx.stores.pushes.for_call(call_id)
                           if r.push_id not in known]
             except Exception:
                 log.exception("reading pushes of call %s failed", call_id)
@@ -959,7 +943,7 @@ def create_operator_app(ctx: OperatorContext) -> FastAPI:
             except Exception:
                 log.exception("reading pushes failed")
                 records = []
-            stored = [push_record_view(r) for r in records if r.push_id not in known]
+            stored = [to_json(r) for r in records if r.push_id not in known]
         return JSONResponse(jsonable((stored + memory)[-limit:]))
 
     @app.get("/v1/audit")
@@ -968,7 +952,7 @@ def create_operator_app(ctx: OperatorContext) -> FastAPI:
         if ctx.stores is not None:
             try:
                 for record in await ctx.stores.audit.recent(limit):
-                    rows.setdefault(record.id, audit_record_view(record))
+                    rows.setdefault(record.id, to_json(record))
             except Exception:
                 log.exception("reading the audit log failed")
         ordered = sorted(rows.values(), key=lambda r: float(r["at"]))
