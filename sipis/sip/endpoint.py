@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from sipis.clock import Clock, SystemClock
+from sipis.clock import Clock
 from sipis.sip.message import (
     Message,
     Request,
     Response,
     SipParseError,
     make_response,
-    new_branch,
+    make_via,
     new_tag,
 )
 from sipis.sip.transaction import (
@@ -190,8 +191,9 @@ class SipEndpoint:
         #: someone who keeps dialogs takes it here (a proxy passes it on, a callee ends its wait)
         self.unmatched_ack: Callable[[Request, Flow], None] | None = None
         self._servers: dict[int, IncomingRequest] = {}
-        self.clock: Clock = clock or SystemClock()
-        self._now = self.clock.monotonic  # read for every message
+        # read for every message: without a clock of its own, time.monotonic() (SystemClock's)
+        # itself, not through SystemClock.monotonic (a Python frame per read)
+        self._now: Callable[[], float] = time.monotonic if clock is None else clock.monotonic
         self._scheduler: Timers = scheduler or LoopTimers()
         self._timer: TimerHandle | None = None  # the one wake-up, armed at the table's next deadline
         self._timer_at = 0.0  # when self._timer fires
@@ -235,7 +237,7 @@ class SipEndpoint:
 
     def add_via(self, request: Request, flow: Flow) -> str:
         """Put our Via (new branch, ``rport``) on top; returns the branch."""
-        branch, via = self.new_via(flow)
+        branch, via = make_via(flow.transport, flow.local)
         headers = request.headers
         headers.prepend("Via", via)
         if "Max-Forwards" not in headers:
@@ -243,17 +245,6 @@ class SipEndpoint:
         if "User-Agent" not in headers and self.user_agent:
             headers.add("User-Agent", self.user_agent)
         return branch
-
-    def new_via(self, flow: Flow) -> tuple[str, str]:
-        """(branch, Via value) of our Via for a new request on ``flow``, as :meth:`add_via` puts
-        it on, for callers that build the request's headers in one go: such a request must also
-        get ``Max-Forwards: 70`` and our ``User-Agent`` (unless it has its own) like add_via adds."""
-        branch = new_branch()
-        host, port = flow.local
-        if ":" in host:
-            host = f"[{host}]"
-        # str(Via(transport, host, port, {"rport": None, "branch": branch})), written directly
-        return branch, f"SIP/2.0/{flow.transport.upper()} {host}:{port};rport;branch={branch}"
 
     async def request(self, request: Request, flow: Flow, *,
                       on_provisional: ProvisionalHandler | None = None,
@@ -395,10 +386,12 @@ class SipEndpoint:
 
     def _run(self, tx: Transaction, actions: list[Action]) -> None:
         """Execute what an event on ``tx`` produced, record it in the table and keep the wake-up
-        in time for the table's next deadline."""
+        in time for the table's next deadline: only ``tx`` can have moved that earlier."""
         self._execute(tx, actions)
         self.table.update(tx, actions)
-        self._schedule()
+        deadline = tx.next_deadline
+        if deadline is not None and (self._timer is None or deadline < self._timer_at):
+            self._arm(deadline)
 
     def _execute(self, tx: Transaction, actions: list[Action]) -> None:
         for action in actions:
@@ -464,18 +457,14 @@ class SipEndpoint:
         else:
             self._servers.pop(id(tx), None)
 
-    def _schedule(self) -> None:
-        """Arm the wake-up for the table's next deadline when that is earlier than the one armed.
-
-        A later one leaves it be: it fires early, finds nothing due and is armed again
-        (:meth:`_fire`), which is cheaper than re-arming whenever the earliest transaction ends.
-        """
-        when = self.table.next_deadline()
-        if when is not None and (self._timer is None or when < self._timer_at):
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = when
-            self._timer = self._scheduler.call_later(when - self._now(), self._fire)
+    def _arm(self, when: float) -> None:
+        """The one wake-up, at ``when``. A deadline that moved later leaves it be: it fires early,
+        finds nothing due and is armed again (:meth:`_fire`), cheaper than re-arming whenever the
+        earliest transaction ends."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._scheduler.call_later(when - self._now(), self._fire)
 
     def _fire(self) -> None:
         self._timer = None
@@ -483,7 +472,9 @@ class SipEndpoint:
         now = max(self._timer_at, self._now())
         for tx, actions in self.table.on_timer(now):
             self._execute(tx, actions)
-        self._schedule()
+        when = self.table.next_deadline()
+        if when is not None and (self._timer is None or when < self._timer_at):
+            self._arm(when)
 
     @property
     def pending_transactions(self) -> int:

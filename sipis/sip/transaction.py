@@ -292,7 +292,11 @@ class Transaction:
     @property
     def next_deadline(self) -> float | None:
         """When ``on_timer`` must next be called; ``None`` when no timer is armed."""
-        return min(self._deadlines.values(), default=None)
+        earliest: float | None = None
+        for deadline in self._deadlines.values():
+            if earliest is None or deadline < earliest:
+                earliest = deadline
+        return earliest
 
     @property
     def armed_timers(self) -> dict[Timer, float]:
