@@ -567,8 +567,10 @@ class DigestSession:
         username = credentials.username
         if challenge.userhash:
             username = userhash(algorithm, username, realm)
-        # RFC 7616 §3.4: algorithm, qop and nc are never quoted.
-        if _plain(username + realm + nonce + uri + (cnonce or "")):  # quote() only adds the quotes
+        # RFC 7616 §3.4: algorithm, qop and nc are never quoted. Values that need no escaping (as
+        # good as all) are quoted here at once instead of by quote() one by one, which cost 0.9 %
+        # of a registration's instructions (register_rate under callgrind, UDP: 3.8k of 415k).
+        if _plain(username + realm + nonce + uri + (cnonce or "")):
             value = (f'Digest username="{username}", realm="{realm}", nonce="{nonce}", uri="{uri}", '
                      f'response="{response}", algorithm={algorithm}')
             if qop is not None:

@@ -110,6 +110,8 @@ class _ClientInvite(ClientInviteTransaction):
 
 
 ClientTransaction = _ClientNonInvite | _ClientInvite
+#: for isinstance: a tuple, which the compiled form checks directly (``A | B`` builds a union each time)
+_CLIENT_TYPES = (_ClientNonInvite, _ClientInvite)
 
 
 class IncomingRequest:
@@ -210,7 +212,7 @@ class SipEndpoint:
             self._timer.cancel()
             self._timer = None
         for tx in self.table:
-            if isinstance(tx, _ClientNonInvite | _ClientInvite):
+            if isinstance(tx, _CLIENT_TYPES):
                 waiter, tx.waiter, tx.on_provisional = tx.waiter, None, None
                 if isinstance(waiter, ResponseCallback):
                     _call(waiter.cancel)
@@ -254,7 +256,7 @@ class SipEndpoint:
         ``branch`` is what :meth:`add_via` returned for this request: passing it spares reading
         the Via back. Without it the branch is taken from the request.
         """
-        future: asyncio.Future[Response] = (self._loop or self.loop).create_future()
+        future: asyncio.Future[Response] = self.loop.create_future()
         self.send_request(request, flow, future, on_provisional=on_provisional, branch=branch)
         try:
             return await future
@@ -267,9 +269,8 @@ class SipEndpoint:
                      branch: str | None = None) -> None:
         """Start a client transaction on ``flow`` whose final response goes to ``waiter``: a
         future (what :meth:`request` awaits) or a :class:`ResponseCallback`."""
-        # ClientKey(branch, CSeq method), made as the tuple it is (its __new__ is Python code)
-        key = tuple.__new__(ClientKey, (branch, request.cseq[1])) if branch else None
-        reliable = flow.transport != "udp"  # flow.reliable
+        key = ClientKey(branch, request.cseq[1]) if branch else None
+        reliable = flow.reliable
         tx: ClientTransaction
         if request.method == "INVITE":
             tx = _ClientInvite(request, reliable=reliable, timers=self.timers, key=key)
@@ -374,7 +375,7 @@ class SipEndpoint:
     def _on_flow_closed(self, flow: Flow, reason: str) -> None:
         if flow.reliable:  # no response can arrive on a closed connection any more: 503 at once
             for tx in list(self.table):
-                if isinstance(tx, _ClientNonInvite | _ClientInvite) and tx.flow is flow:
+                if isinstance(tx, _CLIENT_TYPES) and tx.flow is flow:
                     self._run(tx, tx.on_transport_error(self.now()))
         for listener in list(self.flow_closed_listeners):
             try:
@@ -408,7 +409,7 @@ class SipEndpoint:
                     log.info("server transaction %s failed: %d %s", tx, action.status, action.reason)
 
     def _transmit(self, tx: Transaction, message: Message) -> None:
-        flow = tx.flow if type(tx) is _ClientNonInvite else self._flow_of(tx)
+        flow = self._flow_of(tx)
         try:
             if flow is None:
                 raise TransportError("transaction has no flow")
@@ -421,13 +422,13 @@ class SipEndpoint:
             self.loop.call_soon(lambda: self._run(tx, tx.on_transport_error(self.now())))
 
     def _flow_of(self, tx: Transaction) -> Flow | None:
-        if isinstance(tx, _ClientNonInvite | _ClientInvite):
+        if isinstance(tx, _CLIENT_TYPES):
             return tx.flow
         server = self._servers.get(id(tx))
         return server.flow if server is not None else None
 
     def _pass_response(self, tx: Transaction, response: Response) -> None:
-        if type(tx) is not _ClientNonInvite and not isinstance(tx, _ClientInvite):
+        if not isinstance(tx, _CLIENT_TYPES):
             return
         waiter = tx.waiter
         if waiter is None:
@@ -447,7 +448,7 @@ class SipEndpoint:
 
     def _terminate(self, tx: Transaction) -> None:
         self.table.remove(tx)
-        if isinstance(tx, _ClientNonInvite | _ClientInvite):
+        if isinstance(tx, _CLIENT_TYPES):
             waiter, tx.waiter, tx.on_provisional = tx.waiter, None, None
             error = TransportError("transaction ended without a final response")
             if isinstance(waiter, ResponseCallback):

@@ -876,7 +876,7 @@ def _checked_field(name: str, value: str) -> tuple[str, str, str]:
     value = str(value)
     if "\r" in value or "\n" in value or "\x00" in value:
         raise ValueError(f"refusing header {canonical[:40]!r}: {value[:40]!r}")
-    return canonical, _KEYS.get(canonical) or canonical.lower(), value  # header_key(canonical)
+    return canonical, header_key(canonical), value
 
 
 # --------------------------------------------------------------------------- messages
@@ -1046,10 +1046,7 @@ class Request(_Message):
 
     def __init__(self, method: str, uri: str | SipURI, headers: Headers | None = None,
                  body: bytes = b"") -> None:
-        # _Message.__init__, inlined (a message is made for every one sent or received)
-        self.headers = headers if headers is not None else Headers()
-        self.body = body
-        self._top_via_raw = self._top_via = self._cseq_cache = self._branch_cache = self._wire = None
+        super().__init__(headers if headers is not None else Headers(), body)
         self.method = method.upper()
         self.uri = uri if type(uri) is str else str(uri)
 
@@ -1087,10 +1084,7 @@ class Response(_Message):
 
     def __init__(self, status: int, reason: str | None = None, headers: Headers | None = None,
                  body: bytes = b"") -> None:
-        # _Message.__init__, inlined (a message is made for every one sent or received)
-        self.headers = headers if headers is not None else Headers()
-        self.body = body
-        self._top_via_raw = self._top_via = self._cseq_cache = self._branch_cache = self._wire = None
+        super().__init__(headers if headers is not None else Headers(), body)
         self.status = status
         self.reason = REASON_PHRASES.get(status, "Unknown") if reason is None else reason
 

@@ -327,8 +327,9 @@ def build_register(binding: Binding, expires: int, authorization: tuple[str, str
     binding.cseq += 1
     branch, via = make_via(transport, local)
     aor = binding.aor
-    # From and To name the AOR without its password, parameters and headers (written as
-    # str(NameAddr(...)) would, without building the objects: this runs for every REGISTER).
+    # From and To name the AOR without its password, parameters and headers, written as
+    # str(NameAddr(...)) would: building the objects to print them cost 6 % of a registration's
+    # instructions (register_rate under callgrind, UDP: 25k of 415k)
     hostport = aor.host if aor.port is None else f"{aor.host}:{aor.port}"
     aor_uri = f"{aor.scheme}:{aor.user}@{hostport}" if aor.user is not None else f"{aor.scheme}:{hostport}"
     contact_uri = binding.contact_uri or _contact_uri(binding, transport, local)
