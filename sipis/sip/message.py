@@ -267,7 +267,10 @@ def _parse_generic_params(text: str) -> dict[str, str | None]:
     text = text.strip()
     if not text:
         return params
-    if _PLAIN_PARAMS.fullmatch(text):  # the usual case: no odd or empty parameters
+    if _PLAIN_PARAMS.fullmatch(text):
+        # the usual case, no odd or empty parameters, read in one go: the loop below cost 4.9 %
+        # of a registration's instructions on TCP, where Kamailio adds received="..." to our
+        # Contact (register_rate under callgrind: 23k of 471k)
         return _plain_params(text)
     if not text.startswith(";"):
         raise SipParseError(f"junk before parameters: {text[:80]!r}")
@@ -418,6 +421,7 @@ class SipURI:
             rest = hostpart
         if "?" not in rest and ";" not in rest and "[" not in rest and " " not in rest:
             # the usual host[:port] alone: _split_hostport without its IPv6 and spacing cases
+            # (0.9 % of a registration's instructions: register_rate under callgrind, UDP: 4k of 452k)
             host, colon, port_text = rest.partition(":")
             if _HOST.fullmatch(host) is not None and (
                     not colon or (_is_digits(port_text, 5) and 0 < int(port_text) < 65536)):
@@ -643,6 +647,9 @@ _VIA_TRANSPORTS = {name: name.upper() for upper in ("UDP", "TCP", "TLS", "SCTP",
 # The Via most peers write, "SIP/2.0/UDP host:port;branch=..;rport=..", in one tight match: a
 # transport, a host name or IPv4 address, a port, and parameters of token characters, "=" and ";"
 # only (whether they make well-formed parameters is checked apart, far faster than a regex can).
+# Reading every Via the general way instead (and building it for each response, whose branch is
+# all we need) cost 15 % of a registration's instructions (register_rate under callgrind, UDP:
+# 69k of 452k).
 _QUICK_VIA = re.compile(r"SIP/2\.0/([A-Za-z]+) ([A-Za-z0-9\-._]+)(?::([0-9]{1,5}))?"
                         r"(;[;=A-Za-z0-9\-.!%*_+`'~]*)?")
 _QUICK_VIA_PARAM = re.compile(r";([^;=]+)=?([^;]*)")
@@ -1033,7 +1040,9 @@ def parse_cseq(value: str | None) -> tuple[int, str]:
     parts = value.split()
     if len(parts) == 2 and parts[1] in _METHODS and parts[0].isdigit() and parts[0].isascii() \
             and len(parts[0]) <= 20:
-        return int(parts[0]), parts[1]  # the usual case, checked as below without the regex
+        # the usual case, checked as below without the regex (0.6 % of a registration's
+        # instructions: register_rate under callgrind, UDP: 2.8k of 452k)
+        return int(parts[0]), parts[1]
     # Numbers of 2**31 and more are wrong too (RFC 3261 §8.1.1.5) but still readable, so the
     # request validation reports them and a 400 that echoes them can be parsed.
     if len(parts) != 2 or not _is_digits(parts[0], 20) or not is_token(parts[1]):
@@ -1321,7 +1330,8 @@ def _parse_start_line(start: str, headers: Headers, problems: list[str], clean: 
     """
     if start[:8] == "SIP/2.0 " and len(start) >= 11 and start[8:11].isdigit() and start[8] in "123456" and \
             (len(start) == 11 or start[11] == " ") and start.isascii():
-        # the usual "SIP/2.0 200 OK": what _STATUS_LINE would match, without the regex
+        # the usual "SIP/2.0 200 OK": what _STATUS_LINE would match, without the regex (1.4 % of
+        # a registration's instructions: register_rate under callgrind, UDP: 6.5k of 452k)
         reason = start[12:].strip(" \t")
         if not clean and _CONTROL.search(reason):
             raise SipParseError(f"control character in reason phrase {reason[:80]!r}")

@@ -439,7 +439,9 @@ def _granted_expires(response: Response, binding: Binding, requested: int) -> in
         if echoed is not None and value.startswith(echoed):
             params = value[len(echoed):]
             if params.startswith(";expires=") and params[9:].isdigit() and params[9:].isascii():
-                return int(params[9:])  # just ";expires=N": what _parse_generic_params reads
+                # just ";expires=N": what _parse_generic_params reads (reading it cost 1.2 % of a
+                # registration's instructions: register_rate under callgrind, UDP: 5.6k of 452k)
+                return int(params[9:])
             expires = _parse_generic_params(params).get("expires")
         else:
             if ours is None:

@@ -1,6 +1,6 @@
 """The REGISTER hot path's shortcuts behave like the general code they stand in for.
 
-Header index and prepend, the one-pass parse of plain header blocks, Via and parameter fast paths,
+Header index and prepend, the header reader on plain and odd blocks, Via and parameter fast paths,
 list splitting, the registrar-contact check that parses only candidates, the known client key,
 the release of ended transactions, coalesced stream writes and drained UDP sockets.
 """
@@ -113,13 +113,21 @@ PLAIN = (b"SIP/2.0 200 OK\r\n"
 @pytest.mark.parametrize("variant", [
     PLAIN.replace(b"\r\n", b"\n"),                      # bare LF
     PLAIN.replace(b"Call-ID: c1", b"Call-ID:   c1 \t"),  # spaces around the value
-    PLAIN.replace(b"CSeq: 2 REGISTER", b"CSeq: 2\r\n REGISTER"),  # folded: the general reader
+    PLAIN.replace(b"CSeq: 2 REGISTER", b"CSeq: 2\r\n REGISTER"),  # folded
     PLAIN.replace(b"From:", b"f  :"),                   # compact form, space before the colon
 ])
-def test_plain_and_general_header_readers_agree(variant: bytes) -> None:
+def test_odd_but_valid_header_blocks_read_like_the_plain_one(variant: bytes) -> None:
     reference, other = parse_message(PLAIN), parse_message(variant)
     assert list(other.headers) == list(reference.headers)
     assert other.shared_top_via() == reference.shared_top_via() and other.cseq == reference.cseq
+
+
+@pytest.mark.parametrize("line", [b"Expires", b"X-Odd", b": 1", b"Bad Name: 1"])
+def test_a_line_that_is_no_field_fails_whatever_its_name(line: bytes) -> None:
+    request = sip_request("OPTIONS").replace(b"Content-Length", line + b"\r\nContent-Length")
+    with pytest.raises(SipParseError, match="bad header line") as caught:
+        parse_message(request)
+    assert caught.value.partial is not None  # what a response is built from is intact: a 400
 
 
 def test_a_control_character_still_fails_the_field() -> None:
