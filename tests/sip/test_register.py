@@ -268,6 +268,12 @@ def verdict(step: Request | RegisterResult) -> RegisterResult:
     return step
 
 
+def answering(alice: Binding, nonce: str = "n1") -> tuple[RegisterExchange, Request]:
+    """A new exchange for ``alice`` whose first REGISTER was challenged: it and the REGISTER answering."""
+    machine = exchange(alice)
+    return machine, next_request(machine.on_response(challenge(machine.start(0.0), nonce), 0.0))
+
+
 def test_a_challenge_is_answered_by_a_new_transaction_without_the_to_tag() -> None:
     alice = binding()
     machine = exchange(alice)
@@ -293,8 +299,7 @@ def test_a_407_is_answered_with_proxy_credentials() -> None:
 
 def test_a_refresh_offers_the_accepted_credentials_to_the_same_registrar_only() -> None:
     alice = binding()
-    machine = exchange(alice)
-    second = next_request(machine.on_response(challenge(machine.start(0.0), "n1"), 0.0))
+    machine, second = answering(alice)
     assert verdict(machine.on_response(bound(second), 0.0)).ok
     refresh = exchange(alice).start(100.0)
     params = credentials(refresh)
@@ -304,8 +309,7 @@ def test_a_refresh_offers_the_accepted_credentials_to_the_same_registrar_only() 
 
 def test_refused_offered_credentials_are_answered_and_not_offered_that_old_again() -> None:
     alice = binding()
-    machine = exchange(alice)
-    second = next_request(machine.on_response(challenge(machine.start(0.0), "n1"), 0.0))
+    machine, second = answering(alice)
     verdict(machine.on_response(bound(second), 0.0))
     machine = exchange(alice)
     offered = machine.start(40.0)
@@ -317,15 +321,13 @@ def test_refused_offered_credentials_are_answered_and_not_offered_that_old_again
 
 
 def test_a_challenge_repeated_for_fresh_credentials_is_unauthorized() -> None:
-    machine = exchange(binding())
-    second = next_request(machine.on_response(challenge(machine.start(0.0), "n1"), 0.0))
+    machine, second = answering(binding())
     result = verdict(machine.on_response(challenge(second, "n2"), 0.0))
     assert (result.outcome, result.status, result.detail) == (Outcome.UNAUTHORIZED, 401, "credentials rejected")
 
 
 def test_a_stale_challenge_repeating_a_nonce_is_a_loop() -> None:
-    machine = exchange(binding())
-    second = next_request(machine.on_response(challenge(machine.start(0.0), "n1"), 0.0))
+    machine, second = answering(binding())
     result = verdict(machine.on_response(challenge(second, "n1", stale=True), 0.0))
     assert (result.outcome, result.detail) == (Outcome.UNAUTHORIZED, "challenge loop")
 
@@ -339,8 +341,7 @@ def test_a_challenge_without_a_digest_we_can_answer_is_unauthorized() -> None:
 
 
 def test_423_is_retried_once_with_min_expires_and_the_next_nc() -> None:
-    machine = exchange(binding())
-    second = next_request(machine.on_response(challenge(machine.start(0.0), "n1"), 0.0))
+    machine, second = answering(binding())
     third = next_request(machine.on_response(make_response(second, 423, headers=[("Min-Expires", "600")]), 0.0))
     assert third.headers.get("Expires") == "600" and ";expires=600" in (third.headers.get("Contact") or "")
     params = credentials(third)
@@ -360,8 +361,7 @@ def test_423_without_a_usable_min_expires_is_rejected(min_expires: str | None) -
 
 def test_403_to_offered_credentials_stops_offering_them() -> None:
     alice = binding()
-    machine = exchange(alice)
-    second = next_request(machine.on_response(challenge(machine.start(0.0), "n1"), 0.0))
+    machine, second = answering(alice)
     verdict(machine.on_response(bound(second), 0.0))
     machine = exchange(alice)
     result = verdict(machine.on_response(make_response(machine.start(1.0), 403), 1.0))
