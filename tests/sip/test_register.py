@@ -17,15 +17,16 @@ from dataclasses import dataclass, field
 import pytest
 
 from lab.digest_server import AuthorizationParams, make_challenge, verify_authorization
+from sipis.clock import FakeClock
 from sipis.sip.digest import Challenge, Credentials, DigestError, DigestSession, _NonceState
 from sipis.sip.endpoint import EndpointSettings, IncomingRequest, SipEndpoint
 from sipis.sip.message import Request, Response, SipURI, _Message, make_response, parse_message
 from sipis.sip.register import Binding, Outcome, RegisterExchange, RegisterResult, build_register, register
-from sipis.sip.transaction import TimerSettings
 from sipis.sip.transport import Flow, ListenSpec, TransportName
+from sipis.timers import FakeTimers
 from tests.sip.test_transport import HOST, WAIT
+from tests.waiting import wait_for
 
-TIMERS = TimerSettings(t1=0.01, t2=0.04, t4=0.05, timer_d=0.1)
 REALM = "example.test"
 PASSWORD = "s3cret"
 
@@ -79,9 +80,16 @@ class Registrar:
 
 
 @pytest.fixture
-async def registrar() -> AsyncIterator[Registrar]:
+def scheduler() -> FakeTimers:
+    """The fake clock both endpoints run their SIP timers on: nothing is retransmitted unless a
+    test moves it on."""
+    return FakeTimers(FakeClock())
+
+
+@pytest.fixture
+async def registrar(scheduler: FakeTimers) -> AsyncIterator[Registrar]:
     endpoint = SipEndpoint(EndpointSettings(listen=[ListenSpec("udp", HOST, 0), ListenSpec("tcp", HOST, 0)],
-                                            timers=TIMERS, keepalive_interval=0))
+                                            keepalive_interval=0), clock=scheduler.clock, scheduler=scheduler)
     await endpoint.start()
     made = Registrar(endpoint)
     endpoint.handlers["REGISTER"] = made
@@ -90,8 +98,8 @@ async def registrar() -> AsyncIterator[Registrar]:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[SipEndpoint]:
-    endpoint = SipEndpoint(EndpointSettings(timers=TIMERS, keepalive_interval=0))
+async def client(scheduler: FakeTimers) -> AsyncIterator[SipEndpoint]:
+    endpoint = SipEndpoint(EndpointSettings(keepalive_interval=0), clock=scheduler.clock, scheduler=scheduler)
     await endpoint.start()
     yield endpoint
     await endpoint.close()
@@ -193,8 +201,9 @@ async def test_a_cancelled_register_sends_no_further_round(registrar: Registrar,
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(0.2)
-    assert [s.answer for s in registrar.seen] == [401]  # its 401 was not answered
+    # the 401 has come back once the transaction is done (in Completed, kept as its key)
+    await wait_for(lambda: client.pending_transactions == 1 and len(client.table) == 0, WAIT, "the 401")
+    assert [s.answer for s in registrar.seen] == [401]  # and it was not answered
 
 
 async def test_what_answering_a_challenge_raises_comes_out_of_register(
