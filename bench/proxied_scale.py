@@ -365,8 +365,8 @@ def enrol_and_sleep(world: World, instance: Instance) -> None:
 
 
 def endpoint_timers(world: World) -> int:
-    """Entries in the endpoint's deadline heap: each keeps its transaction (request and response)."""
-    return len(getattr(world.endpoint, "_heap", ()))
+    """Entries in the transaction table's deadline heap: each keeps its transaction (request and response)."""
+    return len(world.endpoint.table._heap)
 
 
 def trace_bytes(world: World, n: int) -> float | None:

@@ -53,6 +53,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
+from lab.digest_server import AuthorizationParams, make_challenge, verify_authorization
 from lab.kamailio import LOAD_PASSWORD, USERS, KamailioError, UlContact, free_port, make_self_signed_cert
 from lab.pbx_location import (
     ContactUpdate,
@@ -62,7 +63,7 @@ from lab.pbx_location import (
     PbxBinding,
     unquote,
 )
-from sipis.sip.digest import AuthorizationParams, DigestError, make_challenge, verify_authorization
+from sipis.sip.digest import DigestError
 from sipis.sip.endpoint import EndpointSettings, IncomingRequest, SipEndpoint
 from sipis.sip.message import NameAddr, Request, Response, SipParseError, SipURI, header_key
 from sipis.sip.transaction import build_cancel, synthetic_response

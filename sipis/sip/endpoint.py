@@ -1,7 +1,11 @@
 """The SIP endpoint: transports + the sans-I/O transaction layer, driven by asyncio.
 
 It runs the transaction objects from :mod:`sipis.sip.transaction`: executes their actions (send,
-pass up, terminate), keeps one heap of their deadlines and fires their timers. Above it, the
+pass up, terminate) and keeps one timer armed at the transaction table's next deadline, the way
+aioquic's asyncio protocol drives its connection: the table is the only schedule, the endpoint
+asks it when to wake and has it fire what is due. Time comes from an injected
+:class:`~sipis.clock.Clock` and the one wake-up from injected :class:`~sipis.timers.Timers` (the
+running loop's by default), so tests drive every SIP timer with a fake clock. Above it, the
 transaction user (registration engine, held calls) sees two things:
 
 * :meth:`SipEndpoint.request` — send a request on a flow, await its final response (transport
@@ -18,21 +22,19 @@ in-dialog requests (we never keep dialogs: calls are redirected or rejected).
 from __future__ import annotations
 
 import asyncio
-import collections
-import heapq
-import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from sipis.clock import Clock
 from sipis.sip.message import (
     Message,
     Request,
     Response,
     SipParseError,
     make_response,
-    new_branch,
+    make_via,
     new_tag,
 )
 from sipis.sip.transaction import (
@@ -43,17 +45,15 @@ from sipis.sip.transaction import (
     PassResponse,
     ServerInviteTransaction,
     ServerNonInviteTransaction,
-    State,
     Terminate,
-    Timer,
     TimerSettings,
     Transaction,
     TransactionFailed,
     TransactionTable,
     Transmit,
-    client_key,
 )
 from sipis.sip.transport import Flow, ListenSpec, TlsSettings, TransportError, TransportLayer
+from sipis.timers import LoopTimers, TimerHandle, Timers
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,8 @@ class _ClientInvite(ClientInviteTransaction):
 
 
 ClientTransaction = _ClientNonInvite | _ClientInvite
-_COMPLETED = State.COMPLETED
-_TERMINATED = State.TERMINATED
-_TIMER_K = Timer.K
+#: for isinstance: a tuple, which the compiled form checks directly (``A | B`` builds a union each time)
+_CLIENT_TYPES = (_ClientNonInvite, _ClientInvite)
 
 
 class IncomingRequest:
@@ -174,7 +173,10 @@ class EndpointSettings:
 
 
 class SipEndpoint:
-    def __init__(self, settings: EndpointSettings | None = None) -> None:
+    def __init__(self, settings: EndpointSettings | None = None, *, clock: Clock | None = None,
+                 scheduler: Timers | None = None) -> None:
+        """``clock`` gives the time every SIP timer runs on and ``scheduler`` arms the endpoint's
+        one wake-up; both default to the real ones (the running loop's)."""
         self.settings = settings or EndpointSettings()
         self.user_agent = self.settings.user_agent
         self.timers = self.settings.timers
@@ -191,40 +193,26 @@ class SipEndpoint:
         #: someone who keeps dialogs takes it here (a proxy passes it on, a callee ends its wait)
         self.unmatched_ack: Callable[[Request, Flow], None] | None = None
         self._servers: dict[int, IncomingRequest] = {}
-        #: non-INVITE client transactions in Completed on an unreliable flow, by key -> the end of
-        #: their Timer K. All such a transaction still does is absorb retransmissions of its final
-        #: response, so it is dropped and only its key kept (see _retire). Timer K is T4 for every
-        #: one of them, so insertion order is expiry order.
-        self._completed: dict[ClientKey, float] = {}
-        self._completed_order: collections.deque[tuple[float, ClientKey]] = collections.deque()
-        self._heap: list[tuple[float, int, Transaction]] = []
-        self._seq = itertools.count()
-        self._scheduled: dict[int, float] = {}
-        self._timer: asyncio.TimerHandle | None = None
+        # read for every message: without a clock of its own, time.monotonic() (SystemClock's)
+        # itself, not through SystemClock.monotonic (a Python frame per read)
+        self._now: Callable[[], float] = time.monotonic if clock is None else clock.monotonic
+        self._scheduler: Timers = scheduler or LoopTimers()
+        self._timer: TimerHandle | None = None  # the one wake-up, armed at the table's next deadline
         self._timer_at = 0.0  # when self._timer fires
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._clock: Callable[[], float] | None = None  # the loop's time(), see _bind_loop
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> list[ListenSpec]:
-        self._bind_loop()
+        self._loop = asyncio.get_running_loop()
         return [await self.transport.listen(spec) for spec in self.settings.listen]
-
-    def _bind_loop(self) -> asyncio.AbstractEventLoop:
-        loop = self._loop = asyncio.get_running_loop()
-        # The clock deadlines are kept in is the loop's (call_at goes by it). The standard loops'
-        # time() is time.monotonic(), which is read directly then: it is read for every message.
-        standard = type(loop).time is asyncio.BaseEventLoop.time and "time" not in vars(loop)
-        self._clock = time.monotonic if standard else loop.time
-        return loop
 
     async def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         for tx in self.table:
-            if isinstance(tx, _ClientNonInvite | _ClientInvite):
+            if isinstance(tx, _CLIENT_TYPES):
                 waiter, tx.waiter, tx.on_provisional = tx.waiter, None, None
                 if isinstance(waiter, ResponseCallback):
                     _call(waiter.cancel)
@@ -233,26 +221,25 @@ class SipEndpoint:
         # Drop every transaction now: the endpoint and its transport refer to each other, so
         # whatever it still holds would otherwise wait for the cyclic garbage collector.
         self._servers.clear()
-        self._completed.clear()
-        self._completed_order.clear()
-        self._heap.clear()
-        self._scheduled.clear()
         self.table = TransactionTable()
         await self.transport.close()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop or self._bind_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def now(self) -> float:
-        clock = self._clock
-        return clock() if clock is not None else self._bind_loop().time()
+        """The clock's monotonic time, which every transaction deadline is in."""
+        return self._now()
 
     # ------------------------------------------------------------------ client side
 
     def add_via(self, request: Request, flow: Flow) -> str:
         """Put our Via (new branch, ``rport``) on top; returns the branch."""
-        branch, via = self.new_via(flow)
+        branch, via = make_via(flow.transport, flow.local)
         headers = request.headers
         headers.prepend("Via", via)
         if "Max-Forwards" not in headers:
@@ -260,17 +247,6 @@ class SipEndpoint:
         if "User-Agent" not in headers and self.user_agent:
             headers.add("User-Agent", self.user_agent)
         return branch
-
-    def new_via(self, flow: Flow) -> tuple[str, str]:
-        """(branch, Via value) of our Via for a new request on ``flow``, as :meth:`add_via` puts
-        it on, for callers that build the request's headers in one go: such a request must also
-        get ``Max-Forwards: 70`` and our ``User-Agent`` (unless it has its own) like add_via adds."""
-        branch = new_branch()
-        host, port = flow.local
-        if ":" in host:
-            host = f"[{host}]"
-        # str(Via(transport, host, port, {"rport": None, "branch": branch})), written directly
-        return branch, f"SIP/2.0/{flow.transport.upper()} {host}:{port};rport;branch={branch}"
 
     async def request(self, request: Request, flow: Flow, *,
                       on_provisional: ProvisionalHandler | None = None,
@@ -280,7 +256,7 @@ class SipEndpoint:
         ``branch`` is what :meth:`add_via` returned for this request: passing it spares reading
         the Via back. Without it the branch is taken from the request.
         """
-        future: asyncio.Future[Response] = (self._loop or self.loop).create_future()
+        future: asyncio.Future[Response] = self.loop.create_future()
         self.send_request(request, flow, future, on_provisional=on_provisional, branch=branch)
         try:
             return await future
@@ -293,9 +269,8 @@ class SipEndpoint:
                      branch: str | None = None) -> None:
         """Start a client transaction on ``flow`` whose final response goes to ``waiter``: a
         future (what :meth:`request` awaits) or a :class:`ResponseCallback`."""
-        # ClientKey(branch, CSeq method), made as the tuple it is (its __new__ is Python code)
-        key = tuple.__new__(ClientKey, (branch, request.cseq[1])) if branch else None
-        reliable = flow.transport != "udp"  # flow.reliable
+        key = ClientKey(branch, request.cseq[1]) if branch else None
+        reliable = flow.reliable
         tx: ClientTransaction
         if request.method == "INVITE":
             tx = _ClientInvite(request, reliable=reliable, timers=self.timers, key=key)
@@ -326,20 +301,12 @@ class SipEndpoint:
         if isinstance(message, Response):
             tx = self.table.match_response(message)
             if tx is None:
-                if not (self._completed and self._absorbed(message)):
+                if not self.table.absorbs(message, self._now()):
                     log.debug("stray response %s from %s", message, flow)
                 return
-            self._run(tx, tx.on_response(message, self.now()))
+            self._run(tx, tx.on_response(message, self._now()))
             return
         self._on_request(message, flow)
-
-    def _absorbed(self, response: Response) -> bool:
-        """Whether ``response`` is for a transaction in Completed: a retransmission it absorbs."""
-        try:
-            deadline = self._completed.get(client_key(response))
-        except ValueError:
-            return False
-        return deadline is not None and deadline > self.now()
 
     def _on_request(self, request: Request, flow: Flow) -> None:
         existing = self.table.match_request(request)
@@ -408,7 +375,7 @@ class SipEndpoint:
     def _on_flow_closed(self, flow: Flow, reason: str) -> None:
         if flow.reliable:  # no response can arrive on a closed connection any more: 503 at once
             for tx in list(self.table):
-                if isinstance(tx, _ClientNonInvite | _ClientInvite) and tx.flow is flow:
+                if isinstance(tx, _CLIENT_TYPES) and tx.flow is flow:
                     self._run(tx, tx.on_transport_error(self.now()))
         for listener in list(self.flow_closed_listeners):
             try:
@@ -419,6 +386,15 @@ class SipEndpoint:
     # ------------------------------------------------------------------ actions and timers
 
     def _run(self, tx: Transaction, actions: list[Action]) -> None:
+        """Execute what an event on ``tx`` produced, record it in the table and keep the wake-up
+        in time for the table's next deadline: only ``tx`` can have moved that earlier."""
+        self._execute(tx, actions)
+        self.table.update(tx, actions)
+        deadline = tx.next_deadline
+        if deadline is not None and (self._timer is None or deadline < self._timer_at):
+            self._arm(deadline)
+
+    def _execute(self, tx: Transaction, actions: list[Action]) -> None:
         for action in actions:
             if type(action) is Transmit:
                 self._transmit(tx, action.message)
@@ -431,14 +407,9 @@ class SipEndpoint:
                     self._pass_response(tx, action.response)
                 else:
                     log.info("server transaction %s failed: %d %s", tx, action.status, action.reason)
-        state = tx.state
-        if state is _COMPLETED and type(tx) is _ClientNonInvite:
-            self._retire(tx)
-        elif state is not _TERMINATED:  # a terminated one is forgotten already (_terminate)
-            self._schedule(tx)
 
     def _transmit(self, tx: Transaction, message: Message) -> None:
-        flow = tx.flow if type(tx) is _ClientNonInvite else self._flow_of(tx)
+        flow = self._flow_of(tx)
         try:
             if flow is None:
                 raise TransportError("transaction has no flow")
@@ -451,13 +422,13 @@ class SipEndpoint:
             self.loop.call_soon(lambda: self._run(tx, tx.on_transport_error(self.now())))
 
     def _flow_of(self, tx: Transaction) -> Flow | None:
-        if isinstance(tx, _ClientNonInvite | _ClientInvite):
+        if isinstance(tx, _CLIENT_TYPES):
             return tx.flow
         server = self._servers.get(id(tx))
         return server.flow if server is not None else None
 
     def _pass_response(self, tx: Transaction, response: Response) -> None:
-        if type(tx) is not _ClientNonInvite and not isinstance(tx, _ClientInvite):
+        if not isinstance(tx, _CLIENT_TYPES):
             return
         waiter = tx.waiter
         if waiter is None:
@@ -477,8 +448,7 @@ class SipEndpoint:
 
     def _terminate(self, tx: Transaction) -> None:
         self.table.remove(tx)
-        self._scheduled.pop(id(tx), None)
-        if isinstance(tx, _ClientNonInvite | _ClientInvite):
+        if isinstance(tx, _CLIENT_TYPES):
             waiter, tx.waiter, tx.on_provisional = tx.waiter, None, None
             error = TransportError("transaction ended without a final response")
             if isinstance(waiter, ResponseCallback):
@@ -488,104 +458,29 @@ class SipEndpoint:
         else:
             self._servers.pop(id(tx), None)
 
-    def _retire(self, tx: _ClientNonInvite) -> None:
-        """A non-INVITE client transaction entered Completed (Timer K, unreliable flow): keep only
-        its key until Timer K would fire, to absorb retransmissions of the final response as the
-        transaction would (§17.1.2.2), instead of the transaction and its request."""
-        deadline = tx._deadlines.get(_TIMER_K)  # its only timer in Completed
-        self.table.remove(tx)
-        self._scheduled.pop(id(tx), None)
-        tx.waiter = tx.on_provisional = None
-        if deadline is None:
-            return
-        self._completed[tx.key] = deadline
-        order = self._completed_order
-        order.append((deadline, tx.key))
-        if order[0][0] <= deadline - self.timers.t4:  # Timer K of the oldest is over: expire
-            self._expire_completed(self.now())
-        if self._timer is None or deadline < self._timer_at:  # wake up to forget it in time
-            self._arm_at(deadline)
-
-    def _expire_completed(self, now: float) -> None:
-        order, completed = self._completed_order, self._completed
-        while order and order[0][0] <= now:
-            deadline, key = order.popleft()
-            if completed.get(key) == deadline:
-                del completed[key]
-
-    # The deadline heap is lazily invalidated: an entry counts only while ``_scheduled`` holds its
-    # deadline for its transaction. Stale entries (re-armed or ended transactions) are skipped when
-    # they reach the top, and dropped in bulk once they outnumber the live ones, so an ended
-    # transaction is not kept alive (with its request) until its longest timer would have run out.
-
-    def _schedule(self, tx: Transaction) -> None:
-        deadline = tx.next_deadline
-        key = id(tx)
-        if deadline is None:
-            self._scheduled.pop(key, None)
-            return
-        if self._scheduled.get(key) == deadline:
-            return
-        self._scheduled[key] = deadline
-        heapq.heappush(self._heap, (deadline, next(self._seq), tx))
-        if len(self._heap) > 2 * len(self._scheduled) + 64:
-            self._drop_stale()
-        if self._timer is None or deadline < self._timer_at:
-            self._arm()
-
-    def _is_live(self, entry: tuple[float, int, Transaction]) -> bool:
-        return self._scheduled.get(id(entry[2])) == entry[0]
-
-    def _drop_stale(self) -> None:
-        scheduled = self._scheduled  # _is_live, inlined: this runs over the whole heap
-        self._heap = [entry for entry in self._heap if scheduled.get(id(entry[2])) == entry[0]]
-        heapq.heapify(self._heap)
-
-    def _arm(self) -> None:
-        """Set the loop timer to the earliest live deadline, or to the end of the oldest Timer K
-        kept in ``_completed`` (one TimerHandle at a time)."""
-        heap = self._heap
-        while heap and not self._is_live(heap[0]):
-            heapq.heappop(heap)
-        when = heap[0][0] if heap else None
-        if self._completed_order:
-            oldest = self._completed_order[0][0]
-            when = oldest if when is None or oldest < when else when
-        if when is None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            return
-        self._arm_at(when)
-
-    def _arm_at(self, when: float) -> None:
+    def _arm(self, when: float) -> None:
+        """The one wake-up, at ``when``. A deadline that moved later leaves it be: it fires early,
+        finds nothing due and is armed again (:meth:`_fire`), cheaper than re-arming whenever the
+        earliest transaction ends."""
         if self._timer is not None:
-            if self._timer_at == when:
-                return
             self._timer.cancel()
         self._timer_at = when
-        self._timer = self.loop.call_at(when, self._fire)
+        self._timer = self._scheduler.call_later(when - self._now(), self._fire)
 
     def _fire(self) -> None:
         self._timer = None
-        now = self.now()
-        while self._heap and self._heap[0][0] <= now:
-            entry = heapq.heappop(self._heap)
-            if not self._is_live(entry):
-                continue
-            tx = entry[2]
-            del self._scheduled[id(tx)]
-            if tx.next_deadline is not None and tx.next_deadline <= now and self.table.contains(tx):
-                self._run(tx, tx.on_timer(now))
-        self._expire_completed(now)
-        self._arm()
+        # never before the deadline it was armed for (the loop may wake a hair early: aioquic's rule)
+        now = max(self._timer_at, self._now())
+        for tx, actions in self.table.on_timer(now):
+            self._execute(tx, actions)
+        when = self.table.next_deadline()
+        if when is not None and (self._timer is None or when < self._timer_at):
+            self._arm(when)
 
     @property
     def pending_transactions(self) -> int:
         """Transactions not yet terminated, those in Completed for Timer K included."""
-        if self._completed:
-            self._expire_completed(self.now())
-        return len(self.table) + len(self._completed)
+        return self.table.pending
 
 
 def _call(callback: Callable[..., None], *args: object) -> None:

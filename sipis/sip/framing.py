@@ -199,7 +199,9 @@ def _content_length(head: bytes) -> int:
     compact form and folded values are joined, so framer and parser agree on the length.
     """
     # The usual block: one "Content-Length:" line, no compact form, nothing folded. Found by
-    # searching the lower-cased block instead of reading every line (_content_length_by_line).
+    # searching the lower-cased block instead of reading every line (_content_length_by_line),
+    # which cost 2.9 % of a registration's instructions on TCP (register_rate under callgrind:
+    # 13.5k of 471k).
     lower = head.lower()
     at = lower.find(b"\ncontent-length")
     if at >= 0 and lower.find(b"\ncontent-length", at + 1) < 0 and b"\nl" not in lower \

@@ -21,9 +21,11 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Final
 
-SIP_VERSION = "SIP/2.0"
-CRLF = "\r\n"
+# Final: compiled, they are constants in the code instead of a module attribute read at each use
+SIP_VERSION: Final = "SIP/2.0"
+CRLF: Final = "\r\n"
 
 #: RFC 3261 §7.3.3 and later RFCs' compact forms.
 COMPACT_FORMS: dict[str, str] = {
@@ -265,7 +267,10 @@ def _parse_generic_params(text: str) -> dict[str, str | None]:
     text = text.strip()
     if not text:
         return params
-    if _PLAIN_PARAMS.fullmatch(text):  # the usual case: no odd or empty parameters
+    if _PLAIN_PARAMS.fullmatch(text):
+        # the usual case, no odd or empty parameters, read in one go: the loop below cost 4.9 %
+        # of a registration's instructions on TCP, where Kamailio adds received="..." to our
+        # Contact (register_rate under callgrind: 23k of 471k)
         return _plain_params(text)
     if not text.startswith(";"):
         raise SipParseError(f"junk before parameters: {text[:80]!r}")
@@ -316,7 +321,11 @@ def _read_quoted(text: str, start: int) -> tuple[str, int]:
 
 
 def format_params(params: dict[str, str | None]) -> str:
-    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
+    """``;name=value;flag`` as the parameters read."""
+    text = ""
+    for name, value in params.items():
+        text += f";{name}" if value is None else f";{name}={value}"
+    return text
 
 
 _RANDOM_CHUNK = 16  # bytes handed out at a time (the longest token asks for 16)
@@ -412,6 +421,7 @@ class SipURI:
             rest = hostpart
         if "?" not in rest and ";" not in rest and "[" not in rest and " " not in rest:
             # the usual host[:port] alone: _split_hostport without its IPv6 and spacing cases
+            # (0.9 % of a registration's instructions: register_rate under callgrind, UDP: 4k of 452k)
             host, colon, port_text = rest.partition(":")
             if _HOST.fullmatch(host) is not None and (
                     not colon or (_is_digits(port_text, 5) and 0 < int(port_text) < 65536)):
@@ -619,11 +629,27 @@ class Via:
         return f"SIP/2.0/{self.transport} {self.sent_by}{format_params(self.params)}"
 
 
+def make_via(transport: str, local: tuple[str, int]) -> tuple[str, str]:
+    """(branch, value) of our Via for a new request sent from ``local`` over ``transport``: a new
+    branch, and ``rport`` to have responses come back to where we sent from (RFC 3581)."""
+    host, port = local
+    if ":" in host:
+        host = f"[{host}]"
+    branch = new_branch()
+    # str(Via(transport.upper(), host, port, {"rport": None, "branch": branch})), written directly:
+    # building the Via to print it cost 2.5 % of a registration's instructions (register_rate
+    # under callgrind, UDP: 11k of 450k; every REGISTER takes a new Via)
+    return branch, f"SIP/2.0/{transport.upper()} {host}:{port};rport;branch={branch}"
+
+
 _VIA_TRANSPORTS = {name: name.upper() for upper in ("UDP", "TCP", "TLS", "SCTP", "WS", "WSS")
                    for name in (upper, upper.lower())}
 # The Via most peers write, "SIP/2.0/UDP host:port;branch=..;rport=..", in one tight match: a
 # transport, a host name or IPv4 address, a port, and parameters of token characters, "=" and ";"
 # only (whether they make well-formed parameters is checked apart, far faster than a regex can).
+# Reading every Via the general way instead (and building it for each response, whose branch is
+# all we need) cost 15 % of a registration's instructions (register_rate under callgrind, UDP:
+# 69k of 452k).
 _QUICK_VIA = re.compile(r"SIP/2\.0/([A-Za-z]+) ([A-Za-z0-9\-._]+)(?::([0-9]{1,5}))?"
                         r"(;[;=A-Za-z0-9\-.!%*_+`'~]*)?")
 _QUICK_VIA_PARAM = re.compile(r";([^;=]+)=?([^;]*)")
@@ -726,19 +752,23 @@ class Headers:
         ``names`` in their canonical spelling, ``keys`` their :func:`header_key` (the caller's
         promise; no Content-Length among them). Values are checked like :meth:`add` does, in one
         pass over all of them; ValueError names the first bad one."""
+        count = len(names)
+        if len(keys) != count or len(values) != count:
+            raise ValueError("names, keys and values differ in length")
         joined = "".join(values)
         if "\r" in joined or "\n" in joined or "\x00" in joined:
-            for name, value in zip(names, values, strict=True):
-                _checked_field(name, value)  # raises for the first bad value
-        headers = cls()  # its fields are replaced right here
+            for i in range(count):
+                _checked_field(names[i], values[i])  # raises for the first bad value
+        headers = Headers()  # its fields are replaced right here
         headers._names = names
         headers._values = values
-        headers._version = 0
-        index: dict[str, str | tuple[str, ...]] = dict(zip(keys, values, strict=True))
-        if len(index) != len(keys):  # a name more than once: tuples of its values
-            index = {}
-            for key, value in zip(keys, values, strict=True):
-                _index_add(index, key, value)
+        index: dict[str, str | tuple[str, ...]] = {}
+        for i in range(count):
+            key = keys[i]
+            if key in index:  # a name more than once: a tuple of its values
+                _index_add(index, key, values[i])
+            else:
+                index[key] = values[i]
         headers._index = index
         return headers
 
@@ -821,12 +851,6 @@ class Headers:
     def __len__(self) -> int:
         return len(self._names)
 
-    def _serialised(self) -> str:
-        """Every field as ``Name: value`` + CRLF, in order."""
-        if not self._names:
-            return ""
-        return CRLF.join(map(": ".join, zip(self._names, self._values, strict=True))) + CRLF
-
     def copy(self) -> Headers:
         clone = Headers()
         clone._names = list(self._names)
@@ -859,7 +883,7 @@ def _checked_field(name: str, value: str) -> tuple[str, str, str]:
     value = str(value)
     if "\r" in value or "\n" in value or "\x00" in value:
         raise ValueError(f"refusing header {canonical[:40]!r}: {value[:40]!r}")
-    return canonical, _KEYS.get(canonical) or canonical.lower(), value  # header_key(canonical)
+    return canonical, header_key(canonical), value
 
 
 # --------------------------------------------------------------------------- messages
@@ -910,6 +934,12 @@ class _Message:
         raw = self.headers._index.get("cseq")
         if raw is not None:
             self._cseq_cache = (raw, (number, method))
+
+    def _known_branch(self, branch: str) -> None:
+        """Tell the message its top Via's branch (its builder wrote it), sparing the parse."""
+        raw = self.headers._index.get("via")
+        if raw is not None:
+            self._branch_cache = (raw, branch)
 
     @property
     def vias(self) -> list[Via]:
@@ -977,12 +1007,18 @@ class _Message:
         raise NotImplementedError
 
     def to_bytes(self) -> bytes:
+        """The start line, every field as ``Name: value``, the real Content-Length, the empty line
+        and the body; non-UTF-8 bytes the parser kept go back out as they came."""
         headers, body = self.headers, self.body
-        fields = CRLF.join(map(": ".join, zip(headers._names, headers._values, strict=True)))
-        # start line, every field as "Name: value", the real Content-Length, the empty line
-        text = (f"{self.start_line()}{CRLF}{fields}{CRLF if fields else ''}"
-                f"Content-Length: {len(body)}{CRLF}{CRLF}")
-        return text.encode("utf-8", "surrogateescape") + body
+        names, values = headers._names, headers._values
+        parts = [self.start_line(), CRLF]
+        for i in range(len(names)):  # one join of all the pieces: far cheaper than one per field
+            parts.append(names[i])
+            parts.append(": ")
+            parts.append(values[i])
+            parts.append(CRLF)
+        parts.append(f"Content-Length: {len(body)}{CRLF}{CRLF}")
+        return "".join(parts).encode("utf-8", "surrogateescape") + body
 
 
 def _required_address(headers: Headers, name: str) -> NameAddr:
@@ -1004,7 +1040,9 @@ def parse_cseq(value: str | None) -> tuple[int, str]:
     parts = value.split()
     if len(parts) == 2 and parts[1] in _METHODS and parts[0].isdigit() and parts[0].isascii() \
             and len(parts[0]) <= 20:
-        return int(parts[0]), parts[1]  # the usual case, checked as below without the regex
+        # the usual case, checked as below without the regex (0.6 % of a registration's
+        # instructions: register_rate under callgrind, UDP: 2.8k of 452k)
+        return int(parts[0]), parts[1]
     # Numbers of 2**31 and more are wrong too (RFC 3261 §8.1.1.5) but still readable, so the
     # request validation reports them and a 400 that echoes them can be parsed.
     if len(parts) != 2 or not _is_digits(parts[0], 20) or not is_token(parts[1]):
@@ -1017,10 +1055,7 @@ class Request(_Message):
 
     def __init__(self, method: str, uri: str | SipURI, headers: Headers | None = None,
                  body: bytes = b"") -> None:
-        # _Message.__init__, inlined (a message is made for every one sent or received)
-        self.headers = headers if headers is not None else Headers()
-        self.body = body
-        self._top_via_raw = self._top_via = self._cseq_cache = self._branch_cache = self._wire = None
+        super().__init__(headers if headers is not None else Headers(), body)
         self.method = method.upper()
         self.uri = uri if type(uri) is str else str(uri)
 
@@ -1058,10 +1093,7 @@ class Response(_Message):
 
     def __init__(self, status: int, reason: str | None = None, headers: Headers | None = None,
                  body: bytes = b"") -> None:
-        # _Message.__init__, inlined (a message is made for every one sent or received)
-        self.headers = headers if headers is not None else Headers()
-        self.body = body
-        self._top_via_raw = self._top_via = self._cseq_cache = self._branch_cache = self._wire = None
+        super().__init__(headers if headers is not None else Headers(), body)
         self.status = status
         self.reason = REASON_PHRASES.get(status, "Unknown") if reason is None else reason
 
@@ -1148,12 +1180,7 @@ def _parse(data: bytes, limits: Limits, stream: bool) -> Message:
     start = text if newline < 0 else text[:newline]
     problems: list[str] = []  # defects that still leave a request respondable
     clean = _no_controls(head, text)
-    plain = _plain_headers(text, newline, limits) if clean else None
-    damaged = False
-    if plain is None:
-        fields, damaged = _read_fields(text.split("\n")[1:], limits, problems, clean)
-        plain = _store_fields(fields)
-    headers, lengths = plain
+    headers, lengths, damaged = _read_headers(text, newline, limits, problems, clean)
     message = _parse_start_line(start.strip(" \t"), headers, problems, clean)
     message.body = b"" if lengths == ["0"] else _cut_body(body, lengths, stream, problems)
     _validate(message, problems)
@@ -1209,124 +1236,86 @@ def _find_blank_line(data: bytes, window: int) -> tuple[int, int] | None:
     return start, end
 
 
-def _plain_headers(text: str, newline: int, limits: Limits) -> tuple[Headers, list[str]] | None:
-    """What _store_fields makes of the fields, read in one pass when every line is a plain
-    ``name: value`` (no folding, none malformed, not too many), as in nearly every message; None
-    sends the caller to _read_fields, which reads the same lines the same way when they are plain.
+def _read_headers(text: str, newline: int, limits: Limits, problems: list[str],
+                  clean: bool) -> tuple[Headers, list[str], bool]:
+    """The header fields of a message's head (``text``, its start line ending at ``newline``; -1:
+    there is no other line) as Headers, the Content-Length values apart from them, and whether a
+    field a response is built from was dropped.
 
-    ``text`` has no control characters and ``newline`` ends its start line (-1: there is no other
-    line). Only the last line can be empty (the header block ends at the first blank line).
+    Folded lines are joined to their field by one space. A line that is no ``name: value`` (a
+    token name) is dropped and reported in ``problems``, and so is, unless ``clean`` says the head
+    has no control characters, a field whose value has one (reported after the bad lines).
     """
     headers = Headers()  # filled right here
-    names, values, index = headers._names, headers._values, headers._index
     lengths: list[str] = []
-    if newline < 0:
-        return headers, lengths
-    if text.count("\n") > limits.max_headers:
-        return None
-    known = _FIELD_NAMES
-    for line in text[newline + 1:].split("\n"):
-        name, colon, value = line.partition(":")
-        found = known.get(name)
-        if found is None:
-            if not line:
-                continue
-            plain = _PLAIN_NAME.fullmatch(name) if colon else None
-            if plain is None:
-                return None  # a folded or malformed line
-            canonical = canonical_name(plain[1])
-            key = _KEYS.get(canonical) or canonical.lower()  # header_key(canonical), inlined
-        else:
-            canonical, key = found
-        value = value.strip(" \t")
-        if key == "content-length":
-            lengths.append(value)
-            continue
-        names.append(canonical)
-        values.append(value)
-        if key in index:
-            _index_add(index, key, value)
-        else:
-            index[key] = value
-    return headers, lengths
-
-
-# A header name as _read_fields takes it: a token, maybe followed by spaces and tabs.
-_PLAIN_NAME = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*")
-
-
-def _read_fields(lines: list[str], limits: Limits, problems: list[str],
-                 clean: bool = False) -> tuple[list[tuple[str, str]], bool]:
-    """Header fields with folded lines joined; bad lines are dropped and reported in ``problems``.
-
-    Returns the fields and whether a response-critical header was among the dropped ones.
-    ``clean`` says the caller found no control characters in the lines, so values need no check.
-    """
-    names: list[str] = []
-    values: list[str] = []
     damaged = False
-    keep = False  # does a continuation line belong to a field we kept?
+    if newline < 0:
+        return headers, lengths, damaged
+    controls: list[str] = []
+    known = _FIELD_NAMES
     count = 0
-    for line in lines:
+    # The field read last, stored once the next line shows that it does not go on (folding).
+    pending = False
+    raw = name = key = value = ""
+    for line in text[newline + 1:].split("\n"):
         if not line:
-            continue
+            continue  # the blank line that ends the head
         if line[0] == " " or line[0] == "\t":
-            text = line.strip(" \t")
-            if text and keep:  # folded: the non-empty parts joined by one space
-                values[-1] = f"{values[-1]} {text}" if values[-1] else text
-            elif text and count == 0:
+            more = line.strip(" \t")
+            if more and pending:
+                value = f"{value} {more}" if value else more
+            elif more and count == 0:
                 problems.append("continuation line before the first header")
             continue
+        if pending:
+            damaged = _store_field(headers, lengths, controls, raw, name, key, value, clean) or damaged
         count += 1
         if count > limits.max_headers:
             raise SipParseError(f"more than {limits.max_headers} header fields")
-        name, colon, value = line.partition(":")
-        name = name.strip(" \t")
-        keep = bool(colon) and (name in _SPELLINGS or _TOKEN.fullmatch(name) is not None)
-        if keep:
-            names.append(name)
-            values.append(value.strip(" \t"))
-        else:
-            problems.append(f"bad header line {line[:80]!r}")
-            damaged = damaged or _guess_name(line) in _RESPONSE_CRITICAL
-    fields = list(zip(names, values, strict=True))
-    if clean:
-        return fields, damaged
-    kept: list[tuple[str, str]] = []
-    for name, value in fields:
-        if _CONTROL.search(value):
-            problems.append(f"control character in {name[:40]!r}")
-            damaged = damaged or canonical_name(name).lower() in _RESPONSE_CRITICAL
-        else:
-            kept.append((name, value))
-    return kept, damaged
-
-
-def _store_fields(fields: list[tuple[str, str]]) -> tuple[Headers, list[str]]:
-    """The fields (checked by _read_fields: token names, no controls) as Headers with their index,
-    and apart from them the Content-Length values. One tight loop: it runs for every field."""
-    headers = Headers()
-    names, values = headers._names, headers._values
-    index = headers._index
-    lengths: list[str] = []
-    known = _FIELD_NAMES
-    for name, value in fields:
-        found = known.get(name)
+        raw, colon, value = line.partition(":")
+        found = known.get(raw) if colon else None
         if found is None:
-            canonical = canonical_name(name)
-            key = _KEYS.get(canonical) or canonical.lower()  # header_key(canonical), inlined
+            plain = _PLAIN_NAME.fullmatch(raw) if colon else None
+            if plain is None:
+                problems.append(f"bad header line {line[:80]!r}")
+                damaged = damaged or _guess_name(line) in _RESPONSE_CRITICAL
+                pending = False
+                continue
+            name = canonical_name(plain[1])
+            key = header_key(name)
         else:
-            canonical, key = found
-        if key == "content-length":
-            lengths.append(value)
-            continue
-        names.append(canonical)
-        values.append(value)
-        if key in index:
-            _index_add(index, key, value)
-        else:
-            index[key] = value
-    return headers, lengths
+            name, key = found
+        value = value.strip(" \t")
+        pending = True
+    if pending:
+        damaged = _store_field(headers, lengths, controls, raw, name, key, value, clean) or damaged
+    problems += controls
+    return headers, lengths, damaged
+
+
+# A header name as _read_headers takes it: a token, maybe followed by spaces and tabs.
+_PLAIN_NAME = re.compile(r"([A-Za-z0-9\-.!%*_+`'~]+)[ \t]*")
+
+
+def _store_field(headers: Headers, lengths: list[str], controls: list[str], raw: str, name: str, key: str,
+                 value: str, clean: bool) -> bool:
+    """Add one field read by _read_headers (as ``raw`` name, canonical ``name``, ``key``); whether it
+    was dropped for a control character and a response is built from it."""
+    if not clean and _CONTROL.search(value):
+        shown = raw.strip(" \t")[:40]
+        controls.append(f"control character in {shown!r}")
+        return key in _RESPONSE_CRITICAL
+    if key == "content-length":
+        lengths.append(value)
+        return False
+    headers._names.append(name)
+    headers._values.append(value)
+    index = headers._index
+    if key in index:
+        _index_add(index, key, value)
+    else:
+        index[key] = value
+    return False
 
 
 def _guess_name(line: str) -> str:
@@ -1341,7 +1330,8 @@ def _parse_start_line(start: str, headers: Headers, problems: list[str], clean: 
     """
     if start[:8] == "SIP/2.0 " and len(start) >= 11 and start[8:11].isdigit() and start[8] in "123456" and \
             (len(start) == 11 or start[11] == " ") and start.isascii():
-        # the usual "SIP/2.0 200 OK": what _STATUS_LINE would match, without the regex
+        # the usual "SIP/2.0 200 OK": what _STATUS_LINE would match, without the regex (1.4 % of
+        # a registration's instructions: register_rate under callgrind, UDP: 6.5k of 452k)
         reason = start[12:].strip(" \t")
         if not clean and _CONTROL.search(reason):
             raise SipParseError(f"control character in reason phrase {reason[:80]!r}")

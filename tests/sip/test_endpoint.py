@@ -2,7 +2,8 @@
 CANCEL, 405, 481), INVITE handling with retransmissions, CANCEL and ACK, failing handlers, and two
 endpoints talking to each other over UDP, TCP and TLS.
 
-Raw peers are plain sockets (helpers shared with ``test_transport``); timers run with T1 = 10 ms.
+Raw peers are plain sockets (helpers shared with ``test_transport``). SIP timers run with the RFC's
+values on a fake clock: a test moves time on explicitly (``scheduler.advance``), nothing waits for them.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from typing import Any
 
 import pytest
 
+from sipis.clock import FakeClock
 from sipis.sip.endpoint import EndpointSettings, IncomingRequest, SipEndpoint
 from sipis.sip.message import Headers, Message, Request, Response, make_response, new_branch, new_call_id, new_tag
-from sipis.sip.transaction import State, TimerSettings, build_cancel
+from sipis.sip.transaction import State, build_cancel
 from sipis.sip.transport import Flow, ListenSpec, TransportName
+from sipis.timers import FakeTimers
 from tests.sip.test_transport import (
     HOST,
     WAIT,
@@ -29,9 +32,6 @@ from tests.sip.test_transport import (
 )
 from tests.waiting import wait_for
 
-# Timer F/B/H = 64*T1 = 0.64 s; D and I short so nothing lingers past a test.
-TIMERS = TimerSettings(t1=0.01, t2=0.04, t4=0.05, timer_d=0.1)
-
 EndpointFactory = Callable[..., Awaitable[SipEndpoint]]
 
 
@@ -41,15 +41,21 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture
-async def make_endpoint(pki: Pki) -> AsyncIterator[EndpointFactory]:
+def scheduler() -> FakeTimers:
+    """The fake clock every endpoint of a test runs its SIP timers on."""
+    return FakeTimers(FakeClock())
+
+
+@pytest.fixture
+async def make_endpoint(pki: Pki, scheduler: FakeTimers) -> AsyncIterator[EndpointFactory]:
     made: list[SipEndpoint] = []
 
     async def make(*transports: TransportName) -> SipEndpoint:
         settings = EndpointSettings(
             listen=[ListenSpec(transport, HOST, 0) for transport in transports],
-            tls=pki.server_settings(), timers=TIMERS, keepalive_interval=0,
+            tls=pki.server_settings(), keepalive_interval=0,
         )
-        endpoint = SipEndpoint(settings)
+        endpoint = SipEndpoint(settings, clock=scheduler.clock, scheduler=scheduler)
         made.append(endpoint)
         await endpoint.start()
         return endpoint
@@ -120,23 +126,48 @@ class Recorder:
 # =========================================================================== client side
 
 
-@pytest.mark.parametrize("method", ["OPTIONS", "INVITE"])
+# Sent at 0 and retransmitted until 64*T1 = 32 s: Timer E doubles from T1 up to T2 (0.5, 1.5, 3.5,
+# 7.5, then every 4 s up to 31.5), Timer A doubles without a cap (0.5, 1.5, 3.5, 7.5, 15.5, 31.5).
+@pytest.mark.parametrize("method, copies", [("OPTIONS", 11), ("INVITE", 7)])
 async def test_request_to_a_silent_udp_peer_ends_in_a_local_408(
-    method: str, make_endpoint: EndpointFactory, peers: list[Any],
+    method: str, copies: int, make_endpoint: EndpointFactory, peers: list[Any], scheduler: FakeTimers,
 ) -> None:
     endpoint = await make_endpoint()
     silent = await udp_peer(peers)
     flow = await endpoint.transport.flow_to("udp", *silent.address)
     request = outgoing(endpoint, flow, method)
 
-    response = await endpoint.request(request, flow)
+    pending = asyncio.ensure_future(endpoint.request(request, flow))
+    await asyncio.sleep(0)  # sent
+    scheduler.advance(31.9)
+    await asyncio.sleep(0)
+    assert not pending.done()
+    scheduler.advance(0.1)  # Timer F (OPTIONS) or B (INVITE)
+    response = await asyncio.wait_for(pending, WAIT)
 
     assert response.status == 408
     assert (response.call_id, response.cseq) == (request.call_id, request.cseq)
-    copies = [silent.queue.get_nowait()[0] for _ in range(silent.queue.qsize())]
-    assert len(copies) >= 3  # the request was retransmitted (Timer E / A) before giving up
-    assert all(copy == request.to_bytes() for copy in copies)
-    assert endpoint.pending_transactions == 0
+    await wait_for(lambda: silent.queue.qsize() >= copies, WAIT, "the retransmissions")
+    received = [silent.queue.get_nowait()[0] for _ in range(silent.queue.qsize())]
+    assert received == [request.to_bytes()] * copies
+    assert endpoint.pending_transactions == 0 and scheduler.pending == 0
+
+
+async def test_one_wake_up_is_armed_for_all_transactions(
+    make_endpoint: EndpointFactory, peers: list[Any], scheduler: FakeTimers,
+) -> None:
+    endpoint = await make_endpoint()
+    silent = await udp_peer(peers)
+    flow = await endpoint.transport.flow_to("udp", *silent.address)
+    pending = []
+    for method in ("OPTIONS", "INVITE", "MESSAGE"):
+        pending.append(asyncio.ensure_future(endpoint.request(outgoing(endpoint, flow, method), flow)))
+        await asyncio.sleep(0)
+        scheduler.advance(0.2)
+        assert scheduler.pending == 1  # at the earliest retransmission, whatever their number
+    scheduler.advance(32.0)
+    assert [(await asyncio.wait_for(future, WAIT)).status for future in pending] == [408] * 3
+    assert scheduler.pending == 0 and endpoint.pending_transactions == 0
 
 
 async def test_request_over_tcp_to_a_peer_that_closes_ends_in_a_local_503(
@@ -441,7 +472,8 @@ def echo(incoming: IncomingRequest) -> None:
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp", "tls"])
-async def test_two_endpoints_exchange_requests(transport: TransportName, make_endpoint: EndpointFactory) -> None:
+async def test_two_endpoints_exchange_requests(transport: TransportName, make_endpoint: EndpointFactory,
+                                               scheduler: FakeTimers) -> None:
     server = await make_endpoint(transport)
     client = await make_endpoint()  # no listener: answers come back on the client's own flow
     server.handlers["MESSAGE"] = echo
@@ -452,8 +484,10 @@ async def test_two_endpoints_exchange_requests(transport: TransportName, make_en
     assert (response.status, response.body) == (200, b"gnop-gnip")
     options = await client.request(outgoing(client, flow), flow)
     assert options.status == 200 and "MESSAGE" in options.headers.get_all("Allow")
-    if transport != "udp":  # on UDP the transactions linger in Completed (Timer K)
-        assert client.pending_transactions == 0
+    if transport == "udp":  # the client's transactions linger in Completed for Timer K (T4)
+        assert client.pending_transactions == 2
+        scheduler.advance(5.0)
+    assert client.pending_transactions == 0
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp", "tls"])

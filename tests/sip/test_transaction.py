@@ -586,12 +586,15 @@ def test_table_fires_due_transactions_and_drops_terminated_ones(clock: FakeClock
     assert fired is udp and actions == [Transmit(udp.request)]
     assert table.next_deadline() == t0 + 1.5
     # the final response disarms E: its stale heap entry must never fire
-    table.update(udp, udp.on_response(reply(udp.request, 200), t0 + 1))
+    ok = reply(udp.request, 200)
+    table.update(udp, udp.on_response(ok, t0 + 1))
+    # in Completed it only absorbs retransmissions until Timer K: the table keeps just its key
+    assert udp not in table and table.pending == 2 and table.absorbs(ok, t0 + 1)
     assert table.next_deadline() == t0 + 6.0  # Timer K
     assert table.on_timer(t0 + 1.5) == []
-    [(fired, actions)] = table.on_timer(t0 + 6.0)
-    assert fired is udp and actions == [Terminate()]
-    assert udp not in table and table.contains(tcp) and len(table) == 1
+    assert table.on_timer(t0 + 6.0) == []  # Timer K ended: it is forgotten without a word
+    assert not table.absorbs(ok, t0 + 6.0) and table.match_response(ok) is None
+    assert table.contains(tcp) and len(table) == 1 and table.pending == 1
     [(fired, actions)] = table.on_timer(t0 + 40)
     assert fired is tcp and actions[-1] == Terminate()
     assert len(table) == 0 and table.next_deadline() is None
