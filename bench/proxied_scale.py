@@ -75,6 +75,7 @@ from typing import Any
 # needs the repository
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import LoopLag, cancel_and_wait, run_main
+from contract.events import InstanceEnrolled
 from lab.kamailio import LOAD_PASSWORD, Kamailio
 from lab.procstat import group_cpu_seconds
 from sipis.clock import Clock, SystemClock
@@ -356,7 +357,7 @@ def make_instance(n: int, kam: Kamailio, transport: TransportName, now: float) -
 def enrol_and_sleep(world: World, instance: Instance) -> None:
     """What ``enroll`` + ``set_state(inactive)`` do, minus the API: add, announce, take over."""
     world.service.add(instance)
-    world.bus.publish("instance.enrolled", instance.selector, aor=instance.account.aor)
+    world.bus.publish(instance.selector, InstanceEnrolled(instance.account.aor))
     world.engine.take_over(instance)
 
 

@@ -38,8 +38,10 @@ _MISSING = dataclasses.MISSING
 
 
 def to_json(obj: Any) -> Any:
-    """A contract object (or a list/dict of them) as plain JSON values. Enum members stay as they
-    are: they are ``str`` subclasses, which ``json`` writes as strings."""
+    """A contract object (or a list/dict of them) as plain JSON values; enum members become their
+    plain values (so the result also suits ``marshal``)."""
+    if isinstance(obj, Enum):
+        return obj.value
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         if isinstance(obj, Event):
             return encode_event(obj)
@@ -67,7 +69,7 @@ def payload_data(payload: Payload | UnknownPayload) -> dict[str, Any]:
 
 
 def encode_event(event: Event) -> dict[str, Any]:
-    return {"seq": event.seq, "at": event.at, "kind": event.kind, "selector": event.selector,
+    return {"seq": event.seq, "at": event.at, "kind": str(event.kind), "selector": event.selector,
             "data": payload_data(event.payload)}
 
 

@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from contract.events import InstanceEnrolled, InstanceStateChanged
 from lab.mediator import (
     ACCEPTED,
     PERMANENT,
@@ -245,11 +246,10 @@ class DemoLab:
     # ------------------------------------------------------------------ counting
 
     def _on_event(self, event: Event) -> None:
-        if event.kind == "instance.state":
-            state = event.data.get("state")
-            if isinstance(state, str):
-                self.states_seen[state] += 1
-        elif event.kind == "instance.enrolled":
+        payload = event.payload
+        if isinstance(payload, InstanceStateChanged):
+            self.states_seen[payload.state] += 1
+        elif isinstance(payload, InstanceEnrolled):
             self.states_seen["active"] += 1
 
     @property

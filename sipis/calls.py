@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from contract.documents import HeldCall as CallView
 from sipis.clock import Clock
 from sipis.events import EventBus
 from sipis.instance import AppState, Instance
@@ -87,16 +88,14 @@ class HeldCall:
     timer: TimerHandle | None = field(default=None, repr=False)
     alerted: bool = field(default=False, repr=False)  # the first 180 is out
 
-    def view(self, clock: Clock) -> dict[str, Any]:
-        """A snapshot for the operator API / console (timers as seconds remaining)."""
+    def view(self, clock: Clock) -> CallView:
+        """A snapshot for the ``call`` event, the operator API and the app (timers as seconds remaining)."""
         now = clock.monotonic()
-        return {
-            "call_id": self.call_id, "push_id": self.push_id, "selector": self.selector, "caller": self.caller,
-            "stage": self.stage.value, "received_at": self.received_at, "outcome": self.outcome,
-            "final_status": self.final_status,
-            "t1_remaining": None if self.t1_deadline is None else max(0.0, self.t1_deadline - now),
-            "t2_remaining": None if self.t2_deadline is None else max(0.0, self.t2_deadline - now),
-        }
+        return CallView(
+            self.call_id, self.push_id, self.selector, self.caller, self.stage.value, self.received_at,
+            self.outcome, self.final_status,
+            None if self.t1_deadline is None else max(0.0, self.t1_deadline - now),
+            None if self.t2_deadline is None else max(0.0, self.t2_deadline - now))
 
 
 class CallError(LookupError):
@@ -295,7 +294,7 @@ class CallManager:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
     def _publish(self, call: HeldCall) -> None:
-        self.bus.publish("call", call.selector, **call.view(self.clock))
+        self.bus.publish(call.selector, call.view(self.clock))
 
     def _spawn(self, coroutine: Any) -> None:
         self._track(asyncio.ensure_future(coroutine))
@@ -324,7 +323,7 @@ class CallManager:
         while self._tasks:
             await asyncio.wait(list(self._tasks))
 
-    def views(self) -> list[dict[str, Any]]:
+    def views(self) -> list[CallView]:
         return [call.view(self.clock) for call in self.held.values()]
 
 

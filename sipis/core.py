@@ -14,6 +14,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+from contract.codec import to_json
+from contract.events import CoreStarted, CoreStopped
 from sipis.ageing import Ageing, AgeingPolicy
 from sipis.api.app_api import create_app
 from sipis.api.server import ApiServer
@@ -24,7 +26,7 @@ from sipis.crypto import SecretBox, load_or_create_key
 from sipis.engine import EngineSettings, RegistrationEngine
 from sipis.events import EventBus
 from sipis.operations import Operations
-from sipis.operator_api import OperatorContext, OperatorServer, OperatorSessions, push_view
+from sipis.operator_api import OperatorContext, OperatorServer, OperatorSessions
 from sipis.persistence import InstancePersistence
 from sipis.proxy_register import ProxyRegistrar
 from sipis.push.delivery import PushDelivery
@@ -141,7 +143,7 @@ class Core:
         persistence.attach(self.bus)
         self.engine.start()
         log.info("restored %d instances", restored)
-        self.bus.publish("core.started", None, restored=restored, node=config.node_name)
+        self.bus.publish(None, CoreStarted(restored, config.node_name))
 
         self.ageing = Ageing(self.service, self.clock, AgeingPolicy(
             max_age=config.ageing.max_age, not_registered_max_age=config.ageing.not_registered_max_age))
@@ -177,7 +179,7 @@ class Core:
             return instance.selector if instance is not None else None
 
         self.trace.selector_of_user = selector_of_user
-        self.trace.push_source = lambda call_id: [push_view(t) for t in delivery.traces.values()
+        self.trace.push_source = lambda call_id: [to_json(t.record()) for t in delivery.traces.values()
                                                   if t.call_id == call_id]
         self.operator_context = OperatorContext(
             service=service, calls=calls, delivery=delivery, operations=operations, bus=self.bus,
@@ -228,7 +230,7 @@ class Core:
             await self.delivery.close()
         if self.endpoint is not None:
             await self.endpoint.close()
-        self.bus.publish("core.stopped", None)
+        self.bus.publish(None, CoreStopped())
         if self.writer is not None:
             await self.writer.close()
         if self.db is not None:

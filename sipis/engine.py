@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from contract.events import Alarm, InstanceStateChanged, RegistrationResult, RegistrationStatusChanged
+from contract.kinds import AlarmKind
 from sipis.clock import Clock
 from sipis.events import EventBus
 from sipis.instance import AppState, Instance, RegStatus
@@ -366,8 +368,8 @@ class RegistrationEngine:
         self._set_status(instance, status)
         self._publish_registration(instance, result, status.value)
         if status is RegStatus.UNAUTHORIZED:
-            self.bus.publish("alarm", instance.selector, alarm="unauthorized", code=result.status,
-                             reason=result.reason)
+            self.bus.publish(instance.selector, Alarm(AlarmKind.UNAUTHORIZED, code=result.status,
+                                                      reason=result.reason))
         self._reconcile(entry, now + delay)
 
     def _after_unregister(self, entry: _Entry, result: RegisterResult) -> None:
@@ -420,19 +422,16 @@ class RegistrationEngine:
     def _set_state(self, instance: Instance, state: AppState) -> None:
         if instance.state is not state:
             old, instance.state = instance.state, state
-            self.bus.publish("instance.state", instance.selector, state=state.value, previous=old.value)
+            self.bus.publish(instance.selector, InstanceStateChanged(state, old))
 
     def _set_status(self, instance: Instance, status: RegStatus) -> None:
         reg = instance.registration
         if reg.status is not status:
             old, reg.status = reg.status, status
-            self.bus.publish("registration.status", instance.selector, status=status.value,
-                             previous=old.value)
+            self.bus.publish(instance.selector, RegistrationStatusChanged(status, old))
 
     def _publish_registration(self, instance: Instance, result: RegisterResult, what: str) -> None:
         reg = instance.registration
-        self.bus.publish(
-            "registration", instance.selector, result=what, code=result.status, reason=result.reason,
-            expires=result.expires, detail=result.detail, failures=reg.failure_count,
-            next_refresh_at=reg.next_refresh_at, expires_at=reg.expires_at,
-        )
+        self.bus.publish(instance.selector, RegistrationResult(
+            what, result.status, result.reason, result.expires, result.detail, reg.failure_count,
+            reg.next_refresh_at, reg.expires_at))

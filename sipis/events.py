@@ -1,5 +1,7 @@
-"""The one event bus. Every state change in the core is published here exactly once; storage,
-metrics, the operator API stream and the trace recorder subscribe (DESIGN.md, rules of the house).
+"""The one event bus. Every state change in the core is published here exactly once, as one of
+the contract's typed payloads (:mod:`contract.events`); storage, the operator API (its event ring,
+instance index, PBX health and event streams), the trace recorder and the lab's demo subscribe
+(DESIGN.md, rules of the house).
 
 Publishing is synchronous and cheap: subscribers are plain callables that must not block (the
 storage writer only enqueues; the operator stream pushes into bounded queues and drops the
@@ -12,26 +14,13 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
+from contract.events import Event, Payload
 from sipis.clock import Clock, SystemClock
 
+__all__ = ["Event", "EventBus", "EventQueue", "Subscriber"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    seq: int
-    at: float  # wall clock, for display and storage
-    kind: str  # e.g. "instance.state", "registration", "call.stage", "push.outcome", "alarm"
-    selector: str | None
-    data: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"seq": self.seq, "at": self.at, "kind": self.kind, "selector": self.selector,
-                "data": self.data}
-
 
 Subscriber = Callable[[Event], None]
 
@@ -52,13 +41,14 @@ class EventBus:
 
         return unsubscribe
 
-    def publish(self, kind: str, selector: str | None = None, /, **data: Any) -> Event:
-        event = Event(next(self._seq), self.clock.wall(), kind, selector, data)
+    def publish(self, selector: str | None, payload: Payload) -> Event:
+        """Announce ``payload`` about the instance ``selector`` (None: about no instance)."""
+        event = Event(next(self._seq), self.clock.wall(), selector, payload)
         for subscriber in list(self._subscribers):
             try:
                 subscriber(event)
             except Exception:
-                log.exception("event subscriber %r failed on %s", subscriber, kind)
+                log.exception("event subscriber %r failed on %s", subscriber, payload.KIND)
         return event
 
 
@@ -66,17 +56,21 @@ class EventQueue:
     """A bounded per-client queue fed by the bus; drops the oldest events when full."""
 
     def __init__(self, bus: EventBus, maxsize: int = 10_000) -> None:
-        self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
+        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize)
         self.dropped = 0
         self._unsubscribe = bus.subscribe(self._push)
 
-    def _push(self, event: Event) -> None:
+    def _push(self, event: Event | None) -> None:
         if self.queue.full():
             self.queue.get_nowait()
             self.dropped += 1
         self.queue.put_nowait(event)
 
-    async def get(self) -> Event:
+    def close_stream(self) -> None:
+        """Wake the reader with ``None``: the stream ends (server shutdown)."""
+        self._push(None)
+
+    async def get(self) -> Event | None:
         return await self.queue.get()
 
     def close(self) -> None:

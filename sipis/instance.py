@@ -16,24 +16,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
+from contract.kinds import AppState, RegStatus
 
-class AppState(StrEnum):
-    ACTIVE = "active"
-    INACTIVE = "inactive"
-    PROXIED = "proxied"
-    OFF = "off"
-
-
-class RegStatus(StrEnum):
-    IDLE = "idle"
-    REGISTERING = "registering"
-    REGISTERED = "registered"
-    UNREGISTERING = "unregistering"
-    UNAUTHORIZED = "unauthorized"
-    ERROR = "error"
+__all__ = ["Account", "AppState", "Instance", "PushTarget", "RegStatus", "Registration", "mask"]
 
 
 @dataclass(slots=True)

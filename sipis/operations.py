@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from contract.documents import AuditEntry
 from sipis.clock import Clock
 from sipis.events import EventBus
 from sipis.instance import AppState, Instance
@@ -62,8 +63,8 @@ class Operations:
     def audit(self, operator: Operator, action: str, target: str | None, outcome: str, *,
               about: str | None = None, **detail: Any) -> None:
         """One audit row (an ``audit`` event; ``about`` = the selector it concerns, for its timeline)."""
-        self.bus.publish("audit", about, id=uuid.uuid4().hex, operator=operator.name, role=operator.role,
-                         action=action, target=target, outcome=outcome, detail=detail)
+        self.bus.publish(about, AuditEntry(uuid.uuid4().hex, self.clock.wall(), operator.name, operator.role,
+                                           action, target, outcome, detail))
 
     def _require(self, operator: Operator, needed: str, action: str, target: str | None) -> None:
         if not operator.may(needed):

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import fastapi.routing
 import uvicorn
@@ -49,6 +49,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from contract.codec import decode_payload, encode_event, payload_data, to_json
+from contract.documents import PushRecord as PushPayload
+from contract.events import InstanceDeleted, RegistrationResult
 from sipis.api.server import EmbeddedServer, bind_tcp
 from sipis.calls import CallManager
 from sipis.clock import Clock
@@ -150,17 +153,19 @@ RingEntry = tuple[int, float, str, "str | None", "bytes | dict[str, Any]"]
 
 
 def _pack(event: Event) -> RingEntry:
-    payload: bytes | dict[str, Any]
+    data = payload_data(event.payload)
+    packed: bytes | dict[str, Any]
     try:
-        payload = marshal.dumps(event.data)
+        packed = marshal.dumps(data)
     except ValueError:
-        payload = event.data
-    return (event.seq, event.at, event.kind, event.selector, payload)
+        packed = data
+    return (event.seq, event.at, str(event.kind), event.selector, packed)
 
 
 def _unpack(entry: RingEntry) -> Event:
-    seq, at, kind, selector, payload = entry
-    return Event(seq, at, kind, selector, marshal.loads(payload) if isinstance(payload, bytes) else payload)
+    seq, at, kind, selector, packed = entry
+    data = marshal.loads(packed) if isinstance(packed, bytes) else packed
+    return Event(seq, at, selector, decode_payload(kind, data, selector))
 
 
 class EventRing:
@@ -245,14 +250,14 @@ class PbxHealth:
         self._unsubscribe = bus.subscribe(self._on_event)
 
     def _on_event(self, event: Event) -> None:
-        if event.kind != "registration":
+        result = event.payload
+        if not isinstance(result, RegistrationResult):
             return
-        data = event.data
-        code = data.get("code")
-        if isinstance(code, int) and (code == 408 or code >= 500):
+        code = result.code
+        if code == 408 or code >= 500:
             self.reachable = False
-            detail = data.get("detail")
-            self.last_error = f"{code} {data.get('reason') or ''}".strip() + (f": {detail}" if detail else "")
+            detail = result.detail
+            self.last_error = f"{code} {result.reason or ''}".strip() + (f": {detail}" if detail else "")
             self.last_error_at = event.at
         else:
             self.reachable = True
@@ -367,11 +372,10 @@ class InstanceIndex:
         selector = event.selector
         if selector is None:
             return
-        kind = event.kind
-        if kind == "push":
-            stages = event.data.get("stages") or {}
-            self.last_push[selector] = (str(event.data.get("outcome")), float(stages.get("push_sent", event.at)))
-        elif kind == "instance.deleted":
+        payload = event.payload
+        if isinstance(payload, PushPayload):
+            self.last_push[selector] = (payload.outcome, float(payload.stages.get("push_sent", event.at)))
+        elif isinstance(payload, InstanceDeleted):
             self.last_push.pop(selector, None)
         dirty = self._dirty
         dirty.add(selector)
@@ -641,21 +645,15 @@ class OperatorContext:
         return dict(index.state_counts), dict(index.status_counts)
 
 
-_CLOSE_EVENT = "stream.closing"
-
-
 def _wake_stream(queue: EventQueue) -> None:
-    with contextlib.suppress(asyncio.QueueFull):
-        if queue.queue.full():
-            queue.queue.get_nowait()
-        queue.queue.put_nowait(Event(0, 0.0, _CLOSE_EVENT, None, {}))
+    queue.close_stream()
 
 
 # --------------------------------------------------------------------------- views
 
 
 def push_view(trace: PushTrace) -> dict[str, Any]:
-    return {"selector": trace.selector, **trace.as_event()}
+    return cast(dict[str, Any], to_json(trace.record()))
 
 
 def push_record_view(record: PushRecord) -> dict[str, Any]:
@@ -667,10 +665,7 @@ def push_record_view(record: PushRecord) -> dict[str, Any]:
 
 
 def audit_event_view(event: Event) -> dict[str, Any]:
-    data = event.data
-    return {"id": data.get("id"), "at": event.at, "operator": data.get("operator"), "role": data.get("role"),
-            "action": data.get("action"), "target": data.get("target"), "outcome": data.get("outcome"),
-            "detail": dict(data.get("detail") or {})}
+    return {**payload_data(event.payload), "at": event.at}
 
 
 def audit_record_view(record: AuditRecord) -> dict[str, Any]:
@@ -902,7 +897,7 @@ def create_operator_app(ctx: OperatorContext) -> FastAPI:
     @app.get("/v1/instances/{selector}")
     async def instance_detail(selector: str, _: Operator = Depends(viewer)) -> Response:
         instance = instance_or_404(selector)
-        timeline = {e.seq: e.as_dict() for e in ctx.ring.for_selector(selector, TIMELINE_LIMIT)}
+        timeline = {e.seq: encode_event(e) for e in ctx.ring.for_selector(selector, TIMELINE_LIMIT)}
         if ctx.stores is not None and len(timeline) < TIMELINE_LIMIT:
             try:
                 for record in await ctx.stores.events.recent(TIMELINE_LIMIT, selector=selector):
@@ -920,7 +915,7 @@ def create_operator_app(ctx: OperatorContext) -> FastAPI:
     @app.get("/v1/calls")
     async def calls(_: Operator = Depends(viewer)) -> dict[str, Any]:
         clock = ctx.clock
-        return {"held": ctx.calls.views(), "recent": [call.view(clock) for call in ctx.calls.recent]}
+        return {"held": to_json(ctx.calls.views()), "recent": [to_json(call.view(clock)) for call in ctx.calls.recent]}
 
     async def call_pushes(call_id: str) -> list[dict[str, Any]]:
         memory = [push_view(t) for t in ctx.delivery.traces.values() if t.call_id == call_id]
@@ -969,7 +964,7 @@ def create_operator_app(ctx: OperatorContext) -> FastAPI:
 
     @app.get("/v1/audit")
     async def audit(_: Operator = Depends(viewer), limit: int = Query(200, ge=1, le=10_000)) -> Response:
-        rows = {str(e.data.get("id")): audit_event_view(e) for e in ctx.ring.audit}
+        rows = {str(view["id"]): view for view in map(audit_event_view, ctx.ring.audit)}
         if ctx.stores is not None:
             try:
                 for record in await ctx.stores.audit.recent(limit):
@@ -1039,7 +1034,7 @@ async def _event_stream(ctx: OperatorContext, since: int | None) -> AsyncIterato
                 yield _json_line({"kind": "gap", "since": since, "first_available": ctx.ring.first_seq,
                                   "at": ctx.clock.wall()})
             if replay:
-                yield "".join(_json_line(e.as_dict()) for e in replay)
+                yield "".join(_json_line(encode_event(e)) for e in replay)
                 last = replay[-1].seq
         else:
             yield _json_line({"kind": "heartbeat", "at": ctx.clock.wall(), "seq": last})
@@ -1060,13 +1055,13 @@ async def _event_stream(ctx: OperatorContext, since: int | None) -> AsyncIterato
                 dropped = queue.dropped
             closing = False
             for item in batch:
-                if item.kind == _CLOSE_EVENT and item.seq == 0:
+                if item is None:
                     closing = True
                     break
                 if item.seq <= last:
                     continue  # already replayed from the ring
                 last = item.seq
-                lines.append(_json_line(item.as_dict()))
+                lines.append(_json_line(encode_event(item)))
             if lines:
                 yield "".join(lines)
             if closing:

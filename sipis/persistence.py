@@ -14,6 +14,10 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
+from contract.codec import payload_data
+from contract.documents import AuditEntry, HeldCall
+from contract.documents import PushRecord as PushPayload
+from contract.events import Alarm, InstanceDeleted, MessageReceived
 from sipis.clock import Clock
 from sipis.crypto import DecryptionError, SecretBox
 from sipis.events import Event, EventBus
@@ -38,16 +42,17 @@ class InstancePersistence:
         return bus.subscribe(self.on_event)
 
     def on_event(self, event: Event) -> None:
-        self.writer.append_event(EventRecord(event.seq, event.at, event.kind, event.selector, event.data))
-        if event.kind == "audit":
-            self.writer.append_audit(_audit_record(event))
+        payload = event.payload
+        self.writer.append_event(EventRecord(event.seq, event.at, event.kind, event.selector, payload_data(payload)))
+        if isinstance(payload, AuditEntry):
+            self.writer.append_audit(_audit_record(payload))
             return
-        if event.kind == "push" and event.selector is not None:
-            self.writer.upsert_push(_push_record(event))
+        if isinstance(payload, PushPayload):
+            self.writer.upsert_push(_push_record(payload))
             return
-        if event.selector is None or event.kind in _NOT_ABOUT_THE_INSTANCE:
+        if event.selector is None or isinstance(payload, _NOT_ABOUT_THE_INSTANCE):
             return
-        if event.kind == "instance.deleted":
+        if isinstance(payload, InstanceDeleted):
             self._blobs.pop(event.selector, None)
             self.writer.delete_instance(event.selector)
             return
@@ -127,24 +132,20 @@ class InstancePersistence:
 
 
 #: Events that change nothing stored in the instance row.
-_NOT_ABOUT_THE_INSTANCE = frozenset({"call", "message", "alarm"})
+_NOT_ABOUT_THE_INSTANCE = (HeldCall, MessageReceived, Alarm)
 
 
-def _audit_record(event: Event) -> AuditRecord:
-    data = event.data
-    return AuditRecord(id=str(data["id"]), at=event.at, operator=str(data["operator"]), role=str(data["role"]),
-                       action=str(data["action"]), target=data.get("target"), detail=dict(data.get("detail") or {}),
-                       outcome=str(data["outcome"]))
+def _audit_record(entry: AuditEntry) -> AuditRecord:
+    return AuditRecord(id=entry.id, at=entry.at, operator=entry.operator, role=entry.role, action=entry.action,
+                       target=entry.target, detail=dict(entry.detail), outcome=entry.outcome)
 
 
-def _push_record(event: Event) -> PushRecord:
-    data = event.data
+def _push_record(push: PushPayload) -> PushRecord:
     return PushRecord(
-        push_id=str(data["push_id"]), selector=str(event.selector), call_id=data.get("call_id"),
-        provider=str(data["provider"]), kind=str(data["kind"]), request_summary=dict(data.get("request_summary") or {}),
-        outcome=str(data["outcome"]), provider_code=data.get("provider_code"), attempt=int(data.get("attempt") or 0),
-        replay_of=data.get("replay_of"), stages=dict(data.get("stages") or {}), latency_ms=data.get("latency_ms"),
-        error=data.get("error") or data.get("provider_reason"),
+        push_id=push.push_id, selector=push.selector, call_id=push.call_id, provider=push.provider, kind=push.kind,
+        request_summary=dict(push.request_summary), outcome=push.outcome, provider_code=push.provider_code,
+        attempt=push.attempt, replay_of=push.replay_of, stages=dict(push.stages), latency_ms=push.latency_ms,
+        error=push.error or push.provider_reason,
     )
 
 

@@ -12,8 +12,17 @@ import secrets
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from contract.documents import HeldCall
+from contract.events import (
+    InstanceAppReport,
+    InstanceDeleted,
+    InstanceEnrolled,
+    InstancePushChanged,
+    InstanceStateChanged,
+    InstanceUpdated,
+)
 from sipis.api.models import EnrollIn, PushIn
 from sipis.api.service_protocol import InstanceGone, ServiceError
 from sipis.calls import CallError
@@ -93,7 +102,7 @@ class InstanceService:
             existing.disabled = False
             if existing.state is AppState.OFF:
                 existing.state = AppState.ACTIVE
-            self.bus.publish("instance.updated", selector, credentials_changed=credentials_changed)
+            self.bus.publish(selector, InstanceUpdated(credentials_changed))
             if credentials_changed and existing.state in (AppState.INACTIVE, AppState.PROXIED):
                 self.registrar.forget(selector)
                 self.engine.refresh_now(existing)
@@ -104,7 +113,7 @@ class InstanceService:
             instance_id=str(request.instance_id or uuid.uuid4()), app_last_seen=now, created_at=now,
         )
         self.add(instance)
-        self.bus.publish("instance.enrolled", selector, aor=account.aor)
+        self.bus.publish(selector, InstanceEnrolled(account.aor))
         await self._persisted()
         return instance, token
 
@@ -120,7 +129,7 @@ class InstanceService:
             removal = self.engine.hand_back(instance)
             if self.calls is not None:
                 self.calls.app_active(instance, removal, contact)
-        self.bus.publish("instance.app", selector, reported=state, contact=contact)
+        self.bus.publish(selector, InstanceAppReport(state, contact))
         await self._persisted()
         return instance
 
@@ -129,7 +138,7 @@ class InstanceService:
         instance.push = PushTarget(push.provider, push.app_id, push.token, push.voip_token)
         _share_common_strings(instance)
         instance.app_last_seen = self.clock.wall()
-        self.bus.publish("instance.push", selector, provider=push.provider)
+        self.bus.publish(selector, InstancePushChanged(provider=push.provider))
         await self._persisted()
         return instance
 
@@ -138,7 +147,7 @@ class InstanceService:
         await self.retire(instance, reason="deleted by app", delete=True)
         await self._persisted()
 
-    async def call_progress(self, selector: str, push_id: str) -> dict[str, Any]:
+    async def call_progress(self, selector: str, push_id: str) -> HeldCall:
         instance = self._require(selector)
         instance.app_last_seen = self.clock.wall()
         if self.calls is None:
@@ -184,11 +193,11 @@ class InstanceService:
         if delete:
             self.instances.pop(instance.selector, None)
             self._by_contact_user.pop(contact_user(instance), None)
-            self.bus.publish("instance.deleted", instance.selector, reason=reason)
+            self.bus.publish(instance.selector, InstanceDeleted(reason))
             return
         old = instance.state
         instance.state = AppState.OFF
-        self.bus.publish("instance.state", instance.selector, state="off", previous=old.value, reason=reason)
+        self.bus.publish(instance.selector, InstanceStateChanged(AppState.OFF, old, reason))
 
     def _require(self, selector: str) -> Instance:
         instance = self.instances.get(selector)

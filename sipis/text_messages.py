@@ -15,6 +15,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from contract.events import MessageReceived
 from sipis.clock import Clock
 from sipis.events import EventBus
 from sipis.instance import AppState
@@ -66,7 +67,7 @@ class TextMessages:
         if content_type.startswith("application/im-iscomposing+xml"):
             return
         if ";imdn" in content_type.replace(" ", "") or "imdn" in content_type.split(";")[0]:
-            self.bus.publish("message", instance.selector, pushed=False, content_type=content_type)
+            self.bus.publish(instance.selector, MessageReceived(False, content_type))
             return
         try:
             caller = str(request.from_.uri)
@@ -75,8 +76,8 @@ class TextMessages:
         preview = request.body[: PREVIEW_CHARS * 4].decode("utf-8", "replace")[:PREVIEW_CHARS]
         trace = self.delivery.new_trace(instance, PushKind.TEXT, call_id=request.call_id, caller=caller,
                                         message=preview if content_type.startswith("text/") else None)
-        self.bus.publish("message", instance.selector, pushed=True, push_id=trace.push_id,
-                         content_type=content_type, bytes=len(request.body))
+        self.bus.publish(instance.selector, MessageReceived(True, content_type, push_id=trace.push_id,
+                                                            bytes=len(request.body)))
         task = asyncio.ensure_future(
             self.delivery.deliver(instance, trace, deadline=self.clock.monotonic() + TEXT_PUSH_WINDOW))
         self._tasks.add(task)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from contract.codec import payload_data
+from contract.documents import PushRecord
 from sipis.api.models import AccountIn, EnrollIn, PushIn
 from sipis.calls import CallManager, CallSettings, Stage
 from sipis.clock import FakeClock
@@ -305,7 +307,7 @@ async def test_transient_push_failures_retry_then_a_dead_token_ends_the_call(eag
     assert len(w.provider.sent) == 2
     assert call.final == 480 and call.responses[-1][1]["X-Sipis-Reason"] == "Device-Unreachable"
     assert instance.push.unreachable
-    assert any(e.data.get("alarm") == "push-rejected" for e in w.events_of("alarm"))
+    assert any(payload_data(e.payload).get("alarm") == "push-rejected" for e in w.events_of("alarm"))
     again = invite(instance, "call-2")
     w.calls.on_invite(again)  # type: ignore[arg-type]
     await w.settle()
@@ -320,7 +322,7 @@ async def test_push_records_are_published_with_outcome_and_attempts() -> None:
     call = invite(instance)
     w.calls.on_invite(call)  # type: ignore[arg-type]
     await w.settle()
-    last = w.events_of("push")[-1].data
+    last = payload_data(w.events_of("push")[-1].payload)
     assert last["outcome"] == "accepted" and last["attempt"] == 2 and last["kind"] == "call"
     assert "token-alice" not in str(last["request_summary"])  # tokens are masked in records
 
@@ -359,7 +361,7 @@ async def test_operator_test_and_replay_push_are_role_checked_and_audited() -> N
         await w.operations.test_push(instance.selector, viewer)
     replay = await w.operations.replay_push(trace.push_id, noc)
     assert replay.replay_of == trace.push_id and replay.push_id != trace.push_id
-    audit = [e.data for e in w.events_of("audit")]
+    audit = [payload_data(e.payload) for e in w.events_of("audit")]
     assert [(a["operator"], a["action"], a["outcome"]) for a in audit] == [
         ("noc-anna", "test_push", "accepted"), ("watcher", "test_push", "refused"),
         ("noc-anna", "replay_push", "accepted")]
@@ -393,11 +395,12 @@ async def test_eager_push_goes_out_before_the_180_with_the_collector_off() -> No
     assert not w.events_of("push")  # published in the loop's next turn, after the handler
     await asyncio.sleep(0)
     [pending] = w.events_of("push")
-    assert pending.data["outcome"] == "pending" and list(pending.data["stages"]) == ["invite_received", "push_sent"]
+    assert isinstance(pending.payload, PushRecord)
+    assert pending.payload.outcome == "pending" and list(pending.payload.stages) == ["invite_received", "push_sent"]
     w.provider.gate.set_result(None)
     await w.settle()
     assert call.push_statuses() == ["Alerting-Device", "Push-Notification-Sent"]
-    assert [e.data["outcome"] for e in w.events_of("push")] == ["pending", "accepted"]
+    assert [payload_data(e.payload)["outcome"] for e in w.events_of("push")] == ["pending", "accepted"]
 
     gc.disable()
     try:
@@ -427,6 +430,7 @@ async def test_push_sent_is_published_once_even_when_the_answer_comes_at_once() 
     w.calls.on_invite(invite(instance))  # type: ignore[arg-type]
     await w.settle()
     pushes = w.events_of("push")
-    assert [e.data["outcome"] for e in pushes][-1] == "accepted"
-    assert all("push_sent" in e.data["stages"] for e in pushes)  # no event without it, none stale after
-    assert pushes[-1].data["stages"].keys() >= {"invite_received", "push_sent", "provider_accepted"}
+    assert [payload_data(e.payload)["outcome"] for e in pushes][-1] == "accepted"
+    # no event without it, none stale after
+    assert all("push_sent" in payload_data(e.payload)["stages"] for e in pushes)
+    assert payload_data(pushes[-1].payload)["stages"].keys() >= {"invite_received", "push_sent", "provider_accepted"}

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from contract.codec import payload_data
 from sipis.clock import FakeClock
 from sipis.engine import EngineSettings, RegistrationEngine
 from sipis.events import Event, EventBus
@@ -111,7 +112,8 @@ class Harness:
         return delay
 
     def of_kind(self, kind: str, selector: str | None = None) -> list[dict[str, Any]]:
-        return [e.data for e in self.events if e.kind == kind and (selector is None or e.selector == selector)]
+        return [payload_data(e.payload) for e in self.events
+                if e.kind == kind and (selector is None or e.selector == selector)]
 
 
 def make_harness(seed: int = 0, **settings: Any) -> Harness:
@@ -211,7 +213,7 @@ async def test_take_over_publishes_state_status_and_registration_events() -> Non
     [event] = h.of_kind("registration", "sel-1")
     reg = instance.registration
     assert event["result"] == "registered"
-    assert (event["code"], event["expires"], event["failures"]) == (200, 600, 0)
+    assert (event["code"], event["expires"], event["failure_count"]) == (200, 600, 0)
     assert (event["expires_at"], event["next_refresh_at"]) == (reg.expires_at, reg.next_refresh_at)
 
 

@@ -28,6 +28,19 @@ from hypothesis import strategies as st
 import sipis.operator_api as operator_api
 from console.client import Forbidden as ClientForbidden
 from console.client import OperatorClient, Unauthorized
+from contract.codec import encode_event, payload_data
+from contract.documents import AuditEntry, PushRecord
+from contract.events import (
+    Alarm,
+    CoreStarted,
+    InstanceDeleted,
+    InstanceEnrolled,
+    InstanceStateChanged,
+    InstanceUpdated,
+    RegistrationResult,
+    RegistrationStatusChanged,
+)
+from contract.kinds import AlarmKind
 from sipis.api.models import EnrollIn
 from sipis.config import OperatorToken, parse_config
 from sipis.core import Core
@@ -74,7 +87,7 @@ class Op:
                                  base_url="http://op", headers=headers)
 
     def audit(self) -> list[dict[str, Any]]:
-        return [e.data for e in self.world.events_of("audit")]
+        return [payload_data(e.payload) for e in self.world.events_of("audit")]
 
     async def enrol(self, user: str, *, sleeping: bool = False) -> Instance:
         instance, _ = await self.world.service.enroll(EnrollIn.model_validate({
@@ -453,13 +466,13 @@ async def test_summary_counts_calls_pushes_pbx_and_alarms(op: Op) -> None:
         assert summary["pbx"] == {"reachable": True, "last_error": None}
         assert summary["writer"] == {"pending": 0, "last_error": None} and summary["alarms"] == 0
 
-        w.bus.publish("registration", first.selector, result="error", code=408, reason="Request Timeout",
-                      detail="no answer")
-        w.bus.publish("alarm", first.selector, alarm="unauthorized")
+        timeout = RegistrationResult("error", 408, "Request Timeout", 0, "no answer", 1, None, None)
+        w.bus.publish(first.selector, timeout)
+        w.bus.publish(first.selector, Alarm(AlarmKind.UNAUTHORIZED))
         summary = await viewer.summary()
         assert summary["pbx"] == {"reachable": False, "last_error": "408 Request Timeout: no answer"}
         assert summary["alarms"] == 1
-        w.bus.publish("registration", first.selector, result="registered", code=200, reason="OK", detail="")
+        w.bus.publish(first.selector, RegistrationResult("registered", 200, "OK", 600, "", 0, None, None))
         assert (await viewer.summary())["pbx"]["reachable"] is True
 
 
@@ -497,7 +510,7 @@ async def test_event_stream_over_the_unix_socket(short_dir: Path) -> None:
             await replay.aclose()
 
             for n in range(60):  # push the early events out of the 50-event ring
-                op.world.bus.publish("test.noise", None, n=n)
+                op.world.bus.publish(None, CoreStarted(n, "noise"))
             gapped = client.events(since=1)
             gap = await asyncio.wait_for(anext(gapped), 5)
             assert gap["kind"] == "gap" and gap["since"] == 1 and (gap["first_available"] or 0) > 2
@@ -520,16 +533,16 @@ async def test_event_stream_resumes_with_since_after_the_core_comes_back(short_d
     client = OperatorClient(socket_path=socket_path)
     stream = client.events(since=op.ctx.ring.last_seq, backoff_initial=0.02, backoff_max=0.05)
     try:
-        op.world.bus.publish("test.one", None)
-        assert (await asyncio.wait_for(anext(stream), 5))["kind"] == "test.one"
+        op.world.bus.publish(None, CoreStarted(1, "one"))
+        assert (await asyncio.wait_for(anext(stream), 5))["data"]["node"] == "one"
         await server.stop()  # ends the stream; the client retries with backoff
         assert not socket_path.exists()
-        op.world.bus.publish("test.two", None)
-        op.world.bus.publish("test.three", None)
+        op.world.bus.publish(None, CoreStarted(2, "two"))
+        op.world.bus.publish(None, CoreStarted(3, "three"))
         server = OperatorServer(op.ctx, socket_path=socket_path, app=op.app)
         await server.start()
         got = [await asyncio.wait_for(anext(stream), 5) for _ in range(2)]
-        assert [e["kind"] for e in got] == ["test.two", "test.three"]  # replayed with since=
+        assert [e["data"]["node"] for e in got] == ["two", "three"]  # replayed with since=
     finally:
         await stream.aclose()
         await client.aclose()
@@ -664,26 +677,28 @@ async def test_tcp_is_plain_on_loopback_and_tls_elsewhere(short_dir: Path) -> No
 def test_event_ring_keeps_events_out_of_the_garbage_collectors_way() -> None:
     bus = EventBus()
     ring = EventRing(bus, size=5, audit_size=2)
-    bus.publish("push", "sel-1", push_id="p1", stages={"push_sent": 1.5}, request_summary={"body": {"Id": "p1"}})
-    bus.publish("audit", None, id="a1", operator="anna", detail={"k": [1, 2]})
-    bus.publish("alarm", "sel-1", alarm="push-rejected")
-    bus.publish("instance.state", "sel-2", state=AppState.PROXIED)  # an enum: marshal cannot, kept as is
+    push = PushRecord("p1", "sel-1", "call", "m", stages={"push_sent": 1.5}, request_summary={"body": {"Id": "p1"}})
+    bus.publish("sel-1", push)
+    bus.publish(None, AuditEntry("a1", 1.0, "anna", "admin", "disable", None, "ok", {"k": [1, 2]}))
+    bus.publish("sel-1", Alarm(AlarmKind.PUSH_REJECTED))
+    bus.publish("sel-2", InstanceStateChanged(AppState.PROXIED, AppState.INACTIVE))
     gc.collect()
     gc.collect()
     assert not any(gc.is_tracked(entry) for entry in ring.entries if isinstance(entry[4], bytes))
     events = ring.events
     assert [e.seq for e in events] == [1, 2, 3, 4] and ring.first_seq == 1 and ring.last_seq == 4
-    assert events[0].data == {"push_id": "p1", "stages": {"push_sent": 1.5}, "request_summary": {"body": {"Id": "p1"}}}
-    assert events[3].data["state"] is AppState.PROXIED
-    assert [e.data["id"] for e in ring.audit] == ["a1"] and ring.alarms_since(0.0) == 1
+    assert events[0].payload == push and events[0].payload is not push
+    assert events[3].payload == InstanceStateChanged(AppState.PROXIED, AppState.INACTIVE)
+    assert isinstance(events[3].payload, InstanceStateChanged) and events[3].payload.state is AppState.PROXIED
+    assert [payload_data(e.payload)["id"] for e in ring.audit] == ["a1"] and ring.alarms_since(0.0) == 1
     assert [e.seq for e in ring.for_selector("sel-1", 10)] == [1, 3]
     newer, gap = ring.since(2)
     assert [e.seq for e in newer] == [3, 4] and not gap
     for n in range(3):
-        bus.publish("tick", None, n=n)
+        bus.publish(None, CoreStarted(n, "tick"))
     newer, gap = ring.since(1)
     assert [e.seq for e in newer] == [3, 4, 5, 6, 7] and gap  # event 2 already left the ring
-    assert ring.events[0].as_dict()["data"] == {"alarm": "push-rejected"}
+    assert encode_event(ring.events[0])["data"] == {"alarm": "push-rejected"}
     ring.close()
 
 
@@ -806,7 +821,7 @@ def _run_index_ops(ops: list[tuple[str, int, int, bool]], dirty_limit: int) -> N
                 made.registration.status = list(RegStatus)[value % 6]
                 service.instances[selector] = made  # a new object also when the selector is known
                 if op == "add":
-                    bus.publish("instance.enrolled", selector, aor=made.account.aor)
+                    bus.publish(selector, InstanceEnrolled(made.account.aor))
                 continue
             if op == "check":
                 _check(index, service)
@@ -815,27 +830,29 @@ def _run_index_ops(ops: list[tuple[str, int, int, bool]], dirty_limit: int) -> N
                 continue
             if op == "remove":
                 del service.instances[selector]
-                bus.publish("instance.deleted", selector, reason="test")
+                bus.publish(selector, InstanceDeleted("test"))
             elif op == "state":
-                instance.state = list(AppState)[value % 4]
-                bus.publish("instance.state", selector, state=instance.state.value)
+                previous, instance.state = instance.state, list(AppState)[value % 4]
+                bus.publish(selector, InstanceStateChanged(instance.state, previous))
             elif op == "status":
-                instance.registration.status = list(RegStatus)[value % 6]
-                bus.publish("registration.status", selector, status=instance.registration.status.value)
+                before, instance.registration.status = instance.registration.status, list(RegStatus)[value % 6]
+                bus.publish(selector, RegistrationStatusChanged(instance.registration.status, before))
             elif op == "account":
                 if flag:
                     instance.account = Account(_AORS[value % len(_AORS)], f"u{value % 5}", "pw")
                 else:
                     instance.account.registrar = _REGISTRARS[value % 3]
-                bus.publish("instance.updated", selector, credentials_changed=True)
+                bus.publish(selector, InstanceUpdated(True))
             elif op == "registration":
                 reg = instance.registration
                 reg.expires_at = None if flag else float(value % 13)
                 reg.last_code, reg.failure_count = (value % 3) * 200 or None, value % 4
-                bus.publish("registration", selector, code=reg.last_code)
+                bus.publish(selector, RegistrationResult("error", reg.last_code or 0, "", 0, "", reg.failure_count,
+                                                         None, reg.expires_at))
             elif op == "push":
-                bus.publish("push", selector, outcome="accepted" if flag else "rejected-transient",
-                            stages={"push_sent": float(value % 17)})
+                bus.publish(selector, PushRecord("p", selector, "call", "m",
+                                                  outcome="accepted" if flag else "rejected-transient",
+                                                  stages={"push_sent": float(value % 17)}))
             elif op == "seen":  # changes a row without any event (as call progress does)
                 instance.app_last_seen = float(value)
             if flag and value % 2:
@@ -857,10 +874,10 @@ def test_the_whole_list_handed_out_stays_as_it_was_while_the_index_changes() -> 
     before = [e.selector for e in held]
     gone = before[2]
     del service.instances[gone]
-    bus.publish("instance.deleted", gone)
+    bus.publish(gone, InstanceDeleted("test"))
     added = Instance("F" * 40 + ":0", Account("sip:a@pbx", "a", "pw"), PushTarget("m", "a", "t"), "h")
     service.instances[added.selector] = added
-    bus.publish("instance.enrolled", added.selector)
+    bus.publish(added.selector, InstanceEnrolled(added.account.aor))
     now = [e.selector for e in index.query_entries(limit=0)[3]]
     assert [e.selector for e in held] == before  # a stream still sending it is not disturbed
     assert now == [added.selector] + [s for s in before if s != gone]

@@ -35,6 +35,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from contract.codec import to_json
 from sipis.api.models import (
     SELECTOR_PATTERN,
     CallOut,
@@ -347,7 +348,7 @@ def create_app(service: InstanceService, *, max_body: int = MAX_BODY_BYTES) -> F
         """The app is waking up for this held call: the caller hears Device-Making-Progress and the
         answer timer (T2) replaces the wake timer (T1). Repeated reports are harmless."""
         current(selector)
-        return JSONResponse(await service.call_progress(selector, push_id))
+        return JSONResponse(to_json(await service.call_progress(selector, push_id)))
 
     @app.delete("/v1/instances/{selector}", status_code=204, response_class=Response,
                 responses=instance_errors)

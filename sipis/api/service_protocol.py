@@ -6,8 +6,9 @@ decision about instances (selectors, tokens, state changes, persistence) is the 
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
+from contract.documents import HeldCall
 from sipis.api.models import EnrollIn, PushIn
 from sipis.instance import Instance
 
@@ -60,7 +61,7 @@ class InstanceService(Protocol):
         """Remove the instance (the core unregisters its binding first)."""
         ...
 
-    async def call_progress(self, selector: str, push_id: str) -> dict[str, Any]:
+    async def call_progress(self, selector: str, push_id: str) -> HeldCall:
         """The app woke up for the held call ``push_id``; returns the call's view.
         Raises :class:`InstanceGone` when there is no such held call for this instance."""
         ...

@@ -18,6 +18,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from contract.documents import PushRecord
+from contract.events import Alarm, InstancePushChanged
+from contract.kinds import AlarmKind
 from sipis.clock import Clock
 from sipis.events import EventBus
 from sipis.instance import Instance, mask
@@ -56,13 +59,12 @@ class PushTrace:
     #: a publication is scheduled (:meth:`PushDelivery._publish_soon`)
     publish_pending: bool = field(default=False, repr=False, compare=False)
 
-    def as_event(self) -> dict[str, Any]:
-        return {
-            "push_id": self.push_id, "kind": self.kind.value, "provider": self.provider, "call_id": self.call_id,
-            "attempt": self.attempt, "outcome": self.verdict, "provider_code": self.provider_code,
-            "provider_reason": self.provider_reason, "latency_ms": self.latency_ms, "error": self.error,
-            "replay_of": self.replay_of, "stages": dict(self.stages), "request_summary": self.request_summary,
-        }
+    def record(self) -> PushRecord:
+        """The trace as it is now (the ``push`` event and the operator API's push document)."""
+        return PushRecord(
+            self.push_id, self.selector, self.kind.value, self.provider, self.call_id, self.attempt, self.verdict,
+            self.provider_code, self.provider_reason, self.latency_ms, self.error, self.replay_of,
+            dict(self.stages), self.request_summary)
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class PushDelivery:
 
     def _publish(self, trace: PushTrace) -> None:
         trace.publish_pending = False
-        self.bus.publish("push", trace.selector, **trace.as_event())
+        self.bus.publish(trace.selector, trace.record())
 
     def _publish_soon(self, trace: PushTrace) -> None:
         """Publish the trace in the loop's next turn, unless it is published before that anyway
@@ -200,17 +202,17 @@ class PushDelivery:
             trace.stages.setdefault("provider_accepted", self.clock.wall())
         self._publish(trace)
         if not outcome.accepted:
-            self.bus.publish("alarm", trace.selector, alarm="push-rejected", push_id=trace.push_id,
-                             outcome=outcome.verdict.value, code=outcome.provider_code,
-                             reason=outcome.provider_reason or outcome.error)
+            self.bus.publish(trace.selector, Alarm(AlarmKind.PUSH_REJECTED, push_id=trace.push_id,
+                                                   outcome=outcome.verdict.value, code=outcome.provider_code,
+                                                   reason=outcome.provider_reason or outcome.error))
         return outcome
 
     def _token_dead(self, instance: Instance, trace: PushTrace, outcome: PushOutcome) -> None:
         instance.push.unreachable = True
         log.warning("push token of %s reported dead by %s (%s)", instance.selector, trace.provider,
                     outcome.provider_reason)
-        self.bus.publish("instance.push", instance.selector, unreachable=True, push_id=trace.push_id,
-                         reason=outcome.provider_reason or "token dead")
+        self.bus.publish(instance.selector, InstancePushChanged(
+            unreachable=True, push_id=trace.push_id, reason=outcome.provider_reason or "token dead"))
 
     async def close(self) -> None:
         for provider in self.providers.values():

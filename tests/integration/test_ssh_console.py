@@ -29,6 +29,7 @@ import httpx
 import pyte
 import pytest
 
+from contract.documents import AuditEntry
 from lab.kamailio import free_port
 from lab.push_servers import MediatorServer
 from sipis.config import parse_config
@@ -150,8 +151,9 @@ class Site:
 
     def audit(self) -> list[dict[str, Any]]:
         assert self.core.operator_context is not None
-        return [{"operator": e.data["operator"], "action": e.data["action"], "target": e.data.get("target"),
-                 "outcome": e.data["outcome"]} for e in self.core.operator_context.ring.audit]
+        entries = [e.payload for e in self.core.operator_context.ring.audit if isinstance(e.payload, AuditEntry)]
+        return [{"operator": a.operator, "action": a.action, "target": a.target, "outcome": a.outcome}
+                for a in entries]
 
 
 async def start_site(tmp_path: Path, max_sessions: int = 4) -> AsyncIterator[Site]:
