@@ -18,7 +18,7 @@ import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, overload
+from typing import Any, cast, overload
 
 from contract.documents import AuditEntry, CallsSnapshot, HeldCall, InstanceRow, PushRecord, Summary
 from contract.events import (
@@ -34,7 +34,7 @@ from contract.events import (
     StreamNotice,
 )
 from contract.kinds import AlarmKind, PushOutcome, RegStatus
-from contract.query import FIELD_SOURCES, FIELDS, HAYSTACK_FIELDS, Term, haystack, parse_query, refines
+from contract.query import FIELD_SOURCES, HAYSTACK_FIELDS, Term, haystack, parse_query, refines, select
 
 # ---------------------------------------------------------------------------------------------- sorting
 
@@ -282,17 +282,9 @@ class InstanceStore:
             self._resort = False
 
     def _apply_filter(self, slots: list[int]) -> list[int]:
-        """The slots (in the given order) matching every term; one list comprehension per term, plain
-        words (a substring test on the kept search keys) first."""
-        hay, rows = self._hay, self._rows
-        result = slots
-        for name, value in sorted(self._terms, key=lambda t: t[0] is not None):
-            if name is None:
-                result = [slot for slot in result if value in hay[slot]]
-            else:
-                text = FIELDS[name]
-                result = [slot for slot in result if text(rows[slot]).startswith(value)]  # type: ignore[arg-type]
-        return result
+        """The slots (in the given order) whose rows match the query (kept search keys)."""
+        rows = cast("list[InstanceRow]", self._rows)  # the given slots are live
+        return select(self._terms, slots, self._hay.__getitem__, rows.__getitem__)
 
     def view(self) -> IndexedRows:
         """The visible rows (filtered and sorted), computed only if something changed."""
@@ -529,8 +521,7 @@ class ConsoleModel:
                 self._apply_push(payload, event.at)
                 result.pushes = True
             elif isinstance(payload, AuditEntry):
-                # an audit row's time is its event's (a core that does not say it in the row)
-                self.audit.append(payload if payload.at else replace(payload, at=event.at))
+                self.audit.append(payload)
                 result.audit = True
             if selector:
                 patch = row_patch(event)

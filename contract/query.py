@@ -17,7 +17,7 @@ attributes (:class:`Filterable`) will do.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar, cast
 
 
 class Filterable(Protocol):
@@ -56,6 +56,7 @@ class Filterable(Protocol):
 
 #: (field, lower-case value) of a ``field:value`` word; (None, lower-case word) of any other
 Term = tuple[str | None, str]
+T = TypeVar("T")
 
 #: the fields of ``field:value`` words: each one's text (compared by prefix)
 FIELDS: dict[str, Callable[[Filterable], str]] = {
@@ -93,6 +94,25 @@ def matches(terms: Sequence[Term], row: Filterable, hay: str | None = None) -> b
     if hay is None:
         hay = haystack(row)
     return all(value in hay if name is None else FIELDS[name](row).startswith(value) for name, value in terms)
+
+
+def select(terms: Sequence[Term], items: Sequence[T], hay_of: Callable[[T], str],
+           row_of: Callable[[T], Filterable] | None = None) -> list[T]:
+    """The items matching every term, in their order: what the console's filter and the API's ``q``
+    run over 100k instances. One pass per term, plain words first (a substring test on each item's
+    kept :func:`haystack`, ``hay_of(item)``: cheap, and usually the narrowest); then the fields, read
+    from ``row_of(item)`` (None: the item is the row)."""
+    result = list(items)
+    for name, value in sorted(terms, key=lambda term: term[0] is not None):
+        if name is None:
+            result = [item for item in result if value in hay_of(item)]
+        elif row_of is None:
+            text = FIELDS[name]
+            result = [item for item in result if text(cast(Filterable, item)).startswith(value)]
+        else:
+            text = FIELDS[name]
+            result = [item for item in result if text(row_of(item)).startswith(value)]
+    return result
 
 
 def refines(new: Sequence[Term], old: Sequence[Term]) -> bool:

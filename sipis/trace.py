@@ -25,8 +25,10 @@ import re
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
+from contract.codec import to_json
+from contract.documents import SipMessage
 from sipis.clock import Clock, SystemClock
 from sipis.sip.message import Message, Request
 from sipis.sip.transport import Flow
@@ -86,14 +88,16 @@ class TracedMessage:
             return first, cseq, cseq_method, int(code) if code.isdigit() else None
         return first, cseq, first.split(" ", 1)[0] or cseq_method, None
 
-    def as_dict(self) -> dict[str, Any]:
+    def document(self) -> SipMessage:
+        """The message as the operator API shows it (the contract's document)."""
         first, cseq, method, status = self.summary()
-        return {
-            "at": self.at, "direction": self.direction, "transport": self.transport,
-            "local": _hostport(self.local), "remote": _hostport(self.remote), "first_line": first,
-            "call_id": self.call_id, "cseq": cseq, "method": method, "status": status,
-            "selector": self.selector, "raw": self.text(),
-        }
+        return SipMessage(at=self.at, direction=self.direction, transport=self.transport,
+                          local=_hostport(self.local), remote=_hostport(self.remote), first_line=first,
+                          call_id=self.call_id, cseq=cseq, method=method, status=status, selector=self.selector,
+                          raw=self.text())
+
+    def as_dict(self) -> dict[str, Any]:
+        return cast(dict[str, Any], to_json(self.document()))
 
 
 def mask_credentials(text: str) -> str:

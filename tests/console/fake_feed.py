@@ -84,7 +84,7 @@ def fake_rows(n: int, now: float) -> list[InstanceRow]:
     return rows
 
 
-def event(seq: int, at: float, event_kind: str, selector: str | None, **data: Any) -> Event:
+def event(seq: int, at: float, event_kind: str, selector: str | None, /, **data: Any) -> Event:
     """An event as the console decodes it from the stream (``data``: its wire ``data``)."""
     return Event(seq, at, selector, decode_payload(event_kind, data, selector))
 

@@ -171,7 +171,7 @@ def test_random_operations_keep_the_view_consistent() -> None:
 # ---------------------------------------------------------------------------------------------- model + events
 
 
-def ev(seq: int, event_kind: str, selector: str | None, **data: Any) -> Any:
+def ev(seq: int, event_kind: str, selector: str | None, /, **data: Any) -> Any:
     return event(seq, NOW + seq, event_kind, selector, **data)
 
 
@@ -186,8 +186,8 @@ def test_events_update_rows_calls_pushes_and_logs() -> None:
         ev(4, "call", "s000002", call_id="c1", push_id="p1", stage="Alerting-Device", caller="sip:x@y",
            received_at=NOW, t1_remaining=120.0, t2_remaining=None),
         ev(5, "push", "s000002", push_id="p1", kind="call", provider="fcm", outcome="accepted", latency_ms=80.0),
-        ev(6, "audit", None, id="a1", operator="bob", role="operator", action="test_push", target="s000002",
-           outcome="accepted"),
+        ev(6, "audit", None, id="a1", at=NOW + 6, operator="bob", role="operator", action="test_push",
+           target="s000002", outcome="accepted"),
         ev(7, "instance.app", "s000003", reported="active"),
     ])
     row = model.store.get("s000001")
@@ -200,7 +200,7 @@ def test_events_update_rows_calls_pushes_and_logs() -> None:
     assert call.t1_deadline == NOW + 4 + 120.0 and call.t2_deadline is None and call.push_outcome == "accepted"
     assert model.push_log()[0].push_id == "p1"
     assert model.store.get("s000002").last_push_outcome == "accepted"  # type: ignore[union-attr]
-    assert model.audit_log()[0].operator == "bob" and model.audit_log()[0].at == NOW + 6  # the event's time
+    assert model.audit_log()[0].operator == "bob" and model.audit_log()[0].at == NOW + 6
     assert model.store.get("s000003").app_last_seen == NOW + 7  # type: ignore[union-attr]
     assert len(model.event_log()) == 7
 

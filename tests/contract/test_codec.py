@@ -106,3 +106,12 @@ def test_the_compiled_decoder_is_what_from_json_runs() -> None:
     assert decode(data) == from_json(InstanceRow, data) == InstanceRow("s", "sip:a@b", last_code=200, expires_at=5.0,
                                                                       push_unreachable=True)
     assert decoder(InstanceRow) is decode
+
+
+def test_the_compiled_encoder_writes_plain_values() -> None:
+    row = InstanceRow("s", "sip:a@b", state=AppState.PROXIED, last_code=200)  # an enum member in a str field
+    encoded = to_json(row)
+    assert encoded["state"] == "proxied" and type(encoded["state"]) is str and encoded["last_code"] == 200
+    assert from_json(InstanceRow, encoded) == InstanceRow("s", "sip:a@b", state="proxied", last_code=200)
+    held = to_json(HeldCall("c", "p", "s", t1_remaining=3.0))
+    assert held["t1_remaining"] == 3.0 and held["outcome"] is None
