@@ -17,7 +17,7 @@ generated key; the screen is the client's output fed through pyte. The terminals
 **driver child process** (this file with ``--driver``), so emulating the terminal never takes time
 from the core's event loop whose lag is being measured. The core's SSH server spawns one console
 process per session; its command is wrapped by a small bootstrap (``python -c``, then exactly what
-``python -m console.cli`` does) that appends time stamps to a file: interpreter up and console
+``python -m sipis_console`` does) that appends time stamps to a file: interpreter up and console
 imported (its own), then every timing mark the console gives its observers (``console/
 instrumentation.py``: app mounted, first page and whole instance list requested / received / loaded,
 every 1 Hz tick, to which it adds the console's GC time so far); optionally it runs cProfile
@@ -369,7 +369,7 @@ class Driver:
 
 # =========================================================================== the console bootstrap
 #
-# The console child's command: the same as ``python -m console.cli console --socket S --session-tty``
+# The console child's command: the same as ``python -m sipis_console console --socket S --session-tty``
 # plus time stamps appended to <marks dir>/<pid>.marks: its own ("exec", "imported") and the console's
 # timing marks (an observer of console.instrumentation), and optionally cProfile.
 
@@ -395,7 +395,7 @@ if _profile_dir:
     atexit.register(_dump)
     if not _steady:
         _profiler.enable()
-import console.app, console.cli
+import console.app, console.cli, sipis_console.cli
 from console import instrumentation
 _mark("imported")
 import gc as _gc
@@ -424,7 +424,7 @@ def _observe(name, detail):
         _dump()  # start-up profile: until the first rows are in
 instrumentation.observe(_observe)
 sys.argv = ["sipis-console", *sys.argv[3:]]
-sys.exit(console.cli.main())
+sys.exit(sipis_console.cli.main())
 """
 
 
@@ -688,9 +688,9 @@ class Bench:
 
         ssh.audit = audit
         command = list(ssh.command)
-        if "console.cli" not in command:
+        if "sipis_console" not in command:
             raise BenchError(f"unexpected console command {command}")
-        rest = command[command.index("console.cli") + 1:]
+        rest = command[command.index("sipis_console") + 1:]
         profile = ""
         if self.opts.profile_console is not None:
             profile = f"{self.opts.profile_phase}:{self.opts.profile_console}"

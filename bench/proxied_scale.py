@@ -79,10 +79,12 @@ from contract.events import InstanceEnrolled
 from lab.kamailio import LOAD_PASSWORD, Kamailio
 from lab.procstat import group_cpu_seconds
 from sipis.clock import Clock, SystemClock
+from sipis.config import SipConfig
 from sipis.crypto import SecretBox, hash_token, load_or_create_key, new_token
-from sipis.engine import EngineSettings, Exchange, RegistrationEngine
+from sipis.engine import Exchange, RegistrationEngine
 from sipis.events import EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget, RegStatus
+from sipis.lifecycle import InstanceLifecycle
 from sipis.persistence import InstancePersistence
 from sipis.proxy_register import ProxyRegistrar
 from sipis.service import InstanceService
@@ -273,9 +275,10 @@ async def open_world(state_dir: Path, host: str, opts: Options, expires: int, ra
     await endpoint.start()
     registrar = ProxyRegistrar(endpoint, Resolver(clock=clock), user_agent=USER_AGENT)
     probe = ExchangeProbe(registrar, clock)
-    engine = RegistrationEngine(probe, bus, clock, EngineSettings(register_expires=expires, register_rate=rate))
+    engine = RegistrationEngine(probe, bus, clock, SipConfig(register_expires=expires, register_rate=rate))
     registrar.on_flow_lost = engine.flow_lost
-    service = InstanceService(engine=engine, registrar=registrar, bus=bus, clock=clock,
+    lifecycle = InstanceLifecycle(engine=engine, registrar=registrar, bus=bus, clock=clock)
+    service = InstanceService(lifecycle=lifecycle, registrar=registrar, bus=bus, clock=clock,
                               enroll_tokens=("bench-enrol-token",), durable=writer.flush)
     if recorder is not None:
 

@@ -54,7 +54,7 @@ class CoreProcess:
     def start(self, timeout: float = 20.0) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "console.cli", "serve", "--config", str(self.config_path)],
+            [sys.executable, "-m", "sipis_console", "serve", "--config", str(self.config_path)],
             stdout=log, stderr=log, start_new_session=True,
         )
         deadline = time.monotonic() + timeout

@@ -17,7 +17,7 @@ temporary directory, removed at exit):
   (:class:`lab.callers.CallerLoad`).
 
 Without ``--headless`` the console runs on the terminal as a child process
-(``python -m console.cli console --socket <core's operator socket>``) when ``console.app`` is
+(``python -m sipis_console console --socket <core's operator socket>``) when ``console.app`` is
 importable and the core has an operator socket; otherwise a one-line status is printed every 2 s.
 ``--headless`` prints a summary at the end (:func:`format_summary`; one JSON line with ``--json``).
 
@@ -357,17 +357,12 @@ async def _wait(stop: asyncio.Event, duration: float | None) -> None:
 
 
 def console_available() -> bool:
-    """``console.app`` is importable and ``sipis-console`` has a ``console`` command."""
+    """``console.app`` and the ``sipis-console`` command line are installed (looked up, not imported:
+    the lab runs the console only as a child process)."""
     try:
-        if importlib.util.find_spec("console.app") is None:
-            return False
-        from console.cli import build_parser
+        return all(importlib.util.find_spec(name) is not None for name in ("console.app", "sipis_console.cli"))
     except (ImportError, ValueError):
         return False
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction) and "console" in action.choices:
-            return True
-    return False
 
 
 async def _run_console(lab: DemoLab, stop: asyncio.Event, duration: float | None) -> int | None:
@@ -376,7 +371,8 @@ async def _run_console(lab: DemoLab, stop: asyncio.Event, duration: float | None
     socket = lab.operator_socket
     if socket is None or not console_available() or not sys.stdin.isatty():
         return None
-    child = await asyncio.create_subprocess_exec(sys.executable, "-m", "console.cli", "console", "--socket", socket)
+    child = await asyncio.create_subprocess_exec(sys.executable, "-m", "sipis_console", "console", "--socket",
+                                                 socket)
     waiter = asyncio.ensure_future(child.wait())
     stopper = asyncio.ensure_future(stop.wait())
     status: int | None = None
@@ -507,7 +503,10 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``demo`` subcommand's options."""
+    """The ``demo`` subcommand's description and options."""
+    parser.description = ("Start the real core with a throwaway state folder, the lab PBX, the lab push mediator, "
+                          "simulated apps and callers, all on loopback on free ports. Ctrl+C stops everything "
+                          "cleanly.")
     parser.add_argument("--apps", type=_positive_int, default=40, metavar="N", help="simulated apps (default 40)")
     parser.add_argument("--call-rate", type=_non_negative, default=0.5, metavar="R",
                         help="new calls per second (default 0.5)")

@@ -13,27 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from sipis.clock import Clock
+from sipis.config import AgeingConfig
 from sipis.instance import AppState, Instance
-
-if TYPE_CHECKING:
-    from sipis.service import InstanceService
+from sipis.lifecycle import InstanceLifecycle, is_usable
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class AgeingPolicy:
-    max_age: float = 3 * 86400.0
-    not_registered_max_age: float = 12 * 3600.0
-
-
-def ageing_reason(instance: Instance, now: float, policy: AgeingPolicy) -> str | None:
+def ageing_reason(instance: Instance, now: float, policy: AgeingConfig) -> str | None:
     """Why this instance must go off now, or None."""
-    if instance.state is AppState.OFF or instance.disabled:
+    if not is_usable(instance):
         return None
     if now - instance.app_last_seen > policy.max_age:
         return f"app silent for more than {policy.max_age:.0f} s (max_age)"
@@ -44,8 +35,8 @@ def ageing_reason(instance: Instance, now: float, policy: AgeingPolicy) -> str |
 
 
 class Ageing:
-    def __init__(self, service: InstanceService, clock: Clock, policy: AgeingPolicy) -> None:
-        self.service = service
+    def __init__(self, lifecycle: InstanceLifecycle, clock: Clock, policy: AgeingConfig) -> None:
+        self.lifecycle = lifecycle
         self.clock = clock
         self.policy = policy
         self._task: asyncio.Task[None] | None = None
@@ -53,11 +44,11 @@ class Ageing:
     async def sweep(self) -> int:
         """Retire every instance that aged out; returns how many."""
         now = self.clock.wall()
-        due = [(i, r) for i in list(self.service.instances.values())
+        due = [(i, r) for i in list(self.lifecycle.instances.values())
                if (r := ageing_reason(i, now, self.policy)) is not None]
         for instance, reason in due:
             log.info("instance %s goes off: %s", instance.selector, reason)
-            await self.service.retire(instance, reason=reason, delete=False)
+            await self.lifecycle.retire(instance, reason=reason, delete=False)
         return len(due)
 
     def start(self, interval: float) -> None:

@@ -8,14 +8,16 @@ The flow (README, "Incoming calls"):
 2. The provider accepts the push → another ``180`` with ``Push-Notification-Sent``.
 3. The app's first progress report → ``180`` with ``Device-Making-Progress``; T1 stops, T2 (answer
    timer) starts.
-4. The app reports ``active`` → our binding is removed first (we wait for the registrar's 200),
+4. The app reports ``active`` (or an operator hands back; the lifecycle owner tells its hand-back
+   listeners, this manager among them) → our binding is removed first (we wait for the registrar's 200),
    then ``302 Moved Temporarily`` to the app's contact (or its AOR) — ``release = "redirect"`` — or
    ``480`` — ``release = "reject"``. The PBX delivers the call straight to the app.
 
 Endings: T1 → ``no_response_status`` with ``X-Sipis-Reason: No-Response-From-Device``; T2 → ``480``
 with ``Device-Did-Not-Answer``; a push rejected for good → ``480`` with ``Device-Unreachable``;
 caller CANCEL → ``487`` (transaction layer) and a missed-call push, or an answered-elsewhere push
-when the CANCEL carries ``Reason: SIP;cause=200``. Unknown instance → ``404``; instance off → ``480``.
+when the CANCEL carries ``Reason: SIP;cause=200``. Unknown instance → ``404``; an instance this node
+may not act for (off, disabled: :meth:`InstanceLifecycle.may_act`) → ``480``.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from contract.documents import HeldCall as CallView
 from sipis.clock import Clock
+from sipis.config import CallsConfig
 from sipis.events import EventBus
-from sipis.instance import AppState, Instance
+from sipis.instance import Instance
+from sipis.lifecycle import InstanceLifecycle
 from sipis.push.base import PushKind, Verdict
 from sipis.push.delivery import PushDelivery, PushTrace
 from sipis.push.eager import start_eagerly
@@ -39,9 +43,6 @@ from sipis.sip.endpoint import IncomingRequest
 from sipis.sip.message import NameAddr, Request, SipParseError
 from sipis.sip.register import RegisterResult
 from sipis.timers import TimerHandle, Timers
-
-if TYPE_CHECKING:
-    from sipis.service import InstanceService
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,6 @@ class Stage(StrEnum):
     PROGRESS = "Device-Making-Progress"
     RELEASING = "Releasing"
     ENDED = "Ended"
-
-
-@dataclass(frozen=True)
-class CallSettings:
-    wake_timeout: float = 120.0
-    answer_timeout: float = 120.0
-    release: str = "redirect"  # or "reject"
-    no_response_status: int = 480
-    no_response_reason: str = "Temporarily Unavailable"
 
 
 @dataclass(eq=False)
@@ -103,18 +95,19 @@ class CallError(LookupError):
 
 
 class CallManager:
-    def __init__(self, *, service: InstanceService, delivery: PushDelivery, bus: EventBus, clock: Clock,
-                 timers: Timers, settings: CallSettings | None = None) -> None:
-        self.service = service
+    def __init__(self, *, lifecycle: InstanceLifecycle, delivery: PushDelivery, bus: EventBus, clock: Clock,
+                 timers: Timers, settings: CallsConfig | None = None) -> None:
+        self.lifecycle = lifecycle
         self.delivery = delivery
         self.bus = bus
         self.clock = clock
         self.timers = timers
-        self.settings = settings or CallSettings()
+        self.settings = settings or CallsConfig()
         self.held: dict[str, HeldCall] = {}  # push_id → call
         self.recent: deque[HeldCall] = deque(maxlen=RECENT_CALLS)
         self.outcomes: dict[str, int] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
+        lifecycle.on_hand_back(self.app_active)
 
     # ------------------------------------------------------------------ SIP side
 
@@ -125,7 +118,7 @@ class CallManager:
             self._count("unknown-instance")
             incoming.respond(404)
             return
-        if instance.state is AppState.OFF or instance.disabled or instance.account.password is None:
+        if not self.lifecycle.may_act(instance):
             self._count("instance-off")
             incoming.respond(480, headers=[(REASON, "Instance-Off")])
             return
@@ -167,7 +160,7 @@ class CallManager:
             user = request.request_uri.user
         except SipParseError:
             return None
-        return self.service.by_contact_user(user) if user else None
+        return self.lifecycle.by_contact_user(user) if user else None
 
     async def _push_call(self, instance: Instance, call: HeldCall) -> None:
         outcome = await self.delivery.deliver(instance, call.trace, deadline=call.t1_deadline)
@@ -209,7 +202,7 @@ class CallManager:
             return
         answered_elsewhere = _answered_elsewhere(cancel)
         self._finish(call, 487, "answered-elsewhere" if answered_elsewhere else "cancelled")
-        instance = self.service.get(call.selector)
+        instance = self.lifecycle.get(call.selector)
         if instance is not None:
             kind = PushKind.ANSWERED_ELSEWHERE if answered_elsewhere else PushKind.MISSED
             trace = self.delivery.new_trace(instance, kind, call_id=call.call_id, caller=call.caller)

@@ -16,15 +16,16 @@ from dataclasses import dataclass
 
 from contract.codec import to_json
 from contract.events import CoreStarted, CoreStopped
-from sipis.ageing import Ageing, AgeingPolicy
+from sipis.ageing import Ageing
 from sipis.api.app_api import create_app
 from sipis.api.server import ApiServer
-from sipis.calls import CallManager, CallSettings
+from sipis.calls import CallManager
 from sipis.clock import Clock, SystemClock
 from sipis.config import Config, insecure_settings
 from sipis.crypto import SecretBox, load_or_create_key
-from sipis.engine import EngineSettings, RegistrationEngine
+from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
+from sipis.lifecycle import InstanceLifecycle
 from sipis.operations import Operations
 from sipis.operator_api import OperatorContext, OperatorServer, OperatorSessions
 from sipis.persistence import InstancePersistence
@@ -71,6 +72,7 @@ class Core:
         self.writer: BatchedWriter | None = None
         self.endpoint: SipEndpoint | None = None
         self.engine: RegistrationEngine | None = None
+        self.lifecycle: InstanceLifecycle | None = None
         self.service: InstanceService | None = None
         self.api: ApiServer | None = None
         self.ageing: Ageing | None = None
@@ -113,27 +115,22 @@ class Core:
         sip = config.sip
         registrar = ProxyRegistrar(self.endpoint, Resolver(clock=self.clock),
                                    default_registrar=sip.default_registrar, user_agent=sip.user_agent)
-        self.engine = RegistrationEngine(registrar, self.bus, self.clock, EngineSettings(
-            register_expires=sip.register_expires, refresh_min=sip.refresh_min, refresh_max=sip.refresh_max,
-            register_rate=sip.register_rate, backoff_base=sip.backoff_base, backoff_max=sip.backoff_max,
-            unauthorized_retry=sip.unauthorized_retry,
-        ))
+        self.engine = RegistrationEngine(registrar, self.bus, self.clock, sip)
         registrar.on_flow_lost = self.engine.flow_lost
-        self.service = InstanceService(engine=self.engine, registrar=registrar, bus=self.bus, clock=self.clock,
-                                       enroll_tokens=config.api.enroll_tokens, durable=self.writer.flush)
+        self.lifecycle = InstanceLifecycle(engine=self.engine, registrar=registrar, bus=self.bus, clock=self.clock)
         self.delivery = PushDelivery(build_providers(config.push), self.bus, self.clock)
         calls = config.calls
-        self.calls = CallManager(service=self.service, delivery=self.delivery, bus=self.bus, clock=self.clock,
-                                 timers=LoopTimers(), settings=CallSettings(
-                                     wake_timeout=calls.wake_timeout, answer_timeout=calls.answer_timeout,
-                                     release=calls.release, no_response_status=calls.no_response_status,
-                                     no_response_reason=calls.no_response_reason))
-        self.service.calls = self.calls
-        self.messages = TextMessages(service=self.service, delivery=self.delivery, bus=self.bus, clock=self.clock,
-                                     max_body=calls.max_message_body)
+        self.calls = CallManager(lifecycle=self.lifecycle, delivery=self.delivery, bus=self.bus, clock=self.clock,
+                                 timers=LoopTimers(), settings=calls)
+        self.service = InstanceService(lifecycle=self.lifecycle, registrar=registrar, bus=self.bus, clock=self.clock,
+                                       enroll_tokens=config.api.enroll_tokens, calls=self.calls,
+                                       durable=self.writer.flush)
+        self.messages = TextMessages(lifecycle=self.lifecycle, delivery=self.delivery, bus=self.bus,
+                                     clock=self.clock, max_body=calls.max_message_body)
         self.endpoint.handlers["INVITE"] = self.calls.on_invite
         self.endpoint.handlers["MESSAGE"] = self.messages.on_message
-        self.operations = Operations(service=self.service, delivery=self.delivery, bus=self.bus, clock=self.clock)
+        self.operations = Operations(service=self.service, lifecycle=self.lifecycle, delivery=self.delivery,
+                                     bus=self.bus, clock=self.clock)
         self._wire_operator(self.service, self.delivery, self.calls, self.operations, self.writer)
         persistence = InstancePersistence(self.writer, box, self.service.get, self.clock)
         restored = 0
@@ -145,8 +142,7 @@ class Core:
         log.info("restored %d instances", restored)
         self.bus.publish(None, CoreStarted(restored, config.node_name))
 
-        self.ageing = Ageing(self.service, self.clock, AgeingPolicy(
-            max_age=config.ageing.max_age, not_registered_max_age=config.ageing.not_registered_max_age))
+        self.ageing = Ageing(self.lifecycle, self.clock, config.ageing)
         self.ageing.start(config.ageing.check_interval)
 
         api = config.api

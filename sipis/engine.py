@@ -15,6 +15,10 @@ Policy (see README, "Registration engine"):
 * new attempts are paced by a token bucket (``register_rate`` per second) so a restart or a PBX
   coming back never floods the registrar;
 * going ``active`` removes only our own contact (REGISTER with our Contact and expires=0).
+
+The engine writes only the instance's ``registration``; the lifecycle owner (:mod:`sipis.lifecycle`)
+installs itself as :attr:`RegistrationEngine.owner`, is asked :meth:`~Owner.may_act` before a
+REGISTER for a binding starts, and is told what was :class:`Achieved` (it changes ``state``).
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
-from contract.events import Alarm, InstanceStateChanged, RegistrationResult, RegistrationStatusChanged
+from contract.events import Alarm, RegistrationResult, RegistrationStatusChanged
 from contract.kinds import AlarmKind
 from sipis.clock import Clock
+from sipis.config import SipConfig
 from sipis.events import EventBus
-from sipis.instance import AppState, Instance, RegStatus
+from sipis.instance import Instance, RegStatus
 from sipis.sip.register import Outcome, RegisterResult
 from sipis.sip.transport import Flow
 
@@ -47,16 +53,33 @@ class Want(StrEnum):
     REMOVED = "removed"
 
 
-@dataclass(frozen=True)
-class EngineSettings:
-    register_expires: int = 600
-    refresh_min: float = 0.5
-    refresh_max: float = 0.8
-    register_rate: float = 200.0
-    backoff_base: float = 2.0
-    backoff_max: float = 300.0
-    unauthorized_retry: float = 3600.0
-    max_in_flight: int = 2000
+#: REGISTER exchanges running at once, at most.
+MAX_IN_FLIGHT = 2000
+
+
+class Achieved(StrEnum):
+    """What an exchange achieved while the engine is meant to hold the registration."""
+
+    REGISTERED = "registered"  # a binding confirmed by the registrar
+    LAPSED = "lapsed"  # no valid binding any more (failed and the last one expired)
+
+
+class Owner(Protocol):
+    """The lifecycle owner, as the engine sees it."""
+
+    def may_act(self, instance: Instance) -> bool: ...
+
+    def achieved(self, instance: Instance, what: Achieved) -> None: ...
+
+
+class _NoOwner:
+    """Until an owner installs itself: act for everyone, report to no one."""
+
+    def may_act(self, instance: Instance) -> bool:
+        return True
+
+    def achieved(self, instance: Instance, what: Achieved) -> None:
+        pass
 
 
 @dataclass
@@ -110,11 +133,11 @@ class _Entry:
 
 class RegistrationEngine:
     def __init__(self, exchange: Exchange, bus: EventBus, clock: Clock,
-                 settings: EngineSettings | None = None, rng: random.Random | None = None) -> None:
+                 settings: SipConfig | None = None, rng: random.Random | None = None) -> None:
         self.exchange = exchange
         self.bus = bus
         self.clock = clock
-        self.settings = settings or EngineSettings()
+        self.settings = settings or SipConfig()
         self.rng = rng or random.Random()
         self._entries: dict[str, _Entry] = {}
         #: (due, selector): stale pairs are skipped when popped (the entry's own ``due`` differs)
@@ -129,17 +152,19 @@ class RegistrationEngine:
         self.stats = EngineStats()
         self._named_flow: Flow | None = None
         self._named_flow_text = ""
+        #: the lifecycle owner (sipis.lifecycle installs itself)
+        self.owner: Owner = _NoOwner()
 
     # ------------------------------------------------------------------ public operations
 
-    def take_over(self, instance: Instance) -> None:
-        """The app went to sleep (or the core restarted with it asleep): register on its behalf."""
+    def take_over(self, instance: Instance, *, fresh: bool) -> None:
+        """Register on the instance's behalf (the owner changed its state first). ``fresh``: the
+        app just went to sleep, not a restart or a repeated take-over."""
         entry = self._entry(instance)
         entry.want = Want.REGISTERED
-        if instance.state is AppState.ACTIVE:
+        if fresh:
             # not_registered_max_age counts from now, not from the last hand-back (sipis/ageing.py)
             instance.registration.unregistered_since = self.clock.wall()
-            self._set_state(instance, AppState.INACTIVE)
         self._set_status(instance, RegStatus.REGISTERING)
         self._schedule(entry, self.clock.monotonic())
 
@@ -148,7 +173,6 @@ class RegistrationEngine:
         confirmed the removal (or at once, with None, when we held nothing)."""
         entry = self._entry(instance)
         entry.want = Want.UNREGISTERED
-        self._set_state(instance, AppState.ACTIVE)
         return self._settle(entry)
 
     def remove(self, instance: Instance) -> asyncio.Future[RegisterResult | None]:
@@ -187,14 +211,14 @@ class RegistrationEngine:
             entry.due = None  # also when already queued: a stale due would block every later _schedule
             if entry.queued:
                 continue
-            if not entry.paced and not entry.busy and len(self._tasks) < self.settings.max_in_flight:
+            if not entry.paced and not entry.busy and len(self._tasks) < MAX_IN_FLIGHT:
                 self.stats.note_unpaced_start(now - due)
                 self._start(entry)  # a routine refresh or a removal: on time, outside the bucket
                 continue
             entry.queued = True
             self._ready.append(selector)
         self._refill_tokens(now)
-        while self._ready and self._tokens >= 1.0 and len(self._tasks) < self.settings.max_in_flight:
+        while self._ready and self._tokens >= 1.0 and len(self._tasks) < MAX_IN_FLIGHT:
             selector = self._ready.popleft()
             entry = self._entries.get(selector)
             if entry is None:
@@ -204,8 +228,8 @@ class RegistrationEngine:
                 continue  # the running exchange reconciles when it finishes
             if entry.want is not Want.REGISTERED and not entry.bound:
                 continue  # nothing to register and nothing to remove
-            self._tokens -= 1.0
-            self._start(entry)
+            if self._start(entry):
+                self._tokens -= 1.0
         if self._ready:
             return max(0.001, (1.0 - self._tokens) / self.settings.register_rate)
         if self._heap:
@@ -302,11 +326,17 @@ class RegistrationEngine:
         self._tokens = min(max(1.0, rate), self._tokens + (now - self._tokens_at) * rate)
         self._tokens_at = now
 
-    def _start(self, entry: _Entry) -> None:
+    def _start(self, entry: _Entry) -> bool:
+        """Start the entry's exchange, unless it is a REGISTER for a binding the owner says this
+        node may not make now (its schedule is dropped: the owner takes the instance over again)."""
+        if entry.want is Want.REGISTERED and not self.owner.may_act(entry.instance):
+            entry.due = None
+            return False
         entry.busy = True
         task = asyncio.create_task(self._attempt(entry))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return True
 
     async def _attempt(self, entry: _Entry) -> None:
         instance = entry.instance
@@ -344,7 +374,7 @@ class RegistrationEngine:
             reg.registered_at, reg.unregistered_since = wall, None
             self._set_status(instance, RegStatus.REGISTERED)
             if entry.want is Want.REGISTERED:  # not when the app took over meanwhile (hand_back)
-                self._set_state(instance, AppState.PROXIED)
+                self.owner.achieved(instance, Achieved.REGISTERED)
             self._publish_registration(instance, result, "registered")
             self._reconcile(entry, now + delay, paced=False)
             return
@@ -364,7 +394,7 @@ class RegistrationEngine:
             if reg.unregistered_since is None:
                 reg.unregistered_since = wall
             if entry.want is Want.REGISTERED:
-                self._set_state(instance, AppState.INACTIVE)
+                self.owner.achieved(instance, Achieved.LAPSED)
         self._set_status(instance, status)
         self._publish_registration(instance, result, status.value)
         if status is RegStatus.UNAUTHORIZED:
@@ -418,11 +448,6 @@ class RegistrationEngine:
             return min(retry_after, self.settings.backoff_max * 4)
         base = self.settings.backoff_base * float(2 ** min(failures - 1, 30))
         return min(self.settings.backoff_max, base) * self.rng.uniform(0.5, 1.0)
-
-    def _set_state(self, instance: Instance, state: AppState) -> None:
-        if instance.state is not state:
-            old, instance.state = instance.state, state
-            self.bus.publish(instance.selector, InstanceStateChanged(state, old))
 
     def _set_status(self, instance: Instance, status: RegStatus) -> None:
         reg = instance.registration

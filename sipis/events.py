@@ -1,7 +1,8 @@
 """The one event bus. Every state change in the core is published here exactly once, as one of
-the contract's typed payloads (:mod:`contract.events`); storage, the operator API (its event ring,
-instance index, PBX health and event streams), the trace recorder and the lab's demo subscribe
-(DESIGN.md, rules of the house).
+the contract's typed payloads (:mod:`contract.events`); storage (:mod:`sipis.persistence`), the
+operator API (its event ring, instance index, PBX health and event streams) and the lab's demo
+subscribe (DESIGN.md, rules of the house). The SIP trace recorder does not: it observes messages at
+the SIP endpoint.
 
 Publishing is synchronous and cheap: subscribers are plain callables that must not block (the
 storage writer only enqueues; the operator stream pushes into bounded queues and drops the

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+from contract.codec import to_json
+from contract.documents import InstanceView, PushView, RegistrationView
 from contract.kinds import AppState, RegStatus
 
 __all__ = ["Account", "AppState", "Instance", "PushTarget", "RegStatus", "Registration", "mask"]
@@ -83,42 +85,27 @@ class Instance:
         """The ``+sip.instance`` Contact parameter value (RFC 5626 §4.1)."""
         return f'"<urn:uuid:{self.instance_id}>"'
 
+    def view(self) -> InstanceView:
+        """Everything an app or operator may see: no password, no bearer token, tokens masked."""
+        account, push, reg = self.account, self.push, self.registration
+        return InstanceView(
+            selector=self.selector, state=self.state.value, aor=account.aor, username=account.username,
+            auth_username=account.auth_username, registrar=account.registrar,
+            display_name=account.display_name, instance_id=self.instance_id, reg_id=self.reg_id,
+            push=PushView(provider=push.provider, app_id=push.app_id, token=mask(push.token),
+                          voip_token=mask(push.voip_token) if push.voip_token else None,
+                          unreachable=push.unreachable),
+            registration=RegistrationView(
+                status=reg.status.value, last_code=reg.last_code, last_reason=reg.last_reason,
+                expires_at=reg.expires_at, next_refresh_at=reg.next_refresh_at,
+                failure_count=reg.failure_count, backoff_until=reg.backoff_until, flow=reg.flow),
+            app_contact=self.app_contact, app_last_seen=self.app_last_seen, created_at=self.created_at,
+            disabled=self.disabled, credentials_stored=account.password is not None,
+        )
+
     def public_view(self) -> dict[str, Any]:
-        """Everything an app or operator may see: no password, no bearer token, token masked."""
-        reg = self.registration
-        return {
-            "selector": self.selector,
-            "state": self.state.value,
-            "aor": self.account.aor,
-            "username": self.account.username,
-            "auth_username": self.account.auth_username,
-            "registrar": self.account.registrar,
-            "display_name": self.account.display_name,
-            "instance_id": self.instance_id,
-            "reg_id": self.reg_id,
-            "push": {
-                "provider": self.push.provider,
-                "app_id": self.push.app_id,
-                "token": mask(self.push.token),
-                "voip_token": mask(self.push.voip_token) if self.push.voip_token else None,
-                "unreachable": self.push.unreachable,
-            },
-            "registration": {
-                "status": reg.status.value,
-                "last_code": reg.last_code,
-                "last_reason": reg.last_reason,
-                "expires_at": reg.expires_at,
-                "next_refresh_at": reg.next_refresh_at,
-                "failure_count": reg.failure_count,
-                "backoff_until": reg.backoff_until,
-                "flow": reg.flow,
-            },
-            "app_contact": self.app_contact,
-            "app_last_seen": self.app_last_seen,
-            "created_at": self.created_at,
-            "disabled": self.disabled,
-            "credentials_stored": self.account.password is not None,
-        }
+        """:meth:`view` as JSON."""
+        return cast(dict[str, Any], to_json(self.view()))
 
 
 def mask(secret: str | None) -> str | None:

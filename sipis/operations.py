@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from contract.documents import AuditEntry
 from sipis.clock import Clock
 from sipis.events import EventBus
-from sipis.instance import AppState, Instance
+from sipis.instance import Instance
+from sipis.lifecycle import InstanceLifecycle, Unusable
 from sipis.push.base import PushKind
 from sipis.push.delivery import PushDelivery, PushTrace
 
@@ -54,8 +55,10 @@ class Conflict(RuntimeError):
 
 
 class Operations:
-    def __init__(self, *, service: InstanceService, delivery: PushDelivery, bus: EventBus, clock: Clock) -> None:
+    def __init__(self, *, service: InstanceService, lifecycle: InstanceLifecycle, delivery: PushDelivery,
+                 bus: EventBus, clock: Clock) -> None:
         self.service = service
+        self.lifecycle = lifecycle
         self.delivery = delivery
         self.bus = bus
         self.clock = clock
@@ -115,39 +118,35 @@ class Operations:
         self.audit(operator, action, instance.selector, "conflict", about=instance.selector, reason=why)
         return Conflict(why)
 
-    def _usable(self, operator: Operator, action: str, instance: Instance) -> None:
-        if instance.disabled or instance.state is AppState.OFF or instance.account.password is None:
-            raise self._conflict(operator, action, instance, "instance is off (credentials wiped); "
-                                                              "the app has to enrol again")
-
     async def take_over(self, selector: str, operator: Operator) -> Instance:
         """Force the hand-over to the SIPIS: register on the app's behalf now."""
         instance = self._target(operator, "operator", "take_over", selector)
-        self._usable(operator, "take_over", instance)
         previous = instance.state.value
-        self.service.engine.take_over(instance)
+        try:
+            self.lifecycle.take_over(instance, reason=f"taken over by {operator.name}")
+        except Unusable as exc:
+            raise self._conflict(operator, "take_over", instance, str(exc)) from None
         self.audit(operator, "take_over", selector, "ok", about=selector, previous_state=previous)
         return instance
 
     async def hand_back(self, selector: str, operator: Operator) -> Instance:
         """Force the hand-over to the app: drop only our binding (held calls are released to the AOR)."""
         instance = self._target(operator, "operator", "hand_back", selector)
-        self._usable(operator, "hand_back", instance)
         previous = instance.state.value
-        removal = self.service.engine.hand_back(instance)
-        if self.service.calls is not None:
-            self.service.calls.app_active(instance, removal, None)
+        try:
+            self.lifecycle.hand_back(instance, None, reason=f"handed back by {operator.name}")
+        except Unusable as exc:
+            raise self._conflict(operator, "hand_back", instance, str(exc)) from None
         self.audit(operator, "hand_back", selector, "ok", about=selector, previous_state=previous)
         return instance
 
     async def re_register(self, selector: str, operator: Operator) -> Instance:
         """Send a REGISTER now (also cuts short a backoff or the wait after ``unauthorized``)."""
         instance = self._target(operator, "operator", "re_register", selector)
-        self._usable(operator, "re_register", instance)
-        if instance.state not in (AppState.INACTIVE, AppState.PROXIED):
-            raise self._conflict(operator, "re_register", instance,
-                                 "the app registers itself (state active); use take-over first")
-        self.service.engine.refresh_now(instance)
+        try:
+            self.lifecycle.re_register(instance)
+        except Unusable as exc:
+            raise self._conflict(operator, "re_register", instance, str(exc)) from None
         self.audit(operator, "re_register", selector, "ok", about=selector,
                    reg_status=instance.registration.status.value)
         return instance
@@ -156,9 +155,8 @@ class Operations:
         """Unregister, wipe the credentials, state off. Only a new enrolment brings it back."""
         instance = self._target(operator, "admin", "disable", selector)
         previous = instance.state.value
-        instance.disabled = True
         try:
-            await self.service.retire(instance, reason=f"disabled by {operator.name}", delete=False)
+            await self.lifecycle.disable(instance, reason=f"disabled by {operator.name}")
         except asyncio.CancelledError:
             raise
         except Exception as exc:

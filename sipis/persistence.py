@@ -14,15 +14,13 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
-from contract.codec import payload_data
-from contract.documents import AuditEntry, HeldCall
-from contract.documents import PushRecord as PushPayload
+from contract.documents import AuditEntry, HeldCall, PushRecord
 from contract.events import Alarm, InstanceDeleted, MessageReceived
 from sipis.clock import Clock
 from sipis.crypto import DecryptionError, SecretBox
 from sipis.events import Event, EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget, Registration, RegStatus
-from storage.records import AuditRecord, EventRecord, InstanceRecord, PushRecord
+from storage.records import InstanceRecord
 from storage.writer import BatchedWriter
 
 log = logging.getLogger(__name__)
@@ -43,12 +41,13 @@ class InstancePersistence:
 
     def on_event(self, event: Event) -> None:
         payload = event.payload
-        self.writer.append_event(EventRecord(event.seq, event.at, event.kind, event.selector, payload_data(payload)))
+        # Published payloads are never changed, so storage keeps them as they are until written.
+        self.writer.append_event(event)
         if isinstance(payload, AuditEntry):
-            self.writer.append_audit(_audit_record(payload))
+            self.writer.append_audit(payload)
             return
-        if isinstance(payload, PushPayload):
-            self.writer.upsert_push(_push_record(payload))
+        if isinstance(payload, PushRecord):
+            self.writer.upsert_push(payload)
             return
         if event.selector is None or isinstance(payload, _NOT_ABOUT_THE_INSTANCE):
             return
@@ -133,20 +132,6 @@ class InstancePersistence:
 
 #: Events that change nothing stored in the instance row.
 _NOT_ABOUT_THE_INSTANCE = (HeldCall, MessageReceived, Alarm)
-
-
-def _audit_record(entry: AuditEntry) -> AuditRecord:
-    return AuditRecord(id=entry.id, at=entry.at, operator=entry.operator, role=entry.role, action=entry.action,
-                       target=entry.target, detail=dict(entry.detail), outcome=entry.outcome)
-
-
-def _push_record(push: PushPayload) -> PushRecord:
-    return PushRecord(
-        push_id=push.push_id, selector=push.selector, call_id=push.call_id, provider=push.provider, kind=push.kind,
-        request_summary=dict(push.request_summary), outcome=push.outcome, provider_code=push.provider_code,
-        attempt=push.attempt, replay_of=push.replay_of, stages=dict(push.stages), latency_ms=push.latency_ms,
-        error=push.error or push.provider_reason,
-    )
 
 
 E = TypeVar("E", AppState, RegStatus)

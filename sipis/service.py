@@ -1,72 +1,58 @@
-"""Instance operations: what the app API (and later the operator API) asks the core to do.
+"""The app API's operations: enrolment, state reports, push target, delete, call progress.
 
-Owns the set of instances; hands registration work to the engine and announces every change on
-the bus (storage follows from there). Bearer tokens are stored only as hashes.
+State changes go through the lifecycle owner (:mod:`sipis.lifecycle`, which also keeps the set of
+instances); everything else this module changes is announced on the bus (storage follows from
+there). Bearer tokens are stored only as hashes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from contract.documents import HeldCall
-from contract.events import (
-    InstanceAppReport,
-    InstanceDeleted,
-    InstanceEnrolled,
-    InstancePushChanged,
-    InstanceStateChanged,
-    InstanceUpdated,
-)
+from contract.events import InstanceAppReport, InstanceEnrolled, InstancePushChanged, InstanceUpdated
 from sipis.api.models import EnrollIn, PushIn
 from sipis.api.service_protocol import InstanceGone, ServiceError
-from sipis.calls import CallError
+from sipis.calls import CallError, CallManager
 from sipis.clock import Clock
 from sipis.crypto import hash_token, new_token, tokens_equal
-from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget
-from sipis.proxy_register import ProxyRegistrar, contact_user
-
-if TYPE_CHECKING:
-    from sipis.calls import CallManager
+from sipis.lifecycle import InstanceLifecycle, Unusable
+from sipis.proxy_register import ProxyRegistrar
 
 log = logging.getLogger(__name__)
 
-#: How long DELETE waits for the registrar to confirm the removal of our binding.
-UNREGISTER_WAIT = 5.0
-
 
 class InstanceService:
-    def __init__(self, *, engine: RegistrationEngine, registrar: ProxyRegistrar, bus: EventBus,
-                 clock: Clock, enroll_tokens: tuple[str, ...],
+    def __init__(self, *, lifecycle: InstanceLifecycle, registrar: ProxyRegistrar, bus: EventBus,
+                 clock: Clock, enroll_tokens: tuple[str, ...], calls: CallManager | None = None,
                  durable: Callable[[], Awaitable[None]] | None = None) -> None:
-        self.engine = engine
+        self.lifecycle = lifecycle
+        #: the held-call manager, when calls are handled (the app reports progress to it)
+        self.calls = calls
         #: waits until everything published so far is on disk: what an app was told is never lost
         self.durable = durable
         self.registrar = registrar
         self.bus = bus
         self.clock = clock
         self._enroll_hashes = tuple(hash_token(t) for t in enroll_tokens)
-        self.instances: dict[str, Instance] = {}
-        self._by_contact_user: dict[str, str] = {}
-        #: the held-call manager, when calls are handled (it releases held calls on ``active``)
-        self.calls: CallManager | None = None
 
     # ------------------------------------------------------------------ lookups
 
+    @property
+    def instances(self) -> dict[str, Instance]:
+        return self.lifecycle.instances
+
     def get(self, selector: str) -> Instance | None:
-        return self.instances.get(selector)
+        return self.lifecycle.get(selector)
 
     def by_contact_user(self, user: str) -> Instance | None:
-        """The instance whose SIPIS Contact has this user part (incoming INVITEs are routed by it)."""
-        selector = self._by_contact_user.get(user)
-        return self.instances.get(selector) if selector is not None else None
+        return self.lifecycle.by_contact_user(user)
 
     def check_enroll_token(self, token: str) -> bool:
         digest = hash_token(token)
@@ -99,13 +85,11 @@ class InstanceService:
             _share_common_strings(existing)
             existing.token_hash = hash_token(token)
             existing.app_last_seen = now
-            existing.disabled = False
-            if existing.state is AppState.OFF:
-                existing.state = AppState.ACTIVE
+            self.lifecycle.reactivate(existing)
             self.bus.publish(selector, InstanceUpdated(credentials_changed))
             if credentials_changed and existing.state in (AppState.INACTIVE, AppState.PROXIED):
                 self.registrar.forget(selector)
-                self.engine.refresh_now(existing)
+                self.lifecycle.re_register(existing)
             await self._persisted()
             return existing, token
         instance = Instance(
@@ -119,16 +103,16 @@ class InstanceService:
 
     async def set_state(self, selector: str, state: str, contact: str | None) -> Instance:
         instance = self._require(selector)
-        if instance.disabled or instance.state is AppState.OFF:
-            raise ServiceError("instance is off; enrol again to reactivate it")
+        try:
+            if state == "inactive":
+                self.lifecycle.take_over(instance)
+            else:
+                self.lifecycle.hand_back(instance, contact)
+        except Unusable:
+            raise ServiceError("instance is off; enrol again to reactivate it") from None
         instance.app_last_seen = self.clock.wall()
-        if state == "inactive":
-            self.engine.take_over(instance)
-        else:
+        if state != "inactive":
             instance.app_contact = contact
-            removal = self.engine.hand_back(instance)
-            if self.calls is not None:
-                self.calls.app_active(instance, removal, contact)
         self.bus.publish(selector, InstanceAppReport(state, contact))
         await self._persisted()
         return instance
@@ -144,7 +128,7 @@ class InstanceService:
 
     async def delete(self, selector: str) -> None:
         instance = self._require(selector)
-        await self.retire(instance, reason="deleted by app", delete=True)
+        await self.lifecycle.retire(instance, reason="deleted by app", delete=True)
         await self._persisted()
 
     async def call_progress(self, selector: str, push_id: str) -> HeldCall:
@@ -165,39 +149,14 @@ class InstanceService:
     # ------------------------------------------------------------------ core operations
 
     def add(self, instance: Instance) -> None:
-        """Take an instance under management (enrolment or restore after restart)."""
+        """Take an instance under management (enrolment)."""
         _share_common_strings(instance)
-        self.instances[instance.selector] = instance
-        self._by_contact_user[contact_user(instance)] = instance.selector
+        self.lifecycle.add(instance)
 
     def resume(self, instance: Instance) -> None:
-        """After a restart: take the registration over again where the app was asleep."""
-        self.add(instance)
-        if instance.disabled or instance.state is AppState.OFF:
-            return
-        if instance.state in (AppState.INACTIVE, AppState.PROXIED):
-            if instance.registration.expires_at is None or instance.registration.expires_at <= self.clock.wall():
-                instance.state = AppState.INACTIVE
-            self.registrar.prepare(instance)  # built during start-up, so Core.start's gc.freeze() covers it
-            self.engine.take_over(instance)
-
-    async def retire(self, instance: Instance, *, reason: str, delete: bool) -> None:
-        """Remove our binding, wipe the credentials; then forget the instance or mark it off."""
-        removal = self.engine.remove(instance)
-        try:
-            await asyncio.wait_for(asyncio.shield(removal), UNREGISTER_WAIT)
-        except TimeoutError:
-            log.warning("unREGISTER of %s not confirmed within %.0f s", instance.selector, UNREGISTER_WAIT)
-        self.registrar.forget(instance.selector)
-        instance.account.password = None
-        if delete:
-            self.instances.pop(instance.selector, None)
-            self._by_contact_user.pop(contact_user(instance), None)
-            self.bus.publish(instance.selector, InstanceDeleted(reason))
-            return
-        old = instance.state
-        instance.state = AppState.OFF
-        self.bus.publish(instance.selector, InstanceStateChanged(AppState.OFF, old, reason))
+        """After a restart: manage the instance again (see :meth:`InstanceLifecycle.resume`)."""
+        _share_common_strings(instance)
+        self.lifecycle.resume(instance)
 
     def _require(self, selector: str) -> Instance:
         instance = self.instances.get(selector)

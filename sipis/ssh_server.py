@@ -48,7 +48,7 @@ Audit = Callable[[Operator, str, str | None, str], None]
 
 def console_command(socket_path: Path) -> list[str]:
     """The child's command line: this interpreter running our console against the operator socket."""
-    return [sys.executable, "-m", "console.cli", "console", "--socket", str(socket_path), "--session-tty"]
+    return [sys.executable, "-m", "sipis_console", "console", "--socket", str(socket_path), "--session-tty"]
 
 
 def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:

@@ -5,27 +5,24 @@
 * a Content-Type with ``;imdn`` (delivery receipts) → ``200``, no push;
 * anything else → ``200`` and a text push to the instance.
 
-Unknown instance → ``404``; instance off → ``480``. We answer at once: the sender's Timer F must
-never run out while we push.
+Unknown instance → ``404``; an instance this node may not act for (off, disabled) → ``480``. We
+answer at once: the sender's Timer F must never run out while we push.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from contract.events import MessageReceived
 from sipis.clock import Clock
 from sipis.events import EventBus
-from sipis.instance import AppState
+from sipis.lifecycle import InstanceLifecycle
 from sipis.push.base import PushKind
 from sipis.push.delivery import PushDelivery
 from sipis.sip.endpoint import IncomingRequest
 from sipis.sip.message import SipParseError
-
-if TYPE_CHECKING:
-    from sipis.service import InstanceService
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +34,9 @@ TEXT_PUSH_WINDOW = 60.0
 
 
 class TextMessages:
-    def __init__(self, *, service: InstanceService, delivery: PushDelivery, bus: EventBus, clock: Clock,
+    def __init__(self, *, lifecycle: InstanceLifecycle, delivery: PushDelivery, bus: EventBus, clock: Clock,
                  max_body: int = MAX_BODY) -> None:
-        self.service = service
+        self.lifecycle = lifecycle
         self.delivery = delivery
         self.bus = bus
         self.clock = clock
@@ -52,11 +49,11 @@ class TextMessages:
             user = request.request_uri.user
         except SipParseError:
             user = None
-        instance = self.service.by_contact_user(user) if user else None
+        instance = self.lifecycle.by_contact_user(user) if user else None
         if instance is None:
             incoming.respond(404)
             return
-        if instance.state is AppState.OFF or instance.disabled:
+        if not self.lifecycle.may_act(instance):
             incoming.respond(480)
             return
         if len(request.body) > self.max_body:

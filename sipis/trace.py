@@ -88,16 +88,16 @@ class TracedMessage:
             return first, cseq, cseq_method, int(code) if code.isdigit() else None
         return first, cseq, first.split(" ", 1)[0] or cseq_method, None
 
-    def document(self) -> SipMessage:
-        """The message as the operator API shows it (the contract's document)."""
+    def view(self) -> SipMessage:
         first, cseq, method, status = self.summary()
         return SipMessage(at=self.at, direction=self.direction, transport=self.transport,
                           local=_hostport(self.local), remote=_hostport(self.remote), first_line=first,
-                          call_id=self.call_id, cseq=cseq, method=method, status=status, selector=self.selector,
-                          raw=self.text())
+                          call_id=self.call_id, cseq=cseq, method=method, status=status,
+                          selector=self.selector, raw=self.text())
 
     def as_dict(self) -> dict[str, Any]:
-        return cast(dict[str, Any], to_json(self.document()))
+        """:meth:`view` as JSON."""
+        return cast(dict[str, Any], to_json(self.view()))
 
 
 def mask_credentials(text: str) -> str:

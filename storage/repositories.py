@@ -4,6 +4,9 @@ The rest of the system depends on the protocols only, so a PostgreSQL backend ca
 Every write joins the caller's transaction if one is open (see :meth:`Database.transaction`), which
 is how :class:`storage.writer.BatchedWriter` puts a whole batch into one commit.
 
+Events, audit entries and pushes go in and come out as the contract's types; converting to and
+from columns happens here and nowhere else.
+
 Ordering convention for ``recent``: the newest ``limit`` rows, returned oldest first.
 """
 
@@ -15,8 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
+from contract.codec import decode_payload, payload_data
+from contract.documents import AuditEntry, PushRecord
+from contract.events import Event, UnknownPayload
 from storage.database import Database
-from storage.records import AuditRecord, EventRecord, InstanceRecord, PushRecord
+from storage.records import InstanceRecord
 
 
 class InstanceStore(Protocol):
@@ -38,13 +44,13 @@ class InstanceStore(Protocol):
 
 
 class EventLog(Protocol):
-    async def append(self, record: EventRecord) -> None: ...
+    async def append(self, event: Event) -> None: ...
 
-    async def append_many(self, records: Sequence[EventRecord]) -> None: ...
+    async def append_many(self, events: Sequence[Event]) -> None: ...
 
     async def recent(
         self, limit: int, selector: str | None = None, since_seq: int | None = None
-    ) -> list[EventRecord]: ...
+    ) -> list[Event]: ...
 
     async def last_seq(self) -> int: ...
 
@@ -52,11 +58,11 @@ class EventLog(Protocol):
 
 
 class AuditLog(Protocol):
-    async def append(self, record: AuditRecord) -> None: ...
+    async def append(self, entry: AuditEntry) -> None: ...
 
-    async def append_many(self, records: Sequence[AuditRecord]) -> None: ...
+    async def append_many(self, entries: Sequence[AuditEntry]) -> None: ...
 
-    async def recent(self, limit: int, operator: str | None = None) -> list[AuditRecord]: ...
+    async def recent(self, limit: int, operator: str | None = None) -> list[AuditEntry]: ...
 
 
 class PushStore(Protocol):
@@ -183,30 +189,42 @@ class SqliteInstanceStore:
 _EVENT_SELECT = "SELECT seq, at, kind, selector, data FROM events"
 
 
-def _event_from_row(row: sqlite3.Row) -> EventRecord:
-    seq, at, kind, selector, data = row
-    return EventRecord(seq=seq, at=at, kind=kind, selector=selector, data=_load(data))
+def _event_row(event: Event) -> tuple[object, ...]:
+    return (event.seq, event.at, str(event.kind), event.selector, _dump(payload_data(event.payload)))
+
+
+def _event_from_row(row: sqlite3.Row) -> Event:
+    seq, at, kind, selector, text = row
+    data = _load(text)
+    try:
+        # The codec ignores keys it does not know and fills in missing ones, so rows written by
+        # another version load as they are.
+        payload = decode_payload(kind, data, selector)
+    except (TypeError, ValueError):
+        # A value of the wrong type (a row from a much older version): keep the row, raw.
+        payload = UnknownPayload(kind, data)
+    return Event(seq=seq, at=at, selector=selector, payload=payload)
 
 
 class SqliteEventLog:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def append(self, record: EventRecord) -> None:
-        await self.append_many([record])
+    async def append(self, event: Event) -> None:
+        await self.append_many([event])
 
-    async def append_many(self, records: Sequence[EventRecord]) -> None:
+    async def append_many(self, events: Sequence[Event]) -> None:
         # Append-only: a seq that is already stored keeps its first value (a retried batch is harmless).
         async with self._db.transaction():
             await self._db.executemany(
                 "INSERT INTO events (seq, at, kind, selector, data) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (seq) DO NOTHING",
-                [(r.seq, r.at, r.kind, r.selector, _dump(r.data)) for r in records],
+                [_event_row(e) for e in events],
             )
 
     async def recent(
         self, limit: int, selector: str | None = None, since_seq: int | None = None
-    ) -> list[EventRecord]:
+    ) -> list[Event]:
         """Events oldest first. Without ``since_seq``: the newest ``limit``. With it: the first
         ``limit`` after ``since_seq``, so a client pages forward with ``since_seq=last.seq``
         and never skips any."""
@@ -251,13 +269,18 @@ class SqliteEventLog:
 
 # -- audit ---------------------------------------------------------------------------------------
 
-_AUDIT_COLUMNS = tuple(f.name for f in fields(AuditRecord))
+_AUDIT_COLUMNS = ("id", "at", "operator", "role", "action", "target", "detail", "outcome")
 _AUDIT_SELECT = f"SELECT {', '.join(_AUDIT_COLUMNS)} FROM audit"
 
 
-def _audit_from_row(row: sqlite3.Row) -> AuditRecord:
+def _audit_row(entry: AuditEntry) -> tuple[object, ...]:
+    return (entry.id, entry.at, entry.operator, entry.role, entry.action, entry.target, _dump(entry.detail),
+            entry.outcome)
+
+
+def _audit_from_row(row: sqlite3.Row) -> AuditEntry:
     id_, at, operator, role, action, target, detail, outcome = row
-    return AuditRecord(
+    return AuditEntry(
         id=id_,
         at=at,
         operator=operator,
@@ -273,22 +296,19 @@ class SqliteAuditLog:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def append(self, record: AuditRecord) -> None:
-        await self.append_many([record])
+    async def append(self, entry: AuditEntry) -> None:
+        await self.append_many([entry])
 
-    async def append_many(self, records: Sequence[AuditRecord]) -> None:
+    async def append_many(self, entries: Sequence[AuditEntry]) -> None:
         # The audit trail is immutable: a replayed id keeps what was written first.
         async with self._db.transaction():
             await self._db.executemany(
                 f"INSERT INTO audit ({', '.join(_AUDIT_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (id) DO NOTHING",
-                [
-                    (r.id, r.at, r.operator, r.role, r.action, r.target, _dump(r.detail), r.outcome)
-                    for r in records
-                ],
+                [_audit_row(e) for e in entries],
             )
 
-    async def recent(self, limit: int, operator: str | None = None) -> list[AuditRecord]:
+    async def recent(self, limit: int, operator: str | None = None) -> list[AuditEntry]:
         _check_limit(limit)
         clause, params = (" WHERE operator = ?", [operator]) if operator is not None else ("", [])
         rows = await self._db.fetchall(
@@ -299,22 +319,25 @@ class SqliteAuditLog:
 
 # -- pushes --------------------------------------------------------------------------------------
 
-_PUSH_COLUMNS = tuple(f.name for f in fields(PushRecord))
+# The row has one text column for the provider's reason or our own error: ``error``. A record
+# read back has its reason there and ``provider_reason`` None.
+_PUSH_COLUMNS = ("push_id", "selector", "call_id", "provider", "kind", "request_summary", "outcome",
+                 "provider_code", "attempt", "replay_of", "stages", "latency_ms", "error")
 _PUSH_SELECT = f"SELECT {', '.join(_PUSH_COLUMNS)} FROM pushes"
 _PUSH_UPSERT = _upsert_sql("pushes", _PUSH_COLUMNS, "push_id")
-_PUSH_JSON = ("request_summary", "stages")
 
 
-def _push_row(record: PushRecord) -> tuple[object, ...]:
-    values = (getattr(record, name) for name in _PUSH_COLUMNS)
-    return tuple(_dump(v) if n in _PUSH_JSON else v for n, v in zip(_PUSH_COLUMNS, values, strict=True))
+def _push_row(r: PushRecord) -> tuple[object, ...]:
+    return (r.push_id, r.selector, r.call_id, r.provider, r.kind, _dump(r.request_summary), r.outcome,
+            r.provider_code, r.attempt, r.replay_of, _dump(r.stages), r.latency_ms, r.error or r.provider_reason)
 
 
 def _push_from_row(row: sqlite3.Row) -> PushRecord:
-    values: dict[str, Any] = dict(zip(_PUSH_COLUMNS, row, strict=True))
-    for name in _PUSH_JSON:
-        values[name] = _load(values[name])
-    return PushRecord(**values)
+    (push_id, selector, call_id, provider, kind, request_summary, outcome, provider_code, attempt, replay_of,
+     stages, latency_ms, error) = row
+    return PushRecord(push_id=push_id, selector=selector, kind=kind, provider=provider, call_id=call_id,
+                      attempt=attempt, outcome=outcome, provider_code=provider_code, latency_ms=latency_ms,
+                      error=error, replay_of=replay_of, stages=_load(stages), request_summary=_load(request_summary))
 
 
 class SqlitePushStore:

@@ -11,9 +11,9 @@ it takes. Transient errors (the database is locked, the disk is full) just wait.
 means one op can never be written (a bug upstream: a value SQLite cannot bind, say); so that it
 cannot block persistence for good, the next attempt writes the ops one by one and sets aside only
 those that still fail while the database demonstrably works, with an ERROR log line each and a
-count in :meth:`BatchedWriter.status`. Otherwise nothing is dropped unless :meth:`close` gives up on
-a ``timeout``, and then loudly too. The console reads :attr:`pending`, :attr:`last_error` and
-:meth:`status`.
+count in :meth:`BatchedWriter.health`. Otherwise nothing is dropped unless :meth:`close` gives up on
+a ``timeout``, and then loudly too. The operator summary reads :attr:`pending` and :attr:`last_error`
+(:meth:`status`, the contract's ``WriterStatus``); :meth:`health` adds the writer's own counters.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
-from storage.records import AuditRecord, EventRecord, InstanceRecord, PushRecord
+from contract.documents import AuditEntry, PushRecord, WriterStatus
+from contract.events import Event
+from storage.records import InstanceRecord
 from storage.repositories import Stores
 
 log = logging.getLogger(__name__)
@@ -79,12 +81,12 @@ class DeleteInstance:
 
 @dataclass(frozen=True, slots=True)
 class AppendEvent:
-    record: EventRecord
+    event: Event
 
 
 @dataclass(frozen=True, slots=True)
 class AppendAudit:
-    record: AuditRecord
+    entry: AuditEntry
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,10 +106,10 @@ def describe_op(op: WriteOp) -> str:
             return f"instance upsert {selector}"
         case DeleteInstance(selector=selector):
             return f"instance delete {selector}"
-        case AppendEvent(record=record):
-            return f"event {record.seq}"
-        case AppendAudit(record=record):
-            return f"audit entry {record.id}"
+        case AppendEvent(event=event):
+            return f"event {event.seq}"
+        case AppendAudit(entry=entry):
+            return f"audit entry {entry.id}"
         case UpsertPush(record=record):
             return f"push record {record.push_id}"
     raise TypeError(f"not a storage operation: {type(op).__name__}")
@@ -204,9 +206,9 @@ async def _apply_run(stores: Stores, kind: type, run: list[WriteOp]) -> None:
     elif kind is DeleteInstance:
         await stores.instances.delete_many([op.selector for op in run if isinstance(op, DeleteInstance)])
     elif kind is AppendEvent:
-        await stores.events.append_many([op.record for op in run if isinstance(op, AppendEvent)])
+        await stores.events.append_many([op.event for op in run if isinstance(op, AppendEvent)])
     elif kind is AppendAudit:
-        await stores.audit.append_many([op.record for op in run if isinstance(op, AppendAudit)])
+        await stores.audit.append_many([op.entry for op in run if isinstance(op, AppendAudit)])
     else:
         await stores.pushes.upsert_many([op.record for op in run if isinstance(op, UpsertPush)])
 
@@ -229,7 +231,10 @@ class DeadLetter:
 
 
 @dataclass(frozen=True, slots=True)
-class WriterStatus:
+class WriterHealth:
+    """The writer's counters, for tests, benchmarks and logs (the operator API shows only
+    ``pending`` and ``last_error``, as the contract's ``WriterStatus``)."""
+
     pending: int
     last_error: str | None
     consecutive_failures: int
@@ -356,11 +361,11 @@ class BatchedWriter:
     def delete_instance(self, selector: str) -> None:
         self.submit(DeleteInstance(selector))
 
-    def append_event(self, record: EventRecord) -> None:
-        self.submit(AppendEvent(record))
+    def append_event(self, event: Event) -> None:
+        self.submit(AppendEvent(event))
 
-    def append_audit(self, record: AuditRecord) -> None:
-        self.submit(AppendAudit(record))
+    def append_audit(self, entry: AuditEntry) -> None:
+        self.submit(AppendAudit(entry))
 
     def upsert_push(self, record: PushRecord) -> None:
         self.submit(UpsertPush(record))
@@ -399,7 +404,11 @@ class BatchedWriter:
         return list(self._dead_letters)
 
     def status(self) -> WriterStatus:
-        return WriterStatus(
+        """What the operator summary shows."""
+        return WriterStatus(pending=self.pending, last_error=self._last_error)
+
+    def health(self) -> WriterHealth:
+        return WriterHealth(
             pending=self.pending,
             last_error=self._last_error,
             consecutive_failures=self._consecutive_failures,

@@ -5,23 +5,22 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import pytest
 
-from sipis.ageing import Ageing, AgeingPolicy, ageing_reason
+from sipis.ageing import Ageing, ageing_reason
 from sipis.clock import FakeClock
+from sipis.config import AgeingConfig
 from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget
+from sipis.lifecycle import InstanceLifecycle
 from sipis.sip.register import Outcome, RegisterResult
-
-if TYPE_CHECKING:
-    from sipis.service import InstanceService
 
 NOW = 1_800_000_000.0
 DAY, HOUR = 86400.0, 3600.0
-POLICY = AgeingPolicy()  # 3 days / 12 hours
+POLICY = AgeingConfig()  # 3 days / 12 hours
 
 
 def make_instance(selector: str = "sel-1", state: AppState = AppState.PROXIED, *,
@@ -66,7 +65,7 @@ def test_inactive_and_unregistered_too_long_goes_off() -> None:
 
 
 def test_policy_values_are_used() -> None:
-    policy = AgeingPolicy(max_age=100.0, not_registered_max_age=10.0)
+    policy = AgeingConfig(max_age=100.0, not_registered_max_age=10.0)
     assert ageing_reason(make_instance(last_seen_ago=101), NOW, policy) is not None
     assert ageing_reason(make_instance(last_seen_ago=99), NOW, policy) is None
     inactive = make_instance(state=AppState.INACTIVE, last_seen_ago=1, unregistered_ago=11)
@@ -109,11 +108,12 @@ async def test_not_registered_max_age_counts_from_the_take_over_not_the_last_han
         return RegisterResult(Outcome.FAILED, 503, "Service Unavailable", retry_after=60)
 
     engine = RegistrationEngine(exchange, EventBus(clock), clock, rng=random.Random(5))
+    lifecycle = InstanceLifecycle(engine=engine, registrar=None, bus=engine.bus, clock=clock)  # type: ignore[arg-type]
     instance = make_instance(state=AppState.ACTIVE, now=clock.wall())
-    engine.take_over(instance)
+    lifecycle.take_over(instance)
     engine.tick()
     await engine.drain()
-    engine.hand_back(instance)  # the app is back in the foreground ...
+    lifecycle.hand_back(instance, None)  # the app is back in the foreground ...
     clock.advance(1)
     engine.tick()
     await engine.drain()
@@ -121,7 +121,7 @@ async def test_not_registered_max_age_counts_from_the_take_over_not_the_last_han
 
     clock.advance(13 * HOUR)  # ... all day long, then goes to sleep while the PBX is down
     instance.app_last_seen = clock.wall()
-    engine.take_over(instance)
+    lifecycle.take_over(instance)
     engine.tick()
     await engine.drain()
     assert state_of(instance) is AppState.INACTIVE and instance.registration.failure_count == 1
@@ -147,7 +147,7 @@ class FakeService:
 
 
 def make_ageing(service: FakeService, clock: FakeClock) -> Ageing:
-    return Ageing(cast("InstanceService", service), clock, POLICY)
+    return Ageing(cast("InstanceLifecycle", service), clock, POLICY)
 
 
 async def test_sweep_retires_only_aged_instances() -> None:

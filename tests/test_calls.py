@@ -16,11 +16,13 @@ import pytest
 from contract.codec import payload_data
 from contract.documents import PushRecord
 from sipis.api.models import AccountIn, EnrollIn, PushIn
-from sipis.calls import CallManager, CallSettings, Stage
+from sipis.calls import CallManager, Stage
 from sipis.clock import FakeClock
-from sipis.engine import EngineSettings, RegistrationEngine
+from sipis.config import CallsConfig, SipConfig
+from sipis.engine import RegistrationEngine
 from sipis.events import Event, EventBus
 from sipis.instance import Instance
+from sipis.lifecycle import InstanceLifecycle
 from sipis.operations import Forbidden, Operations, Operator
 from sipis.proxy_register import contact_user
 from sipis.push.base import PushKind, PushOutcome, PushRequest, Verdict
@@ -134,16 +136,16 @@ def make_world(*, eager: bool = False, **call_settings: object) -> World:
     bus.subscribe(events.append)
     provider = FakeProvider(eager_send=eager)
     registrar = AcceptingRegistrar()
-    engine = RegistrationEngine(registrar, bus, clock, EngineSettings(register_rate=1000), rng=random.Random(3))
-    service = InstanceService(engine=engine, registrar=registrar, bus=bus, clock=clock,  # type: ignore[arg-type]
-                              enroll_tokens=("e",))
+    engine = RegistrationEngine(registrar, bus, clock, SipConfig(register_rate=1000), rng=random.Random(3))
+    lifecycle = InstanceLifecycle(engine=engine, registrar=registrar, bus=bus, clock=clock)  # type: ignore[arg-type]
     delivery = PushDelivery({"mediator": provider}, bus, clock, retry=RetryPolicy(max_attempts=3, backoff_base=0.0),
                             rng=random.Random(1))
-    settings = CallSettings(**{"wake_timeout": 10.0, "answer_timeout": 20.0, **call_settings})  # type: ignore[arg-type]
-    calls = CallManager(service=service, delivery=delivery, bus=bus, clock=clock, timers=timers, settings=settings)
-    service.calls = calls
-    messages = TextMessages(service=service, delivery=delivery, bus=bus, clock=clock, max_body=1000)
-    operations = Operations(service=service, delivery=delivery, bus=bus, clock=clock)
+    settings = CallsConfig(**{"wake_timeout": 10.0, "answer_timeout": 20.0, **call_settings})  # type: ignore[arg-type]
+    calls = CallManager(lifecycle=lifecycle, delivery=delivery, bus=bus, clock=clock, timers=timers, settings=settings)
+    service = InstanceService(lifecycle=lifecycle, registrar=registrar, bus=bus, clock=clock,  # type: ignore[arg-type]
+                              enroll_tokens=("e",), calls=calls)
+    messages = TextMessages(lifecycle=lifecycle, delivery=delivery, bus=bus, clock=clock, max_body=1000)
+    operations = Operations(service=service, lifecycle=lifecycle, delivery=delivery, bus=bus, clock=clock)
     return World(clock, timers, bus, events, provider, registrar, engine, service, delivery, calls, messages,
                  operations)
 
@@ -285,7 +287,7 @@ async def test_unknown_and_off_instances_are_answered_at_once() -> None:
     w.calls.on_invite(unknown)  # type: ignore[arg-type]
     assert unknown.final == 404
     instance = await sleeping_instance(w)
-    retiring = asyncio.ensure_future(w.service.retire(instance, reason="test", delete=False))
+    retiring = asyncio.ensure_future(w.service.lifecycle.retire(instance, reason="test", delete=False))
     await asyncio.sleep(0)
     await w.settle()
     await retiring

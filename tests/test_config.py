@@ -19,15 +19,20 @@ from sipis.config import (
     ACROBITS_PNM_URL,
     APNS_URL,
     FCM_URL,
-    STARTER_CONFIG,
     STARTER_TOKEN_PLACEHOLDER,
     AcrobitsPush,
+    AgeingConfig,
+    ApiConfig,
     ApnsPush,
+    CallsConfig,
     Config,
     ConfigError,
     FcmPush,
     HostPort,
+    LogConfig,
+    SipConfig,
     SipListen,
+    SshConfig,
     WebhookPush,
     insecure_settings,
     load_config,
@@ -35,8 +40,11 @@ from sipis.config import (
     parse_host_port,
     parse_sip_listen,
     ssh_public_key_problem,
+    starter_config,
     write_starter_config,
 )
+from sipis.config.__main__ import main as config_main
+from sipis.config.render import DOCS_BEGIN, DOCS_END, update_docs
 
 BASE = Path("/srv/sipis")
 TOKENS = {"api": {"enroll_tokens": ["t0ken"]}}
@@ -599,17 +607,17 @@ def test_ssh_public_key_check() -> None:
 
 
 def test_starter_config_parses_to_a_valid_config() -> None:
-    c = parse_config(tomllib.loads(STARTER_CONFIG), BASE)
+    c = parse_config(tomllib.loads(starter_config()), BASE)
     assert c.api.enroll_tokens == (STARTER_TOKEN_PLACEHOLDER,)
     assert all(x.host == "127.0.0.1" for x in c.sip.listen)
     assert c.api.listen is not None and c.api.listen.host == "127.0.0.1"
     assert c.ssh.listen is None and c.operator.tcp_listen is None
-    assert STARTER_CONFIG.count(f'"{STARTER_TOKEN_PLACEHOLDER}"') == 1
+    assert starter_config().count(f'"{STARTER_TOKEN_PLACEHOLDER}"') == 1
 
 
 def test_starter_config_examples_parse_when_uncommented() -> None:
     # Uncomment every example key/table once ("# # x" stays a comment), with a real SSH key.
-    text = re.sub(r"(?m)^# (?=\[|\w+ = )", "", STARTER_CONFIG)
+    text = re.sub(r"(?m)^# (?=\[|\w+ = )", "", starter_config())
     text = text.replace("ssh-ed25519 AAAA... noc@example", ssh_key())
     text = text.replace('listen = ""  ', 'listen = "127.0.0.1:2222"  ')
     c = parse_config(tomllib.loads(text), BASE)
@@ -620,7 +628,7 @@ def test_starter_config_examples_parse_when_uncommented() -> None:
 
 
 def test_starter_config_comments_every_key() -> None:
-    for line in STARTER_CONFIG.splitlines():
+    for line in starter_config().splitlines():
         if re.match(r"^(# )?(# )?\w+ = ", line):
             assert "  # " in line.split(" = ", 1)[1], f"no comment: {line}"
 
@@ -647,3 +655,40 @@ def test_write_starter_config_refuses_to_overwrite_unless_forced(tmp_path: Path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert load_config(path).api.enroll_tokens
     assert [p.name for p in tmp_path.iterdir()] == ["sipis.toml"]  # no temp file left behind
+
+
+def test_starter_config_sets_the_declared_defaults() -> None:
+    c = parse_config(tomllib.loads(starter_config()), BASE)
+    var = BASE / "var"
+    assert (c.log, c.ageing, c.calls) == (LogConfig(), AgeingConfig(), CallsConfig())
+    assert c.sip == dataclasses.replace(SipConfig(), tls_cert=var / "sip-tls.crt", tls_key=var / "sip-tls.key")
+    tokens = (STARTER_TOKEN_PLACEHOLDER,)
+    assert c.api == ApiConfig(enroll_tokens=tokens, tls_cert=var / "api-tls.crt", tls_key=var / "api-tls.key")
+    assert c.ssh == SshConfig(host_key=var / "ssh_host_ed25519_key")
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def test_docs_tables_are_made_from_the_declarations() -> None:
+    docs = Path(__file__).parents[1] / "docs" / "configuration.md"
+    text = docs.read_text(encoding="utf-8")
+    assert update_docs(text) == text, (
+        "docs/configuration.md is stale: run `python -m sipis.config docs` from the repository root"
+    )
+
+
+def test_docs_command_rewrites_only_the_generated_part(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "configuration.md"
+    path.write_text(f"# Mine\n\n{DOCS_BEGIN}\nold table\n{DOCS_END}\n\nafter\n", encoding="utf-8")
+    assert config_main(["docs", str(path)]) == 0
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith(f"# Mine\n\n{DOCS_BEGIN}\n") and text.endswith(f"{DOCS_END}\n\nafter\n")
+    assert "old table" not in text and "| `wake_timeout` | seconds > 0 | `120` |" in text
+    assert config_main(["docs", str(path)]) == 0 and path.read_text(encoding="utf-8") == text
+    assert capsys.readouterr().out.splitlines() == [f"{path}: updated", f"{path}: up to date"]
+    assert config_main(["starter"]) == 0 and capsys.readouterr().out == starter_config()
+    assert config_main(["nonsense"]) == 2
+    path.write_text("no markers\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no generated part"):
+        update_docs(path.read_text(encoding="utf-8"))

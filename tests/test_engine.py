@@ -17,9 +17,11 @@ import pytest
 
 from contract.codec import payload_data
 from sipis.clock import FakeClock
-from sipis.engine import EngineSettings, RegistrationEngine
+from sipis.config import SipConfig
+from sipis.engine import RegistrationEngine
 from sipis.events import Event, EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget, RegStatus
+from sipis.lifecycle import InstanceLifecycle
 from sipis.sip.register import Outcome, RegisterResult
 from sipis.sip.transport import Flow
 
@@ -90,6 +92,7 @@ class Harness:
     exchange: FakeExchange
     engine: RegistrationEngine
     events: list[Event]
+    life: InstanceLifecycle
 
     async def step(self, seconds: float = 0.0) -> float | None:
         """Advance the fake clock, start what is due, let the exchanges finish."""
@@ -122,8 +125,9 @@ def make_harness(seed: int = 0, **settings: Any) -> Harness:
     events: list[Event] = []
     bus.subscribe(events.append)
     exchange = FakeExchange(clock)
-    engine = RegistrationEngine(exchange, bus, clock, EngineSettings(**settings), rng=random.Random(seed))
-    return Harness(clock, exchange, engine, events)
+    engine = RegistrationEngine(exchange, bus, clock, SipConfig(**settings), rng=random.Random(seed))
+    life = InstanceLifecycle(engine=engine, registrar=None, bus=bus, clock=clock)  # type: ignore[arg-type]
+    return Harness(clock, exchange, engine, events, life)
 
 
 def make_instance(selector: str = "sel-1", state: AppState = AppState.ACTIVE) -> Instance:
@@ -148,7 +152,7 @@ def status_of(instance: Instance) -> RegStatus:
 async def registered(h: Harness, selector: str = "sel-1") -> Instance:
     """An instance the engine holds a confirmed registration for (granted 600 s)."""
     instance = make_instance(selector)
-    h.engine.take_over(instance)
+    h.life.take_over(instance)
     await h.step()
     assert instance.state is AppState.PROXIED
     return instance
@@ -161,7 +165,7 @@ async def registered(h: Harness, selector: str = "sel-1") -> Instance:
 async def test_take_over_registers_then_refreshes_between_50_and_80_percent(seed: int) -> None:
     h = make_harness(seed)
     instance = make_instance()
-    h.engine.take_over(instance)
+    h.life.take_over(instance)
     assert instance.state is AppState.INACTIVE
     assert instance.registration.status is RegStatus.REGISTERING
 
@@ -222,7 +226,7 @@ async def test_shorter_granted_expiry_drives_the_refresh(seed: int) -> None:
     h = make_harness(seed)
     h.exchange.script("sel-1", ok(120))
     instance = make_instance()
-    h.engine.take_over(instance)
+    h.life.take_over(instance)
     await h.step()
     assert h.exchange.calls[0].expires == 600  # we asked for our default ...
     assert instance.registration.expires_at == h.clock.wall() + 120  # ... the registrar granted 120
@@ -250,7 +254,7 @@ async def test_unauthorized_raises_an_alarm_and_waits_unauthorized_retry(status:
     h = make_harness(unauthorized_retry=3600.0)
     h.exchange.script("sel-1", unauthorized(status))
     instance = make_instance()
-    h.engine.take_over(instance)
+    h.life.take_over(instance)
     await h.step()
     reg = instance.registration
     assert reg.status is RegStatus.UNAUTHORIZED
@@ -276,7 +280,7 @@ async def test_retry_after_is_honoured() -> None:
     h = make_harness()
     h.exchange.script("sel-1", failed(503, "Service Unavailable", retry_after=30))
     instance = make_instance()
-    h.engine.take_over(instance)
+    h.life.take_over(instance)
     await h.step()
     reg = instance.registration
     assert reg.status is RegStatus.ERROR and reg.last_code == 503
@@ -340,8 +344,8 @@ async def test_an_exchange_that_raises_is_a_failure_and_the_engine_keeps_working
     h = make_harness(backoff_base=2.0)
     h.exchange.script("bad", RuntimeError("bug in the exchange"))
     bad, good = make_instance("bad"), make_instance("good")
-    h.engine.take_over(bad)
-    h.engine.take_over(good)
+    h.life.take_over(bad)
+    h.life.take_over(good)
     await h.step()
     await h.step(0.125)  # the pacing budget starts small
     assert {c.selector for c in h.exchange.calls} == {"bad", "good"}
@@ -364,7 +368,7 @@ async def test_pacing_spreads_a_mass_take_over_over_the_register_rate() -> None:
     h = make_harness(register_rate=10.0)
     instances = [make_instance(f"sel-{i:03}") for i in range(100)]
     for instance in instances:
-        h.engine.take_over(instance)
+        h.life.take_over(instance)
 
     delay = await h.step()
     first = len(h.exchange.calls)
@@ -391,11 +395,11 @@ async def test_pacing_spreads_a_mass_take_over_over_the_register_rate() -> None:
 async def test_rescheduling_while_waiting_for_a_token_keeps_the_refresh() -> None:
     h = make_harness(register_rate=1.0)
     first, second = make_instance("a"), make_instance("b")
-    h.engine.take_over(first)
-    h.engine.take_over(second)
+    h.life.take_over(first)
+    h.life.take_over(second)
     await h.step()
     assert [c.selector for c in h.exchange.calls] == ["a"]  # "b" waits for a token
-    h.engine.take_over(second)  # the app reports "inactive" again meanwhile
+    h.life.take_over(second)  # the app reports "inactive" again meanwhile
     await h.step(1.0)
     assert [c.selector for c in h.exchange.calls] == ["a", "b"]
     assert second.state is AppState.PROXIED
@@ -413,7 +417,7 @@ async def test_hand_back_removes_our_binding_and_resolves_with_the_result() -> N
     instance = await registered(h)
     removed = ok(0)
     h.exchange.script("sel-1", removed)
-    future = h.engine.hand_back(instance)
+    future = h.life.hand_back(instance, None)
     assert instance.state is AppState.ACTIVE
     assert not future.done()
 
@@ -433,7 +437,7 @@ async def test_hand_back_removes_our_binding_and_resolves_with_the_result() -> N
 async def test_hand_back_of_an_instance_never_registered_resolves_at_once() -> None:
     h = make_harness()
     instance = make_instance()
-    future = h.engine.hand_back(instance)
+    future = h.life.hand_back(instance, None)
     assert future.done() and future.result() is None
     assert instance.state is AppState.ACTIVE and instance.registration.status is RegStatus.IDLE
     await h.step(10)
@@ -445,12 +449,12 @@ async def test_hand_back_while_a_register_is_in_flight_unregisters_after_it() ->
     gate = asyncio.Event()
     h.exchange.script("sel-1", Gate(gate, ok(600)))
     instance = make_instance()
-    h.engine.take_over(instance)
+    h.life.take_over(instance)
     h.engine.tick()
     await asyncio.sleep(0)  # the REGISTER is now waiting for the registrar
     assert len(h.exchange.calls) == 1
 
-    future = h.engine.hand_back(instance)
+    future = h.life.hand_back(instance, None)
     assert instance.state is AppState.ACTIVE
     h.clock.advance(0.5)
     h.engine.tick()  # nothing new starts while the REGISTER is in flight
@@ -476,10 +480,10 @@ async def test_hand_back_while_a_first_register_fails_sends_nothing_more() -> No
     gate = asyncio.Event()
     h.exchange.script("sel-1", Gate(gate, failed(503)))
     instance = make_instance()
-    h.engine.take_over(instance)
+    h.life.take_over(instance)
     h.engine.tick()
     await asyncio.sleep(0)
-    future = h.engine.hand_back(instance)
+    future = h.life.hand_back(instance, None)
     gate.set()
     await h.engine.drain()
     assert future.done()  # we never held a binding: nothing to remove
@@ -493,10 +497,10 @@ async def test_hand_back_after_a_timed_out_register_removes_what_it_may_have_bou
     gate = asyncio.Event()
     h.exchange.script("sel-1", Gate(gate, failed(408)))
     instance = make_instance()
-    h.engine.take_over(instance)
+    h.life.take_over(instance)
     h.engine.tick()
     await asyncio.sleep(0)
-    future = h.engine.hand_back(instance)
+    future = h.life.hand_back(instance, None)
     gate.set()
     await h.engine.drain()
     await h.step(1)
@@ -515,7 +519,7 @@ async def test_hand_back_while_a_refresh_fails_still_removes_the_old_binding() -
     h.clock.advance(delay)
     h.engine.tick()
     await asyncio.sleep(0)
-    future = h.engine.hand_back(instance)
+    future = h.life.hand_back(instance, None)
     gate.set()
     await h.engine.drain()
     assert not future.done()
@@ -528,9 +532,9 @@ async def test_hand_back_while_a_refresh_fails_still_removes_the_old_binding() -
 async def test_take_over_after_hand_back_registers_again() -> None:
     h = make_harness()
     instance = await registered(h)
-    h.engine.hand_back(instance)
+    h.life.hand_back(instance, None)
     await h.step(1)
-    h.engine.take_over(instance)
+    h.life.take_over(instance)
     await h.step(5)
     assert [c.expires for c in h.exchange.calls] == [600, 0, 600]
     assert instance.state is AppState.PROXIED
@@ -565,7 +569,7 @@ async def test_flow_lost_re_registers_within_two_seconds(seed: int) -> None:
     instance = await registered(h)
     await h.step(1)
     handed_back = await registered(h, "other")
-    h.engine.hand_back(handed_back)
+    h.life.hand_back(handed_back, None)
     await h.step(9)
     calls = len(h.exchange.calls)
 
@@ -588,7 +592,7 @@ async def test_instances_on_one_flow_share_its_name_and_the_reason_phrase() -> N
     for instance in instances:
         reason = "".join(["O", "K"])  # a new string each time, as a parsed response has
         h.exchange.script(instance.selector, RegisterResult(Outcome.REGISTERED, 200, reason, 600, flow=flow))
-        h.engine.take_over(instance)
+        h.life.take_over(instance)
     await h.run_for(3.0, step=0.5)
     regs = [instance.registration for instance in instances]
     assert all(r.status is RegStatus.REGISTERED and r.flow == str(flow) and r.last_reason == "OK" for r in regs)
@@ -600,9 +604,9 @@ async def test_stop_with_unregister_removes_every_binding_we_hold() -> None:
     h = make_harness()
     a, b, c = make_instance("a"), make_instance("b"), make_instance("c")
     for instance in (a, b, c):
-        h.engine.take_over(instance)
+        h.life.take_over(instance)
     await h.run_for(1.0)
-    h.engine.hand_back(c)
+    h.life.hand_back(c, None)
     await h.run_for(1.0)
     assert [(x.selector, x.expires) for x in h.exchange.calls] == [("a", 600), ("b", 600), ("c", 600), ("c", 0)]
 
@@ -627,13 +631,13 @@ async def test_refreshes_and_hand_backs_are_not_held_back_by_pacing() -> None:
     h = make_harness(register_rate=1.0)
     instances = [make_instance(f"sel-{n}") for n in range(5)]
     for instance in instances:
-        h.engine.take_over(instance)
+        h.life.take_over(instance)
     await h.run_for(6.0, step=0.5)  # paced: one new registration per second
     assert len(h.exchange.calls) == 5
     refresh_due = {c.selector: c.at for c in h.exchange.calls}
     burst = [make_instance(f"new-{n}") for n in range(700)]  # still draining when refreshes fall due
     for instance in burst:
-        h.engine.take_over(instance)  # a burst of take-overs is now queued behind the bucket
+        h.life.take_over(instance)  # a burst of take-overs is now queued behind the bucket
     future = h.engine.hand_back(instances[0])
     await h.step(0.0)
     assert future.done(), "the hand-back waited for a pacing token"
@@ -653,6 +657,6 @@ async def test_stop_is_never_lost_when_it_races_a_wake_up() -> None:
         h = make_harness(seed=seed)
         h.engine.start()
         await asyncio.sleep(0)
-        h.engine.take_over(make_instance(f"sel-{seed}"))  # sets the wake event in this iteration
+        h.life.take_over(make_instance(f"sel-{seed}"))  # sets the wake event in this iteration
         await asyncio.wait_for(h.engine.stop(unregister=False), timeout=2.0)
         assert h.engine._runner is None

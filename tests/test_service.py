@@ -13,10 +13,12 @@ import pytest
 from sipis.api.models import AccountIn, EnrollIn, PushIn
 from sipis.api.service_protocol import InstanceGone, ServiceError
 from sipis.clock import FakeClock
+from sipis.config import SipConfig
 from sipis.crypto import SecretBox, load_or_create_key
-from sipis.engine import EngineSettings, RegistrationEngine
+from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
 from sipis.instance import AppState, Instance, RegStatus
+from sipis.lifecycle import InstanceLifecycle
 from sipis.persistence import InstancePersistence
 from sipis.service import InstanceService
 from sipis.sip.register import Outcome, RegisterResult
@@ -90,9 +92,10 @@ async def open_world(path: Path) -> World:
     writer = BatchedWriter(db, stores)
     writer.start()
     registrar = FakeRegistrar()
-    engine = RegistrationEngine(registrar, bus, clock, EngineSettings(register_rate=1000),
+    engine = RegistrationEngine(registrar, bus, clock, SipConfig(register_rate=1000),
                                 rng=random.Random(7))
-    service = InstanceService(engine=engine, registrar=registrar, bus=bus, clock=clock,  # type: ignore[arg-type]
+    lifecycle = InstanceLifecycle(engine=engine, registrar=registrar, bus=bus, clock=clock)  # type: ignore[arg-type]
+    service = InstanceService(lifecycle=lifecycle, registrar=registrar, bus=bus, clock=clock,  # type: ignore[arg-type]
                               enroll_tokens=("enrol-me",), durable=writer.flush)
     persistence = InstancePersistence(writer, box, service.get, clock)
     for record in await stores.instances.load_all():
@@ -212,7 +215,7 @@ async def test_delete_unregisters_wipes_and_forgets(world: World) -> None:
 
 async def test_an_off_instance_refuses_state_changes_until_reenrolled(world: World) -> None:
     instance, _ = await world.service.enroll(enrol_request())
-    await world.service.retire(instance, reason="test", delete=False)
+    await world.service.lifecycle.retire(instance, reason="test", delete=False)
     assert instance.state is AppState.OFF and instance.account.password is None
     with pytest.raises(ServiceError):
         await world.service.set_state(instance.selector, "inactive", None)

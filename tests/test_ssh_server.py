@@ -45,5 +45,5 @@ def test_keys_map_to_their_operators_and_nothing_else(tmp_path: Path) -> None:
 
 def test_the_console_child_talks_to_the_operator_socket(tmp_path: Path) -> None:
     command = console_command(tmp_path / "operator.sock")
-    assert command[1:] == ["-m", "console.cli", "console", "--socket", str(tmp_path / "operator.sock"),
+    assert command[1:] == ["-m", "sipis_console", "console", "--socket", str(tmp_path / "operator.sock"),
                            "--session-tty"]

@@ -36,14 +36,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract.codec import to_json
+from contract.documents import HeldCall, InstanceView
 from sipis.api.models import (
     SELECTOR_PATTERN,
-    CallOut,
     EnrollIn,
     EnrollOut,
     ErrorOut,
     HealthOut,
-    InstanceOut,
     PushIn,
     StateIn,
     error_body,
@@ -320,12 +319,12 @@ def create_app(service: InstanceService, *, max_body: int = MAX_BODY_BYTES) -> F
 
     instance_errors = _errors(400, 401, 403, 404, 409, 413, 415, 422, 500)
 
-    @app.get("/v1/instances/{selector}", responses={200: {"model": InstanceOut}, **instance_errors})
+    @app.get("/v1/instances/{selector}", responses={200: {"model": InstanceView}, **instance_errors})
     async def get_instance(selector: str = selector_path, _: str = Depends(instance_auth)) -> Response:
         return JSONResponse(current(selector).public_view())
 
     @app.put("/v1/instances/{selector}/state",
-             responses={200: {"model": InstanceOut}, **instance_errors})
+             responses={200: {"model": InstanceView}, **instance_errors})
     async def put_state(body: StateIn, selector: str = selector_path,
                         _: str = Depends(instance_auth)) -> Response:
         current(selector)
@@ -333,7 +332,7 @@ def create_app(service: InstanceService, *, max_body: int = MAX_BODY_BYTES) -> F
         return JSONResponse(instance.public_view())
 
     @app.put("/v1/instances/{selector}/push",
-             responses={200: {"model": InstanceOut}, **instance_errors})
+             responses={200: {"model": InstanceView}, **instance_errors})
     async def put_push(body: PushIn, selector: str = selector_path,
                        _: str = Depends(instance_auth)) -> Response:
         current(selector)
@@ -341,7 +340,7 @@ def create_app(service: InstanceService, *, max_body: int = MAX_BODY_BYTES) -> F
         return JSONResponse(instance.public_view())
 
     @app.post("/v1/instances/{selector}/calls/{push_id}/progress",
-              responses={200: {"model": CallOut}, **instance_errors})
+              responses={200: {"model": HeldCall}, **instance_errors})
     async def call_progress(selector: str = selector_path,
                             push_id: str = Path(pattern=r"^[A-Za-z0-9-]{1,64}$", description="The push id"),
                             _: str = Depends(instance_auth)) -> Response:

@@ -4,6 +4,8 @@ Every model forbids unknown fields, so a typo in an app (``registar``) is a 422 
 instead of a silently ignored setting. Every string has a length limit, and every string that ends
 up in a SIP header excludes control characters so no CR/LF can inject a header into our REGISTERs.
 Validation messages never repeat the submitted value: passwords and tokens must not come back.
+The instance and held-call answers are the contract's documents (:class:`contract.documents.InstanceView`,
+:class:`contract.documents.HeldCall`), documented in OpenAPI from those types directly.
 """
 
 from __future__ import annotations
@@ -166,61 +168,6 @@ class EnrollOut(BaseModel):
     selector: str
     token: str = Field(description="Bearer token for this instance; shown only here")
     state: str
-
-
-class PushOut(BaseModel):
-    provider: str
-    app_id: str
-    token: str | None = Field(description="Masked")
-    voip_token: str | None = Field(description="Masked")
-    unreachable: bool
-
-
-class RegistrationOut(BaseModel):
-    status: str
-    last_code: int | None
-    last_reason: str | None
-    expires_at: float | None
-    next_refresh_at: float | None
-    failure_count: int
-    backoff_until: float | None
-    flow: str | None
-
-
-class InstanceOut(BaseModel):
-    """Documentation of :meth:`sipis.instance.Instance.public_view`; never holds secrets."""
-
-    selector: str
-    state: str
-    aor: str
-    username: str
-    auth_username: str | None
-    registrar: str | None
-    display_name: str | None
-    instance_id: str
-    reg_id: int
-    push: PushOut
-    registration: RegistrationOut
-    app_contact: str | None
-    app_last_seen: float
-    created_at: float
-    disabled: bool
-    credentials_stored: bool
-
-
-class CallOut(BaseModel):
-    """A held call as the app sees it after reporting progress."""
-
-    call_id: str
-    push_id: str
-    selector: str
-    caller: str | None
-    stage: str
-    received_at: float
-    outcome: str | None
-    final_status: int | None
-    t1_remaining: float | None
-    t2_remaining: float | None
 
 
 class ErrorOut(BaseModel):

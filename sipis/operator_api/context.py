@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 
+from contract.documents import WriterStatus
 from sipis.calls import CallManager
 from sipis.clock import Clock
 from sipis.config import OperatorToken
@@ -20,7 +21,6 @@ from sipis.push.delivery import PushDelivery
 from sipis.service import InstanceService
 from sipis.trace import TraceRecorder
 from storage.repositories import Stores
-from storage.writer import WriterStatus
 
 HEARTBEAT_INTERVAL = 15.0
 

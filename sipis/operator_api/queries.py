@@ -2,8 +2,8 @@
 
 Pushes, the audit log and an instance's timeline are partly in memory (the delivery's recent push
 traces, the event ring) and partly in storage (older ones, and everything from before a restart);
-:func:`memory_then_storage` merges the two, the one way all of them do. Storage records become
-documents here (the inverse of what :mod:`sipis.persistence` writes).
+:func:`memory_then_storage` merges the two, the one way all of them do (storage keeps the same
+contract types).
 """
 
 from __future__ import annotations
@@ -12,47 +12,42 @@ import logging
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Any, TypeVar
 
-from contract.codec import decode_payload, from_json
 from contract.documents import (
     AuditEntry,
     CallsSnapshot,
     CallTrace,
-    InstanceView,
     PbxStatus,
     PushRecord,
     Summary,
     WriterStatus,
 )
-from contract.events import Event, InstanceDetail
+from contract.events import InstanceDetail
 from sipis.instance import Instance
 from sipis.operator_api.context import OperatorContext
 from sipis.operator_api.health import push_stats
-from storage import records
 from storage.repositories import Stores
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-R = TypeVar("R")
 
 TIMELINE_LIMIT = 200
 DETAIL_PUSHES = 50
 ALARM_WINDOW = 3600.0
 
 
-async def memory_then_storage(memory: list[T], stores: Stores | None, read: Callable[[Stores], Awaitable[Iterable[R]]],
-                              convert: Callable[[R], T], *, key: Callable[[T], Hashable], what: str,
-                              limit: int | None = None, order: Callable[[T], Any] | None = None) -> list[T]:
-    """What memory holds, completed from storage: the stored records ``read`` returns, ``convert``ed,
-    that memory does not have (by ``key``) come first (they are the older ones), then ``order`` sorts
-    the lot when given, and the last ``limit`` are kept. Storage is read only when there is one and
-    memory has fewer than ``limit`` (memory holds the newest); when reading fails, memory's items
-    are the answer."""
+async def memory_then_storage(memory: list[T], stores: Stores | None, read: Callable[[Stores], Awaitable[Iterable[T]]],
+                              *, key: Callable[[T], Hashable], what: str, limit: int | None = None,
+                              order: Callable[[T], Any] | None = None) -> list[T]:
+    """What memory holds, completed from storage: what ``read`` returns that memory does not have
+    (by ``key``) comes first (it is the older), then ``order`` sorts the lot when given, and the last
+    ``limit`` are kept. Storage is read only when there is one and memory has fewer than ``limit``
+    (memory holds the newest); when reading fails, memory's items are the answer."""
     items = list(memory)
     if stores is not None and (limit is None or len(items) < limit):
         known = {key(item) for item in items}
         try:
-            stored = [item for item in map(convert, await read(stores)) if key(item) not in known]
+            stored = [item for item in await read(stores) if key(item) not in known]
         except Exception:
             log.exception("reading %s failed", what)
             stored = []
@@ -66,26 +61,6 @@ def _push_id(push: PushRecord) -> str:
     return push.push_id
 
 
-# --------------------------------------------------------------------------- storage records → documents
-
-
-def push_of_record(record: records.PushRecord) -> PushRecord:
-    return PushRecord(push_id=record.push_id, selector=record.selector, kind=record.kind, provider=record.provider,
-                      call_id=record.call_id, attempt=record.attempt, outcome=record.outcome,
-                      provider_code=record.provider_code, provider_reason=None, latency_ms=record.latency_ms,
-                      error=record.error, replay_of=record.replay_of, stages=dict(record.stages),
-                      request_summary=dict(record.request_summary))
-
-
-def audit_of_record(record: records.AuditRecord) -> AuditEntry:
-    return AuditEntry(id=record.id, at=record.at, operator=record.operator, role=record.role, action=record.action,
-                      target=record.target, outcome=record.outcome, detail=dict(record.detail))
-
-
-def event_of_record(record: records.EventRecord) -> Event:
-    return Event(record.seq, record.at, record.selector, decode_payload(record.kind, record.data, record.selector))
-
-
 # --------------------------------------------------------------------------- the reads
 
 
@@ -96,12 +71,11 @@ def summary(ctx: OperatorContext) -> Summary:
     minute_ago = now - 60.0
     calls_per_min = sum(1 for c in calls.recent if c.received_at >= minute_ago)
     calls_per_min += sum(1 for c in calls.held.values() if c.received_at >= minute_ago)
-    writer = ctx.writer_status() if ctx.writer_status is not None else None
     return Summary(
         node=ctx.node, version=ctx.version, started_at=ctx.started_at, now=now, counts=counts, reg_status=statuses,
         held_calls=len(calls.held), calls_per_min=calls_per_min, outcomes=dict(calls.outcomes),
         push=push_stats(ctx.delivery), pbx=PbxStatus(ctx.pbx.reachable, ctx.pbx.last_error),
-        writer=WriterStatus(writer.pending if writer else 0, writer.last_error if writer else None),
+        writer=ctx.writer_status() if ctx.writer_status is not None else WriterStatus(0, None),
         alarms=ctx.ring.alarms_since(now - ALARM_WINDOW),
     )
 
@@ -111,38 +85,37 @@ async def instance_detail(ctx: OperatorContext, instance: Instance) -> InstanceD
     selector = instance.selector
     timeline = await memory_then_storage(
         ctx.ring.for_selector(selector, TIMELINE_LIMIT), ctx.stores,
-        lambda stores: stores.events.recent(TIMELINE_LIMIT, selector=selector), event_of_record,
-        key=lambda e: e.seq, order=lambda e: e.seq, limit=TIMELINE_LIMIT, what=f"the timeline of {selector}")
+        lambda stores: stores.events.recent(TIMELINE_LIMIT, selector=selector), key=lambda e: e.seq,
+        order=lambda e: e.seq, limit=TIMELINE_LIMIT, what=f"the timeline of {selector}")
     return InstanceDetail(
-        # the instance's public view (no secrets, tokens masked) is made by the instance itself
-        instance=from_json(InstanceView, instance.public_view()), row=ctx.index.instance_row(instance),
+        instance=instance.view(), row=ctx.index.instance_row(instance),
         timeline=timeline, pushes=await instance_pushes(ctx, selector),
-        sip=[m.document() for m in ctx.trace.instance_messages(selector)])
+        sip=[m.view() for m in ctx.trace.instance_messages(selector)])
 
 
 async def instance_pushes(ctx: OperatorContext, selector: str) -> list[PushRecord]:
     memory = [t.record() for t in ctx.delivery.traces.values() if t.selector == selector]
     return await memory_then_storage(memory, ctx.stores, lambda stores: stores.pushes.recent(DETAIL_PUSHES, selector),
-                                     push_of_record, key=_push_id, limit=DETAIL_PUSHES, what=f"pushes of {selector}")
+                                     key=_push_id, limit=DETAIL_PUSHES, what=f"pushes of {selector}")
 
 
 async def recent_pushes(ctx: OperatorContext, limit: int, selector: str | None) -> list[PushRecord]:
     """The last ``limit`` pushes (of ``selector``, when given), newest last."""
     memory = [t.record() for t in ctx.delivery.traces.values() if not selector or t.selector == selector]
     return await memory_then_storage(memory[-limit:], ctx.stores, lambda stores: stores.pushes.recent(limit, selector),
-                                     push_of_record, key=_push_id, limit=limit, what="pushes")
+                                     key=_push_id, limit=limit, what="pushes")
 
 
 async def call_pushes(ctx: OperatorContext, call_id: str) -> list[PushRecord]:
     memory = [t.record() for t in ctx.delivery.traces.values() if t.call_id == call_id]
     return await memory_then_storage(memory, ctx.stores, lambda stores: stores.pushes.for_call(call_id),
-                                     push_of_record, key=_push_id, what=f"pushes of call {call_id}")
+                                     key=_push_id, what=f"pushes of call {call_id}")
 
 
 async def audit(ctx: OperatorContext, limit: int) -> list[AuditEntry]:
     """The last ``limit`` audit rows, oldest first."""
     memory = [e.payload for e in ctx.ring.audit if isinstance(e.payload, AuditEntry)]
-    return await memory_then_storage(memory, ctx.stores, lambda stores: stores.audit.recent(limit), audit_of_record,
+    return await memory_then_storage(memory, ctx.stores, lambda stores: stores.audit.recent(limit),
                                      key=lambda a: a.id, order=lambda a: a.at, limit=limit, what="the audit log")
 
 
@@ -152,5 +125,5 @@ def calls(ctx: OperatorContext) -> CallsSnapshot:
 
 async def call_trace(ctx: OperatorContext, call_id: str) -> CallTrace:
     return CallTrace(call_id=call_id, selector=ctx.trace.selector_of_call(call_id),
-                     messages=[m.document() for m in ctx.trace.call_messages(call_id)],
+                     messages=[m.view() for m in ctx.trace.call_messages(call_id)],
                      pushes=await call_pushes(ctx, call_id))

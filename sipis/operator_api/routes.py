@@ -10,8 +10,8 @@ import re
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
-from contract.codec import from_json, to_json
-from contract.documents import ActionResult, InstanceView, PushResult, Whoami
+from contract.codec import to_json
+from contract.documents import ActionResult, PushResult, Whoami
 from sipis.instance import Instance
 from sipis.operations import Forbidden, Operator
 from sipis.operator_api import queries
@@ -111,8 +111,7 @@ def create_operator_app(ctx: OperatorContext) -> FastAPI:
     # ------------------------------------------------------------------ actions
 
     def action_answer(instance: Instance) -> Response:
-        return json_response(ActionResult(from_json(InstanceView, instance.public_view()),
-                                          ctx.index.instance_row(instance)))
+        return json_response(ActionResult(instance.view(), ctx.index.instance_row(instance)))
 
     @app.post("/v1/instances/{selector}/actions/take-over")
     async def take_over(selector: str, who: Operator = Depends(operator)) -> Response:

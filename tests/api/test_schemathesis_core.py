@@ -19,6 +19,7 @@ from sipis.clock import FakeClock
 from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
 from sipis.instance import Instance
+from sipis.lifecycle import InstanceLifecycle
 from sipis.service import InstanceService
 from sipis.sip.register import Outcome, RegisterResult
 
@@ -37,7 +38,8 @@ clock = FakeClock()
 bus = EventBus(clock)
 registrar = AcceptingRegistrar()
 engine = RegistrationEngine(registrar, bus, clock, rng=random.Random(1))
-service = InstanceService(engine=engine, registrar=registrar, bus=bus, clock=clock,  # type: ignore[arg-type]
+lifecycle = InstanceLifecycle(engine=engine, registrar=registrar, bus=bus, clock=clock)  # type: ignore[arg-type]
+service = InstanceService(lifecycle=lifecycle, registrar=registrar, bus=bus, clock=clock,  # type: ignore[arg-type]
                           enroll_tokens=(ENROL_TOKEN,))
 schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(service))
 _calls = itertools.count()

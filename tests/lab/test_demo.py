@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 
-from console.cli import build_parser
 from lab.demo import DemoOptions, format_summary, options_from_args, run_demo
 from lab.mediator import Distribution, MediatorPolicy
 from lab.phones import PhoneProfile
+from sipis_console.cli import build_parser
 
 SEED = 2
 
@@ -77,14 +77,14 @@ async def test_headless_demo_shows_every_state_and_outcome() -> None:
 
 
 def test_demo_command_line() -> None:
-    args = build_parser().parse_args(["demo", "--apps", "7", "--call-rate", "0.25", "--headless", "--duration", "9",
-                                      "--seed", "4", "--json", "--wake-delay", "lognormal:2,0.4"])
+    args = build_parser("demo").parse_args(["demo", "--apps", "7", "--call-rate", "0.25", "--headless", "--duration",
+                                            "9", "--seed", "4", "--json", "--wake-delay", "lognormal:2,0.4"])
     options = options_from_args(args)
     assert (options.apps, options.call_rate, options.headless, options.duration, options.seed, options.json) == (
         7, 0.25, True, 9.0, 4, True)
     assert options.wake_delay == Distribution.lognormal(2.0, 0.4)
     assert (options.fcm_rate, options.apns_rate) == (0.2, 0.2)
-    mix = options_from_args(build_parser().parse_args(["demo", "--fcm-rate", "0.5", "--apns-rate", "0"]))
+    mix = options_from_args(build_parser("demo").parse_args(["demo", "--fcm-rate", "0.5", "--apns-rate", "0"]))
     assert (mix.fcm_rate, mix.apns_rate) == (0.5, 0.0)
-    defaults = options_from_args(build_parser().parse_args(["demo"]))
+    defaults = options_from_args(build_parser("demo").parse_args(["demo"]))
     assert not defaults.headless and defaults.duration is None and defaults.wake_timeout == 15.0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from storage.records import AuditRecord, EventRecord, InstanceRecord, PushRecord
+from contract.documents import AuditEntry, PushRecord
+from contract.events import Event, UnknownPayload
+from storage.records import InstanceRecord
 
 
 def make_instance(selector: str = "sel-1", **changes: Any) -> InstanceRecord:
@@ -41,12 +43,13 @@ def make_instance(selector: str = "sel-1", **changes: Any) -> InstanceRecord:
     return InstanceRecord(**values)
 
 
-def make_event(seq: int, selector: str | None = "sel-1", kind: str = "reg.refreshed") -> EventRecord:
-    return EventRecord(seq=seq, at=1_800_000_000.0 + seq, kind=kind, selector=selector, data={"n": seq})
+def make_event(seq: int, selector: str | None = "sel-1", kind: str = "reg.refreshed") -> Event:
+    """An event of a kind this version does not know: stored and read back raw."""
+    return Event(seq=seq, at=1_800_000_000.0 + seq, selector=selector, payload=UnknownPayload(kind, {"n": seq}))
 
 
-def make_audit(n: int, operator: str = "alice") -> AuditRecord:
-    return AuditRecord(
+def make_audit(n: int, operator: str = "alice") -> AuditEntry:
+    return AuditEntry(
         id=f"audit-{n}",
         at=1_800_000_000.0 + n,
         operator=operator,

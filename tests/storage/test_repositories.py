@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from contract.documents import PushRecord
+from contract.events import Event, InstanceStateChanged, UnknownPayload
+from contract.kinds import AppState
 from storage.database import Database
 from storage.repositories import (
     AuditLog,
@@ -118,6 +121,28 @@ async def test_events_append_recent_and_paging(db: Database) -> None:
     assert event == make_event(9, selector="a")
 
 
+async def test_events_keep_their_typed_payloads(db: Database) -> None:
+    log = SqliteEventLog(db)
+    state = Event(1, 1_800_000_001.0, "sel-1", InstanceStateChanged(AppState.PROXIED, AppState.INACTIVE))
+    push = Event(2, 1_800_000_002.0, "sel-1", make_push("p1"))
+    await log.append_many([state, push])
+    assert await log.recent(10) == [state, push]
+
+
+async def test_events_written_by_another_version_still_load(db: Database) -> None:
+    async with db.transaction():
+        await db.execute(
+            "INSERT INTO events (seq, at, kind, selector, data) VALUES (?, ?, ?, ?, ?)",
+            (1, 1_800_000_001.0, "instance.state", "sel-1",
+             '{"state":"proxied","previous":"inactive","reason":null,"added_later":1}'))
+        await db.execute(
+            "INSERT INTO events (seq, at, kind, selector, data) VALUES (?, ?, ?, ?, ?)",
+            (2, 1_800_000_002.0, "registration", "sel-1", '{"code":"not a number"}'))
+    state, odd = await SqliteEventLog(db).recent(10)
+    assert state.payload == InstanceStateChanged(AppState.PROXIED, AppState.INACTIVE)
+    assert odd.payload == UnknownPayload("registration", {"code": "not a number"})
+
+
 async def test_events_are_append_only(db: Database) -> None:
     log = SqliteEventLog(db)
     await log.append(make_event(1, kind="first"))
@@ -172,6 +197,15 @@ async def test_push_round_trip_upsert_and_queries(db: Database) -> None:
     replay = make_push("p4", call_id="c1", kind="test", attempt=2, replay_of="p1", error="BadDeviceToken")
     await store.upsert(replay)
     assert (await store.for_call("c1"))[-1] == replay
+
+
+async def test_push_keeps_the_provider_reason_in_its_error_column(db: Database) -> None:
+    store = SqlitePushStore(db)
+    await store.upsert_many([make_push("p1", provider_reason="Unregistered"),
+                             make_push("p2", provider_reason="Unregistered", error="not sent")])
+    loaded = await store.recent(10)
+    assert [(p.error, p.provider_reason) for p in loaded] == [("Unregistered", None), ("not sent", None)]
+    assert all(isinstance(p, PushRecord) for p in loaded)
 
 
 async def test_negative_limit_is_rejected(db: Database) -> None:

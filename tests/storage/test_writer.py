@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from contract.events import Event, UnknownPayload
 from storage.database import Database
-from storage.records import EventRecord, InstanceRecord
+from storage.records import InstanceRecord
 from storage.repositories import SqliteEventLog, SqliteInstanceStore, sqlite_stores
 from storage.writer import BatchedWriter, SnapshotInstance, UpsertInstance, WriterError
 
@@ -27,12 +28,12 @@ class FlakyEventLog(SqliteEventLog):
         self.failures = failures
         self.calls = 0
 
-    async def append_many(self, records: Sequence[EventRecord]) -> None:
+    async def append_many(self, events: Sequence[Event]) -> None:
         self.calls += 1
         if self.failures:
             self.failures -= 1
             raise sqlite3.OperationalError("disk I/O error")
-        await super().append_many(records)
+        await super().append_many(events)
 
 
 class CountingEventLog(SqliteEventLog):
@@ -40,9 +41,9 @@ class CountingEventLog(SqliteEventLog):
         super().__init__(db)
         self.calls = 0
 
-    async def append_many(self, records: Sequence[EventRecord]) -> None:
+    async def append_many(self, events: Sequence[Event]) -> None:
         self.calls += 1
-        await super().append_many(records)
+        await super().append_many(events)
 
 
 class CountingInstanceStore(SqliteInstanceStore):
@@ -80,7 +81,7 @@ async def test_many_submits_share_few_transactions(db: Database) -> None:
         transactions = db.commits - before
         assert writer.pending == 0
     assert 1 <= transactions <= 3  # 2440 ops, one burst
-    assert writer.status().transactions == transactions
+    assert writer.health().transactions == transactions
     assert await stores.events.last_seq() == 1200
     assert len(await stores.instances.load_all()) == 40
     assert len(await stores.audit.recent(100)) == 10
@@ -91,7 +92,7 @@ async def test_interval_flushes_without_being_asked(db: Database) -> None:
     async with BatchedWriter(db, sqlite_stores(db), interval=0.01) as writer:
         writer.append_event(make_event(1))
         await eventually(lambda: writer.pending == 0)
-        assert writer.status().transactions == 1
+        assert writer.health().transactions == 1
 
 
 async def test_full_batch_does_not_wait_for_the_interval(db: Database) -> None:
@@ -109,7 +110,7 @@ async def test_upserts_of_one_instance_are_folded(db: Database) -> None:
             writer.upsert_push(make_push("p1", attempt=i + 1))
         assert writer.pending == 2
         await writer.flush()
-        assert writer.status().coalesced == 198
+        assert writer.health().coalesced == 198
     assert await stores.instances.get("a") == make_instance("a", failure_count=99)
     assert await stores.pushes.get("p1") == make_push("p1", attempt=100)
 
@@ -197,7 +198,7 @@ async def test_failed_flush_is_retried_until_everything_is_written(
 
     assert flaky.failures == 0
     assert writer.pending == 0 and writer.last_error is None
-    status = writer.status()
+    status = writer.health()
     assert status.failed_flushes == 3 and status.consecutive_failures == 0
     assert db.rollbacks == 3
     assert await stores.instances.get("a") is None
@@ -258,7 +259,7 @@ async def test_unwritable_op_is_set_aside_and_does_not_block_the_rest(
         writer.append_event(make_event(1))
         writer.upsert_instance(make_instance("c"))
         await asyncio.wait_for(writer.flush(), 5)
-        status = writer.status()
+        status = writer.health()
         assert status.pending == 0 and status.dead_lettered == 1 and status.failed_flushes == 1
         assert [d.op for d in writer.dead_letters] == [UpsertInstance(poison)]
         # Back to batching afterwards.
@@ -276,8 +277,8 @@ async def test_nothing_is_set_aside_while_the_database_is_down(db: Database) -> 
     writer.start()
     writer.upsert_instance(make_instance("bad", display_name=object()))  # permanent error first
     writer.append_event(make_event(1))
-    await eventually(lambda: writer.status().failed_flushes >= 5)
-    assert writer.status().dead_lettered == 1  # only the op that fails on its own
+    await eventually(lambda: writer.health().failed_flushes >= 5)
+    assert writer.health().dead_lettered == 1  # only the op that fails on its own
     assert writer.pending == 1  # the event waits for the database instead of being dropped
     with pytest.raises(WriterError):
         await writer.close(timeout=0.05)
@@ -286,8 +287,9 @@ async def test_nothing_is_set_aside_while_the_database_is_down(db: Database) -> 
 async def test_odd_values_in_event_data_are_stored_as_text(db: Database) -> None:
     stores = sqlite_stores(db)
     async with BatchedWriter(db, stores) as writer:
-        writer.append_event(replace(make_event(1), data={"path": Path("/x"), "n": 1}))
-    assert (await stores.events.recent(1))[0].data == {"path": "/x", "n": 1}
+        odd = UnknownPayload("reg.refreshed", {"path": Path("/x"), "n": 1})
+        writer.append_event(replace(make_event(1), payload=odd))
+    assert (await stores.events.recent(1))[0].payload == UnknownPayload("reg.refreshed", {"path": "/x", "n": 1})
 
 
 async def test_an_interleaved_stream_costs_one_statement_per_table(db: Database) -> None:
@@ -339,7 +341,7 @@ async def test_a_snapshot_is_taken_when_the_batch_is_written(db: Database) -> No
             state["a"] = make_instance("a", failure_count=i)
             writer.snapshot_instance("a", snapshot)
         writer.snapshot_instance("gone", snapshot)
-        assert writer.pending == 2 and writer.status().coalesced == 49
+        assert writer.pending == 2 and writer.health().coalesced == 49
         state["a"] = make_instance("a", failure_count=99)  # changed after the last submit
         await writer.flush()
         assert built == ["a", "gone"]
@@ -362,11 +364,11 @@ async def test_a_failed_batch_takes_its_snapshots_again(db: Database) -> None:
     async with BatchedWriter(db, stores, retry_initial=0.01, retry_max=0.02) as writer:
         writer.snapshot_instance("a", state.get)
         writer.append_event(make_event(1))
-        await eventually(lambda: writer.status().failed_flushes >= 1)
+        await eventually(lambda: writer.health().failed_flushes >= 1)
         state["a"] = make_instance("a", failure_count=2)
         await asyncio.wait_for(writer.flush(), 5)
     assert await stores.instances.get("a") == make_instance("a", failure_count=2)
-    assert writer.status().dead_lettered == 0
+    assert writer.health().dead_lettered == 0
 
 
 def test_snapshot_ops_name_only_the_selector() -> None:

@@ -1,0 +1,94 @@
+"""The core's commands of ``sipis-console``: ``serve`` runs the core headless, ``init`` writes a
+commented starter config.
+
+The dispatcher (:mod:`sipis_console.cli`) builds the parser: it calls ``add_*_arguments`` for the
+command being run, then the command with the parsed arguments; each returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported when the command runs, so ``init`` and ``--help`` stay fast
+    from sipis.config import Config
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Run the SIPIS core: SIP endpoint, registration engine, HTTPS app API. Logs go to stderr."
+    parser.add_argument("--config", "-c", type=Path, required=True, metavar="FILE", help="the TOML config file")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override [log] level")
+
+
+def add_init_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Write a commented starter config with lab-safe defaults (loopback only) and a random "
+                          "enrolment token.")
+    parser.add_argument("path", type=Path, nargs="?", default=Path("sipis.toml"), help="where (default sipis.toml)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+
+def init(args: argparse.Namespace) -> int:
+    from sipis.config import write_starter_config
+
+    path: Path = args.path
+    try:
+        write_starter_config(path, force=args.force)
+    except FileExistsError:
+        print(f"sipis-console: {path} exists; use --force to overwrite it", file=sys.stderr)
+        return 1
+    print(f"wrote {path} (mode 0600: it holds the enrolment token). Next: sipis-console serve --config {path}")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from sipis.config import ConfigError, load_config
+
+    config_path: Path = args.config
+    try:
+        config = load_config(config_path)
+    except FileNotFoundError:
+        print(f"sipis-console: no config file at {config_path} (create one with: sipis-console init)",
+              file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"sipis-console: {config_path}: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=(args.log_level or config.log.level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        filename=str(config.log.file) if config.log.file else None,
+    )
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: Config) -> int:
+    from sipis.core import Core
+
+    core = Core(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        listening = await core.start()
+    except Exception as exc:
+        logging.getLogger("sipis").error("start-up failed: %s", exc)
+        await core.stop()
+        return 1
+    log = logging.getLogger("sipis")
+    log.info("SIP listening on %s", ", ".join(str(s) for s in listening.sip) or "nothing")
+    if listening.api_url:
+        log.info("app API on %s", listening.api_url)
+    ssh = f"; SSH console {listening.ssh[0]}:{listening.ssh[1]}" if listening.ssh else ""
+    print(f"sipis-console: core running (SIP {', '.join(str(s) for s in listening.sip)}; "
+          f"API {listening.api_url or 'off'}{ssh})", file=sys.stderr, flush=True)
+    await stop.wait()
+    log.info("shutting down")
+    await core.stop()
+    return 0
+

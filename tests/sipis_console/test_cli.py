@@ -1,0 +1,73 @@
+"""The ``sipis-console`` dispatcher: every command listed, each run by its owner; no command at all
+opens the console against the local core, or prints help that says why not."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+import console.cli
+from sipis_console.cli import COMMANDS, main
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[argparse.Namespace]:
+    """The console's arguments each time it would have opened (in ``tmp_path``, no core known)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("SIPIS_OPERATOR_SOCKET", "SIPIS_OPERATOR_URL"):
+        monkeypatch.delenv(name, raising=False)
+    calls: list[argparse.Namespace] = []
+    monkeypatch.setattr(console.cli, "main", lambda args: calls.append(args) or 0)
+    return calls
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: sipis-console [-h] COMMAND ..." in out and "examples:" in out
+    for name, command in COMMANDS.items():
+        assert f"    {name:<10}{command.help}" in out
+
+
+@pytest.mark.parametrize(("name", "option"), [("serve", "--log-level"), ("init", "--force"), ("console", "--url"),
+                                              ("demo", "--call-rate")])
+def test_a_commands_help_comes_from_its_owner(name: str, option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([name, "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: sipis-console {name} [-h]") and option in out
+
+
+def test_bare_command_without_a_core_prints_help_and_says_why(opened: list[argparse.Namespace],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert "usage: sipis-console" in out and "demo" in out
+    assert "no running core" in err and "sipis.toml" in err
+    assert opened == []
+
+
+def test_bare_command_opens_the_console_on_the_local_config(tmp_path: Path, opened: list[argparse.Namespace]) -> None:
+    assert main(["init"]) == 0  # ./sipis.toml
+    assert main([]) == 0
+    assert [(a.command, a.config, a.socket, a.session_tty) for a in opened] == [
+        ("console", Path("sipis.toml"), tmp_path / "var" / "operator.sock", False)]
+
+
+def test_bare_command_uses_the_socket_from_the_environment(tmp_path: Path, opened: list[argparse.Namespace],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIPIS_OPERATOR_SOCKET", str(tmp_path / "operator.sock"))
+    assert main([]) == 0
+    assert [(a.command, a.config, a.socket) for a in opened] == [("console", None, None)]
+
+
+def test_a_broken_config_is_reported_before_the_console_starts(tmp_path: Path, opened: list[argparse.Namespace],
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bad.toml").write_text("state_dir = [\n")
+    assert main(["console", "--config", "bad.toml"]) == 2
+    assert capsys.readouterr().err.startswith("sipis-console: bad.toml: ")
+    assert opened == []
