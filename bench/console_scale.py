@@ -17,10 +17,12 @@ generated key; the screen is the client's output fed through pyte. The terminals
 **driver child process** (this file with ``--driver``), so emulating the terminal never takes time
 from the core's event loop whose lag is being measured. The core's SSH server spawns one console
 process per session; its command is wrapped by a small bootstrap (``python -c``, then exactly what
-``python -m sipis_console`` does) that appends time stamps to a file: interpreter up, console imported,
-app mounted, first page and whole instance list requested / received / loaded, and every 1 Hz tick
-(with the console's GC time so far); optionally it runs cProfile (``--profile-console``). All times
-are ``CLOCK_MONOTONIC`` (``time.monotonic()``), the same clock in every process.
+``python -m sipis_console`` does) that appends time stamps to a file: interpreter up and console
+imported (its own), then every timing mark the console gives its observers (``console/
+instrumentation.py``: app mounted, first page and whole instance list requested / received / loaded,
+every 1 Hz tick, to which it adds the console's GC time so far); optionally it runs cProfile
+(``--profile-console``). All times are ``CLOCK_MONOTONIC`` (``time.monotonic()``), the same clock in
+every process.
 
 Measured:
 
@@ -368,7 +370,8 @@ class Driver:
 # =========================================================================== the console bootstrap
 #
 # The console child's command: the same as ``python -m sipis_console console --socket S --session-tty``
-# plus time stamps appended to <marks dir>/<pid>.marks, and optionally cProfile for its whole life.
+# plus time stamps appended to <marks dir>/<pid>.marks: its own ("exec", "imported") and the console's
+# timing marks (an observer of console.instrumentation), and optionally cProfile.
 
 BOOTSTRAP = r"""
 import os, sys, time
@@ -392,37 +395,9 @@ if _profile_dir:
     atexit.register(_dump)
     if not _steady:
         _profiler.enable()
-import console.app, console.cli, console.feed, sipis_console.cli
+import console.app, console.cli, sipis_console.cli
+from console import instrumentation
 _mark("imported")
-_Feed, _Store, _App = console.feed.OperatorFeed, console.feed.InstanceStore, console.app.SipisConsole
-_instances = _Feed.instances
-async def _timed_instances(self, *args, **kwargs):
-    _mark("fetch_start")
-    rows = await _instances(self, *args, **kwargs)
-    _mark("fetch_end", str(len(rows)))
-    return rows
-_Feed.instances = _timed_instances
-if hasattr(_Feed, "instance_page"):
-    _instance_page = _Feed.instance_page
-    async def _timed_page(self, *args, **kwargs):
-        _mark("page_start")
-        page = await _instance_page(self, *args, **kwargs)
-        _mark("page_end", str(len(page.rows)))
-        return page
-    _Feed.instance_page = _timed_page
-_load = _Store.load
-def _timed_load(self, rows, *args, **kwargs):
-    _load(self, rows, *args, **kwargs)
-    _mark("loaded" if getattr(self, "partial_total", None) is None else "page_loaded", str(len(self)))
-    if _startup and _profiler is not None:  # start-up profile: until the first rows are in
-        _dump()
-_Store.load = _timed_load
-_on_mount = _App.on_mount
-def _timed_mount(self):
-    _mark("mounted")
-    _on_mount(self)
-_App.on_mount = _timed_mount
-_tick = _App.tick
 import gc as _gc
 _gc_time = [0.0, 0.0, 0.0]
 _gc_began = [0.0]
@@ -432,15 +407,22 @@ def _gc_watch(phase, info):
     else:
         _gc_time[info.get("generation", 0)] += time.perf_counter() - _gc_began[0]
 _gc.callbacks.append(_gc_watch)
+_loaded = [False]
 _ticks_loaded = [0]
-def _counted_tick(self):
-    _tick(self)
-    _mark("tick", "%.6f" % sum(_gc_time))
-    if _steady and _profiler is not None and self.loaded:
-        _ticks_loaded[0] += 1
-        if _ticks_loaded[0] == 3:  # steady state: from the 3rd tick after the rows are in
-            _profiler.enable()
-_App.tick = _counted_tick
+def _observe(name, detail):
+    if name == "tick":
+        _mark("tick", "%.6f" % sum(_gc_time))
+        if _steady and _profiler is not None and _loaded[0]:
+            _ticks_loaded[0] += 1
+            if _ticks_loaded[0] == 3:  # steady state: from the 3rd tick after the rows are in
+                _profiler.enable()
+        return
+    _mark(name, detail)
+    if name == "loaded":
+        _loaded[0] = True
+    if name in ("page_loaded", "loaded") and _startup and _profiler is not None:
+        _dump()  # start-up profile: until the first rows are in
+instrumentation.observe(_observe)
 sys.argv = ["sipis-console", *sys.argv[3:]]
 sys.exit(sipis_console.cli.main())
 """
@@ -574,8 +556,10 @@ async def seed_database(state_dir: Path, plan: Sequence[Seeded], now: float, rng
 
 def expected_matches(plan: Sequence[Seeded], text: str) -> int:
     """What the console's filter counts: a plain word matches selector, aor, user or registrar."""
+    from contract.query import haystack
+
     needle = text.lower()
-    return sum(1 for s in plan if needle in f"{s.selector}\0{s.aor}\0{s.user}\0{s.registrar}".lower())
+    return sum(1 for s in plan if needle in haystack(s))  # type: ignore[arg-type]  # the four fields it reads
 
 
 # =========================================================================== the run

@@ -23,18 +23,10 @@ from textual.binding import Binding, BindingType
 from textual.theme import Theme
 from textual.worker import Worker, WorkerState
 
-from console.feed import (
-    ACTIONS,
-    ALARM_TITLES,
-    REPLAY_ROLE,
-    RESYNC_KINDS,
-    ConsoleModel,
-    Feed,
-    FeedError,
-    Forbidden,
-    role_allows,
-    row_from_public_view,
-)
+from console import instrumentation
+from console.feed import Feed, FeedError, Forbidden
+from console.model import ALARM_TITLES, ConsoleModel, LogItem
+from console.roles import ACTIONS, REPLAY_ROLE, role_allows
 from console.screens import (
     AuditScreen,
     CallsScreen,
@@ -48,7 +40,9 @@ from console.screens import (
     PushLogScreen,
 )
 from console.screens.common import instance_label
-from widgets.rows import EventRow, PushRow, StatusSnapshot
+from contract.documents import PushRecord, PushResult
+from contract.events import Alarm, Event, StreamNotice
+from widgets.rows import StatusSnapshot
 
 if TYPE_CHECKING:
     from textual.command import Provider
@@ -177,10 +171,10 @@ class SipisConsole(App[int]):
         self.connected = True
         self.paused = False
         self._paused_at = 0.0
-        self._pending: list[EventRow] = []
+        self._pending: list[LogItem] = []
         self._resync = False
         self._summary_busy = False
-        self._pbx_down = False
+        self._pbx_down = False  # as the last summary said: notified once per episode
         self._alarms = 0
         self._last_received_seq: int | None = None
         self._startup_theme = theme
@@ -198,18 +192,15 @@ class SipisConsole(App[int]):
 
     def status_snapshot(self) -> StatusSnapshot:
         s = self.model.summary
-        uptime = None
-        if s is not None and s.started_at is not None:
-            uptime = (s.now if s.now is not None else self.now()) - s.started_at
         if s is None:
             return StatusSnapshot(node="connecting…", operator=self.operator_name or "", role=self.role or "",
                                   paused=self.paused, connected=self.connected)
         return StatusSnapshot(
-            node=s.node, version=s.version, uptime=uptime, pbx_reachable=s.pbx_reachable, pbx_error=s.pbx_error,
-            counts=s.counts, reg_status=s.reg_status, held_calls=s.held_calls, calls_per_min=s.calls_per_min,
-            push_success_rate=s.push_success_rate, push_p50_ms=s.push_p50_ms, push_p99_ms=s.push_p99_ms,
-            alarms=max(s.alarms, 0), operator=self.operator_name or "", role=self.role or "", paused=self.paused,
-            connected=self.connected,
+            node=s.node or "?", version=s.version, uptime=s.now - s.started_at if s.started_at else None,
+            pbx_reachable=s.pbx.reachable, pbx_error=s.pbx.last_error, counts=s.counts, reg_status=s.reg_status,
+            held_calls=s.held_calls, calls_per_min=float(s.calls_per_min), push_success_rate=s.push.success_rate,
+            push_p50_ms=s.push.latency_p50_ms, push_p99_ms=s.push.latency_p99_ms, alarms=max(s.alarms, 0),
+            operator=self.operator_name or "", role=self.role or "", paused=self.paused, connected=self.connected,
         )
 
     # ------------------------------------------------------------------ start-up
@@ -218,6 +209,7 @@ class SipisConsole(App[int]):
         self.set_class(event.size.width < NARROW, "-narrow")
 
     def on_mount(self) -> None:
+        instrumentation.mark("mounted")
         self.set_class(self.size.width < NARROW, "-narrow")
         if self._startup_theme:
             self.theme = self._startup_theme
@@ -251,12 +243,15 @@ class SipisConsole(App[int]):
 
     async def _first_page(self) -> None:
         """The top of the instance list, shown while the whole list loads (100k rows take a while)."""
+        instrumentation.mark("page_start")
         try:
             page = await self.feed.instance_page(FIRST_PAGE)
         except FeedError:
             return  # the full load that follows reports it
-        if not self.loaded and page.total > len(page.rows):
-            self.model.store.load(page.rows, partial_total=page.total)
+        instrumentation.mark("page_end", len(page.items))
+        if not self.loaded and page.total > len(page.items):
+            self.model.store.load(page.items, partial_total=page.total)
+            instrumentation.mark("page_loaded", len(self.model.store))
             self.refresh_screen()
 
     async def reload_all(self, *, summary: bool = True) -> None:
@@ -264,8 +259,11 @@ class SipisConsole(App[int]):
         meanwhile wait and are applied to the fresh rows afterwards."""
         self.loading = True
         try:
+            instrumentation.mark("fetch_start")
             rows = await self.feed.instances()
+            instrumentation.mark("fetch_end", len(rows))
             self.model.store.load(rows)
+            instrumentation.mark("loaded", len(self.model.store))
             if self.gc_freeze:
                 # The rows live until the next reload and hold no cycles: keep them (and the app) out of
                 # the collector's generations, so its full collections stay short (they were ~6 ms a tick).
@@ -277,7 +275,7 @@ class SipisConsole(App[int]):
             self.refresh_screen()
             if summary or self.model.summary is None:
                 await self._poll_summary()
-            self.model.load_calls(await self.feed.calls())
+            self.model.load_calls(await self.feed.calls(), self.clock())
             self.model.load_pushes(await self.feed.pushes(limit=500))
             self.model.load_audit(await self.feed.audit(limit=500))
         except FeedError as exc:
@@ -331,35 +329,31 @@ class SipisConsole(App[int]):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
-    def receive_event(self, event: EventRow) -> None:
-        """An event arrived: alarms notify at once (even when paused), the rest waits for the tick."""
-        if event.kind in RESYNC_KINDS:  # the core lost events for us: reload the snapshots
+    def receive_event(self, event: LogItem) -> None:
+        """An event arrived: alarms notify at once (even when paused), the rest waits for the tick. A
+        gap or overflow notice (the core lost events for us) reloads the snapshots."""
+        if isinstance(event, StreamNotice):
             self._resync = True
-        last = self._last_received_seq
-        if event.seq and last is not None and event.seq <= last:  # a restarted core numbers anew
-            self._resync = True
-            self.model.last_seq = None
-        if event.seq:
-            self._last_received_seq = event.seq
-        if event.kind == "alarm":
-            self._alarm(event)
+        else:
+            last = self._last_received_seq
+            if event.seq and last is not None and event.seq <= last:  # a restarted core numbers anew
+                self._resync = True
+                self.model.last_seq = None
+            if event.seq:
+                self._last_received_seq = event.seq
+            if isinstance(event.payload, Alarm):
+                self._alarm(event, event.payload)
         if len(self._pending) >= MAX_PENDING:
             self._pending.clear()
             self._resync = True
         self._pending.append(event)
 
-    def _alarm(self, event: EventRow) -> None:
-        data = event.data
-        alarm = str(data.get("alarm") or "alarm")
-        if alarm in ("pbx-down", "pbx-unreachable"):
-            self._pbx_down = True
-        title = ALARM_TITLES.get(alarm, f"Alarm: {alarm}")
+    def _alarm(self, event: Event, alarm: Alarm) -> None:
+        title = ALARM_TITLES.get(alarm.alarm) or f"Alarm: {alarm.alarm}"
         bits = [instance_label(self.model.store, event.selector)] if event.selector else []
-        for key in ("code", "provider_code", "reason", "provider_reason", "detail", "error"):
-            if data.get(key) not in (None, ""):
-                bits.append(str(data[key]))
+        bits += [str(value) for value in (alarm.code, alarm.reason) if value not in (None, "")]
         self._alarms += 1
-        self.notify(" ".join(bits) or alarm, title=title, severity="error", timeout=10, markup=False)
+        self.notify(" ".join(bits) or alarm.alarm, title=title, severity="error", timeout=10, markup=False)
 
     def apply_pending(self) -> None:
         """Apply the queued events in one batch."""
@@ -380,8 +374,7 @@ class SipisConsole(App[int]):
                 detail = await self.feed.instance(selector)
             except FeedError:
                 continue
-            self.model.store.upsert(row_from_public_view(detail.view, self.model.store.get(selector))
-                                    if detail.view else detail.row)
+            self.model.store.upsert(detail.row)
 
     # ------------------------------------------------------------------ the tick
 
@@ -398,6 +391,7 @@ class SipisConsole(App[int]):
         if not self._summary_busy and self.loaded:
             self.run_worker(self._poll_summary(), group="summary", exit_on_error=False)
         self.refresh_screen()
+        instrumentation.mark("tick")
 
     async def refresh_now(self) -> None:
         """Everything a tick does, awaited (tests, and after resume)."""
@@ -420,10 +414,10 @@ class SipisConsole(App[int]):
         if not self.connected:
             self.connected = True
         was_down = self._pbx_down
-        self._pbx_down = summary.pbx_reachable is False
+        self._pbx_down = not summary.pbx.reachable
         if self._pbx_down and not was_down:
-            self.notify(summary.pbx_error or "the PBX does not answer", title="PBX unreachable", severity="error",
-                        timeout=10, markup=False)
+            self.notify(summary.pbx.last_error or "the PBX does not answer", title="PBX unreachable",
+                        severity="error", timeout=10, markup=False)
         self.model.record_summary(summary)
 
     def refresh_screen(self) -> None:
@@ -522,16 +516,16 @@ class SipisConsole(App[int]):
             status = f"{exc.status} " if exc.status else ""
             self.notify(f"{status}{exc.detail}", title=f"{label} failed", severity="error", markup=False)
             return
-        if result.row is not None:
-            self.model.store.upsert(result.row)
-        text = f"{target}: done"
-        if result.push is not None:
+        if isinstance(result, PushResult):
             text = f"{target}: push {result.push.outcome}"
             if result.push.latency_ms is not None:
                 text += f" in {result.push.latency_ms:.0f} ms"
+        else:
+            self.model.store.upsert(result.row)
+            text = f"{target}: done"
         self.notify(text, title=label, markup=False)
 
-    def request_replay(self, push: PushRow) -> None:
+    def request_replay(self, push: PushRecord) -> None:
         if not self.may(REPLAY_ROLE):
             self.notify(f"Replaying a push needs the {REPLAY_ROLE} role.", severity="warning")
             return
@@ -544,7 +538,7 @@ class SipisConsole(App[int]):
         self.push_screen(ConfirmScreen("Replay push?", f"Send push {push.push_id} ({push.kind}) to {target} again",
                                        confirm="Replay"), done)
 
-    async def _run_replay(self, push: PushRow) -> None:
+    async def _run_replay(self, push: PushRecord) -> None:
         try:
             new = await self.feed.replay_push(push.push_id)
         except Forbidden as exc:

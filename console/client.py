@@ -5,23 +5,26 @@ token that is the local administrator, named by ``operator_name`` → ``X-Operat
 (``OperatorClient(url=..., token=...)``). A console started by the SSH server gets its session token
 in ``SIPIS_OPERATOR_TOKEN`` (see :meth:`OperatorClient.from_environment`).
 
-Every route of ``docs/operator-api.md`` has a typed method; answers are the JSON documents
-described there (``TypedDict``s below, for editors and mypy). Errors raise :class:`OperatorApiError`
-(``status``, ``code``, ``detail``) or one of its subclasses. :meth:`OperatorClient.events` is an
-async iterator over the live event stream that reconnects with backoff and resumes with ``since``.
+Every route of ``docs/operator-api.md`` has a method; answers are its JSON documents, decoded
+(dicts and lists), as scripts want them. The contract's types say what is in them:
+``contract.codec.from_json(contract.documents.Summary, await client.summary())`` (the console's
+feed, ``console/feed.py``, does exactly that). Errors raise :class:`OperatorApiError` (``status``,
+``code``, ``detail``) or one of its subclasses. :meth:`OperatorClient.events` is an async iterator
+over the live event stream that reconnects with backoff and resumes with ``since``;
+:meth:`OperatorClient.stream_instances` reads the instance list as NDJSON, rows decoded while they
+arrive.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import json
 import os
 import random
 import ssl
 from collections.abc import AsyncGenerator, Callable
 from types import TracebackType
-from typing import Any, Literal, TypedDict, cast
+from typing import Any, Literal, cast
 from urllib.parse import quote
 
 import httpx
@@ -34,176 +37,15 @@ SOCKET_ENV = "SIPIS_OPERATOR_SOCKET"
 URL_ENV = "SIPIS_OPERATOR_URL"
 #: the stream sends a heartbeat every 15 s; silence for this long means the connection is dead
 STREAM_READ_TIMEOUT = 45.0
+NDJSON = "application/x-ndjson"
 
 
 InstanceAction = Literal["take-over", "hand-back", "re-register", "test-push", "disable"]
 INSTANCE_ACTIONS: tuple[InstanceAction, ...] = ("take-over", "hand-back", "re-register", "test-push", "disable")
 
 
-# --------------------------------------------------------------------------- documents
-
-
-class Whoami(TypedDict):
-    name: str
-    role: Literal["viewer", "operator", "admin"]
-
-
-class PushStats(TypedDict):
-    accepted: int
-    rejected: int
-    transient: int
-    success_rate: float | None
-    latency_p50_ms: float | None
-    latency_p99_ms: float | None
-
-
-class PbxStatus(TypedDict):
-    reachable: bool
-    last_error: str | None
-
-
-class WriterSummary(TypedDict):
-    pending: int
-    last_error: str | None
-
-
-class Summary(TypedDict):
-    node: str
-    version: str
-    started_at: float
-    now: float
-    counts: dict[str, int]
-    reg_status: dict[str, int]
-    held_calls: int
-    calls_per_min: int
-    outcomes: dict[str, int]
-    push: PushStats
-    pbx: PbxStatus
-    writer: WriterSummary
-    alarms: int
-
-
-class InstanceRow(TypedDict):
-    selector: str
-    aor: str
-    user: str
-    registrar: str | None
-    state: str
-    reg_status: str
-    last_code: int | None
-    last_reason: str | None
-    expires_at: float | None
-    next_refresh_at: float | None
-    failure_count: int
-    backoff_until: float | None
-    push_provider: str
-    push_unreachable: bool
-    last_push_outcome: str | None
-    last_push_at: float | None
-    app_last_seen: float
-
-
-class InstancePage(TypedDict):
-    total: int
-    matched: int
-    counts: dict[str, int]
-    items: list[InstanceRow]
-
-
-class Event(TypedDict, total=False):
-    seq: int
-    at: float
-    kind: str  # also "heartbeat", "gap", "overflow" (see docs/operator-api.md)
-    selector: str | None
-    data: dict[str, Any]
-    dropped: int
-    since: int
-    first_available: int | None
-
-
-class Push(TypedDict):
-    push_id: str
-    selector: str
-    kind: str
-    provider: str
-    call_id: str | None
-    attempt: int
-    outcome: str
-    provider_code: int | None
-    provider_reason: str | None
-    latency_ms: float | None
-    error: str | None
-    replay_of: str | None
-    stages: dict[str, float]
-    request_summary: dict[str, Any]
-
-
-class SipMessage(TypedDict):
-    at: float
-    direction: Literal["in", "out"]
-    transport: str
-    local: str
-    remote: str
-    first_line: str
-    call_id: str
-    cseq: int | None
-    method: str | None
-    status: int | None
-    selector: str | None
-    raw: str
-
-
-class InstanceDetail(TypedDict):
-    instance: dict[str, Any]  # the instance's public view (no secrets)
-    row: InstanceRow
-    timeline: list[Event]
-    pushes: list[Push]
-    sip: list[SipMessage]
-
-
-class Call(TypedDict):
-    call_id: str
-    push_id: str
-    selector: str
-    caller: str | None
-    stage: str
-    received_at: float
-    outcome: str | None
-    final_status: int | None
-    t1_remaining: float | None
-    t2_remaining: float | None
-
-
-class Calls(TypedDict):
-    held: list[Call]
-    recent: list[Call]
-
-
-class CallTrace(TypedDict):
-    call_id: str
-    selector: str | None
-    messages: list[SipMessage]
-    pushes: list[Push]
-
-
-class AuditRow(TypedDict):
-    id: str
-    at: float
-    operator: str
-    role: str
-    action: str
-    target: str | None
-    outcome: str
-    detail: dict[str, Any]
-
-
-class ActionResult(TypedDict):
-    instance: dict[str, Any]
-    row: InstanceRow
-
-
-class PushResult(TypedDict):
-    push: Push
+#: a decoded JSON document of docs/operator-api.md
+Json = dict[str, Any]
 
 
 # --------------------------------------------------------------------------- errors
@@ -326,56 +168,62 @@ class OperatorClient:
 
     # ------------------------------------------------------------------ reads
 
-    async def whoami(self) -> Whoami:
-        return cast(Whoami, await self._json("GET", "/v1/whoami"))
+    async def whoami(self) -> Json:
+        return cast(Json, await self._json("GET", "/v1/whoami"))
 
-    async def summary(self) -> Summary:
-        return cast(Summary, await self._json("GET", "/v1/summary"))
+    async def summary(self) -> Json:
+        return cast(Json, await self._json("GET", "/v1/summary"))
 
     async def instances(self, *, offset: int = 0, limit: int = 200, q: str = "", state: str = "",
-                        sort: str = "aor", desc: bool = False) -> InstancePage:
-        """A page of the instance list; ``limit=0`` = everything; ``q`` matches selector, aor, user and
-        registrar (case-insensitive substring); ``state`` one of active/inactive/proxied/off."""
+                        sort: str = "aor", desc: bool = False) -> Json:
+        """A page of the instance list (``{"total", "matched", "counts", "items"}``); ``limit=0`` =
+        everything; ``q`` is the instance query language (``contract/query.py``); ``state`` one of
+        active/inactive/proxied/off."""
         params = {"offset": offset, "limit": limit, "q": q, "state": state, "sort": sort,
                   "desc": "true" if desc else "false"}
-        return cast(InstancePage, await self._json("GET", "/v1/instances", params=params))
+        return cast(Json, await self._json("GET", "/v1/instances", params=params))
 
-    async def stream_instances(self, on_items: Callable[[list[InstanceRow]], None], *, offset: int = 0,
+    async def stream_instances(self, on_rows: Callable[[list[Json]], None], *, offset: int = 0,
                                limit: int = 0, q: str = "", state: str = "", sort: str = "aor",
-                               desc: bool = False) -> InstancePage:
-        """Like :meth:`instances` (default: everything), but the rows are decoded as they arrive and
-        handed to ``on_items`` in batches, in order; returns the page without its items. 100k rows are
-        ~50 MB of JSON: decoded in one piece that blocks the caller's loop for a good part of a second,
-        and only after the last byte; this way the decoding overlaps the transfer."""
+                               desc: bool = False) -> Json:
+        """Like :meth:`instances` (default: everything), as NDJSON (``Accept: application/x-ndjson``):
+        the rows are decoded as they arrive and handed to ``on_rows`` in batches, in order; returns
+        the first line, ``{"total", "matched", "counts"}``. 100k rows are ~50 MB of JSON: decoded in
+        one piece that blocks the caller's loop for a good part of a second, and only after the last
+        byte; this way the decoding overlaps the transfer. A core that answers with one JSON
+        document (it predates the NDJSON list) is read whole."""
         params = {"offset": offset, "limit": limit, "q": q, "state": state, "sort": sort,
                   "desc": "true" if desc else "false"}
         path = "/v1/instances"
-        parser = ItemsParser(on_items)
+        lines = RowLines(on_rows)
         try:
-            async with self._http.stream("GET", path, params=_clean(params)) as response:
+            async with self._http.stream("GET", path, params=_clean(params), headers={"Accept": NDJSON}) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     _raise_for(response)
+                if not response.headers.get("content-type", "").startswith(NDJSON):
+                    document = json.loads(await response.aread())
+                    on_rows(document.pop("items", []))
+                    return cast(Json, document)
                 async for chunk in response.aiter_bytes():
-                    parser.feed(chunk)
+                    lines.feed(chunk)
         except httpx.TimeoutException as exc:
             raise Unreachable(0, "timeout", f"GET {path}: {exc!r}") from exc
         except (httpx.TransportError, OSError) as exc:
             raise Unreachable(0, "unreachable", f"GET {path}: {exc!r}") from exc
         try:
-            head = parser.close()
+            return lines.close(offset, limit)
         except ValueError as exc:
             raise OperatorApiError(200, "bad_response", f"GET {path}: {exc}") from exc
-        return cast(InstancePage, {**head, "items": []})
 
-    async def instance(self, selector: str) -> InstanceDetail:
-        return cast(InstanceDetail, await self._json("GET", f"/v1/instances/{_seg(selector)}"))
+    async def instance(self, selector: str) -> Json:
+        return cast(Json, await self._json("GET", f"/v1/instances/{_seg(selector)}"))
 
-    async def calls(self) -> Calls:
-        return cast(Calls, await self._json("GET", "/v1/calls"))
+    async def calls(self) -> Json:
+        return cast(Json, await self._json("GET", "/v1/calls"))
 
-    async def call_trace(self, call_id: str) -> CallTrace:
-        return cast(CallTrace, await self._json("GET", f"/v1/calls/{_seg(call_id)}/trace"))
+    async def call_trace(self, call_id: str) -> Json:
+        return cast(Json, await self._json("GET", f"/v1/calls/{_seg(call_id)}/trace"))
 
     async def call_trace_text(self, call_id: str) -> str:
         return (await self._request("GET", f"/v1/calls/{_seg(call_id)}/trace.txt")).text
@@ -383,54 +231,54 @@ class OperatorClient:
     async def call_trace_pcap(self, call_id: str) -> bytes:
         return (await self._request("GET", f"/v1/calls/{_seg(call_id)}/trace.pcap")).content
 
-    async def pushes(self, *, limit: int = 200, selector: str | None = None) -> list[Push]:
+    async def pushes(self, *, limit: int = 200, selector: str | None = None) -> list[Json]:
         """Recent pushes, newest last."""
-        return cast(list[Push], await self._json("GET", "/v1/pushes",
-                                                 params={"limit": limit, "selector": selector}))
+        return cast(list[Json], await self._json("GET", "/v1/pushes", params={"limit": limit, "selector": selector}))
 
-    async def audit(self, *, limit: int = 200) -> list[AuditRow]:
+    async def audit(self, *, limit: int = 200) -> list[Json]:
         """Recent audit rows, newest last."""
-        return cast(list[AuditRow], await self._json("GET", "/v1/audit", params={"limit": limit}))
+        return cast(list[Json], await self._json("GET", "/v1/audit", params={"limit": limit}))
 
     # ------------------------------------------------------------------ actions
 
-    async def _action(self, selector: str, action: str) -> Any:
-        return await self._json("POST", f"/v1/instances/{_seg(selector)}/actions/{action}", timeout=ACTION_TIMEOUT)
+    async def _action(self, selector: str, action: str) -> Json:
+        return cast(Json, await self._json("POST", f"/v1/instances/{_seg(selector)}/actions/{action}",
+                                           timeout=ACTION_TIMEOUT))
 
-    async def action(self, selector: str, name: InstanceAction) -> dict[str, Any]:
+    async def action(self, selector: str, name: InstanceAction) -> Json:
         """Any instance action by its path name: ``take-over``, ``hand-back``, ``re-register``,
         ``test-push`` (→ ``{"push"}``), ``disable`` (→ ``{"instance", "row"}`` for the others)."""
         if name not in INSTANCE_ACTIONS:
             raise ValueError(f"unknown action {name!r}; one of {', '.join(INSTANCE_ACTIONS)}")
-        return cast(dict[str, Any], await self._action(selector, name))
+        return await self._action(selector, name)
 
-    async def take_over(self, selector: str) -> ActionResult:
-        return cast(ActionResult, await self._action(selector, "take-over"))
+    async def take_over(self, selector: str) -> Json:
+        return await self._action(selector, "take-over")
 
-    async def hand_back(self, selector: str) -> ActionResult:
-        return cast(ActionResult, await self._action(selector, "hand-back"))
+    async def hand_back(self, selector: str) -> Json:
+        return await self._action(selector, "hand-back")
 
-    async def re_register(self, selector: str) -> ActionResult:
-        return cast(ActionResult, await self._action(selector, "re-register"))
+    async def re_register(self, selector: str) -> Json:
+        return await self._action(selector, "re-register")
 
-    async def disable(self, selector: str) -> ActionResult:
-        return cast(ActionResult, await self._action(selector, "disable"))
+    async def disable(self, selector: str) -> Json:
+        return await self._action(selector, "disable")
 
-    async def test_push(self, selector: str) -> PushResult:
-        return cast(PushResult, await self._action(selector, "test-push"))
+    async def test_push(self, selector: str) -> Json:
+        return await self._action(selector, "test-push")
 
-    async def replay_push(self, push_id: str) -> PushResult:
-        return cast(PushResult, await self._json("POST", f"/v1/pushes/{_seg(push_id)}/replay",
-                                                 timeout=ACTION_TIMEOUT))
+    async def replay_push(self, push_id: str) -> Json:
+        return cast(Json, await self._json("POST", f"/v1/pushes/{_seg(push_id)}/replay", timeout=ACTION_TIMEOUT))
 
     # ------------------------------------------------------------------ the event stream
 
     async def events(self, since: int | None = None, *, heartbeats: bool = False, reconnect: bool = True,
-                     backoff_initial: float = 0.5, backoff_max: float = 10.0) -> AsyncGenerator[Event, None]:
+                     backoff_initial: float = 0.5, backoff_max: float = 10.0) -> AsyncGenerator[Json, None]:
         """Live events, oldest first. After a dropped connection it reconnects (exponential backoff
         with jitter) with ``since`` = the last seq seen, so nothing in the core's ring is missed.
         Lines of kind ``gap`` (events lost: reload snapshots) and ``overflow`` are passed through;
-        heartbeats only with ``heartbeats=True``. 401/403 are not retried."""
+        heartbeats only with ``heartbeats=True``. 401/403 are not retried. Each line is decoded JSON;
+        ``contract.codec.decode_stream_line`` makes it an event or a notice."""
         last = since
         delay = backoff_initial
         timeout = httpx.Timeout(DEFAULT_TIMEOUT, read=STREAM_READ_TIMEOUT)
@@ -445,7 +293,7 @@ class OperatorClient:
                         if not line.strip():
                             continue
                         try:
-                            event = cast(Event, json.loads(line))
+                            event = json.loads(line)
                         except ValueError:
                             continue
                         delay = backoff_initial
@@ -471,165 +319,59 @@ class OperatorClient:
             delay = min(backoff_max, delay * 2)
 
 
-class ItemsParser:
-    """Decodes one JSON object whose ``items`` member is a long array, as its bytes arrive.
+class RowLines:
+    """Reads the NDJSON instance list as its bytes arrive: the first line is the head (``total``,
+    ``matched``, ``counts``), every other line one row.
 
-    The array's elements go to ``on_items`` in batches, in order, as soon as they are complete; the
-    object's other members are returned by :meth:`close`. Whatever arrives up to the last ``}`` is
-    decoded with one ``json.loads`` (C speed); when that cut is not between two elements (a ``}``
-    inside a string) it falls back to one element at a time. Malformed input raises ``ValueError``
-    at the latest in :meth:`close`.
+    JSON never has a raw newline inside a value, so whatever arrived up to the last newline is whole
+    lines: they are decoded with one ``json.loads`` (C speed) and handed to ``on_rows`` together.
+    Malformed input raises ``ValueError`` (at the latest in :meth:`close`).
     """
 
-    _WS = " \t\n\r"
-
-    def __init__(self, on_items: Callable[[list[Any]], None], member: str = "items") -> None:
-        self.on_items = on_items
-        self.member = member
-        self.head: dict[str, Any] = {}
-        self._decoder = codecs.getincrementaldecoder("utf-8")()
-        self._json = json.JSONDecoder()
-        self._buf = ""
-        self._pos = 0
-        self._key = ""
-        self._state = "start"  # start, key, colon, value, comma, open, items, items_comma, done
+    def __init__(self, on_rows: Callable[[list[Json]], None]) -> None:
+        self.on_rows = on_rows
+        self.head: Json | None = None
+        self.rows = 0
+        self._rest = b""
 
     def feed(self, data: bytes) -> None:
-        text = self._decoder.decode(data)
-        if text:
-            self._buf = self._buf[self._pos:] + text
-            self._pos = 0
-            self._run(final=False)
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            self._rest += data
+            return
+        whole, self._rest = self._rest + data[:cut], data[cut + 1:]
+        self._lines(whole)
 
-    def close(self) -> dict[str, Any]:
-        text = self._decoder.decode(b"", final=True)
-        self._buf = self._buf[self._pos:] + text
-        self._pos = 0
-        self._run(final=True)
-        if self._state != "done":
-            raise ValueError(f"the JSON document ended early (in {self._state})")
-        if self._buf[self._pos:].strip(self._WS):
-            raise ValueError("extra data after the JSON document")
+    def close(self, offset: int = 0, limit: int = 0) -> Json:
+        """The head, once the last line is in; ``offset``/``limit`` of the request check the count."""
+        rest, self._rest = self._rest, b""
+        self._lines(rest)
+        if self.head is None:
+            raise ValueError("no head line")
+        expected = max(0, int(self.head.get("matched", 0)) - offset)
+        if limit:
+            expected = min(expected, limit)
+        if self.rows != expected:
+            raise ValueError(f"the list ended after {self.rows} of {expected} rows")
         return self.head
 
-    def _skip(self) -> bool:
-        """Skip whitespace; whether a character follows."""
-        buf, pos, n = self._buf, self._pos, len(self._buf)
-        while pos < n and buf[pos] in self._WS:
-            pos += 1
-        self._pos = pos
-        return pos < n
-
-    def _expect(self, chars: str) -> str | None:
-        if not self._skip():
-            return None
-        char = self._buf[self._pos]
-        if char not in chars:
-            raise ValueError(f"expected one of {chars!r} at {self._pos}, got {char!r}")
-        self._pos += 1
-        return char
-
-    def _value(self, final: bool) -> tuple[bool, Any]:
-        if not self._skip():
-            return False, None
-        try:
-            value, end = self._json.raw_decode(self._buf, self._pos)
-        except json.JSONDecodeError:
-            if final:
-                raise
-            return False, None  # not complete yet
-        if end >= len(self._buf) and not final and isinstance(value, int | float):
-            return False, None  # a number may go on in the next chunk
-        self._pos = end
-        return True, value
-
-    def _run(self, final: bool) -> None:
-        while True:
-            state = self._state
-            if state == "start":
-                if self._expect("{") is None:
-                    return
-                self._state = "key"
-            elif state == "key":
-                if not self._skip():
-                    return
-                if self._buf[self._pos] == "}" and not self.head:
-                    self._pos += 1
-                    self._state = "done"
-                    continue
-                done, value = self._value(final)
-                if not done:
-                    return
-                if not isinstance(value, str):
-                    raise ValueError("expected a member name")
-                self._key = value
-                self._state = "colon"
-            elif state == "colon":
-                if self._expect(":") is None:
-                    return
-                self._state = "open" if self._key == self.member else "value"
-            elif state == "open":
-                if self._expect("[") is None:
-                    return
-                self._state = "items"
-            elif state == "value":
-                done, value = self._value(final)
-                if not done:
-                    return
-                self.head[self._key] = value
-                self._state = "comma"
-            elif state == "comma":
-                char = self._expect(",}")
-                if char is None:
-                    return
-                self._state = "key" if char == "," else "done"
-            elif state == "items":
-                if not self._skip():
-                    return
-                if self._buf[self._pos] == "]":
-                    self._pos += 1
-                    self._state = "comma"
-                    continue
-                following = self._items(final)
-                if following is None:
-                    return
-                self._state = following
-            elif state == "items_comma":
-                char = self._expect(",]")
-                if char is None:
-                    return
-                self._state = "items" if char == "," else "comma"
-            else:  # done
+    def _lines(self, whole: bytes) -> None:
+        if self.head is None:
+            first, _, whole = whole.lstrip().partition(b"\n")
+            if not first:
                 return
+            head = json.loads(first)
+            if not isinstance(head, dict):
+                raise ValueError("the head line is not a JSON object")
+            self.head = head
+        lines = [line for line in whole.split(b"\n") if line.strip()]
+        if lines:
+            rows = json.loads(b"[" + b",".join(lines) + b"]")
+            if not all(isinstance(row, dict) for row in rows):
+                raise ValueError("a row is not a JSON object")
+            self.rows += len(rows)
+            self.on_rows(rows)
 
-    def _items(self, final: bool) -> str | None:
-        """Decode the complete elements from here on; the next state, or None: wait for more bytes."""
-        buf, pos = self._buf, self._pos
-        cut = buf.rfind("}")
-        if cut >= pos:
-            try:
-                items = json.loads("[" + buf[pos:cut + 1] + "]")
-            except ValueError:
-                items = None  # the cut is inside a string, or an element is not an object
-            if items is not None:
-                self._pos = cut + 1
-                if items:
-                    self.on_items(items)
-                return "items_comma"
-        items, state = [], None
-        while True:  # one element at a time, up to the first incomplete one
-            done, value = self._value(final)
-            if not done:
-                break
-            items.append(value)
-            state = "items_comma"
-            if not self._skip() or self._buf[self._pos] != ",":
-                break
-            self._pos += 1
-            state = "items"
-        if items:
-            self.on_items(items)
-        return state
 
 def _seg(value: str) -> str:
     """One path segment, percent-encoded (Call-IDs may contain '@', '/', '%' ...)."""

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, cast
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-from console.feed import ACTIONS, REPLAY_ROLE
+from console.roles import ACTIONS, REPLAY_ROLE
 
 if TYPE_CHECKING:
     from console.app import SipisConsole

@@ -7,5 +7,6 @@ console process imports it without loading the core.
 * :mod:`contract.kinds` — the enums (event kinds, alarm kinds, instance states, push outcomes);
 * :mod:`contract.events` — one payload type per event kind, the event envelope, stream notices;
 * :mod:`contract.documents` — rows and response documents of the operator API;
-* :mod:`contract.codec` — JSON to and from those types (the wire shapes in docs/operator-api.md).
+* :mod:`contract.codec` — JSON to and from those types (the wire shapes in docs/operator-api.md);
+* :mod:`contract.query` — the instance query language (the API's ``q``, the console's filter).
 """

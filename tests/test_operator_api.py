@@ -26,6 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sipis.operator_api as operator_api
+import sipis.operator_api.index as operator_index
+import sipis.operator_api.pages as operator_pages
 from console.client import Forbidden as ClientForbidden
 from console.client import OperatorClient, Unauthorized
 from contract.codec import encode_event, payload_data
@@ -338,7 +340,7 @@ async def test_big_pages_are_streamed_in_slices_with_the_same_content(op: Op, mo
         await op.enrol(f"user{n:02d}")
     async with op.client(VIEWER) as viewer:
         whole = await viewer.instances(limit=0)
-        monkeypatch.setattr(operator_api, "STREAM_ROWS_OVER", 5)
+        monkeypatch.setattr(operator_pages, "STREAM_ROWS_OVER", 5)
         sliced = await viewer.instances(limit=0)
         assert sliced == whole and len(sliced["items"]) == 12
 
@@ -808,7 +810,7 @@ def _run_index_ops(ops: list[tuple[str, int, int, bool]], dirty_limit: int) -> N
     bus = EventBus()
     service = _Service()
     index = InstanceIndex(service, bus, default_registrar="sip:default-pbx")  # type: ignore[arg-type]
-    saved, operator_api.DIRTY_LIMIT = operator_api.DIRTY_LIMIT, dirty_limit
+    saved, operator_index.DIRTY_LIMIT = operator_index.DIRTY_LIMIT, dirty_limit
     try:
         _check(index, service)
         for op, which, value, flag in ops:
@@ -859,7 +861,7 @@ def _run_index_ops(ops: list[tuple[str, int, int, bool]], dirty_limit: int) -> N
                 index.sync()  # a read in between: changes are applied one by one, not coalesced
         _check(index, service)
     finally:
-        operator_api.DIRTY_LIMIT = saved
+        operator_index.DIRTY_LIMIT = saved
         index.close()
 
 
@@ -907,9 +909,9 @@ async def test_streamed_pages_in_many_slices_equal_the_plain_answer(op: Op, monk
     made = [await op.enrol(f"user{n:02d}") for n in range(9)]
     async with op.client(VIEWER) as viewer:
         plain = await viewer.instances(limit=0)
-        monkeypatch.setattr(operator_api, "STREAM_ROWS_OVER", 2)
-        monkeypatch.setattr(operator_api, "SLICE_CHECK", 2)
-        monkeypatch.setattr(operator_api, "SLICE_SECONDS", 0.0)  # a slice per check
+        monkeypatch.setattr(operator_pages, "STREAM_ROWS_OVER", 2)
+        monkeypatch.setattr(operator_pages, "SLICE_CHECK", 2)
+        monkeypatch.setattr(operator_pages, "SLICE_SECONDS", 0.0)  # a slice per check
         assert await viewer.instances(limit=0) == plain
         made[3].app_last_seen = 12345.5  # no event: the cached row notices anyway
         again = await viewer.instances(limit=0, sort="user", desc=True)

@@ -1,13 +1,14 @@
 """The instance table: every instance on one Line-API table, countdowns computed at render time.
 
-Fed with :class:`~widgets.rows.InstanceRow` snapshots (a ``Sequence`` the console owns, already
-filtered and sorted); colour-codes state, registration status, last code and last push result.
+Fed with the contract's :class:`~contract.documents.InstanceRow` (a ``Sequence`` the console owns,
+already filtered and sorted); colour-codes state, registration status, last code and last push
+result.
 """
 
 from __future__ import annotations
 
+from contract.documents import InstanceRow
 from widgets.format import ago, countdown
-from widgets.rows import InstanceRow
 from widgets.table import Column, VirtualTable
 
 STATE_TONE = {"proxied": "ok", "active": "info", "inactive": "warn", "off": "dim"}
@@ -103,7 +104,7 @@ INSTANCE_COLUMNS: list[Column[InstanceRow]] = [
     Column("provider", "Provider", 8, lambda r, now: r.push_provider or "-", priority=3),
     Column("pushed", "Pushed", 8, lambda r, now: ago(r.last_push_at, now), lambda r, now: "dim",
            align="right", priority=4),
-    Column("registrar", "Registrar", 20, lambda r, now: short_uri(r.registrar), priority=5),
+    Column("registrar", "Registrar", 20, lambda r, now: short_uri(r.registrar or ""), priority=5),
     Column("selector", "Selector", 12, lambda r, now: r.selector, lambda r, now: "dim", priority=6),
 ]
 

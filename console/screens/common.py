@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 from textual.app import ComposeResult
@@ -10,10 +10,14 @@ from textual.screen import Screen
 from textual.widgets import Footer
 from textual.worker import Worker
 
-from console.feed import ACTIONS, REPLAY_ROLE, InstanceStore
+from console.model import CallEntry, InstanceStore, LogItem, push_time
+from console.roles import ACTIONS, REPLAY_ROLE
+from contract.codec import encode_notice, payload_data
+from contract.documents import AuditEntry, PushRecord, SipMessage
+from contract.events import Alarm, Event, InstanceAppReport, StreamNotice
 from widgets.format import clock_time, countdown
 from widgets.instance_table import PUSH_TEXT, PUSH_TONE, short_uri
-from widgets.rows import AuditRow, CallRow, EventRow, LadderRow, PushRow, SipMessageRow
+from widgets.rows import LadderRow
 from widgets.status_strip import StatusStrip
 from widgets.table import Column
 
@@ -58,7 +62,7 @@ class ConsoleScreen(Screen[None]):
     def selected_selector(self) -> str | None:
         return None
 
-    def selected_push(self) -> PushRow | None:
+    def selected_push(self) -> PushRecord | None:
         return None
 
     def selected_call_id(self) -> str | None:
@@ -120,10 +124,21 @@ FIRST_KEYS = ("outcome", "stage", "result", "state", "status", "reported", "code
               "provider_code", "provider_reason", "latency_ms", "action", "operator", "target")
 
 
-def describe_event(event: EventRow) -> str:
+def event_data(item: LogItem) -> dict[str, Any]:
+    """An event's data as it came over the wire (a notice's: what was lost)."""
+    if isinstance(item, StreamNotice):
+        return {k: v for k, v in encode_notice(item).items() if k not in ("kind", "at")}
+    return payload_data(item.payload)
+
+
+def selector_of(item: LogItem) -> str | None:
+    return None if isinstance(item, StreamNotice) else item.selector
+
+
+def describe_event(event: LogItem) -> str:
     """One line for an event: the interesting data fields as ``key=value``."""
-    data = event.data
-    if event.kind == "alarm":
+    data = event_data(event)
+    if isinstance(event, Event) and isinstance(event.payload, Alarm):
         head = str(data.get("alarm") or "alarm")
         rest = {k: v for k, v in data.items() if k != "alarm"}
     else:
@@ -135,7 +150,7 @@ def describe_event(event: EventRow) -> str:
     parts = [head] if head else []
     for key in keys:
         value = rest[key]
-        if key in skip or value is None or isinstance(value, dict | list):
+        if key in skip or value is None or value == "" or isinstance(value, dict | list):
             continue
         parts.append(f"{key}={value}")
     return " ".join(parts)
@@ -155,7 +170,7 @@ def instance_label(store: InstanceStore, selector: str | None) -> str:
 # ---------------------------------------------------------------------------------------------- columns
 
 
-def call_columns(store: InstanceStore, utc: bool) -> list[Column[CallRow]]:
+def call_columns(store: InstanceStore, utc: bool) -> list[Column[CallEntry]]:
     def t_tone(deadline: float | None, now: float) -> str:
         if deadline is None:
             return "dim"
@@ -163,11 +178,12 @@ def call_columns(store: InstanceStore, utc: bool) -> list[Column[CallRow]]:
         return "bad" if left <= 10 else "warn" if left <= 30 else ""
 
     return [
-        Column("received", "Received", 8, lambda c, now: clock_time(c.received_at, utc=utc), lambda c, now: "dim",
-               priority=2),
-        Column("caller", "Caller", 14, lambda c, now: short_uri(c.caller or "-"), flex=1),
-        Column("instance", "Instance", 14, lambda c, now: short_uri(instance_label(store, c.selector)), flex=1),
-        Column("stage", "Stage", 22, lambda c, now: c.stage if c.held else (c.outcome or c.stage),
+        Column("received", "Received", 8, lambda c, now: clock_time(c.call.received_at, utc=utc),
+               lambda c, now: "dim", priority=2),
+        Column("caller", "Caller", 14, lambda c, now: short_uri(c.call.caller or "-"), flex=1),
+        Column("instance", "Instance", 14, lambda c, now: short_uri(instance_label(store, c.call.selector)),
+               flex=1),
+        Column("stage", "Stage", 22, lambda c, now: c.call.stage if c.held else (c.call.outcome or c.call.stage),
                lambda c, now: "info" if c.held else "dim"),
         Column("t1", "T1", 6, lambda c, now: countdown(c.t1_deadline, now) if c.held else "-",
                lambda c, now: t_tone(c.t1_deadline, now) if c.held else "dim", align="right"),
@@ -175,15 +191,17 @@ def call_columns(store: InstanceStore, utc: bool) -> list[Column[CallRow]]:
                lambda c, now: t_tone(c.t2_deadline, now) if c.held else "dim", align="right"),
         Column("push", "Push", 10, lambda c, now: push_label(c.push_outcome) if c.push_outcome else "-",
                lambda c, now: PUSH_TONE.get(c.push_outcome or "", "dim"), priority=1),
-        Column("final", "Final", 5, lambda c, now: "" if c.final_status is None else str(c.final_status),
+        Column("final", "Final", 5, lambda c, now: "" if c.call.final_status is None else str(c.call.final_status),
                align="right", priority=2),
-        Column("call_id", "Call-ID", 16, lambda c, now: c.call_id, lambda c, now: "dim", priority=3),
+        Column("call_id", "Call-ID", 16, lambda c, now: c.call.call_id, lambda c, now: "dim", priority=3),
     ]
 
 
-def push_columns(store: InstanceStore, utc: bool) -> list[Column[PushRow]]:
+def push_columns(store: InstanceStore, utc: bool,
+                 time_of: Callable[[PushRecord], float] = push_time) -> list[Column[PushRecord]]:
+    """``time_of``: when a push went out (the model knows when it first saw one without stages)."""
     return [
-        Column("at", "Time", 8, lambda p, now: clock_time(p.at, utc=utc), lambda p, now: "dim"),
+        Column("at", "Time", 8, lambda p, now: clock_time(time_of(p), utc=utc), lambda p, now: "dim"),
         Column("instance", "Instance", 18, lambda p, now: short_uri(instance_label(store, p.selector)), flex=1),
         Column("kind", "Kind", 8, lambda p, now: p.kind),
         Column("provider", "Provider", 8, lambda p, now: p.provider),
@@ -199,26 +217,27 @@ def push_columns(store: InstanceStore, utc: bool) -> list[Column[PushRow]]:
     ]
 
 
-def event_columns(store: InstanceStore, utc: bool, *, with_instance: bool = True) -> list[Column[EventRow]]:
-    def tone(e: EventRow, now: float) -> str:
-        if e.kind == "alarm":
+def event_columns(store: InstanceStore, utc: bool, *, with_instance: bool = True) -> list[Column[LogItem]]:
+    def tone(e: LogItem, now: float) -> str:
+        payload = e.payload if isinstance(e, Event) else None
+        if isinstance(payload, Alarm):
             return "bad"
-        if e.kind == "push":
-            return PUSH_TONE.get(str(e.data.get("outcome") or ""), "")
-        return "accent" if e.kind == "audit" else ""
+        if isinstance(payload, PushRecord):
+            return PUSH_TONE.get(payload.outcome, "")
+        return "accent" if isinstance(payload, AuditEntry) else ""
 
-    columns: list[Column[EventRow]] = [
+    columns: list[Column[LogItem]] = [
         Column("at", "Time", 8, lambda e, now: clock_time(e.at, utc=utc), lambda e, now: "dim"),
         Column("kind", "Kind", 19, lambda e, now: e.kind, tone),
     ]
     if with_instance:
-        columns.append(Column("instance", "Instance", 18, lambda e, now: short_uri(instance_label(store, e.selector)),
-                              flex=1))
+        columns.append(Column("instance", "Instance", 18,
+                              lambda e, now: short_uri(instance_label(store, selector_of(e))), flex=1))
     columns.append(Column("detail", "Detail", 20, lambda e, now: describe_event(e), flex=2))
     return columns
 
 
-def audit_columns(store: InstanceStore, utc: bool) -> list[Column[AuditRow]]:
+def audit_columns(store: InstanceStore, utc: bool) -> list[Column[AuditEntry]]:
     return [
         Column("at", "Time", 8, lambda a, now: clock_time(a.at, utc=utc), lambda a, now: "dim"),
         Column("operator", "Operator", 10, lambda a, now: a.operator),
@@ -244,7 +263,7 @@ def _push_status(raw: str) -> str | None:
     return None
 
 
-def _sip_label(message: SipMessageRow) -> tuple[str, str]:
+def _sip_label(message: SipMessage) -> tuple[str, str]:
     first = message.first_line
     if first.startswith("SIP/"):
         status_text = first.split(" ", 1)[1] if " " in first else first
@@ -265,7 +284,7 @@ def _sip_label(message: SipMessageRow) -> tuple[str, str]:
     return (message.method or first.split(" ", 1)[0]), "accent"
 
 
-def _sip_detail(message: SipMessageRow, utc: bool) -> str:
+def _sip_detail(message: SipMessage, utc: bool) -> str:
     arrow = "SIPIS → PBX" if message.direction == "out" else "PBX → SIPIS"
     where = f"{message.local} → {message.remote}" if message.direction == "out" else \
         f"{message.remote} → {message.local}"
@@ -273,7 +292,7 @@ def _sip_detail(message: SipMessageRow, utc: bool) -> str:
     return f"{head}\n\n{message.raw.replace(chr(13), '') or message.first_line}"
 
 
-def _push_detail(push: PushRow, utc: bool) -> str:
+def _push_detail(push: PushRecord, utc: bool) -> str:
     lines = [f"push {push.push_id}  ({push.kind} via {push.provider})",
              f"outcome   {push.outcome}" + (f"  {push.provider_code}" if push.provider_code is not None else ""),
              ]
@@ -299,7 +318,7 @@ def _push_detail(push: PushRow, utc: bool) -> str:
 APP_STAGES = {"device_progress": "app: making progress", "app_active": "app: active"}
 
 
-def build_ladder(sip: Iterable[SipMessageRow], pushes: Iterable[PushRow], timeline: Iterable[EventRow] = (),
+def build_ladder(sip: Iterable[SipMessage], pushes: Iterable[PushRecord], timeline: Iterable[Event] = (),
                  *, utc: bool = False, app_stages: bool = False) -> list[LadderRow]:
     """The arrows PBX ⇄ SIPIS ⇄ push/app of a trace, in time order.
 
@@ -313,21 +332,22 @@ def build_ladder(sip: Iterable[SipMessageRow], pushes: Iterable[PushRow], timeli
         rows.append(LadderRow(message.at, source, target, label, tone, _sip_detail(message, utc), message.call_id))
     for push in pushes:
         detail = _push_detail(push, utc)
-        rows.append(LadderRow(push.at, SIPIS, PUSH, f"push {push.kind} ({push.provider})", "accent", detail,
+        at = push_time(push)
+        rows.append(LadderRow(at, SIPIS, PUSH, f"push {push.kind} ({push.provider})", "accent", detail,
                               push.call_id))
         if app_stages:
             for stage, label in APP_STAGES.items():
                 if stage in push.stages:
                     rows.append(LadderRow(push.stages[stage], PUSH, SIPIS, label, "info", detail, push.call_id))
         if push.outcome != "pending":
-            answered = push.stages.get("provider_accepted") or (push.at + (push.latency_ms or 0.0) / 1000.0)
+            answered = push.stages.get("provider_accepted") or (at + (push.latency_ms or 0.0) / 1000.0)
             code = f"{push.provider_code} " if push.provider_code is not None else ""
             latency = f" {push.latency_ms:.0f}ms" if push.latency_ms is not None else ""
-            rows.append(LadderRow(max(answered, push.at), PUSH, SIPIS, f"{code}{push_label(push.outcome)}{latency}",
+            rows.append(LadderRow(max(answered, at), PUSH, SIPIS, f"{code}{push_label(push.outcome)}{latency}",
                                   PUSH_TONE.get(push.outcome, ""), detail, push.call_id))
     for event in timeline:
-        if event.kind == "instance.app":
-            reported = event.data.get("reported") or event.data.get("state") or "report"
+        if isinstance(event.payload, InstanceAppReport):
+            reported = event.payload.reported or "report"
             detail = "app → SIPIS  " + describe_event(event)
             rows.append(LadderRow(event.at, PUSH, SIPIS, f"app: {reported}", "info", detail, None))
     rows.sort(key=lambda r: r.at)

@@ -10,9 +10,9 @@ from textual.binding import Binding, BindingType
 from textual.widgets import Input, Static
 
 from console.screens.common import ConsoleScreen
+from contract.documents import InstanceRow
 from widgets.format import thousands
 from widgets.instance_table import INSTANCE_COLUMN_KEYS, INSTANCE_COLUMNS, InstanceTable
-from widgets.rows import InstanceRow
 from widgets.sparklines import SparkPanel
 from widgets.table import VirtualTable
 

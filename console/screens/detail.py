@@ -11,12 +11,15 @@ from textual.containers import Horizontal, ScrollableContainer
 from textual.content import Content
 from textual.widgets import Static, TabbedContent, TabPane
 
-from console.feed import FeedError, InstanceDetail
+from console.feed import FeedError
+from console.model import LogItem
 from console.screens.common import LANES, ConsoleScreen, build_ladder, event_columns, push_columns
+from contract.documents import InstanceRow, PushRecord
+from contract.events import InstanceDetail
 from widgets.format import ago, countdown
 from widgets.instance_table import PUSH_TONE, REG_TONE, STATE_TONE
 from widgets.ladder import Ladder
-from widgets.rows import EventRow, InstanceRow, LadderRow, PushRow
+from widgets.rows import LadderRow
 from widgets.table import VirtualTable
 
 TONE_STYLE = {"ok": "$success", "warn": "$warning", "bad": "bold $error", "info": "$primary", "dim": "$text-muted",
@@ -82,11 +85,11 @@ class InstanceDetailScreen(ConsoleScreen):
             with TabPane("Ladder", id="tab-ladder"):
                 yield TracePane(utc=self.console.utc, id="detail-trace")
             with TabPane("Timeline", id="tab-timeline"):
-                yield VirtualTable[EventRow](
+                yield VirtualTable[LogItem](
                     event_columns(self.console.model.store, self.console.utc, with_instance=False),
                     key=lambda e: f"{e.seq}:{e.at}", empty_text="no events", id="detail-timeline")
             with TabPane("Pushes", id="tab-pushes"):
-                yield VirtualTable[PushRow](push_columns(self.console.model.store, self.console.utc),
+                yield VirtualTable[PushRecord](push_columns(self.console.model.store, self.console.utc),
                                             key=lambda p: p.push_id, empty_text="no pushes", id="detail-pushes")
 
     def on_mount(self) -> None:
@@ -130,8 +133,7 @@ class InstanceDetailScreen(ConsoleScreen):
         if row is None:
             self.query_one("#detail-head", Static).update(f"{self.selector}  loading…")
             return
-        view = self.detail.view if self.detail is not None else {}
-        push = view.get("push") or {}
+        push = self.detail.instance.push if self.detail is not None else None
         code = "-" if row.last_code is None else f"{row.last_code} {row.last_reason or ''}".strip()
         expires = "expired" if row.expires_at is not None and row.expires_at <= now else countdown(row.expires_at, now)
         parts: list[str | tuple[str, str]] = [
@@ -149,8 +151,8 @@ class InstanceDetailScreen(ConsoleScreen):
              "bold $error" if row.push_unreachable else TONE_STYLE[PUSH_TONE.get(row.last_push_outcome or "", "")]),
             f" {ago(row.last_push_at, now)}" if row.last_push_at else "",
             ("  app seen ", "$text-muted"), ago(row.app_last_seen, now),
-            ("  token ", "$text-muted"), str(push.get("token") or "-"),
-            ("  app ", "$text-muted"), str(push.get("app_id") or "-"),
+            ("  token ", "$text-muted"), (push.token if push is not None else None) or "-",
+            ("  app ", "$text-muted"), (push.app_id if push is not None else None) or "-",
         ]
         self.query_one("#detail-head", Static).update(Content.assemble(*parts))
 
@@ -162,11 +164,11 @@ class InstanceDetailScreen(ConsoleScreen):
     def _active_tab(self) -> str:
         return self.query_one(TabbedContent).active or "tab-ladder"
 
-    def selected_push(self) -> PushRow | None:
+    def selected_push(self) -> PushRecord | None:
         if self._active_tab() != "tab-pushes":
             return None
         row = self.query_one("#detail-pushes", VirtualTable).cursor_value
-        return row if isinstance(row, PushRow) else None
+        return row if isinstance(row, PushRecord) else None
 
     def selected_call_id(self) -> str | None:
         row = self.query_one(Ladder).cursor_value

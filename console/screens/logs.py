@@ -9,8 +9,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Static
 
+from console.model import CallEntry, LogItem
 from console.screens.common import ConsoleScreen, audit_columns, call_columns, event_columns, push_columns
-from widgets.rows import AuditRow, CallRow, EventRow, PushRow
+from contract.documents import AuditEntry, PushRecord
+from contract.events import Event
 from widgets.table import VirtualTable
 
 
@@ -49,11 +51,11 @@ class CallsScreen(LogScreen):
     def body(self) -> ComposeResult:
         store, utc = self.console.model.store, self.console.utc
         yield Static("Held calls", id="held-title", classes="section-title")
-        yield VirtualTable[CallRow](call_columns(store, utc), key=lambda c: c.push_id or c.call_id,
-                                   empty_text="no held calls", id="held", classes="held")
+        yield VirtualTable[CallEntry](call_columns(store, utc), key=lambda c: c.call.push_id or c.call.call_id,
+                                     empty_text="no held calls", id="held", classes="held")
         yield Static("Recent calls", id="recent-title", classes="section-title")
-        yield VirtualTable[CallRow](call_columns(store, utc), key=lambda c: f"{c.push_id}:{c.call_id}",
-                                   empty_text="no recent calls", id="recent", classes="recent")
+        yield VirtualTable[CallEntry](call_columns(store, utc), key=lambda c: f"{c.call.push_id}:{c.call.call_id}",
+                                     empty_text="no recent calls", id="recent", classes="recent")
 
     def on_mount(self) -> None:
         self.query_one("#held", VirtualTable).focus()
@@ -65,19 +67,19 @@ class CallsScreen(LogScreen):
         self.query_one("#held", VirtualTable).set_rows(held, now=now)
         self.query_one("#recent", VirtualTable).set_rows(model.recent(), now=now)
 
-    def _focused_call(self) -> CallRow | None:
+    def _focused_call(self) -> CallEntry | None:
         focused = self.focused
         table = focused if isinstance(focused, VirtualTable) else self.query_one("#held", VirtualTable)
         row = table.cursor_value
-        return row if isinstance(row, CallRow) else None
+        return row if isinstance(row, CallEntry) else None
 
     def selected_call_id(self) -> str | None:
-        call = self._focused_call()
-        return call.call_id if call is not None else None
+        entry = self._focused_call()
+        return entry.call.call_id if entry is not None else None
 
     def selected_selector(self) -> str | None:
-        call = self._focused_call()
-        return call.selector if call is not None else None
+        entry = self._focused_call()
+        return entry.call.selector if entry is not None else None
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "open_instance":
@@ -85,9 +87,9 @@ class CallsScreen(LogScreen):
         return super().check_action(action, parameters)
 
     def action_open(self) -> None:
-        call = self._focused_call()
-        if call is not None:
-            self.console.open_call(call.call_id, call.selector)
+        entry = self._focused_call()
+        if entry is not None:
+            self.console.open_call(entry.call.call_id, entry.call.selector)
 
     def action_open_instance(self) -> None:
         selector = self.selected_selector()
@@ -96,8 +98,8 @@ class CallsScreen(LogScreen):
 
     @on(VirtualTable.RowSelected)
     def _selected(self, event: VirtualTable.RowSelected) -> None:
-        if isinstance(event.row, CallRow):
-            self.console.open_call(event.row.call_id, event.row.selector)
+        if isinstance(event.row, CallEntry):
+            self.console.open_call(event.row.call.call_id, event.row.call.selector)
 
     @on(VirtualTable.RowHighlighted)
     def _highlighted(self) -> None:
@@ -113,8 +115,9 @@ class PushLogScreen(LogScreen):
 
     def body(self) -> ComposeResult:
         yield Static("Push log (newest first)", id="pushes-title", classes="section-title")
-        yield VirtualTable[PushRow](push_columns(self.console.model.store, self.console.utc),
-                                   key=lambda p: p.push_id, empty_text="no pushes yet", id="push-log")
+        model = self.console.model
+        yield VirtualTable[PushRecord](push_columns(model.store, self.console.utc, model.push_at),
+                                      key=lambda p: p.push_id, empty_text="no pushes yet", id="push-log")
 
     def on_mount(self) -> None:
         self.query_one("#push-log", VirtualTable).focus()
@@ -124,9 +127,9 @@ class PushLogScreen(LogScreen):
         self.query_one("#pushes-title", Static).update(f"Push log ({len(pushes)}, newest first)")
         self.query_one("#push-log", VirtualTable).set_rows(pushes, now=now)
 
-    def selected_push(self) -> PushRow | None:
+    def selected_push(self) -> PushRecord | None:
         row = self.query_one("#push-log", VirtualTable).cursor_value
-        return row if isinstance(row, PushRow) else None
+        return row if isinstance(row, PushRecord) else None
 
     def selected_selector(self) -> str | None:
         push = self.selected_push()
@@ -138,7 +141,7 @@ class PushLogScreen(LogScreen):
 
     @on(VirtualTable.RowSelected)
     def _selected(self, event: VirtualTable.RowSelected) -> None:
-        if isinstance(event.row, PushRow) and event.row.selector:
+        if isinstance(event.row, PushRecord) and event.row.selector:
             self.console.open_instance(event.row.selector)
 
     @on(VirtualTable.RowHighlighted)
@@ -149,8 +152,8 @@ class PushLogScreen(LogScreen):
 class EventLogScreen(LogScreen):
     def body(self) -> ComposeResult:
         yield Static("Event log (newest first)", id="events-title", classes="section-title")
-        yield VirtualTable[EventRow](event_columns(self.console.model.store, self.console.utc),
-                                    key=lambda e: f"{e.seq}:{e.at}", empty_text="no events yet", id="event-log")
+        yield VirtualTable[LogItem](event_columns(self.console.model.store, self.console.utc),
+                                   key=lambda e: f"{e.seq}:{e.at}", empty_text="no events yet", id="event-log")
 
     def on_mount(self) -> None:
         self.query_one("#event-log", VirtualTable).focus()
@@ -162,16 +165,16 @@ class EventLogScreen(LogScreen):
 
     @on(VirtualTable.RowSelected)
     def _selected(self, event: VirtualTable.RowSelected) -> None:
-        if isinstance(event.row, EventRow) and event.row.selector and event.row.selector in self.console.model.store:
+        if isinstance(event.row, Event) and event.row.selector and event.row.selector in self.console.model.store:
             self.console.open_instance(event.row.selector)
 
 
 class AuditScreen(LogScreen):
     def body(self) -> ComposeResult:
         yield Static("Audit log (newest first)", id="audit-title", classes="section-title")
-        yield VirtualTable[AuditRow](audit_columns(self.console.model.store, self.console.utc),
-                                    key=lambda a: f"{a.at}:{a.action}:{a.target}",
-                                    empty_text="no audited actions", id="audit-log")
+        yield VirtualTable[AuditEntry](audit_columns(self.console.model.store, self.console.utc),
+                                      key=lambda a: f"{a.at}:{a.action}:{a.target}",
+                                      empty_text="no audited actions", id="audit-log")
 
     def on_mount(self) -> None:
         self.query_one("#audit-log", VirtualTable).focus()

@@ -10,7 +10,7 @@ from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label, Static
 
-from console.feed import role_allows
+from console.roles import role_allows
 
 #: (section, [(keys, what, role needed or None)]); the help screen and docs/console.md show this
 KEYMAP: list[tuple[str, list[tuple[str, str, str | None]]]] = [

@@ -11,7 +11,8 @@ from rich.console import Console
 from textual.pilot import Pilot
 
 from console.app import SipisConsole
-from console.feed import FakeFeed
+
+from .fake_feed import FakeFeed
 
 NOW = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
 

@@ -11,7 +11,8 @@ from textual.widgets import Input, OptionList
 
 from console.app import SipisConsole
 from console.commands import palette_commands
-from console.feed import FakeFeed, FeedError, InstanceDetail, InstanceStore
+from console.feed import FeedError
+from console.model import InstanceStore
 from console.screens import (
     AuditScreen,
     CallsScreen,
@@ -23,12 +24,14 @@ from console.screens import (
     InstanceDetailScreen,
     PushLogScreen,
 )
+from contract.documents import InstanceRow
+from contract.events import InstanceDetail
 from widgets.instance_table import InstanceTable
 from widgets.ladder import Ladder
-from widgets.rows import InstanceRow
 from widgets.status_strip import StatusStrip
 from widgets.table import VirtualTable
 
+from .fake_feed import FakeFeed
 from .helpers import NOW, make_console, ready, record_notes, screen_text, until
 
 
@@ -431,14 +434,14 @@ async def test_alarm_events_notify_at_once() -> None:
         await ready(pilot, app)
         await pilot.press("p")  # even while paused
         feed.emit("alarm", "s000005", alarm="unauthorized", code=403, reason="Forbidden")
-        feed.emit("alarm", "s000006", alarm="push-rejected", push_id="p1", provider_code=410,
-                  provider_reason="Unregistered")
-        feed.emit("alarm", None, alarm="pbx-down", detail="connect timeout")
+        feed.emit("alarm", "s000006", alarm="push-rejected", push_id="p1", outcome="rejected-permanent", code=410,
+                  reason="Unregistered")
+        feed.emit("alarm", None, alarm="cluster-split", reason="node b unreachable")  # a newer core's alarm
         await until(pilot, lambda: len(notes) == 3)
-        assert [n.title for n in notes] == ["Registrar refuses credentials", "Push rejected", "PBX unreachable"]
+        assert [n.title for n in notes] == ["Registrar refuses credentials", "Push rejected", "Alarm: cluster-split"]
         assert all(n.severity == "error" for n in notes)
         assert "frank00005" in notes[0].message and "403" in notes[0].message
-        assert "410 Unregistered" in notes[1].message
+        assert "410 Unregistered" in notes[1].message and notes[2].message == "node b unreachable"
 
 
 async def test_pbx_down_in_the_summary_notifies_once_and_shows_in_the_strip() -> None:
@@ -680,3 +683,25 @@ async def test_instance_actions_grey_out_when_the_filter_leaves_no_row_and_come_
         await until(pilot, take_over_disabled)
         await pilot.press("escape")  # clears the filter: a row is selected again
         await until(pilot, lambda: not take_over_disabled())
+
+
+async def test_timing_marks_reach_an_observer_in_order() -> None:
+    from console import instrumentation
+
+    marks: list[tuple[str, str]] = []
+    stop = instrumentation.observe(lambda name, detail: marks.append((name, detail)))
+    try:
+        app = make_console(SlowListFeed(now=NOW, instances=450))
+        async with app.run_test() as pilot:
+            await until(pilot, lambda: ("page_loaded", "200") in marks)
+            app.feed.release.set()  # type: ignore[attr-defined]
+            await app.ready.wait()
+            app.tick()
+            await pilot.pause()
+    finally:
+        stop()
+    names = [name for name, _ in marks]
+    assert names[:7] == ["mounted", "page_start", "page_end", "page_loaded", "fetch_start", "fetch_end", "loaded"]
+    assert ("fetch_end", "450") in marks and ("loaded", "450") in marks and "tick" in names
+    instrumentation.mark("tick")  # nobody listens any more
+    assert marks.count(("tick", "")) == names.count("tick")

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from console.app import SipisConsole
-from console.feed import FakeFeed
 from widgets.ladder import Ladder
 
+from .fake_feed import FakeFeed
 from .helpers import NOW, make_console, ready, until
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from contract.codec import decode_event, decode_stream_line, encode_event, encode_notice, from_json, to_json
+from contract.codec import decode_event, decode_stream_line, decoder, encode_event, encode_notice, from_json, to_json
 from contract.documents import HeldCall, InstanceRow, PushRecord, Summary
 from contract.events import (
     PAYLOADS,
@@ -88,3 +88,30 @@ def test_stream_notices() -> None:
     assert decode_stream_line(line) == gap
     heartbeat = decode_stream_line({"kind": "heartbeat", "at": 1.0, "seq": 9})
     assert heartbeat == StreamNotice(StreamNoticeKind.HEARTBEAT, 1.0, seq=9)
+
+
+def test_repeated_row_values_are_decoded_into_one_shared_string() -> None:
+    first, second = (from_json(InstanceRow, json.loads(json.dumps(
+        {"selector": s, "aor": f"sip:{s}@pbx", "registrar": "sip:pbx;transport=tls", "state": "proxied",
+         "reg_status": "registered", "last_reason": "OK", "push_provider": "fcm", "last_push_outcome": "accepted"})))
+        for s in ("a", "b"))
+    for name in InstanceRow.SHARED:
+        assert getattr(first, name) is getattr(second, name), name
+    assert first.aor is not second.aor
+
+
+def test_the_compiled_decoder_is_what_from_json_runs() -> None:
+    decode = decoder(InstanceRow)
+    data = {"selector": "s", "aor": "sip:a@b", "last_code": 200, "expires_at": 5, "push_unreachable": 1}
+    assert decode(data) == from_json(InstanceRow, data) == InstanceRow("s", "sip:a@b", last_code=200, expires_at=5.0,
+                                                                      push_unreachable=True)
+    assert decoder(InstanceRow) is decode
+
+
+def test_the_compiled_encoder_writes_plain_values() -> None:
+    row = InstanceRow("s", "sip:a@b", state=AppState.PROXIED, last_code=200)  # an enum member in a str field
+    encoded = to_json(row)
+    assert encoded["state"] == "proxied" and type(encoded["state"]) is str and encoded["last_code"] == 200
+    assert from_json(InstanceRow, encoded) == InstanceRow("s", "sip:a@b", state="proxied", last_code=200)
+    held = to_json(HeldCall("c", "p", "s", t1_remaining=3.0))
+    assert held["t1_remaining"] == 3.0 and held["outcome"] is None
