@@ -20,7 +20,7 @@ class InstanceRow:
     #: values that repeat across 100k rows: decoded into one shared string each (~27 MB of copies
     #: in a console otherwise)
     SHARED: ClassVar[tuple[str, ...]] = ("registrar", "state", "reg_status", "last_reason", "push_provider",
-                                         "last_push_outcome")
+                                         "last_push_outcome", "registrar_agent")
     selector: str
     aor: str
     user: str = ""
@@ -38,6 +38,8 @@ class InstanceRow:
     last_push_outcome: str | None = None  # a PushOutcome value
     last_push_at: float | None = None
     app_last_seen: float | None = None
+    #: what the registrar says it is: the Server (else User-Agent) header of its last answer to us
+    registrar_agent: str | None = None
 
 
 @dataclass(slots=True)

@@ -40,7 +40,7 @@ from contract.kinds import AlarmKind
 from sipis.clock import Clock
 from sipis.config import SipConfig
 from sipis.events import EventBus
-from sipis.instance import Instance, RegStatus
+from sipis.instance import Instance, Registration, RegStatus
 from sipis.sip.register import Outcome, RegisterResult
 from sipis.sip.transport import Flow
 
@@ -99,6 +99,20 @@ class EngineStats:
 
 #: The shortest sleep of :meth:`RegistrationEngine.run` between ticks (seconds).
 MIN_TICK = 0.01
+
+
+#: The longest registrar agent string kept (a hostile registrar may send anything).
+MAX_AGENT = 200
+
+
+def _note_answer(reg: Registration, result: RegisterResult) -> None:
+    """What the registrar answered: status, reason and who it says it is."""
+    reg.last_code, reg.last_reason = result.status, _shared(result.reason)
+    response = result.response
+    if response is not None:
+        agent = response.headers.get("Server") or response.headers.get("User-Agent")
+        if agent:
+            reg.registrar_agent = _shared(agent[:MAX_AGENT])
 
 
 def _shared(text: str) -> str:
@@ -362,7 +376,7 @@ class RegistrationEngine:
     def _after_register(self, entry: _Entry, result: RegisterResult) -> None:
         instance, reg, now = entry.instance, entry.instance.registration, self.clock.monotonic()
         wall = self.clock.wall()
-        reg.last_code, reg.last_reason = result.status, _shared(result.reason)
+        _note_answer(reg, result)
         if result.flow is not None:
             reg.flow = self._flow_name(result.flow)
         if result.ok and result.expires > 0:
@@ -405,7 +419,7 @@ class RegistrationEngine:
     def _after_unregister(self, entry: _Entry, result: RegisterResult) -> None:
         instance = entry.instance
         reg = instance.registration
-        reg.last_code, reg.last_reason = result.status, _shared(result.reason)
+        _note_answer(reg, result)
         self._publish_registration(instance, result, "unregistered" if result.ok else "unregister-failed")
         # Whatever the registrar said, our binding will lapse at its expiry; never loop on removal.
         entry.bound = False

@@ -63,6 +63,7 @@ class Registration:
     registered_at: float | None = None
     unregistered_since: float | None = None
     flow: str | None = None  # description of the flow in use, for the console
+    registrar_agent: str | None = None  # Server (else User-Agent) of the registrar's last answer
 
 
 @dataclass(slots=True)

@@ -18,10 +18,11 @@ import pytest
 from contract.codec import payload_data
 from sipis.clock import FakeClock
 from sipis.config import SipConfig
-from sipis.engine import RegistrationEngine
+from sipis.engine import MAX_AGENT, RegistrationEngine
 from sipis.events import Event, EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget, RegStatus
 from sipis.lifecycle import InstanceLifecycle
+from sipis.sip.message import Response, parse_message
 from sipis.sip.register import Outcome, RegisterResult
 from sipis.sip.transport import Flow
 
@@ -219,6 +220,36 @@ async def test_take_over_publishes_state_status_and_registration_events() -> Non
     assert event["result"] == "registered"
     assert (event["code"], event["expires"], event["failure_count"]) == (200, 600, 0)
     assert (event["expires_at"], event["next_refresh_at"]) == (reg.expires_at, reg.next_refresh_at)
+
+
+def answer(*headers: str) -> Response:
+    """A registrar's 200 to REGISTER with these extra header lines."""
+    text = ("SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:a@b>\r\n"
+            "Call-ID: c\r\nCSeq: 1 REGISTER\r\n" + "".join(f"{h}\r\n" for h in headers) + "Content-Length: 0\r\n\r\n")
+    response = parse_message(text.encode())
+    assert isinstance(response, Response)
+    return response
+
+
+async def test_the_registrars_agent_is_kept_from_its_answers_and_bounded() -> None:
+    h = make_harness()
+    ok_from = RegisterResult(Outcome.REGISTERED, 200, "OK", expires=600, response=answer("Server: kamailio (5.6.3)"))
+    h.exchange.script("sel-1", ok_from)
+    instance = make_instance()
+    assert instance.registration.registrar_agent is None  # nothing known before an answer
+    h.life.take_over(instance)
+    await h.step()
+    assert instance.registration.registrar_agent == "kamailio (5.6.3)"
+    # no Server: the User-Agent stands in; a hostile length is cut; a local verdict keeps what we knew
+    long_agent = answer("User-Agent: " + "x" * 5000)
+    agent_only = RegisterResult(Outcome.REGISTERED, 200, "OK", expires=600, response=long_agent)
+    h.exchange.script("sel-1", agent_only, failed(408))
+    h.engine.refresh_now(instance)
+    await h.step()
+    assert instance.registration.registrar_agent == "x" * MAX_AGENT
+    h.engine.refresh_now(instance)
+    await h.step()
+    assert instance.registration.last_code == 408 and instance.registration.registrar_agent == "x" * MAX_AGENT
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -301,7 +301,7 @@ async def test_instance_list_filters_sorts_pages_and_counts(op: Op) -> None:
         assert set(row) == {"selector", "aor", "user", "registrar", "state", "reg_status", "last_code",
                             "last_reason", "expires_at", "next_refresh_at", "failure_count", "backoff_until",
                             "push_provider", "push_unreachable", "last_push_outcome", "last_push_at",
-                            "app_last_seen"}
+                            "app_last_seen", "registrar_agent"}
 
         desc = await viewer.instances(desc=True, offset=1, limit=2)
         assert [r["user"] for r in desc["items"]] == ["erin", "dave"] and desc["matched"] == 7
@@ -916,4 +916,8 @@ async def test_streamed_pages_in_many_slices_equal_the_plain_answer(op: Op, monk
         made[3].app_last_seen = 12345.5  # no event: the cached row notices anyway
         again = await viewer.instances(limit=0, sort="user", desc=True)
         assert next(r for r in again["items"] if r["selector"] == made[3].selector)["app_last_seen"] == 12345.5
+        made[4].registration.registrar_agent = "kamailio (5.6.3)"  # learnt from an answer; the row shows it
+        latest = await viewer.instances(limit=0)
+        assert next(r for r in latest["items"] if r["selector"] == made[4].selector)["registrar_agent"] == (
+            "kamailio (5.6.3)")
         assert [r["user"] for r in again["items"]] == sorted((r["user"] for r in plain["items"]), reverse=True)

@@ -117,7 +117,7 @@ _ROW_SOURCE = attrgetter(
     "account.aor", "account.username", "account.registrar", "state._value_", "registration.status._value_",
     "registration.last_code", "registration.last_reason", "registration.expires_at",
     "registration.next_refresh_at", "registration.failure_count", "registration.backoff_until", "push.provider",
-    "push.unreachable", "app_last_seen")
+    "push.unreachable", "app_last_seen", "registration.registrar_agent")
 _KEY = attrgetter("key")
 _HAYSTACK = attrgetter("haystack")
 _ROW = encoder(InstanceRow)
@@ -363,7 +363,7 @@ class InstanceIndex:
             instance.account.registrar or self.default_registrar, instance.state._value_, reg.status._value_,
             reg.last_code, reg.last_reason, reg.expires_at, reg.next_refresh_at, reg.failure_count,
             reg.backoff_until, push.provider, push.unreachable, last[0] if last else None,
-            last[1] if last else None, instance.app_last_seen)
+            last[1] if last else None, instance.app_last_seen, reg.registrar_agent)
 
     def row(self, instance: Instance) -> dict[str, Any]:
         """:meth:`instance_row` as JSON values."""
