@@ -272,11 +272,11 @@ class DemoLab:
         providers: dict[str, Counter[str]] = {self.provider_name(t): Counter() for t in self.mediator.provider_types}
         traces = self.core.delivery.traces.values() if self.core is not None and self.core.delivery else ()
         for trace in traces:
-            if trace.verdict == "pending":
+            if trace.outcome == "pending":
                 continue
-            totals[trace.verdict] += 1
-            kinds.setdefault(trace.kind.value, Counter())[trace.verdict] += 1
-            providers.setdefault(trace.provider, Counter())[trace.verdict] += 1
+            totals[trace.outcome] += 1
+            kinds.setdefault(str(trace.kind), Counter())[trace.outcome] += 1
+            providers.setdefault(trace.provider, Counter())[trace.outcome] += 1
         return ({v: totals.get(v, 0) for v in PUSH_VERDICTS}, _by_verdict(sorted(kinds.items())),
                 _by_verdict(providers.items()))  # providers: mediator, fcm, apns, as the lab lists them
 

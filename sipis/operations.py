@@ -94,7 +94,7 @@ class Operations:
         if original is None or instance is None:
             self.audit(operator, "replay_push", push_id, "not-found")
             raise NotFound(push_id)
-        trace = self.delivery.new_trace(instance, original.kind, call_id=original.call_id, caller=original.caller,
+        trace = self.delivery.new_trace(instance, original.push_kind, call_id=original.call_id, caller=original.caller,
                                         caller_display_name=original.caller_display_name,
                                         message=original.message, replay_of=push_id)
         outcome = await self.delivery.deliver(instance, trace,

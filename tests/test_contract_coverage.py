@@ -11,11 +11,11 @@ import ast
 import json
 from pathlib import Path
 
+from console.feed import decode_stream_line
+from console.model import ALARM_TITLES, ConsoleModel
 from contract.codec import encode_event, from_json
 from contract.events import PAYLOADS, Event, UnknownPayload
 from contract.kinds import AlarmKind, EventKind
-from console.feed import decode_stream_line
-from console.model import ALARM_TITLES, ConsoleModel
 
 CORE = Path(__file__).resolve().parent.parent / "sipis"
 PAYLOAD_NAMES = {cls.__name__: kind for kind, cls in PAYLOADS.items()}

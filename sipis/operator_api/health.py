@@ -54,7 +54,7 @@ def push_stats(delivery: PushDelivery, window: int = PUSH_STATS_WINDOW) -> PushS
     accepted = rejected = transient = 0
     latencies: list[float] = []
     for trace in reversed(delivery.traces.values()):
-        verdict = trace.verdict
+        verdict = trace.outcome
         if verdict == "pending":
             continue
         if verdict == "accepted":

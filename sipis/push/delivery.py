@@ -36,33 +36,26 @@ def new_push_id() -> str:
     return str(uuid.uuid4())
 
 
-@dataclass
-class PushTrace:
-    push_id: str
-    selector: str
-    kind: PushKind
-    provider: str
-    call_id: str | None = None
-    attempt: int = 0
-    verdict: str = "pending"
-    provider_code: int | None = None
-    provider_reason: str | None = None
-    latency_ms: float | None = None
-    error: str | None = None
-    replay_of: str | None = None
-    stages: dict[str, float] = field(default_factory=dict)
-    request_summary: dict[str, Any] = field(default_factory=dict)
-    #: what is needed to send it again (no secrets: the token is read from the instance at replay)
+@dataclass(slots=True, eq=False)
+class PushTrace(PushRecord):
+    """A push in flight: its :class:`PushRecord`, changed here as the push goes on (``kind`` holds
+    the :class:`PushKind` member), plus what it takes to send it again — no secrets: the token is
+    read from the instance at replay. What gets published is :meth:`record`, a copy."""
+
     caller: str | None = None
     caller_display_name: str | None = None
     message: str | None = None
     #: a publication is scheduled (:meth:`PushDelivery._publish_soon`)
-    publish_pending: bool = field(default=False, repr=False, compare=False)
+    publish_pending: bool = field(default=False, repr=False)
+
+    @property
+    def push_kind(self) -> PushKind:
+        return PushKind(self.kind)
 
     def record(self) -> PushRecord:
         """The trace as it is now (the ``push`` event and the operator API's push document)."""
         return PushRecord(
-            self.push_id, self.selector, self.kind.value, self.provider, self.call_id, self.attempt, self.verdict,
+            self.push_id, self.selector, str(self.kind), self.provider, self.call_id, self.attempt, self.outcome,
             self.provider_code, self.provider_reason, self.latency_ms, self.error, self.replay_of,
             dict(self.stages), self.request_summary)
 
@@ -173,10 +166,10 @@ class PushDelivery:
 
     def _request(self, instance: Instance, trace: PushTrace, deadline: float | None) -> PushRequest:
         push = instance.push
-        use_voip = trace.kind is PushKind.CALL and push.voip_token is not None
+        use_voip = trace.kind == PushKind.CALL and push.voip_token is not None
         remaining = deadline - self.clock.monotonic() if deadline is not None else 3600.0
         return PushRequest(
-            push_id=trace.push_id, kind=trace.kind, selector=instance.selector, app_id=push.app_id,
+            push_id=trace.push_id, kind=trace.push_kind, selector=instance.selector, app_id=push.app_id,
             token=push.voip_token if use_voip and push.voip_token else push.token, voip=use_voip,
             sent_at=self.clock.wall(), ttl=max(1.0, remaining), call_id=trace.call_id, caller=trace.caller,
             caller_display_name=trace.caller_display_name, user_name=instance.account.username,
@@ -190,7 +183,7 @@ class PushDelivery:
         return base * self.rng.uniform(0.5, 1.0)
 
     def _record(self, trace: PushTrace, outcome: PushOutcome) -> None:
-        trace.verdict = outcome.verdict.value
+        trace.outcome = outcome.verdict.value
         trace.provider_code = outcome.provider_code
         trace.provider_reason = outcome.provider_reason
         trace.latency_ms = outcome.latency_ms

@@ -202,7 +202,7 @@ async def test_provider_down_still_ends_after_t1(short_lab: Lab) -> None:
     assert result.ok, result.describe()
     assert result.received(480)[0].header("X-Sipis-Reason") == "No-Response-From-Device"
     alarms = [c for c in short_lab.core.calls.recent] if short_lab.core.calls else []
-    assert alarms and alarms[-1].trace.verdict == "rejected-transient"
+    assert alarms and alarms[-1].trace.outcome == "rejected-transient"
 
 
 async def test_dead_token_ends_the_call_and_marks_the_device_unreachable(lab: Lab) -> None:

@@ -264,7 +264,7 @@ async def test_calls_through_the_provider_released_retried_and_unreachable(lab: 
     traces = {t.push_id: t for t in lab.core.delivery.traces.values()}
     assert after_retry.push_id is not None and answered.push_id is not None
     assert traces[after_retry.push_id].attempt == 2 and traces[after_retry.push_id].provider == push_type
-    assert traces[answered.push_id].verdict == ACCEPTED and traces[answered.push_id].attempt == 1
+    assert traces[answered.push_id].outcome == ACCEPTED and traces[answered.push_id].attempt == 1
     assert mediator.answers_by_provider[push_type] == {ACCEPTED: 2, TRANSIENT: 1, PERMANENT: 1}
     assert mediator.answers_by_provider["acrobits"] == {}
     if push_type == "apns":
