@@ -8,7 +8,7 @@ observers, a ``ProxyRegistrar`` with the resolver, the ``RegistrationEngine``, t
 SQLite in a temp folder, credentials encrypted). No HTTP, calls, push or operator API. N instances
 ``load00001``… (password ``loadpw``, registrar ``sip:<kamailio>;transport=tcp`` by default: one TCP
 connection for all, as a deployment behind one PBX has) are built as ``Instance`` objects,
-``service.add``-ed and handed to ``engine.take_over``: enrolment plus "the app went to sleep".
+``service.add``-ed and handed to ``lifecycle.take_over``: enrolment plus "the app went to sleep".
 
 Phases of a case:
 
@@ -361,7 +361,7 @@ def enrol_and_sleep(world: World, instance: Instance) -> None:
     """What ``enroll`` + ``set_state(inactive)`` do, minus the API: add, announce, take over."""
     world.service.add(instance)
     world.bus.publish(instance.selector, InstanceEnrolled(instance.account.aor))
-    world.engine.take_over(instance)
+    world.service.lifecycle.take_over(instance)
 
 
 def endpoint_timers(world: World) -> int:
