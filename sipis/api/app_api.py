@@ -16,11 +16,15 @@ body validation (FastAPI solves dependencies before it validates the body); only
 guards (413 size, 415 content type, 400 broken JSON) answer earlier, and they reveal nothing.
 
 Re-enrolment (``selector`` given and known) updates the instance, issues a fresh instance token and
-invalidates the old one: it is the way back for an app that lost its token.
+invalidates the old one. It takes that instance's own token as the bearer: with the shared enrolment
+token an existing selector is ``409 selector_taken``, so no install can take over another's instance.
+An app that lost its token enrols anew without a selector; its old instance ages out, or an
+operator disables it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import traceback
@@ -65,7 +69,8 @@ _RESPONSE_TEXT = {400: "Malformed request (broken JSON, bad Content-Length)",
                   401: "Missing or malformed bearer token",
                   403: "Token not valid for this operation or instance",
                   404: "Instance vanished during the request",
-                  409: "The service refused the change",
+                  409: "The service refused the change (selector_taken: re-enrolment needs the "
+                       "instance's own token)",
                   413: "Body larger than 64 KiB",
                   415: "Body is not application/json",
                   422: "Validation failed; detail names the field",
@@ -241,7 +246,8 @@ async def _on_http_exception(_: Request, exc: Exception) -> Response:
 # --------------------------------------------------------------------------- authentication
 
 _enrol_scheme = HTTPBearer(auto_error=False, scheme_name="EnrolmentToken",
-                           description="Deployment-wide enrolment token, only for POST /v1/instances")
+                           description="Deployment-wide enrolment token, only for POST /v1/instances; "
+                                       "re-enrolling an existing selector takes that instance's own token")
 _instance_scheme = HTTPBearer(auto_error=False, scheme_name="InstanceToken",
                               description="The token returned by enrolment; valid for one selector")
 
@@ -256,14 +262,32 @@ def _bearer_token(credentials: HTTPAuthorizationCredentials | None) -> str:
     return credentials.credentials
 
 
+def _body_selector(body: bytes) -> str | None:
+    """The ``selector`` of a raw enrolment body, read before validation (None if there is none)."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    selector = document.get("selector") if isinstance(document, dict) else None
+    return selector if isinstance(selector, str) and _SELECTOR_RE.fullmatch(selector) else None
+
+
 def _auth_dependencies(
     service: InstanceService,
-) -> tuple[Callable[..., Awaitable[None]], Callable[..., Awaitable[str]]]:
+) -> tuple[Callable[..., Awaitable[bool]], Callable[..., Awaitable[str]]]:
     async def enrolment_auth(
+        request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(_enrol_scheme),
-    ) -> None:
-        if not service.check_enroll_token(_bearer_token(credentials)):
-            raise ApiError(403, "enrolment token not accepted")
+    ) -> bool:
+        """False for the enrolment token; True for the owner re-enrolling its own selector."""
+        token = _bearer_token(credentials)
+        if service.check_enroll_token(token):
+            return False
+        # The body is already buffered (GuardMiddleware); reading it here keeps auth before validation.
+        selector = _body_selector(await request.body())
+        if selector is not None and service.check_instance_token(selector, token):
+            return True
+        raise ApiError(403, "enrolment token not accepted")
 
     async def instance_auth(
         request: Request,
@@ -308,11 +332,12 @@ def create_app(service: InstanceService, *, max_body: int = MAX_BODY_BYTES) -> F
               responses={200: {"model": EnrollOut, "description": "Existing selector updated"},
                          201: {"description": "Instance created"},
                          **_errors(400, 401, 403, 409, 413, 415, 422, 500)})
-    async def enroll(body: EnrollIn, response: Response, _: None = Depends(enrolment_auth)) -> EnrollOut:
+    async def enroll(body: EnrollIn, response: Response,
+                     by_owner: bool = Depends(enrolment_auth)) -> EnrollOut:
         # Single event loop: no other request can create this selector between get and enroll
         # unless enroll itself yields first; at worst two racing enrolments both say 201.
         created = body.selector is None or service.get(body.selector) is None
-        instance, token = await service.enroll(body)
+        instance, token = await service.enroll(body, by_owner=by_owner)
         response.status_code = 201 if created else 200
         response.headers["Location"] = f"/v1/instances/{instance.selector}"
         return EnrollOut(selector=instance.selector, token=token, state=instance.state.value)

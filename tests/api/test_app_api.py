@@ -13,7 +13,7 @@ import httpx
 import pytest
 from starlette.types import Message
 
-from sipis.api import InstanceGone, ServiceError, create_app
+from sipis.api import InstanceGone, SelectorTaken, ServiceError, create_app
 from sipis.api.models import EnrollIn, PushIn
 from sipis.crypto import hash_token, new_token, tokens_equal
 from sipis.instance import Account, AppState, Instance, PushTarget
@@ -38,7 +38,7 @@ class FakeService:
         instance = self.instances.get(selector)
         return instance is not None and tokens_equal(instance.token_hash, hash_token(token))
 
-    async def enroll(self, request: EnrollIn) -> tuple[Instance, str]:
+    async def enroll(self, request: EnrollIn, *, by_owner: bool = False) -> tuple[Instance, str]:
         selector = request.selector or f"{secrets.token_hex(20).upper()}:{secrets.token_hex(4).upper()}"
         token = new_token()
         a, p = request.account, request.push
@@ -47,6 +47,8 @@ class FakeService:
                           display_name=a.display_name)
         push = PushTarget(provider=p.provider, app_id=p.app_id, token=p.token, voip_token=p.voip_token)
         instance = self.instances.get(selector)
+        if instance is not None and not by_owner:
+            raise SelectorTaken("selector is taken")
         if instance is None:
             instance = Instance(selector=selector, account=account, push=push, token_hash=hash_token(token))
             if request.instance_id is not None:
@@ -179,7 +181,7 @@ async def test_re_enrolment_updates_and_rotates_token(client: httpx.AsyncClient,
                                                       service: FakeService) -> None:
     selector, old_token = await enrol(client)
     body = {**enrol_body(account__username="alice2"), "selector": selector}
-    response = await client.post("/v1/instances", json=body, headers=bearer(ENROL_TOKEN))
+    response = await client.post("/v1/instances", json=body, headers=bearer(old_token))
     assert response.status_code == 200
     data = response.json()
     assert data["selector"] == selector and data["token"] != old_token
@@ -189,6 +191,19 @@ async def test_re_enrolment_updates_and_rotates_token(client: httpx.AsyncClient,
     assert_error(stale, 403, "forbidden")
     fresh = await client.get(f"/v1/instances/{selector}", headers=bearer(data["token"]))
     assert fresh.status_code == 200
+
+
+async def test_re_enrolment_with_the_enrolment_token_alone_is_409(client: httpx.AsyncClient,
+                                                                   service: FakeService) -> None:
+    selector, token = await enrol(client)
+    body = {**enrol_body(push__token="attacker-push-target"), "selector": selector}
+    response = await client.post("/v1/instances", json=body, headers=bearer(ENROL_TOKEN))
+    assert_error(response, 409, "selector_taken")
+    assert service.instances[selector].push.token == PUSH_TOKEN
+    # another instance's token is no better than a wrong one
+    _, other_token = await enrol(client, account__aor="sip:bob@pbx.example.com")
+    assert_error(await client.post("/v1/instances", json=body, headers=bearer(other_token)), 403, "forbidden")
+    assert (await client.get(f"/v1/instances/{selector}", headers=bearer(token))).status_code == 200
 
 
 async def test_state_and_push_updates(client: httpx.AsyncClient) -> None:
