@@ -44,8 +44,28 @@ DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=NAME_MAX
 Selector = Annotated[str, StringConstraints(pattern=SELECTOR_PATTERN)]
 
 
+def check_storable(value: str) -> str:
+    """Refuse text that could be acknowledged but never stored or sent: lone surrogates (no UTF-8
+    form; JSON's ``\\udfff`` escape yields one) and NUL. Other control characters are refused by
+    each field's own pattern where the wire forbids them."""
+    if "\x00" in value:
+        raise PydanticCustomError("storable", "NUL character not allowed")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError("storable", "text is not valid Unicode (lone surrogate)") from None
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        # Before the field's own checks, for every string field (secrets included): what the API
+        # accepts, the storage writer must be able to write.
+        return check_storable(value) if isinstance(value, str) else value
 
 
 def _uri_error(message: str) -> PydanticCustomError:

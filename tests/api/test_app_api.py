@@ -329,6 +329,23 @@ async def test_validation_errors_name_the_field(client: httpx.AsyncClient, overr
     assert PASSWORD not in response.text and PUSH_TOKEN not in response.text
 
 
+@pytest.mark.parametrize("field", ["account.password", "account.username", "account.auth_username",
+                                   "account.aor", "account.registrar", "account.display_name",
+                                   "push.app_id", "push.token", "push.voip_token"])
+@pytest.mark.parametrize(("bad", "reason"), [("\udfff", "lone surrogate"), ("\x00", "NUL")])
+async def test_text_that_cannot_be_stored_is_422(client: httpx.AsyncClient, service: FakeService,
+                                                 field: str, bad: str, reason: str) -> None:
+    body = enrol_body()
+    section, name = field.split(".")
+    body[section][name] = (body[section].get(name) or "sip:x@example.com") + bad
+    # json.dumps writes \u escapes, as any client may; the server decodes them into the string.
+    response = await client.post("/v1/instances", content=json.dumps(body).encode(),
+                                 headers={**bearer(ENROL_TOKEN), "Content-Type": "application/json"})
+    assert_error(response, 422, "validation_error", f"{field}: ")
+    assert reason in response.json()["detail"]
+    assert not service.instances
+
+
 async def test_state_validation(client: httpx.AsyncClient) -> None:
     selector, token = await enrol(client)
     path = f"/v1/instances/{selector}/state"

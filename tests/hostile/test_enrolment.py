@@ -87,3 +87,26 @@ async def test_the_enrolment_token_cannot_take_over_a_known_selector(core: Core,
     # An app that lost its token enrols anew: a new selector.
     fresh = await post_raw(api, enrolment())
     assert fresh.status_code == 201 and fresh.json()["selector"] != selector
+
+
+# --------------------------------------------------------------------------- 2: every accepted string is storable
+
+
+async def test_text_that_could_never_be_stored_is_refused_before_the_answer(core: Core,
+                                                                            api: httpx.AsyncClient) -> None:
+    """A lone surrogate in the password used to get 201 and a token; the writer then set the row
+    aside and the instance was gone after a restart."""
+    assert core.writer is not None and core.stores is not None and core.service is not None
+    answer = await post_raw(api, enrolment(password="pw\udfff"))
+    assert answer.status_code == 422 and answer.json()["detail"].startswith("account.password: ")
+    answer = await post_raw(api, enrolment(password="pw\x00"))
+    assert answer.status_code == 422 and answer.json()["detail"].startswith("account.password: ")
+
+    created = (await post_raw(api, enrolment("bob"))).json()
+    contact = {"state": "active", "contact": "sip:bob@192.0.2.1\udfff"}
+    answer = await api.put(f"/v1/instances/{created['selector']}/state", content=json.dumps(contact).encode(),
+                           headers={**bearer(created["token"]), "Content-Type": "application/json"})
+    assert answer.status_code == 422 and answer.json()["detail"].startswith("contact: ")
+    await core.writer.flush()
+    assert core.writer.health().dead_lettered == 0
+    assert [r.selector for r in await core.stores.instances.load_all()] == [created["selector"]]
