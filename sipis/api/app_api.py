@@ -28,7 +28,7 @@ import json
 import logging
 import re
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 from fastapi import Depends, FastAPI, Path, Request, Response
@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract.codec import to_json
@@ -236,11 +237,24 @@ async def _on_service_error(_: Request, exc: Exception) -> Response:
     return _error_response(exc.status_code, exc.detail, code=exc.code)
 
 
-async def _on_http_exception(_: Request, exc: Exception) -> Response:
+async def _on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else "request refused"
-    headers = dict(exc.headers) if exc.headers else None
-    return _error_response(exc.status_code, detail, headers)
+    headers = dict(exc.headers) if exc.headers else {}
+    if exc.status_code == 405:
+        # Starlette names only the first route matching the path; a path served by several routes
+        # (GET and DELETE /v1/instances/{selector}) allows the methods of all of them.
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return _error_response(exc.status_code, detail, headers or None)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 # --------------------------------------------------------------------------- authentication
@@ -307,7 +321,21 @@ def _auth_dependencies(
 # --------------------------------------------------------------------------- the app
 
 
-def create_app(service: InstanceService, *, max_body: int = MAX_BODY_BYTES) -> FastAPI:
+def _provider_check(providers: Collection[str] | None) -> Callable[[str, str], None]:
+    """Refuses a push provider that is not configured: its calls would never be pushed. With no
+    provider configured at all (labs, tests) every name passes, as nothing is pushed anyway."""
+    known = sorted(providers or ())
+
+    def check(field: str, provider: str) -> None:
+        if known and provider not in known:
+            raise ApiError(422, f"{field}: unknown push provider; configured: {', '.join(known)}")
+
+    return check
+
+
+def create_app(service: InstanceService, *, providers: Collection[str] | None = None,
+               max_body: int = MAX_BODY_BYTES) -> FastAPI:
+    """``providers``: the names of the configured push providers (``[push.NAME]``)."""
     app = FastAPI(title="SIPIS app API", version="1", docs_url=None, redoc_url=None,
                   description=__doc__)
     app.add_middleware(GuardMiddleware, max_body=max_body)
@@ -316,6 +344,7 @@ def create_app(service: InstanceService, *, max_body: int = MAX_BODY_BYTES) -> F
     app.add_exception_handler(ServiceError, _on_service_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     enrolment_auth, instance_auth = _auth_dependencies(service)
+    check_provider = _provider_check(providers)
     selector_path = Path(pattern=SELECTOR_PATTERN, description="The instance selector")
 
     def current(selector: str) -> Instance:
@@ -336,6 +365,7 @@ def create_app(service: InstanceService, *, max_body: int = MAX_BODY_BYTES) -> F
                      by_owner: bool = Depends(enrolment_auth)) -> EnrollOut:
         # Single event loop: no other request can create this selector between get and enroll
         # unless enroll itself yields first; at worst two racing enrolments both say 201.
+        check_provider("push.provider", body.push.provider)
         created = body.selector is None or service.get(body.selector) is None
         instance, token = await service.enroll(body, by_owner=by_owner)
         response.status_code = 201 if created else 200
@@ -361,6 +391,7 @@ def create_app(service: InstanceService, *, max_body: int = MAX_BODY_BYTES) -> F
     async def put_push(body: PushIn, selector: str = selector_path,
                        _: str = Depends(instance_auth)) -> Response:
         current(selector)
+        check_provider("provider", body.provider)
         instance = await service.update_push(selector, body)
         return JSONResponse(instance.public_view())
 

@@ -16,7 +16,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
 
-from sipis.sip.message import SipParseError, SipURI
+from sipis.sip.message import NameAddr, SipParseError, SipURI
 
 # One place for the limits so the OpenAPI document and the checks agree.
 URI_MAX = 256
@@ -170,18 +170,32 @@ class StateIn(_Strict):
     ]})
 
     state: Literal["active", "inactive"]
-    contact: Annotated[
-        str, StringConstraints(min_length=1, max_length=CONTACT_MAX), _URI_SCHEMA
-    ] | None = Field(
-        None, description="The app's own fresh Contact URI, used to hand calls over"
+    contact: Annotated[str, StringConstraints(min_length=1, max_length=CONTACT_MAX)] | None = Field(
+        None, description="The app's own fresh Contact URI, used to hand calls over; the name-addr "
+                          "form of its REGISTER (<sip:…>;+sip.instance=…) is accepted and its URI kept"
     )
 
     @field_validator("contact")
     @classmethod
     def _check_contact(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_sip_uri(value, need_user=False)
+        if value is None:
+            return None
+        if "<" in value:
+            value = _uri_of_name_addr(value)
+        parse_sip_uri(value, need_user=False)
         return value
+
+
+def _uri_of_name_addr(value: str) -> str:
+    """The URI of a Contact written as the app writes it in its own REGISTER
+    (``<sip:…>;+sip.instance="<urn:uuid:…>"``): the URI is what we keep, the header parameters
+    (+sip.instance, reg-id, expires) are ours to set."""
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise _uri_error("whitespace or control characters in URI")
+    try:
+        return str(NameAddr.parse(value).uri)
+    except SipParseError:
+        raise _uri_error("malformed name-addr (expected <sip:…>;params)") from None
 
 
 class EnrollOut(BaseModel):

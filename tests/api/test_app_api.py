@@ -410,7 +410,43 @@ async def test_bad_content_length_is_400(service: FakeService) -> None:
 
 async def test_unknown_route_and_method(client: httpx.AsyncClient) -> None:
     assert_error(await client.get("/v1/nothing"), 404, "not_found")
-    assert_error(await client.patch("/v1/health"), 405, "method_not_allowed")
+    response = await client.patch("/v1/health")
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "GET"
+    # GET and DELETE share the path but are two routes: Allow names both
+    response = await client.put("/v1/instances/ABC:1", json={})
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "DELETE, GET"
+    assert (await client.get("/v1/instances")).headers["allow"] == "POST"
+
+
+async def test_contact_in_name_addr_form_keeps_the_uri(client: httpx.AsyncClient) -> None:
+    selector, token = await enrol(client)
+    contact = '"Alice" <sip:alice@10.0.0.7:5060;transport=tcp;ob>;+sip.instance="<urn:uuid:' + str(uuid.uuid4()) \
+        + '>";reg-id=1'
+    response = await client.put(f"/v1/instances/{selector}/state", headers=bearer(token),
+                                json={"state": "active", "contact": contact})
+    assert response.status_code == 200, response.text
+    assert response.json()["app_contact"] == "sip:alice@10.0.0.7:5060;transport=tcp;ob"
+    for bad, fragment in [("<tel:+123>", "not a sip: or sips: URI"), ("<sip:alice@10.0.0.7", "malformed name-addr"),
+                          ("<sip:alice@h>\r\nX-Evil: 1", "whitespace or control characters")]:
+        response = await client.put(f"/v1/instances/{selector}/state", headers=bearer(token),
+                                    json={"state": "active", "contact": bad})
+        assert_error(response, 422, "validation_error", f"contact: {fragment}")
+
+
+async def test_unknown_push_provider_is_422_listing_the_configured_ones(service: FakeService) -> None:
+    app = create_app(service, providers=("fcm", "apns"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sipis.test") as client:
+        response = await client.post("/v1/instances", json=enrol_body(push__provider="gcm"),
+                                     headers=bearer(ENROL_TOKEN))
+        assert_error(response, 422, "validation_error", "push.provider: unknown push provider; configured: apns, fcm")
+        assert not service.instances
+        selector, token = await enrol(client)
+        response = await client.put(f"/v1/instances/{selector}/push", headers=bearer(token),
+                                    json={"provider": "huawei", "app_id": "x", "token": "y"})
+        assert_error(response, 422, "validation_error", "provider: unknown push provider; configured: apns, fcm")
+        assert service.instances[selector].push.provider == "fcm"
 
 
 # --------------------------------------------------------------------------- service failures, secrets

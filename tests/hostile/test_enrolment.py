@@ -110,3 +110,25 @@ async def test_text_that_could_never_be_stored_is_refused_before_the_answer(core
     await core.writer.flush()
     assert core.writer.health().dead_lettered == 0
     assert [r.selector for r in await core.stores.instances.load_all()] == [created["selector"]]
+
+
+# --------------------------------------------------------------------------- 10: the API's shape at its edges
+
+
+async def test_api_shape_contact_provider_and_allow(core: Core, api: httpx.AsyncClient) -> None:
+    created = (await post_raw(api, enrolment())).json()
+    selector, token = created["selector"], created["token"]
+    contact = '<sip:alice@192.0.2.7:5070;transport=tcp;ob>;+sip.instance="<urn:uuid:' \
+              '00000000-0000-4000-8000-000000000001>";reg-id=1'
+    answer = await api.put(f"/v1/instances/{selector}/state", headers=bearer(token),
+                           json={"state": "active", "contact": contact})
+    assert answer.status_code == 200 and answer.json()["app_contact"] == "sip:alice@192.0.2.7:5070;transport=tcp;ob"
+
+    unknown = enrolment("bob")
+    unknown["push"]["provider"] = "nowhere"
+    answer = await post_raw(api, unknown)
+    assert answer.status_code == 422
+    assert answer.json()["detail"] == "push.provider: unknown push provider; configured: ios, mediator"
+
+    answer = await api.patch(f"/v1/instances/{selector}", headers=bearer(token))
+    assert answer.status_code == 405 and answer.headers["allow"] == "DELETE, GET"
