@@ -199,10 +199,12 @@ class LabPhone:
         if self.voip_token is not None:
             push["voip_token"] = self.voip_token
         body: dict[str, Any] = {"account": self._account(), "push": push}
-        if self.selector is not None:
-            body["selector"] = self.selector
+        # Re-enrolling our selector takes our own token; the enrolment token only creates.
+        bearer = self.enroll_token
+        if self.selector is not None and self.bearer is not None:
+            body["selector"], bearer = self.selector, self.bearer
         response = await self.api.post("/v1/instances", json=body,
-                                       headers={"Authorization": f"Bearer {self.enroll_token}"})
+                                       headers={"Authorization": f"Bearer {bearer}"})
         if response.status_code not in (200, 201):
             raise RuntimeError(f"{self.user}: enrolment failed: {response.status_code} {response.text}")
         answer = response.json()

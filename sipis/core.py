@@ -149,7 +149,8 @@ class Core:
         if api.listen is not None:
             if api.tls and api.tls_generate:
                 ensure_self_signed(api.tls_cert, api.tls_key, [api.listen.host, "localhost"])
-            self.api = ApiServer(create_app(self.service), api.listen.host, api.listen.port, tls=api.tls,
+            app = create_app(self.service, providers=tuple(config.push))
+            self.api = ApiServer(app, api.listen.host, api.listen.port, tls=api.tls,
                                  certfile=api.tls_cert if api.tls else None,
                                  keyfile=api.tls_key if api.tls else None)
             await self.api.start()

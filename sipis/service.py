@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from contract.documents import HeldCall
 from contract.events import InstanceAppReport, InstanceEnrolled, InstancePushChanged, InstanceUpdated
 from sipis.api.models import EnrollIn, PushIn
-from sipis.api.service_protocol import InstanceGone, ServiceError
+from sipis.api.service_protocol import InstanceGone, SelectorTaken, ServiceError
 from sipis.calls import CallError, CallManager
 from sipis.clock import Clock
 from sipis.crypto import hash_token, new_token, tokens_equal
@@ -65,7 +65,7 @@ class InstanceService:
 
     # ------------------------------------------------------------------ app operations
 
-    async def enroll(self, request: EnrollIn) -> tuple[Instance, str]:
+    async def enroll(self, request: EnrollIn, *, by_owner: bool = False) -> tuple[Instance, str]:
         token = new_token()
         now = self.clock.wall()
         account_in, push_in = request.account, request.push
@@ -78,6 +78,11 @@ class InstanceService:
         selector = request.selector or _new_selector()
         existing = self.instances.get(selector)
         if existing is not None:
+            if not by_owner:
+                # The enrolment token is shared by every install: with it alone, anyone knowing a
+                # selector could take that instance over (its calls, its push target).
+                raise SelectorTaken("selector is taken: re-enrol it with that instance's own token, "
+                                    "or enrol without a selector")
             if request.instance_id is not None and str(request.instance_id) != existing.instance_id:
                 raise ServiceError("instance_id differs from the enrolled instance; use a new selector")
             credentials_changed = _account_key(existing.account) != _account_key(account)
@@ -177,7 +182,8 @@ def _share_common_strings(instance: Instance) -> None:
 
 
 def _new_selector() -> str:
-    """Acrobits-shaped: 40 hex digits, a colon, 8 hex digits."""
+    """Acrobits-shaped: 40 hex digits, a colon, 8 hex digits; all 192 bits random (≥ 128 needed),
+    so nobody finds another install's selector by guessing."""
     return f"{secrets.token_hex(20).upper()}:{secrets.token_hex(4).upper()}"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sipis.api.models import AccountIn, EnrollIn, PushIn
-from sipis.api.service_protocol import InstanceGone, ServiceError
+from sipis.api.service_protocol import InstanceGone, SelectorTaken, ServiceError
 from sipis.clock import FakeClock
 from sipis.config import SipConfig
 from sipis.crypto import SecretBox, load_or_create_key
@@ -133,11 +133,19 @@ async def test_enrol_issues_a_token_and_stores_only_its_hash(world: World) -> No
 
 async def test_reenrolment_updates_and_rotates_the_token(world: World) -> None:
     first, old_token = await world.service.enroll(enrol_request())
-    again, new_token = await world.service.enroll(enrol_request(selector=first.selector, password="new-password"))
+    again, new_token = await world.service.enroll(
+        enrol_request(selector=first.selector, password="new-password"), by_owner=True)
     assert again is first and new_token != old_token
     assert world.service.check_instance_token(first.selector, new_token)
     assert not world.service.check_instance_token(first.selector, old_token)
     assert first.account.password == "new-password"
+
+
+async def test_reenrolment_without_the_owners_token_is_refused(world: World) -> None:
+    first, token = await world.service.enroll(enrol_request())
+    with pytest.raises(SelectorTaken):
+        await world.service.enroll(enrol_request(selector=first.selector, password="taken-over"))
+    assert first.account.password == PASSWORD and world.service.check_instance_token(first.selector, token)
 
 
 async def test_state_changes_drive_the_engine_and_persist(world: World) -> None:
@@ -219,7 +227,7 @@ async def test_an_off_instance_refuses_state_changes_until_reenrolled(world: Wor
     assert instance.state is AppState.OFF and instance.account.password is None
     with pytest.raises(ServiceError):
         await world.service.set_state(instance.selector, "inactive", None)
-    again, _ = await world.service.enroll(enrol_request(selector=instance.selector))
+    again, _ = await world.service.enroll(enrol_request(selector=instance.selector), by_owner=True)
     assert again.state is AppState.ACTIVE and again.account.password == PASSWORD
 
 
@@ -245,7 +253,7 @@ async def test_a_password_is_encrypted_once_however_often_the_row_is_written(tmp
             await world.service.set_state(instance.selector, "active", None)
             await world.settle()
         assert box.encryptions == 1
-        await world.service.enroll(enrol_request(selector=instance.selector, password="changed"))
+        await world.service.enroll(enrol_request(selector=instance.selector, password="changed"), by_owner=True)
         assert box.encryptions == 2
         record = await sqlite_stores(world.db).instances.get(instance.selector)
         assert record is not None and record.password_blob is not None

@@ -16,15 +16,19 @@ body validation (FastAPI solves dependencies before it validates the body); only
 guards (413 size, 415 content type, 400 broken JSON) answer earlier, and they reveal nothing.
 
 Re-enrolment (``selector`` given and known) updates the instance, issues a fresh instance token and
-invalidates the old one: it is the way back for an app that lost its token.
+invalidates the old one. It takes that instance's own token as the bearer: with the shared enrolment
+token an existing selector is ``409 selector_taken``, so no install can take over another's instance.
+An app that lost its token enrols anew without a selector; its old instance ages out, or an
+operator disables it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 from fastapi import Depends, FastAPI, Path, Request, Response
@@ -33,6 +37,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract.codec import to_json
@@ -65,7 +70,8 @@ _RESPONSE_TEXT = {400: "Malformed request (broken JSON, bad Content-Length)",
                   401: "Missing or malformed bearer token",
                   403: "Token not valid for this operation or instance",
                   404: "Instance vanished during the request",
-                  409: "The service refused the change",
+                  409: "The service refused the change (selector_taken: re-enrolment needs the "
+                       "instance's own token)",
                   413: "Body larger than 64 KiB",
                   415: "Body is not application/json",
                   422: "Validation failed; detail names the field",
@@ -231,17 +237,31 @@ async def _on_service_error(_: Request, exc: Exception) -> Response:
     return _error_response(exc.status_code, exc.detail, code=exc.code)
 
 
-async def _on_http_exception(_: Request, exc: Exception) -> Response:
+async def _on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else "request refused"
-    headers = dict(exc.headers) if exc.headers else None
-    return _error_response(exc.status_code, detail, headers)
+    headers = dict(exc.headers) if exc.headers else {}
+    if exc.status_code == 405:
+        # Starlette names only the first route matching the path; a path served by several routes
+        # (GET and DELETE /v1/instances/{selector}) allows the methods of all of them.
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return _error_response(exc.status_code, detail, headers or None)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 # --------------------------------------------------------------------------- authentication
 
 _enrol_scheme = HTTPBearer(auto_error=False, scheme_name="EnrolmentToken",
-                           description="Deployment-wide enrolment token, only for POST /v1/instances")
+                           description="Deployment-wide enrolment token, only for POST /v1/instances; "
+                                       "re-enrolling an existing selector takes that instance's own token")
 _instance_scheme = HTTPBearer(auto_error=False, scheme_name="InstanceToken",
                               description="The token returned by enrolment; valid for one selector")
 
@@ -256,14 +276,32 @@ def _bearer_token(credentials: HTTPAuthorizationCredentials | None) -> str:
     return credentials.credentials
 
 
+def _body_selector(body: bytes) -> str | None:
+    """The ``selector`` of a raw enrolment body, read before validation (None if there is none)."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    selector = document.get("selector") if isinstance(document, dict) else None
+    return selector if isinstance(selector, str) and _SELECTOR_RE.fullmatch(selector) else None
+
+
 def _auth_dependencies(
     service: InstanceService,
-) -> tuple[Callable[..., Awaitable[None]], Callable[..., Awaitable[str]]]:
+) -> tuple[Callable[..., Awaitable[bool]], Callable[..., Awaitable[str]]]:
     async def enrolment_auth(
+        request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(_enrol_scheme),
-    ) -> None:
-        if not service.check_enroll_token(_bearer_token(credentials)):
-            raise ApiError(403, "enrolment token not accepted")
+    ) -> bool:
+        """False for the enrolment token; True for the owner re-enrolling its own selector."""
+        token = _bearer_token(credentials)
+        if service.check_enroll_token(token):
+            return False
+        # The body is already buffered (GuardMiddleware); reading it here keeps auth before validation.
+        selector = _body_selector(await request.body())
+        if selector is not None and service.check_instance_token(selector, token):
+            return True
+        raise ApiError(403, "enrolment token not accepted")
 
     async def instance_auth(
         request: Request,
@@ -283,7 +321,21 @@ def _auth_dependencies(
 # --------------------------------------------------------------------------- the app
 
 
-def create_app(service: InstanceService, *, max_body: int = MAX_BODY_BYTES) -> FastAPI:
+def _provider_check(providers: Collection[str] | None) -> Callable[[str, str], None]:
+    """Refuses a push provider that is not configured: its calls would never be pushed. With no
+    provider configured at all (labs, tests) every name passes, as nothing is pushed anyway."""
+    known = sorted(providers or ())
+
+    def check(field: str, provider: str) -> None:
+        if known and provider not in known:
+            raise ApiError(422, f"{field}: unknown push provider; configured: {', '.join(known)}")
+
+    return check
+
+
+def create_app(service: InstanceService, *, providers: Collection[str] | None = None,
+               max_body: int = MAX_BODY_BYTES) -> FastAPI:
+    """``providers``: the names of the configured push providers (``[push.NAME]``)."""
     app = FastAPI(title="SIPIS app API", version="1", docs_url=None, redoc_url=None,
                   description=__doc__)
     app.add_middleware(GuardMiddleware, max_body=max_body)
@@ -292,6 +344,7 @@ def create_app(service: InstanceService, *, max_body: int = MAX_BODY_BYTES) -> F
     app.add_exception_handler(ServiceError, _on_service_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     enrolment_auth, instance_auth = _auth_dependencies(service)
+    check_provider = _provider_check(providers)
     selector_path = Path(pattern=SELECTOR_PATTERN, description="The instance selector")
 
     def current(selector: str) -> Instance:
@@ -308,11 +361,13 @@ def create_app(service: InstanceService, *, max_body: int = MAX_BODY_BYTES) -> F
               responses={200: {"model": EnrollOut, "description": "Existing selector updated"},
                          201: {"description": "Instance created"},
                          **_errors(400, 401, 403, 409, 413, 415, 422, 500)})
-    async def enroll(body: EnrollIn, response: Response, _: None = Depends(enrolment_auth)) -> EnrollOut:
+    async def enroll(body: EnrollIn, response: Response,
+                     by_owner: bool = Depends(enrolment_auth)) -> EnrollOut:
         # Single event loop: no other request can create this selector between get and enroll
         # unless enroll itself yields first; at worst two racing enrolments both say 201.
+        check_provider("push.provider", body.push.provider)
         created = body.selector is None or service.get(body.selector) is None
-        instance, token = await service.enroll(body)
+        instance, token = await service.enroll(body, by_owner=by_owner)
         response.status_code = 201 if created else 200
         response.headers["Location"] = f"/v1/instances/{instance.selector}"
         return EnrollOut(selector=instance.selector, token=token, state=instance.state.value)
@@ -336,6 +391,7 @@ def create_app(service: InstanceService, *, max_body: int = MAX_BODY_BYTES) -> F
     async def put_push(body: PushIn, selector: str = selector_path,
                        _: str = Depends(instance_auth)) -> Response:
         current(selector)
+        check_provider("provider", body.provider)
         instance = await service.update_push(selector, body)
         return JSONResponse(instance.public_view())
 

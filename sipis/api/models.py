@@ -16,7 +16,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
 
-from sipis.sip.message import SipParseError, SipURI
+from sipis.sip.message import NameAddr, SipParseError, SipURI
 
 # One place for the limits so the OpenAPI document and the checks agree.
 URI_MAX = 256
@@ -44,8 +44,28 @@ DisplayName = Annotated[str, StringConstraints(min_length=1, max_length=NAME_MAX
 Selector = Annotated[str, StringConstraints(pattern=SELECTOR_PATTERN)]
 
 
+def check_storable(value: str) -> str:
+    """Refuse text that could be acknowledged but never stored or sent: lone surrogates (no UTF-8
+    form; JSON's ``\\udfff`` escape yields one) and NUL. Other control characters are refused by
+    each field's own pattern where the wire forbids them."""
+    if "\x00" in value:
+        raise PydanticCustomError("storable", "NUL character not allowed")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError("storable", "text is not valid Unicode (lone surrogate)") from None
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        # Before the field's own checks, for every string field (secrets included): what the API
+        # accepts, the storage writer must be able to write.
+        return check_storable(value) if isinstance(value, str) else value
 
 
 def _uri_error(message: str) -> PydanticCustomError:
@@ -150,18 +170,32 @@ class StateIn(_Strict):
     ]})
 
     state: Literal["active", "inactive"]
-    contact: Annotated[
-        str, StringConstraints(min_length=1, max_length=CONTACT_MAX), _URI_SCHEMA
-    ] | None = Field(
-        None, description="The app's own fresh Contact URI, used to hand calls over"
+    contact: Annotated[str, StringConstraints(min_length=1, max_length=CONTACT_MAX)] | None = Field(
+        None, description="The app's own fresh Contact URI, used to hand calls over; the name-addr "
+                          "form of its REGISTER (<sip:…>;+sip.instance=…) is accepted and its URI kept"
     )
 
     @field_validator("contact")
     @classmethod
     def _check_contact(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_sip_uri(value, need_user=False)
+        if value is None:
+            return None
+        if "<" in value:
+            value = _uri_of_name_addr(value)
+        parse_sip_uri(value, need_user=False)
         return value
+
+
+def _uri_of_name_addr(value: str) -> str:
+    """The URI of a Contact written as the app writes it in its own REGISTER
+    (``<sip:…>;+sip.instance="<urn:uuid:…>"``): the URI is what we keep, the header parameters
+    (+sip.instance, reg-id, expires) are ours to set."""
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise _uri_error("whitespace or control characters in URI")
+    try:
+        return str(NameAddr.parse(value).uri)
+    except SipParseError:
+        raise _uri_error("malformed name-addr (expected <sip:…>;params)") from None
 
 
 class EnrollOut(BaseModel):

@@ -31,6 +31,12 @@ class InstanceGone(ServiceError):
     code = "not_found"
 
 
+class SelectorTaken(ServiceError):
+    """Enrolment named a selector that exists, without that instance's own token."""
+
+    code = "selector_taken"
+
+
 class InstanceService(Protocol):
     def check_enroll_token(self, token: str) -> bool:
         """True if ``token`` is a valid enrolment token (constant-time comparison inside)."""
@@ -41,11 +47,12 @@ class InstanceService(Protocol):
         selectors. Constant-time comparison inside."""
         ...
 
-    async def enroll(self, request: EnrollIn) -> tuple[Instance, str]:
+    async def enroll(self, request: EnrollIn, *, by_owner: bool = False) -> tuple[Instance, str]:
         """Create an instance, or update the one named by ``request.selector``.
 
-        Returns the instance and a freshly issued bearer token. On update the previous token is
-        invalidated (re-enrolment is how an app that lost its token gets a new one).
+        Returns the instance and a freshly issued bearer token. Only the instance's owner (the
+        caller proved it holds that instance's token: ``by_owner``) may update it; otherwise an
+        existing selector raises :class:`SelectorTaken`. On update the previous token is invalidated.
         """
         ...
 

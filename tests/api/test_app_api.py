@@ -13,7 +13,7 @@ import httpx
 import pytest
 from starlette.types import Message
 
-from sipis.api import InstanceGone, ServiceError, create_app
+from sipis.api import InstanceGone, SelectorTaken, ServiceError, create_app
 from sipis.api.models import EnrollIn, PushIn
 from sipis.crypto import hash_token, new_token, tokens_equal
 from sipis.instance import Account, AppState, Instance, PushTarget
@@ -38,7 +38,7 @@ class FakeService:
         instance = self.instances.get(selector)
         return instance is not None and tokens_equal(instance.token_hash, hash_token(token))
 
-    async def enroll(self, request: EnrollIn) -> tuple[Instance, str]:
+    async def enroll(self, request: EnrollIn, *, by_owner: bool = False) -> tuple[Instance, str]:
         selector = request.selector or f"{secrets.token_hex(20).upper()}:{secrets.token_hex(4).upper()}"
         token = new_token()
         a, p = request.account, request.push
@@ -47,6 +47,8 @@ class FakeService:
                           display_name=a.display_name)
         push = PushTarget(provider=p.provider, app_id=p.app_id, token=p.token, voip_token=p.voip_token)
         instance = self.instances.get(selector)
+        if instance is not None and not by_owner:
+            raise SelectorTaken("selector is taken")
         if instance is None:
             instance = Instance(selector=selector, account=account, push=push, token_hash=hash_token(token))
             if request.instance_id is not None:
@@ -179,7 +181,7 @@ async def test_re_enrolment_updates_and_rotates_token(client: httpx.AsyncClient,
                                                       service: FakeService) -> None:
     selector, old_token = await enrol(client)
     body = {**enrol_body(account__username="alice2"), "selector": selector}
-    response = await client.post("/v1/instances", json=body, headers=bearer(ENROL_TOKEN))
+    response = await client.post("/v1/instances", json=body, headers=bearer(old_token))
     assert response.status_code == 200
     data = response.json()
     assert data["selector"] == selector and data["token"] != old_token
@@ -189,6 +191,19 @@ async def test_re_enrolment_updates_and_rotates_token(client: httpx.AsyncClient,
     assert_error(stale, 403, "forbidden")
     fresh = await client.get(f"/v1/instances/{selector}", headers=bearer(data["token"]))
     assert fresh.status_code == 200
+
+
+async def test_re_enrolment_with_the_enrolment_token_alone_is_409(client: httpx.AsyncClient,
+                                                                   service: FakeService) -> None:
+    selector, token = await enrol(client)
+    body = {**enrol_body(push__token="attacker-push-target"), "selector": selector}
+    response = await client.post("/v1/instances", json=body, headers=bearer(ENROL_TOKEN))
+    assert_error(response, 409, "selector_taken")
+    assert service.instances[selector].push.token == PUSH_TOKEN
+    # another instance's token is no better than a wrong one
+    _, other_token = await enrol(client, account__aor="sip:bob@pbx.example.com")
+    assert_error(await client.post("/v1/instances", json=body, headers=bearer(other_token)), 403, "forbidden")
+    assert (await client.get(f"/v1/instances/{selector}", headers=bearer(token))).status_code == 200
 
 
 async def test_state_and_push_updates(client: httpx.AsyncClient) -> None:
@@ -314,6 +329,23 @@ async def test_validation_errors_name_the_field(client: httpx.AsyncClient, overr
     assert PASSWORD not in response.text and PUSH_TOKEN not in response.text
 
 
+@pytest.mark.parametrize("field", ["account.password", "account.username", "account.auth_username",
+                                   "account.aor", "account.registrar", "account.display_name",
+                                   "push.app_id", "push.token", "push.voip_token"])
+@pytest.mark.parametrize(("bad", "reason"), [("\udfff", "lone surrogate"), ("\x00", "NUL")])
+async def test_text_that_cannot_be_stored_is_422(client: httpx.AsyncClient, service: FakeService,
+                                                 field: str, bad: str, reason: str) -> None:
+    body = enrol_body()
+    section, name = field.split(".")
+    body[section][name] = (body[section].get(name) or "sip:x@example.com") + bad
+    # json.dumps writes \u escapes, as any client may; the server decodes them into the string.
+    response = await client.post("/v1/instances", content=json.dumps(body).encode(),
+                                 headers={**bearer(ENROL_TOKEN), "Content-Type": "application/json"})
+    assert_error(response, 422, "validation_error", f"{field}: ")
+    assert reason in response.json()["detail"]
+    assert not service.instances
+
+
 async def test_state_validation(client: httpx.AsyncClient) -> None:
     selector, token = await enrol(client)
     path = f"/v1/instances/{selector}/state"
@@ -378,7 +410,43 @@ async def test_bad_content_length_is_400(service: FakeService) -> None:
 
 async def test_unknown_route_and_method(client: httpx.AsyncClient) -> None:
     assert_error(await client.get("/v1/nothing"), 404, "not_found")
-    assert_error(await client.patch("/v1/health"), 405, "method_not_allowed")
+    response = await client.patch("/v1/health")
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "GET"
+    # GET and DELETE share the path but are two routes: Allow names both
+    response = await client.put("/v1/instances/ABC:1", json={})
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "DELETE, GET"
+    assert (await client.get("/v1/instances")).headers["allow"] == "POST"
+
+
+async def test_contact_in_name_addr_form_keeps_the_uri(client: httpx.AsyncClient) -> None:
+    selector, token = await enrol(client)
+    contact = '"Alice" <sip:alice@10.0.0.7:5060;transport=tcp;ob>;+sip.instance="<urn:uuid:' + str(uuid.uuid4()) \
+        + '>";reg-id=1'
+    response = await client.put(f"/v1/instances/{selector}/state", headers=bearer(token),
+                                json={"state": "active", "contact": contact})
+    assert response.status_code == 200, response.text
+    assert response.json()["app_contact"] == "sip:alice@10.0.0.7:5060;transport=tcp;ob"
+    for bad, fragment in [("<tel:+123>", "not a sip: or sips: URI"), ("<sip:alice@10.0.0.7", "malformed name-addr"),
+                          ("<sip:alice@h>\r\nX-Evil: 1", "whitespace or control characters")]:
+        response = await client.put(f"/v1/instances/{selector}/state", headers=bearer(token),
+                                    json={"state": "active", "contact": bad})
+        assert_error(response, 422, "validation_error", f"contact: {fragment}")
+
+
+async def test_unknown_push_provider_is_422_listing_the_configured_ones(service: FakeService) -> None:
+    app = create_app(service, providers=("fcm", "apns"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sipis.test") as client:
+        response = await client.post("/v1/instances", json=enrol_body(push__provider="gcm"),
+                                     headers=bearer(ENROL_TOKEN))
+        assert_error(response, 422, "validation_error", "push.provider: unknown push provider; configured: apns, fcm")
+        assert not service.instances
+        selector, token = await enrol(client)
+        response = await client.put(f"/v1/instances/{selector}/push", headers=bearer(token),
+                                    json={"provider": "huawei", "app_id": "x", "token": "y"})
+        assert_error(response, 422, "validation_error", "provider: unknown push provider; configured: apns, fcm")
+        assert service.instances[selector].push.provider == "fcm"
 
 
 # --------------------------------------------------------------------------- service failures, secrets
