@@ -95,9 +95,9 @@ async def open_world(path: Path) -> World:
     engine = RegistrationEngine(registrar, bus, clock, SipConfig(register_rate=1000),
                                 rng=random.Random(7))
     lifecycle = InstanceLifecycle(engine=engine, registrar=registrar, bus=bus, clock=clock)  # type: ignore[arg-type]
+    persistence = InstancePersistence(writer, box, lifecycle.get, clock)
     service = InstanceService(lifecycle=lifecycle, registrar=registrar, bus=bus, clock=clock,  # type: ignore[arg-type]
-                              enroll_tokens=("enrol-me",), durable=writer.flush)
-    persistence = InstancePersistence(writer, box, service.get, clock)
+                              enroll_tokens=("enrol-me",), storage=persistence)
     for record in await stores.instances.load_all():
         service.resume(persistence.restore(record))
     persistence.attach(bus)
