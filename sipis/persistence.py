@@ -22,6 +22,7 @@ from typing import TypeVar
 from contract.documents import AuditEntry, HeldCall, PushRecord
 from contract.events import Alarm, InstanceDeleted, MessageReceived
 from contract.kinds import AlarmKind
+from contract.masking import mask
 from sipis.clock import Clock
 from sipis.crypto import DecryptionError, SecretBox
 from sipis.events import Event, EventBus
@@ -163,7 +164,7 @@ class InstancePersistence:
                 self._blobs[record.selector] = record.password_blob
             except DecryptionError:
                 log.error("credentials of %s cannot be decrypted (wrong key file?); treating as wiped",
-                          record.selector)
+                          mask(record.selector))
         registration = Registration(
             status=_enum(RegStatus, record.reg_status, RegStatus.IDLE), last_code=record.last_code,
             last_reason=record.last_reason, expires_at=record.expires_at,

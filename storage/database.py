@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
+import logging
 import os
 import shutil
 import sqlite3
@@ -42,6 +44,27 @@ def is_disk_full(exc: BaseException, path: str | os.PathLike[str] | None = None)
         return shutil.disk_usage(Path(path).parent).free < _NEARLY_FULL
     except OSError:
         return False
+
+
+class _WithoutParameters(logging.Filter):
+    """aiosqlite logs every call at DEBUG as ``executing functools.partial(<method>, sql, params)``,
+    and the parameters hold push tokens and selectors: keep only the method's name."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_call_name(arg) for arg in record.args)
+        return True
+
+
+def _call_name(arg: object) -> object:
+    if isinstance(arg, functools.partial):
+        arg = arg.func
+    if callable(arg) and not isinstance(arg, BaseException):
+        return f"{getattr(arg, '__qualname__', type(arg).__name__)}(…)"
+    return arg
+
+
+logging.getLogger("aiosqlite").addFilter(_WithoutParameters())
 
 
 class DiskFullError(OSError):

@@ -31,6 +31,7 @@ from typing import Protocol
 
 from contract.documents import AuditEntry, PushRecord, WriterStatus
 from contract.events import Event
+from contract.masking import mask
 from storage.records import InstanceRecord
 from storage.repositories import Stores
 
@@ -114,14 +115,14 @@ WriteOp = UpsertInstance | SnapshotInstance | DeleteInstance | AppendEvent | App
 
 
 def describe_op(op: WriteOp) -> str:
-    """Kind and key of an op, for logs: identifiers only, never record contents."""
+    """Kind and key of an op, for logs: identifiers only (selectors masked), never record contents."""
     match op:
         case UpsertInstance(record=record):
-            return f"instance upsert {record.selector}"
+            return f"instance upsert {mask(record.selector)}"
         case SnapshotInstance(selector=selector):
-            return f"instance upsert {selector}"
+            return f"instance upsert {mask(selector)}"
         case DeleteInstance(selector=selector):
-            return f"instance delete {selector}"
+            return f"instance delete {mask(selector)}"
         case AppendEvent(event=event):
             return f"event {event.seq}"
         case AppendAudit(entry=entry):

@@ -202,8 +202,11 @@ async def test_delete_unregisters_wipes_and_forgets(world: World) -> None:
     import asyncio
 
     task = asyncio.ensure_future(deleting)
-    await asyncio.sleep(0)
-    world.engine.tick()
+    for _ in range(500):  # the deletion is stored first, then the engine is asked to remove the binding
+        await asyncio.sleep(0.001)
+        world.engine.tick()
+        if task.done():
+            break
     await task
     assert world.registrar.calls[-1] == (instance.selector, 0)
     assert world.service.get(instance.selector) is None

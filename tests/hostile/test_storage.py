@@ -27,9 +27,11 @@ import pytest
 from contract.events import Alarm
 from contract.kinds import AlarmKind
 from lab.kamailio import Kamailio, free_port
+from lab.push_servers import MediatorServer
 from sipis.config import Config, parse_config
 from sipis.core import Core
 from sipis.events import Event
+from sipis.operations import Operator
 from storage.database import DiskFullError
 from tests.waiting import wait_for
 
@@ -188,3 +190,52 @@ async def test_start_up_on_a_full_disk_says_so(tmp_path: Path) -> None:
             await again.stop()
             filler.unlink()
         assert not os.path.exists(filler)
+
+
+async def test_no_secret_in_any_log_line_at_debug(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Enrolment, registration at Kamailio and a push with DEBUG on for every logger: no push token,
+    password, bearer token or full selector in what was logged (the storage driver logs every SQL
+    call with its parameters at DEBUG)."""
+    caplog.set_level(logging.DEBUG)
+    password, push_token = "S3cret-Passw0rd-alice", "PUSHTOKEN-alice-0123456789abcdef"
+    with Kamailio() as kam:
+        mediator = MediatorServer(tmp_path / "mediator")
+        await mediator.start()
+        config = parse_config({
+            "state_dir": str(tmp_path / "state"),
+            "sip": {"listen": [f"tcp:127.0.0.1:{free_port()}"], "register_expires": 300},
+            "api": {"listen": "127.0.0.1:0", "enroll_tokens": [ENROL]},
+            "push": {"mediator": {"type": "acrobits", "url": mediator.send_url, "ca_file": str(mediator.ca_file),
+                                  "timeout": 2}},
+        }, tmp_path)
+        core = Core(config)
+        listening = await core.start()
+        assert listening.api_url is not None
+        trust = ssl.create_default_context(cafile=str(tmp_path / "state" / "api-tls.crt"))
+        try:
+            async with httpx.AsyncClient(base_url=listening.api_url, verify=trust, timeout=15) as api:
+                body = enrolment(kam, "alice", "alicepw")
+                body["account"]["password"] = password
+                body["push"]["token"] = push_token
+                created = await api.post("/v1/instances", headers={"Authorization": f"Bearer {ENROL}"}, json=body)
+                assert created.status_code == 201, created.text
+                selector, bearer = created.json()["selector"], created.json()["token"]
+                asleep = await api.put(f"/v1/instances/{selector}/state", json={"state": "inactive"},
+                                       headers={"Authorization": f"Bearer {bearer}"})
+                assert asleep.status_code == 200, asleep.text
+                # the registrar refuses this password (401 twice): the unauthorized path logs too
+                await wait_for(lambda: core.service is not None and core.service.get(selector) is not None
+                               and core.service.get(selector).registration.last_code is not None,  # type: ignore[union-attr]
+                               what="a REGISTER answered")
+                assert core.operations is not None
+                await core.operations.test_push(selector, Operator("noc", "operator"))
+                assert mediator.requests, "the push reached the provider"
+        finally:
+            await core.stop()
+            await mediator.stop()
+    # httpx and httpcore log this test's own requests (the app's side), not the core's
+    core_records = [r for r in caplog.records if not r.name.startswith(("httpx", "httpcore"))]
+    logged = "\n".join(f"{r.name} {r.getMessage()} {r.exc_text or ''}" for r in core_records)
+    assert len(core_records) > 50  # DEBUG really was on (aiosqlite alone logs every call)
+    for secret in (password, push_token, bearer, selector, ENROL):
+        assert secret not in logged, secret
