@@ -4,7 +4,7 @@ State changes go through the lifecycle owner (:mod:`sipis.lifecycle`, which also
 instances); everything else this module changes is announced on the bus (storage follows from
 there). Bearer tokens are stored only as hashes.
 
-Acknowledge only what is stored, apply only what is stored: every app operation first has storage
+Acknowledge only what is stored, apply only what is acknowledged: every app operation first has storage
 commit the row its change will produce (a copy of the instance showing the change), within
 ``api.commit_timeout``; only then is the change applied (lifecycle transitions, REGISTERs, events).
 Storing first rather than applying and rolling back, because a removed binding or a sent REGISTER
@@ -100,12 +100,13 @@ class InstanceService:
                 raise ServiceError("instance_id differs from the enrolled instance; use a new selector")
             credentials_changed = _account_key(existing.account) != _account_key(account)
             off = existing.disabled or existing.state is AppState.OFF  # reactivate() makes it active
-            await self._store(replace(existing, account=account, push=push, token_hash=hash_token(token),
+            token_hash = hash_token(token)
+            await self._store(replace(existing, account=account, push=push, token_hash=token_hash,
                                       app_last_seen=now, state=AppState.ACTIVE if off else existing.state,
                                       disabled=False))
             existing.account, existing.push = account, push
             _share_common_strings(existing)
-            existing.token_hash = hash_token(token)
+            existing.token_hash = token_hash
             existing.app_last_seen = now
             self.lifecycle.reactivate(existing)
             self.bus.publish(selector, InstanceUpdated(credentials_changed))
