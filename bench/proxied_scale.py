@@ -278,8 +278,9 @@ async def open_world(state_dir: Path, host: str, opts: Options, expires: int, ra
     engine = RegistrationEngine(probe, bus, clock, SipConfig(register_expires=expires, register_rate=rate))
     registrar.on_flow_lost = engine.flow_lost
     lifecycle = InstanceLifecycle(engine=engine, registrar=registrar, bus=bus, clock=clock)
+    persistence = InstancePersistence(writer, box, lifecycle.get, clock)
     service = InstanceService(lifecycle=lifecycle, registrar=registrar, bus=bus, clock=clock,
-                              enroll_tokens=("bench-enrol-token",), durable=writer.flush)
+                              enroll_tokens=("bench-enrol-token",), storage=persistence)
     if recorder is not None:
 
         def selector_of_user(user: str) -> str | None:
@@ -287,7 +288,6 @@ async def open_world(state_dir: Path, host: str, opts: Options, expires: int, ra
             return instance.selector if instance is not None else None
 
         recorder.selector_of_user = selector_of_user
-    persistence = InstancePersistence(writer, box, service.get, clock)
     restored = 0
     for record in await stores.instances.load_all():
         service.resume(persistence.restore(record))

@@ -327,6 +327,8 @@ class InstanceStore:
 ALARM_TITLES: dict[AlarmKind, str] = {
     AlarmKind.UNAUTHORIZED: "Registrar refuses credentials",
     AlarmKind.PUSH_REJECTED: "Push rejected",
+    AlarmKind.STORAGE_FAILING: "Storage failing: changes refused",
+    AlarmKind.STORAGE_RECOVERED: "Storage recovered",
 }
 
 

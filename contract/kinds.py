@@ -30,6 +30,8 @@ class AlarmKind(StrEnum):
 
     UNAUTHORIZED = "unauthorized"  # the registrar refuses an instance's credentials
     PUSH_REJECTED = "push-rejected"  # a push ended without the provider accepting it
+    STORAGE_FAILING = "storage-failing"  # storage cannot commit (disk full, I/O): app changes get 503
+    STORAGE_RECOVERED = "storage-recovered"  # storage commits again: clears storage-failing
 
 
 class StreamNoticeKind(StrEnum):

@@ -122,9 +122,11 @@ class Core:
         calls = config.calls
         self.calls = CallManager(lifecycle=self.lifecycle, delivery=self.delivery, bus=self.bus, clock=self.clock,
                                  timers=LoopTimers(), settings=calls)
+        persistence = InstancePersistence(self.writer, box, self.lifecycle.get, self.clock,
+                                          commit_timeout=config.api.commit_timeout)
         self.service = InstanceService(lifecycle=self.lifecycle, registrar=registrar, bus=self.bus, clock=self.clock,
                                        enroll_tokens=config.api.enroll_tokens, calls=self.calls,
-                                       durable=self.writer.flush)
+                                       storage=persistence)
         self.messages = TextMessages(lifecycle=self.lifecycle, delivery=self.delivery, bus=self.bus,
                                      clock=self.clock, max_body=calls.max_message_body)
         self.endpoint.handlers["INVITE"] = self.calls.on_invite
@@ -132,7 +134,6 @@ class Core:
         self.operations = Operations(service=self.service, lifecycle=self.lifecycle, delivery=self.delivery,
                                      bus=self.bus, clock=self.clock)
         self._wire_operator(self.service, self.delivery, self.calls, self.operations, self.writer)
-        persistence = InstancePersistence(self.writer, box, self.service.get, self.clock)
         restored = 0
         for record in await self.stores.instances.load_all():
             self.service.resume(persistence.restore(record))

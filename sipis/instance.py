@@ -21,6 +21,7 @@ from typing import Any, cast
 from contract.codec import to_json
 from contract.documents import InstanceView, PushView, RegistrationView
 from contract.kinds import AppState, RegStatus
+from contract.masking import mask
 
 __all__ = ["Account", "AppState", "Instance", "PushTarget", "RegStatus", "Registration", "mask"]
 
@@ -107,10 +108,3 @@ class Instance:
     def public_view(self) -> dict[str, Any]:
         """:meth:`view` as JSON."""
         return cast(dict[str, Any], to_json(self.view()))
-
-
-def mask(secret: str | None) -> str | None:
-    """Show only the ends of a token: ``abcd…wxyz``."""
-    if secret is None:
-        return None
-    return "…" if len(secret) <= 10 else f"{secret[:4]}…{secret[-4:]}"

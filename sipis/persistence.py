@@ -6,6 +6,11 @@ written, so a burst of changes to one instance costs one row), every event is ap
 log, and ``instance.deleted`` deletes the row. Passwords are encrypted with the :class:`SecretBox`
 under the instance's selector, once per password change (the blob is cached and re-checked by
 decrypting it, which keeps the cache at one ``bytes`` per instance).
+
+App changes are stored *before* they are applied (:meth:`InstancePersistence.store`): the row the
+change will produce is staged and committed within ``commit_timeout``; only then does the service
+apply it (and announce it on the bus). When storage does not commit in time, the staged row is
+replaced by the live one before it can ever reach the disk, and the app is told to retry.
 """
 
 from __future__ import annotations
@@ -16,28 +21,73 @@ from typing import TypeVar
 
 from contract.documents import AuditEntry, HeldCall, PushRecord
 from contract.events import Alarm, InstanceDeleted, MessageReceived
+from contract.kinds import AlarmKind
+from contract.masking import mask
 from sipis.clock import Clock
 from sipis.crypto import DecryptionError, SecretBox
 from sipis.events import Event, EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget, Registration, RegStatus
 from storage.records import InstanceRecord
-from storage.writer import BatchedWriter
+from storage.writer import BatchedWriter, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
 
 class InstancePersistence:
     def __init__(self, writer: BatchedWriter, box: SecretBox, lookup: Callable[[str], Instance | None],
-                 clock: Clock) -> None:
+                 clock: Clock, commit_timeout: float = 2.0) -> None:
         self.writer = writer
         self.box = box
         self.lookup = lookup
         self.clock = clock
+        self.commit_timeout = commit_timeout
         self._blobs: dict[str, bytes] = {}  # selector → blob of its current password
         self._snapshot = self.snapshot  # one bound method for every queued snapshot
+        #: rows of changes being stored before they are applied (None: a deletion)
+        self._staged: dict[str, InstanceRecord | None] = {}
 
     def attach(self, bus: EventBus) -> Callable[[], None]:
+        def storage_alarm(error: str | None) -> None:
+            if error is None:
+                bus.publish(None, Alarm(AlarmKind.STORAGE_RECOVERED))
+            else:
+                bus.publish(None, Alarm(AlarmKind.STORAGE_FAILING, reason=error))
+
+        self.writer.on_failing = storage_alarm
         return bus.subscribe(self.on_event)
+
+    async def store(self, instance: Instance) -> None:
+        """Commit the row of ``instance`` (the live one or a copy showing a change not yet applied)
+        within ``commit_timeout``; else put the live row back in its place and raise
+        :class:`StorageUnavailable`."""
+        self._staged[instance.selector] = self.record(instance)
+        await self._commit_staged(instance.selector, keep=False)
+
+    async def store_deletion(self, selector: str) -> None:
+        """Like :meth:`store` for deleting the row; on success the row stays deleted until the
+        instance's ``instance.deleted`` event (the removal at the registrar comes in between)."""
+        self._staged[selector] = None
+        await self._commit_staged(selector, keep=True)
+
+    async def _commit_staged(self, selector: str, *, keep: bool) -> None:
+        if self._staged[selector] is None:
+            self.writer.delete_instance(selector)
+        else:
+            self.writer.snapshot_instance(selector, self._snapshot)
+        try:
+            await self.writer.commit(self.commit_timeout)
+        except StorageUnavailable:
+            # The staged write is still queued and will be retried: from now on it writes the live
+            # row (a queued snapshot reads it when written), so the change never reaches the disk.
+            self._staged.pop(selector, None)
+            if self.lookup(selector) is None:
+                self._blobs.pop(selector, None)
+                self.writer.delete_instance(selector)
+            else:
+                self.writer.snapshot_instance(selector, self._snapshot)
+            raise
+        if not keep:
+            self._staged.pop(selector, None)
 
     def on_event(self, event: Event) -> None:
         payload = event.payload
@@ -53,13 +103,17 @@ class InstancePersistence:
             return
         if isinstance(payload, InstanceDeleted):
             self._blobs.pop(event.selector, None)
+            self._staged.pop(event.selector, None)
             self.writer.delete_instance(event.selector)
             return
         if self.lookup(event.selector) is not None:
             self.writer.snapshot_instance(event.selector, self._snapshot)
 
     def snapshot(self, selector: str) -> InstanceRecord | None:
-        """The row of the instance as it is now; None when it is gone."""
+        """The row of the instance as it is now (or as a change being stored will make it); None
+        when it is gone."""
+        if selector in self._staged:
+            return self._staged[selector]
         instance = self.lookup(selector)
         return self.record(instance) if instance is not None else None
 
@@ -110,7 +164,7 @@ class InstancePersistence:
                 self._blobs[record.selector] = record.password_blob
             except DecryptionError:
                 log.error("credentials of %s cannot be decrypted (wrong key file?); treating as wiped",
-                          record.selector)
+                          mask(record.selector))
         registration = Registration(
             status=_enum(RegStatus, record.reg_status, RegStatus.IDLE), last_code=record.last_code,
             last_reason=record.last_reason, expires_at=record.expires_at,

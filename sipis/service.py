@@ -3,6 +3,13 @@
 State changes go through the lifecycle owner (:mod:`sipis.lifecycle`, which also keeps the set of
 instances); everything else this module changes is announced on the bus (storage follows from
 there). Bearer tokens are stored only as hashes.
+
+Acknowledge only what is stored, apply only what is acknowledged: every app operation first has storage
+commit the row its change will produce (a copy of the instance showing the change), within
+``api.commit_timeout``; only then is the change applied (lifecycle transitions, REGISTERs, events).
+Storing first rather than applying and rolling back, because a removed binding or a sent REGISTER
+cannot be taken back. When storage does not commit in time, :class:`StorageUnavailable` reaches
+the app API (503) and nothing changed.
 """
 
 from __future__ import annotations
@@ -11,7 +18,8 @@ import logging
 import secrets
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Protocol
 
 from contract.documents import HeldCall
 from contract.events import InstanceAppReport, InstanceEnrolled, InstancePushChanged, InstanceUpdated
@@ -28,15 +36,25 @@ from sipis.proxy_register import ProxyRegistrar
 log = logging.getLogger(__name__)
 
 
+class Storage(Protocol):
+    """Stores a change before it is applied (:class:`sipis.persistence.InstancePersistence`)."""
+
+    async def store(self, instance: Instance) -> None:
+        """Commit this row (raises :class:`storage.writer.StorageUnavailable` when it cannot)."""
+        ...
+
+    async def store_deletion(self, selector: str) -> None: ...
+
+
 class InstanceService:
     def __init__(self, *, lifecycle: InstanceLifecycle, registrar: ProxyRegistrar, bus: EventBus,
                  clock: Clock, enroll_tokens: tuple[str, ...], calls: CallManager | None = None,
-                 durable: Callable[[], Awaitable[None]] | None = None) -> None:
+                 storage: Storage | None = None) -> None:
         self.lifecycle = lifecycle
         #: the held-call manager, when calls are handled (the app reports progress to it)
         self.calls = calls
-        #: waits until everything published so far is on disk: what an app was told is never lost
-        self.durable = durable
+        #: stores each change before it is applied: what an app was told is never lost
+        self.storage = storage
         self.registrar = registrar
         self.bus = bus
         self.clock = clock
@@ -86,28 +104,41 @@ class InstanceService:
             if request.instance_id is not None and str(request.instance_id) != existing.instance_id:
                 raise ServiceError("instance_id differs from the enrolled instance; use a new selector")
             credentials_changed = _account_key(existing.account) != _account_key(account)
+            off = existing.disabled or existing.state is AppState.OFF  # reactivate() makes it active
+            token_hash = hash_token(token)
+            await self._store(replace(existing, account=account, push=push, token_hash=token_hash,
+                                      app_last_seen=now, state=AppState.ACTIVE if off else existing.state,
+                                      disabled=False))
             existing.account, existing.push = account, push
             _share_common_strings(existing)
-            existing.token_hash = hash_token(token)
+            existing.token_hash = token_hash
             existing.app_last_seen = now
             self.lifecycle.reactivate(existing)
             self.bus.publish(selector, InstanceUpdated(credentials_changed))
             if credentials_changed and existing.state in (AppState.INACTIVE, AppState.PROXIED):
                 self.registrar.forget(selector)
                 self.lifecycle.re_register(existing)
-            await self._persisted()
             return existing, token
         instance = Instance(
             selector=selector, account=account, push=push, token_hash=hash_token(token),
             instance_id=str(request.instance_id or uuid.uuid4()), app_last_seen=now, created_at=now,
         )
+        await self._store(instance)
         self.add(instance)
         self.bus.publish(selector, InstanceEnrolled(account.aor))
-        await self._persisted()
         return instance, token
 
     async def set_state(self, selector: str, state: str, contact: str | None) -> Instance:
         instance = self._require(selector)
+        if not self.lifecycle.may_act(instance):
+            raise ServiceError("instance is off; enrol again to reactivate it")
+        now = self.clock.wall()
+        if state == "inactive":  # take_over() leaves inactive and proxied as they are
+            after = replace(instance, app_last_seen=now,
+                            state=AppState.INACTIVE if instance.state is AppState.ACTIVE else instance.state)
+        else:
+            after = replace(instance, app_last_seen=now, app_contact=contact, state=AppState.ACTIVE)
+        await self._store(after)
         try:
             if state == "inactive":
                 self.lifecycle.take_over(instance)
@@ -115,26 +146,28 @@ class InstanceService:
                 self.lifecycle.hand_back(instance, contact)
         except Unusable:
             raise ServiceError("instance is off; enrol again to reactivate it") from None
-        instance.app_last_seen = self.clock.wall()
+        instance.app_last_seen = now
         if state != "inactive":
             instance.app_contact = contact
         self.bus.publish(selector, InstanceAppReport(state, contact))
-        await self._persisted()
         return instance
 
     async def update_push(self, selector: str, push: PushIn) -> Instance:
         instance = self._require(selector)
-        instance.push = PushTarget(push.provider, push.app_id, push.token, push.voip_token)
+        target = PushTarget(push.provider, push.app_id, push.token, push.voip_token)
+        now = self.clock.wall()
+        await self._store(replace(instance, push=target, app_last_seen=now))
+        instance.push = target
         _share_common_strings(instance)
-        instance.app_last_seen = self.clock.wall()
+        instance.app_last_seen = now
         self.bus.publish(selector, InstancePushChanged(provider=push.provider))
-        await self._persisted()
         return instance
 
     async def delete(self, selector: str) -> None:
         instance = self._require(selector)
+        if self.storage is not None:
+            await self.storage.store_deletion(selector)
         await self.lifecycle.retire(instance, reason="deleted by app", delete=True)
-        await self._persisted()
 
     async def call_progress(self, selector: str, push_id: str) -> HeldCall:
         instance = self._require(selector)
@@ -147,9 +180,9 @@ class InstanceService:
             raise InstanceGone("no such held call for this instance") from None
         return call.view(self.clock)
 
-    async def _persisted(self) -> None:
-        if self.durable is not None:
-            await self.durable()
+    async def _store(self, after: Instance) -> None:
+        if self.storage is not None:
+            await self.storage.store(after)
 
     # ------------------------------------------------------------------ core operations
 

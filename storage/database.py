@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
+import logging
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -19,6 +23,52 @@ from typing import TypeAlias
 import aiosqlite
 
 DEFAULT_BUSY_TIMEOUT = 5.0
+_SQLITE_FULL = 13  # primary result code of "database or disk is full"
+#: Less free space than this on the database's filesystem turns an I/O error into "disk full":
+#: SQLite reports a failed WAL or shared-memory write on a full disk as "disk I/O error".
+_NEARLY_FULL = 1 << 20
+
+
+def is_disk_full(exc: BaseException, path: str | os.PathLike[str] | None = None) -> bool:
+    """Whether ``exc`` means the disk under the database (at ``path``) is full."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if (isinstance(code, int) and code & 0xFF == _SQLITE_FULL) or "disk is full" in str(exc):
+        return True
+    if path is None or os.fspath(path) == ":memory:" or "I/O error" not in str(exc):
+        return False
+    try:
+        return shutil.disk_usage(Path(path).parent).free < _NEARLY_FULL
+    except OSError:
+        return False
+
+
+class _WithoutParameters(logging.Filter):
+    """aiosqlite logs every call at DEBUG as ``executing functools.partial(<method>, sql, params)``,
+    and the parameters hold push tokens and selectors: keep only the method's name."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_call_name(arg) for arg in record.args)
+        return True
+
+
+def _call_name(arg: object) -> object:
+    if isinstance(arg, functools.partial):
+        arg = arg.func
+    if callable(arg) and not isinstance(arg, BaseException):
+        return f"{getattr(arg, '__qualname__', type(arg).__name__)}(…)"
+    return arg
+
+
+logging.getLogger("aiosqlite").addFilter(_WithoutParameters())
+
+
+class DiskFullError(OSError):
+    """The database cannot be opened or written because its disk is full."""
 
 
 class SchemaTooNewError(RuntimeError):
@@ -49,15 +99,22 @@ class Database:
         ``migrations`` defaults to :data:`MIGRATIONS`; ``":memory:"`` gives a throwaway database.
         """
         location = os.fspath(path)
-        if location != ":memory:":
-            _prepare_file(Path(location))
-        conn = await aiosqlite.connect(location, isolation_level=None, timeout=busy_timeout)
+        try:
+            if location != ":memory:":
+                _prepare_file(Path(location))
+            conn = await aiosqlite.connect(location, isolation_level=None, timeout=busy_timeout)
+        except (OSError, sqlite3.Error) as exc:
+            if is_disk_full(exc, location):
+                raise _disk_full(exc, location) from exc
+            raise
         db = cls(conn, location)
         try:
             await db._configure(busy_timeout)
             await db.migrate(MIGRATIONS if migrations is None else migrations)
-        except BaseException:
+        except BaseException as exc:
             await conn.close()
+            if is_disk_full(exc, location):
+                raise _disk_full(exc, location) from exc
             raise
         return db
 
@@ -123,6 +180,9 @@ class Database:
         errors, which a restart may fix) rather than fail the same way every time (bad values)."""
         return isinstance(exc, sqlite3.OperationalError)
 
+    def is_disk_full(self, exc: BaseException) -> bool:
+        return is_disk_full(exc, self._path)
+
     async def _rollback_quietly(self) -> None:
         self.rollbacks += 1
         with contextlib.suppress(sqlite3.Error, ValueError):
@@ -167,6 +227,14 @@ class Database:
                 await self.execute(statement)
         else:
             await migration(self)
+
+
+def _disk_full(exc: BaseException, location: str) -> DiskFullError:
+    """A full disk named as such (SQLite itself may only say "disk I/O error")."""
+    full = DiskFullError(f"disk full: cannot open the database {location} ({type(exc).__name__}: {exc}); "
+                         "free space on its filesystem and start again")
+    full.errno = errno.ENOSPC
+    return full
 
 
 def _prepare_file(path: Path) -> None:

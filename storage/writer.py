@@ -31,6 +31,7 @@ from typing import Protocol
 
 from contract.documents import AuditEntry, PushRecord, WriterStatus
 from contract.events import Event
+from contract.masking import mask
 from storage.records import InstanceRecord
 from storage.repositories import Stores
 
@@ -46,9 +47,25 @@ class TransactionProvider(Protocol):
         """True if retrying later may succeed (locks, I/O); False if the same op will fail again."""
         ...
 
+    def is_disk_full(self, exc: BaseException) -> bool:
+        """True if ``exc`` means the disk under the database is full."""
+        ...
+
 
 class WriterError(RuntimeError):
     """Queued operations could not be persisted before the writer was closed."""
+
+
+class StorageUnavailable(RuntimeError):
+    """Storage did not commit within the bound asked for; ``reason`` says why (no values)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+#: Told when the writer starts failing (with the error, in words) and when it recovers (None).
+FailingListener = Callable[[str | None], None]
 
 
 # -- operations ----------------------------------------------------------------------------------
@@ -98,14 +115,14 @@ WriteOp = UpsertInstance | SnapshotInstance | DeleteInstance | AppendEvent | App
 
 
 def describe_op(op: WriteOp) -> str:
-    """Kind and key of an op, for logs: identifiers only, never record contents."""
+    """Kind and key of an op, for logs: identifiers only (selectors masked), never record contents."""
     match op:
         case UpsertInstance(record=record):
-            return f"instance upsert {record.selector}"
+            return f"instance upsert {mask(record.selector)}"
         case SnapshotInstance(selector=selector):
-            return f"instance upsert {selector}"
+            return f"instance upsert {mask(selector)}"
         case DeleteInstance(selector=selector):
-            return f"instance delete {selector}"
+            return f"instance delete {mask(selector)}"
         case AppendEvent(event=event):
             return f"event {event.seq}"
         case AppendAudit(entry=entry):
@@ -283,6 +300,8 @@ class BatchedWriter:
         self._dead_lettered = 0
 
         self._last_error: str | None = None
+        #: called once when an episode of failed flushes starts and once when it ends
+        self.on_failing: FailingListener | None = None
         self._consecutive_failures = 0
         self._failed_flushes = 0
         self._transactions = 0
@@ -385,6 +404,16 @@ class BatchedWriter:
         self._urgent.set()
         self._wakeup.set()
         await waiter
+
+    async def commit(self, timeout: float) -> None:
+        """:meth:`flush` within ``timeout`` seconds, else :class:`StorageUnavailable` (what was
+        submitted stays queued: the caller decides what to do about it)."""
+        try:
+            await asyncio.wait_for(self.flush(), timeout)
+        except TimeoutError:
+            raise StorageUnavailable(self._last_error or f"no commit within {timeout:g} s") from None
+        except (WriterError, RuntimeError) as exc:
+            raise StorageUnavailable(str(exc)) from None
 
     # -- console --------------------------------------------------------------------------------
 
@@ -504,7 +533,9 @@ class BatchedWriter:
     def _succeeded(self, mark: int) -> None:
         self._inflight = 0
         if self._consecutive_failures:
-            log.info("storage flush recovered after %d failed attempts", self._consecutive_failures)
+            log.info("storage recovered: flush committed after %d failed attempts", self._consecutive_failures)
+            if self.on_failing is not None:
+                self.on_failing(None)
         self._consecutive_failures = 0
         self._isolate_next = False
         self._last_error = None
@@ -524,14 +555,15 @@ class BatchedWriter:
         self._failed_flushes += 1
         self._isolate_next = permanent
         self._last_error = _describe(exc)
-        if self._consecutive_failures == 1 or self._consecutive_failures % 20 == 0:
-            log.warning(
-                "storage flush failed (attempt %d, %d ops kept for retry): %s",
-                self._consecutive_failures,
-                self.pending,
-                self._last_error,
-                exc_info=self._consecutive_failures == 1,
-            )
+        if self._db.is_disk_full(exc):
+            self._last_error = f"disk full ({self._last_error})"
+        if self._consecutive_failures > 1:  # one WARNING per episode; the retries only at DEBUG
+            log.debug("storage flush failed (attempt %d): %s", self._consecutive_failures, self._last_error)
+            return
+        log.warning("storage failing: %s; %d ops kept for retry until it recovers", self._last_error,
+                    self.pending)
+        if self.on_failing is not None:
+            self.on_failing(self._last_error)
 
     def _set_aside(self, op: WriteOp, exc: Exception) -> None:
         self._dead_letters.append(DeadLetter(op, _describe(exc)))

@@ -95,9 +95,9 @@ async def open_world(path: Path) -> World:
     engine = RegistrationEngine(registrar, bus, clock, SipConfig(register_rate=1000),
                                 rng=random.Random(7))
     lifecycle = InstanceLifecycle(engine=engine, registrar=registrar, bus=bus, clock=clock)  # type: ignore[arg-type]
+    persistence = InstancePersistence(writer, box, lifecycle.get, clock)
     service = InstanceService(lifecycle=lifecycle, registrar=registrar, bus=bus, clock=clock,  # type: ignore[arg-type]
-                              enroll_tokens=("enrol-me",), durable=writer.flush)
-    persistence = InstancePersistence(writer, box, service.get, clock)
+                              enroll_tokens=("enrol-me",), storage=persistence)
     for record in await stores.instances.load_all():
         service.resume(persistence.restore(record))
     persistence.attach(bus)
@@ -210,8 +210,11 @@ async def test_delete_unregisters_wipes_and_forgets(world: World) -> None:
     import asyncio
 
     task = asyncio.ensure_future(deleting)
-    await asyncio.sleep(0)
-    world.engine.tick()
+    for _ in range(500):  # the deletion is stored first, then the engine is asked to remove the binding
+        await asyncio.sleep(0.001)
+        world.engine.tick()
+        if task.done():
+            break
     await task
     assert world.registrar.calls[-1] == (instance.selector, 0)
     assert world.service.get(instance.selector) is None

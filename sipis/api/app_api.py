@@ -54,18 +54,22 @@ from sipis.api.models import (
 )
 from sipis.api.service_protocol import InstanceService, ServiceError
 from sipis.instance import Instance
+from storage.writer import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_ERRORS_SHOWN = 10
+#: Seconds an app waits before retrying a change storage could not commit.
+STORAGE_RETRY_AFTER = 5
 # RFC 6750 b64token, bounded: anything else is "malformed" (401), not "wrong" (403).
 _TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]{1,512}=*")
 _SELECTOR_RE = re.compile(SELECTOR_PATTERN)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                  405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
-                 415: "unsupported_media_type", 422: "validation_error", 500: "internal_error"}
+                 415: "unsupported_media_type", 422: "validation_error", 500: "internal_error",
+                 503: "storage_unavailable"}
 _RESPONSE_TEXT = {400: "Malformed request (broken JSON, bad Content-Length)",
                   401: "Missing or malformed bearer token",
                   403: "Token not valid for this operation or instance",
@@ -75,7 +79,8 @@ _RESPONSE_TEXT = {400: "Malformed request (broken JSON, bad Content-Length)",
                   413: "Body larger than 64 KiB",
                   415: "Body is not application/json",
                   422: "Validation failed; detail names the field",
-                  500: "Internal error (logged)"}
+                  500: "Internal error (logged)",
+                  503: "Storage could not commit the change in time; nothing changed, retry after Retry-After"}
 
 
 class ApiError(Exception):
@@ -237,6 +242,12 @@ async def _on_service_error(_: Request, exc: Exception) -> Response:
     return _error_response(exc.status_code, exc.detail, code=exc.code)
 
 
+async def _on_storage_unavailable(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StorageUnavailable)
+    return _error_response(503, f"storage did not commit the change ({exc.reason}); nothing changed, retry later",
+                           {"Retry-After": str(STORAGE_RETRY_AFTER)})
+
+
 async def _on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else "request refused"
@@ -342,6 +353,7 @@ def create_app(service: InstanceService, *, providers: Collection[str] | None = 
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(ServiceError, _on_service_error)
+    app.add_exception_handler(StorageUnavailable, _on_storage_unavailable)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     enrolment_auth, instance_auth = _auth_dependencies(service)
     check_provider = _provider_check(providers)
@@ -360,7 +372,7 @@ def create_app(service: InstanceService, *, providers: Collection[str] | None = 
     @app.post("/v1/instances", status_code=201, response_model=EnrollOut,
               responses={200: {"model": EnrollOut, "description": "Existing selector updated"},
                          201: {"description": "Instance created"},
-                         **_errors(400, 401, 403, 409, 413, 415, 422, 500)})
+                         **_errors(400, 401, 403, 409, 413, 415, 422, 500, 503)})
     async def enroll(body: EnrollIn, response: Response,
                      by_owner: bool = Depends(enrolment_auth)) -> EnrollOut:
         # Single event loop: no other request can create this selector between get and enroll
@@ -372,7 +384,7 @@ def create_app(service: InstanceService, *, providers: Collection[str] | None = 
         response.headers["Location"] = f"/v1/instances/{instance.selector}"
         return EnrollOut(selector=instance.selector, token=token, state=instance.state.value)
 
-    instance_errors = _errors(400, 401, 403, 404, 409, 413, 415, 422, 500)
+    instance_errors = _errors(400, 401, 403, 404, 409, 413, 415, 422, 500, 503)
 
     @app.get("/v1/instances/{selector}", responses={200: {"model": InstanceView}, **instance_errors})
     async def get_instance(selector: str = selector_path, _: str = Depends(instance_auth)) -> Response:

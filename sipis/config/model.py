@@ -144,6 +144,8 @@ class ApiConfig:
     tls_key: Path = setting(StatePath(), "its private key", default=Path("api-tls.key"), example=Path("api.key"))
     #: no pair configured: the core creates a self-signed one at tls_cert/tls_key when they are missing
     tls_generate: bool = True
+    commit_timeout: float = setting(SECONDS, "longest wait for storage to commit an app's change; past it the app "
+                                    "gets `503` with `Retry-After` and the change is not applied", default=2.0)
 
 
 @section()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import stat
 from pathlib import Path
@@ -150,3 +151,16 @@ def test_split_sql_handles_comments_and_triggers() -> None:
         conn.execute(statement)
     assert conn.execute("SELECT x FROM t").fetchall() == [(2,)]  # the trigger body ran whole
     conn.close()
+
+
+async def test_the_driver_debug_log_never_shows_sql_parameters(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    await db.execute("CREATE TABLE secrets (value TEXT)")
+    async with db.transaction():
+        await db.execute("INSERT INTO secrets VALUES (?)", ("push-token-0123456789-very-secret",))
+        await db.executemany("INSERT INTO secrets VALUES (?)", [("selector-ABCDEF0123456789:0011",)])
+    assert any(r.name == "aiosqlite" for r in caplog.records)  # the driver did log each call
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "very-secret" not in logged and "ABCDEF0123456789" not in logged
