@@ -113,7 +113,8 @@ class SipConfig:
     keepalive_interval: float = setting(Seconds(zero_ok=True), "CRLF keep-alive on TCP/TLS flows (RFC 5626); `0` = off",
                                         default=30.0)
     register_rate: float = setting(Number("a rate per second", "rate per second"),
-                                   "new REGISTER transactions per second at most (start-up, mass re-registration)",
+                                   "REGISTER transactions per second at most for all but routine refreshes (start-up, "
+                                   "take-overs, re-enrolments, removals, retries; a challenged retry counts)",
                                    default=200.0)
     backoff_base: float = setting(SECONDS, "first wait of the exponential backoff with jitter after timeouts, lost "
                                   "flows and 5xx without Retry-After", default=2.0)
