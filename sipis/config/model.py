@@ -145,6 +145,17 @@ class ApiConfig:
     tls_key: Path = setting(StatePath(), "its private key", default=Path("api-tls.key"), example=Path("api.key"))
     #: no pair configured: the core creates a self-signed one at tls_cert/tls_key when they are missing
     tls_generate: bool = True
+    # Request limits (sipis/api/limits.py); over them the API answers 429 with Retry-After.
+    rate_per_source: float = setting(
+        Number("a rate per second", "rate per second", low=0.0, low_open=False),
+        "requests per second from one address, sustained; `0` = no limit", default=50.0)
+    burst_per_source: float = setting(Number("a number of requests", "requests", low=1.0, low_open=False),
+                                      "requests one address may make at once", default=200.0)
+    rate_per_token: float = setting(
+        Number("a rate per second", "rate per second", low=0.0, low_open=False),
+        "requests per second with one instance token, sustained; `0` = no limit", default=2.0)
+    burst_per_token: float = setting(Number("a number of requests", "requests", low=1.0, low_open=False),
+                                     "requests one instance token may make at once", default=20.0)
 
 
 @section()
