@@ -18,6 +18,7 @@ from contract.codec import to_json
 from contract.events import CoreStarted, CoreStopped
 from sipis.ageing import Ageing
 from sipis.api.app_api import create_app
+from sipis.api.limits import RateLimits
 from sipis.api.server import ApiServer
 from sipis.calls import CallManager
 from sipis.clock import Clock, SystemClock
@@ -150,7 +151,7 @@ class Core:
         if api.listen is not None:
             if api.tls and api.tls_generate:
                 ensure_self_signed(api.tls_cert, api.tls_key, [api.listen.host, "localhost"])
-            app = create_app(self.service, providers=tuple(config.push))
+            app = create_app(self.service, providers=tuple(config.push), limits=RateLimits(api, self.clock))
             self.api = ApiServer(app, api.listen.host, api.listen.port, tls=api.tls,
                                  certfile=api.tls_cert if api.tls else None,
                                  keyfile=api.tls_key if api.tls else None)

@@ -12,8 +12,12 @@ Policy (see README, "Registration engine"):
   retried only after ``unauthorized_retry`` (no hammering);
 * 5xx honour ``Retry-After``; timeouts, transport errors and lost flows back off exponentially
   with jitter (``backoff_base`` doubling up to ``backoff_max``);
-* new attempts are paced by a token bucket (``register_rate`` per second) so a restart or a PBX
-  coming back never floods the registrar;
+* every attempt not due by the clock alone is paced by a token bucket (``register_rate`` REGISTER
+  transactions per second, a challenged REGISTER and its retry counting 2): start-up, take-over,
+  re-registration (operator, changed credentials), removals (hand-back, DELETE, disable) and
+  retries, so neither a restart, a PBX coming back nor a client flipping states or re-enrolling
+  floods the registrar. Only refreshes of a confirmed registration run outside the bucket, on time;
+  removals wait for the next token, never behind a burst of registrations;
 * going ``active`` removes only our own contact (REGISTER with our Contact and expires=0).
 
 The engine writes only the instance's ``registration``; the lifecycle owner (:mod:`sipis.lifecycle`)
@@ -139,7 +143,7 @@ class _Entry:
     busy: bool = False
     due: float | None = None  # monotonic time of the next attempt
     queued: bool = False  # waiting in the paced ready queue
-    #: the next attempt waits for a pacing token (take-over, retries); refreshes and removals don't
+    #: the next attempt waits for a pacing token; only routine refreshes don't
     paced: bool = True
     #: futures of hand_back/remove waiting for the binding to be gone (None: nobody waits)
     waiters: list[asyncio.Future[RegisterResult | None]] | None = None
@@ -157,7 +161,12 @@ class RegistrationEngine:
         #: (due, selector): stale pairs are skipped when popped (the entry's own ``due`` differs)
         self._heap: list[tuple[float, str]] = []
         self._ready: deque[str] = deque()
-        self._tokens = 1.0
+        #: paced removals: served before ``_ready`` (an app that is active again waits for one token)
+        self._removals: deque[str] = deque()
+        #: the bucket holds one second's worth (at least one token) and starts full
+        self._tokens = max(1.0, self.settings.register_rate)
+        #: tokens a paced attempt reserves when it starts: the transactions the last one used
+        self._per_attempt = 1.0
         self._tokens_at = clock.monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -189,17 +198,19 @@ class RegistrationEngine:
         entry.want = Want.UNREGISTERED
         return self._settle(entry)
 
-    def remove(self, instance: Instance) -> asyncio.Future[RegisterResult | None]:
-        """Forget the instance after removing our binding (DELETE, ageing, disable)."""
+    def remove(self, instance: Instance, *, paced: bool = True) -> asyncio.Future[RegisterResult | None]:
+        """Forget the instance after removing our binding (DELETE, ageing, disable; unpaced only
+        when the core stops)."""
         entry = self._entry(instance)
         entry.want = Want.REMOVED
-        return self._settle(entry)
+        return self._settle(entry, paced=paced)
 
     def refresh_now(self, instance: Instance) -> None:
-        """Operator action: re-register now (if we are meant to hold a registration)."""
+        """Re-register now, paced (operator action, changed credentials), if we are meant to hold
+        a registration."""
         entry = self._entries.get(instance.selector)
         if entry is not None and entry.want is Want.REGISTERED:
-            self._schedule(entry, self.clock.monotonic(), paced=False)
+            self._schedule(entry, self.clock.monotonic())
 
     def flow_lost(self, selectors: list[str]) -> None:
         """The flow these instances registered over died: re-register them soon, spread out."""
@@ -230,11 +241,13 @@ class RegistrationEngine:
                 self._start(entry)  # a routine refresh or a removal: on time, outside the bucket
                 continue
             entry.queued = True
-            self._ready.append(selector)
+            (self._ready if entry.want is Want.REGISTERED else self._removals).append(selector)
         self._refill_tokens(now)
-        while self._ready and self._tokens >= 1.0 and len(self._tasks) < MAX_IN_FLIGHT:
-            selector = self._ready.popleft()
-            entry = self._entries.get(selector)
+        while self._tokens >= 1.0 and len(self._tasks) < MAX_IN_FLIGHT:
+            queue = self._removals or self._ready
+            if not queue:
+                break
+            entry = self._entries.get(queue.popleft())
             if entry is None:
                 continue
             entry.queued = False
@@ -242,9 +255,11 @@ class RegistrationEngine:
                 continue  # the running exchange reconciles when it finishes
             if entry.want is not Want.REGISTERED and not entry.bound:
                 continue  # nothing to register and nothing to remove
-            if self._start(entry):
-                self._tokens -= 1.0
-        if self._ready:
+            reserved = self._per_attempt
+            if self._start(entry, reserved):
+                self._tokens -= reserved
+        if self._ready or self._removals:
+            # tokens may be below zero: the last exchanges used more transactions than reserved
             return max(0.001, (1.0 - self._tokens) / self.settings.register_rate)
         if self._heap:
             return max(0.0, self._heap[0][0] - now)
@@ -276,7 +291,8 @@ class RegistrationEngine:
     async def stop(self, *, unregister: bool, timeout: float = 5.0) -> None:
         """Stop scheduling; with ``unregister`` remove every binding we hold first (paced)."""
         if unregister:
-            futures = [self.remove(entry.instance) for entry in list(self._entries.values()) if entry.bound]
+            futures = [self.remove(entry.instance, paced=False)
+                       for entry in list(self._entries.values()) if entry.bound]
             if futures:
                 self._wake.set()
                 await asyncio.wait(futures, timeout=timeout)
@@ -306,7 +322,7 @@ class RegistrationEngine:
             entry.instance = instance
         return entry
 
-    def _settle(self, entry: _Entry) -> asyncio.Future[RegisterResult | None]:
+    def _settle(self, entry: _Entry, *, paced: bool = True) -> asyncio.Future[RegisterResult | None]:
         future: asyncio.Future[RegisterResult | None] = asyncio.get_running_loop().create_future()
         if not entry.bound and not entry.busy:
             self._finish_unwanted(entry, None)
@@ -316,13 +332,12 @@ class RegistrationEngine:
             entry.waiters = []
         entry.waiters.append(future)
         if not entry.busy:
-            self._schedule(entry, self.clock.monotonic(), paced=False)
+            self._schedule(entry, self.clock.monotonic(), paced=paced)
         return future
 
     def _schedule(self, entry: _Entry, due: float, *, paced: bool = True) -> None:
-        """Plan the next attempt. ``paced`` attempts share the ``register_rate`` budget: start-up,
-        take-over and re-registration after failures or lost flows. Refreshes of a confirmed
-        registration and removals are not paced, so they are never late because of a burst."""
+        """Plan the next attempt. ``paced`` attempts share the ``register_rate`` budget: all but the
+        refreshes of a confirmed registration, which are never late because of a burst."""
         if entry.due is not None and entry.due <= due:
             entry.paced = entry.paced and paced
             return
@@ -340,19 +355,20 @@ class RegistrationEngine:
         self._tokens = min(max(1.0, rate), self._tokens + (now - self._tokens_at) * rate)
         self._tokens_at = now
 
-    def _start(self, entry: _Entry) -> bool:
+    def _start(self, entry: _Entry, reserved: float = 0.0) -> bool:
         """Start the entry's exchange, unless it is a REGISTER for a binding the owner says this
-        node may not make now (its schedule is dropped: the owner takes the instance over again)."""
+        node may not make now (its schedule is dropped: the owner takes the instance over again).
+        ``reserved``: the pacing tokens taken for it (0: unpaced)."""
         if entry.want is Want.REGISTERED and not self.owner.may_act(entry.instance):
             entry.due = None
             return False
         entry.busy = True
-        task = asyncio.create_task(self._attempt(entry))
+        task = asyncio.create_task(self._attempt(entry, reserved))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
 
-    async def _attempt(self, entry: _Entry) -> None:
+    async def _attempt(self, entry: _Entry, reserved: float) -> None:
         instance = entry.instance
         registering = entry.want is Want.REGISTERED
         expires = self.settings.register_expires if registering else 0
@@ -368,6 +384,10 @@ class RegistrationEngine:
             log.exception("registration exchange failed for %s", instance.selector)
             result = RegisterResult(Outcome.FAILED, 500, "Internal error", detail=str(exc))
         entry.busy = False
+        if reserved:
+            # charge what the exchange really sent (a challenged REGISTER and its retry: 2)
+            self._tokens -= result.transactions - reserved
+            self._per_attempt = float(max(1, result.transactions))
         if registering:
             self._after_register(entry, result)
         else:
@@ -432,7 +452,7 @@ class RegistrationEngine:
             self._schedule(entry, next_due, paced=paced)
             return
         if entry.bound:
-            self._schedule(entry, self.clock.monotonic(), paced=False)  # a registration raced the hand-back
+            self._schedule(entry, self.clock.monotonic())  # a registration raced the hand-back
             return
         self._finish_unwanted(entry, result)
 

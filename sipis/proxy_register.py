@@ -58,34 +58,41 @@ class ProxyRegistrar:
         endpoint.flow_closed_listeners.append(self._flow_closed)
 
     async def __call__(self, instance: Instance, expires: int) -> RegisterResult:
+        """One exchange, failing over across the registrar's targets; the result's
+        ``transactions`` counts every REGISTER sent on the way (0: none was)."""
         account = instance.account
         if account.password is None:
-            return RegisterResult(Outcome.UNAUTHORIZED, 403, "Credentials wiped", detail="no credentials")
+            return RegisterResult(Outcome.UNAUTHORIZED, 403, "Credentials wiped", detail="no credentials",
+                                  transactions=0)
         try:
             binding = self._binding(instance)
         except (SipParseError, ValueError) as exc:
-            return RegisterResult(Outcome.REJECTED, 400, "Bad account", detail=str(exc))
+            return RegisterResult(Outcome.REJECTED, 400, "Bad account", detail=str(exc), transactions=0)
         try:
             targets = await self.resolver.resolve(binding.registrar)
         except ResolveError as exc:
-            return RegisterResult(Outcome.FAILED, 503, "Registrar not found", detail=str(exc))
+            return RegisterResult(Outcome.FAILED, 503, "Registrar not found", detail=str(exc), transactions=0)
         result: RegisterResult | None = None
+        sent = 0
         for target in targets:
             try:
                 flow = await self.endpoint.transport.flow_to(target.transport, target.host, target.port,
                                                              server_name=target.server_name)
             except TransportError as exc:
-                result = RegisterResult(Outcome.FAILED, 503, "Service Unavailable", detail=str(exc))
+                result = RegisterResult(Outcome.FAILED, 503, "Service Unavailable", detail=str(exc),
+                                        transactions=sent)
                 continue
             previous = self._flow_of.get(instance.selector)
             if previous is not None and previous[0] != flow.transport:
                 binding.contact_uri = None  # failed over to another transport: new Contact
             result = await register(self.endpoint, binding, flow, expires)
+            sent += result.transactions
+            result.transactions = sent
             self._track(instance.selector, flow, bound=result.ok and expires > 0)
             if result.outcome is not Outcome.FAILED or result.status not in FAILOVER_STATUSES:
                 return result
         if result is None:
-            result = RegisterResult(Outcome.FAILED, 503, "Service Unavailable", detail="no target")
+            result = RegisterResult(Outcome.FAILED, 503, "Service Unavailable", detail="no target", transactions=0)
         return result
 
     def prepare(self, instance: Instance) -> None:

@@ -68,6 +68,8 @@ class FakeExchange:
     clock: FakeClock
     calls: list[Call] = field(default_factory=list)
     steps: dict[str, deque[Step]] = field(default_factory=dict)
+    #: REGISTER transactions each unscripted answer reports (2: challenged, then accepted)
+    transactions: int = 1
 
     def script(self, selector: str, *steps: Step) -> None:
         self.steps.setdefault(selector, deque()).extend(steps)
@@ -79,6 +81,8 @@ class FakeExchange:
         self.calls.append(Call(instance.selector, expires, self.clock.monotonic()))
         queue = self.steps.get(instance.selector)
         step: Step = queue.popleft() if queue else ok(expires)
+        if not queue and isinstance(step, RegisterResult):
+            step.transactions = self.transactions
         if isinstance(step, Gate):
             await step.event.wait()
             step = step.result
@@ -440,6 +444,58 @@ async def test_rescheduling_while_waiting_for_a_token_keeps_the_refresh() -> Non
     assert START + 1 + 300 <= refreshes[0].at <= START + 1 + 480 + 4
 
 
+async def test_a_flood_of_re_registrations_and_state_flips_stays_within_register_rate_transactions() -> None:
+    """One client flipping its instances between active and inactive and re-enrolling them with new
+    credentials as fast as it can (20 times a second each): every attempt it triggers is paced, and
+    a challenged REGISTER and its retry count as two transactions."""
+    rate = 10.0
+    h = make_harness(register_rate=rate)
+    h.exchange.transactions = 2
+    instances = [make_instance(f"sel-{n}") for n in range(4)]
+    for n in range(200):  # 10 s
+        for instance in instances:
+            if n % 2:
+                h.life.hand_back(instance, None)
+            else:
+                h.life.take_over(instance)
+                h.life.re_register(instance)
+        await h.step(0.05)
+    times = [c.at - START for c in h.exchange.calls]
+    assert any(c.expires == 0 for c in h.exchange.calls) and any(c.expires == 600 for c in h.exchange.calls)
+    # the full bucket's second is spent in the first second; after it, any one-second window holds
+    # at most register_rate transactions, plus the one exchange the estimate may fall short by
+    for start in [n * 0.05 for n in range(20, 180)]:
+        sent = 2 * sum(1 for t in times if start <= t < start + 1.0)
+        assert sent <= rate + 2, f"{sent} transactions in the second from {start:.2f} s"
+    assert 2 * len(times) <= rate * 11 + 2
+
+
+async def test_a_challenged_retry_is_charged_to_the_bucket() -> None:
+    h = make_harness(register_rate=10.0)
+    h.exchange.transactions = 3  # stale nonce: three REGISTERs in one exchange
+    instances = [make_instance(f"sel-{n:02}") for n in range(40)]
+    for instance in instances:
+        h.life.take_over(instance)
+    await h.run_for(4.0, step=0.125)
+    # 10 tokens to start with plus 10 a second, 3 each: at most 17 exchanges in 4 s
+    assert 3 * len(h.exchange.calls) <= 10 + 10 * 4.0 + 3
+
+
+async def test_operator_re_register_and_removals_wait_for_a_token() -> None:
+    h = make_harness(register_rate=1.0)
+    instance = await registered(h)  # spends the one token
+    h.life.re_register(instance)
+    await h.step(0.25)
+    assert len(h.exchange.calls) == 1, "re-registration was not paced"
+    await h.step(1.0)
+    assert len(h.exchange.calls) == 2
+    removal = h.life.hand_back(instance, None)
+    await h.step(0.25)
+    assert not removal.done(), "the hand-back's removal was not paced"
+    await h.step(1.0)
+    assert removal.done() and h.exchange.calls[-1].expires == 0
+
+
 # ---------------------------------------------------------------------------------------- hand back
 
 
@@ -658,7 +714,8 @@ async def test_stop_without_unregister_leaves_bindings_alone() -> None:
 
 async def test_refreshes_and_hand_backs_are_not_held_back_by_pacing() -> None:
     """Pacing protects the PBX from start-up bursts; a confirmed registration's refresh must still be
-    on time (issue: no refresh late by more than 1 s) and a hand-back must not queue behind a burst."""
+    on time (issue: no refresh late by more than 1 s) and a hand-back must not queue behind a burst
+    (it waits for the next token only)."""
     h = make_harness(register_rate=1.0)
     instances = [make_instance(f"sel-{n}") for n in range(5)]
     for instance in instances:

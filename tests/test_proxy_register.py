@@ -92,9 +92,9 @@ def test_prepare_leaves_bad_or_wiped_accounts_to_the_exchange() -> None:
     registrar.prepare(wiped)
     assert registrar._bindings == {}
     result = asyncio.run(registrar(bad, 600))
-    assert (result.outcome, result.status) == (Outcome.REJECTED, 400)
+    assert (result.outcome, result.status, result.transactions) == (Outcome.REJECTED, 400, 0)  # nothing sent
     result = asyncio.run(registrar(wiped, 600))
-    assert (result.outcome, result.status) == (Outcome.UNAUTHORIZED, 403)
+    assert (result.outcome, result.status, result.transactions) == (Outcome.UNAUTHORIZED, 403, 0)
 
 
 def test_instances_on_one_flow_share_its_key_and_are_re_registered_when_it_dies() -> None:

@@ -42,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract.codec import to_json
 from contract.documents import HeldCall, InstanceView
+from sipis.api.limits import RateLimitMiddleware, RateLimits
 from sipis.api.models import (
     SELECTOR_PATTERN,
     EnrollIn,
@@ -345,11 +346,16 @@ def _provider_check(providers: Collection[str] | None) -> Callable[[str, str], N
 
 
 def create_app(service: InstanceService, *, providers: Collection[str] | None = None,
-               max_body: int = MAX_BODY_BYTES) -> FastAPI:
-    """``providers``: the names of the configured push providers (``[push.NAME]``)."""
+               max_body: int = MAX_BODY_BYTES, limits: RateLimits | None = None) -> FastAPI:
+    """``providers``: the names of the configured push providers (``[push.NAME]``); ``limits``: per
+    source and per token (sipis/api/limits.py), none when None."""
     app = FastAPI(title="SIPIS app API", version="1", docs_url=None, redoc_url=None,
-                  description=__doc__)
+                  description=__doc__, responses={429: {
+                      "model": ErrorOut, "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                      "description": "Too many requests from this address or with this token"}})
     app.add_middleware(GuardMiddleware, max_body=max_body)
+    if limits is not None:  # added last: outermost, before the body is read
+        app.add_middleware(RateLimitMiddleware, limits=limits)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(ServiceError, _on_service_error)

@@ -113,7 +113,8 @@ class SipConfig:
     keepalive_interval: float = setting(Seconds(zero_ok=True), "CRLF keep-alive on TCP/TLS flows (RFC 5626); `0` = off",
                                         default=30.0)
     register_rate: float = setting(Number("a rate per second", "rate per second"),
-                                   "new REGISTER transactions per second at most (start-up, mass re-registration)",
+                                   "REGISTER transactions per second at most for all but routine refreshes (start-up, "
+                                   "take-overs, re-enrolments, removals, retries; a challenged retry counts)",
                                    default=200.0)
     backoff_base: float = setting(SECONDS, "first wait of the exponential backoff with jitter after timeouts, lost "
                                   "flows and 5xx without Retry-After", default=2.0)
@@ -146,6 +147,17 @@ class ApiConfig:
     tls_generate: bool = True
     commit_timeout: float = setting(SECONDS, "longest wait for storage to commit an app's change; past it the app "
                                     "gets `503` with `Retry-After` and the change is not applied", default=2.0)
+    # Request limits (sipis/api/limits.py); over them the API answers 429 with Retry-After.
+    rate_per_source: float = setting(
+        Number("a rate per second", "rate per second", low=0.0, low_open=False),
+        "requests per second from one address, sustained; `0` = no limit", default=50.0)
+    burst_per_source: float = setting(Number("a number of requests", "requests", low=1.0, low_open=False),
+                                      "requests one address may make at once", default=200.0)
+    rate_per_token: float = setting(
+        Number("a rate per second", "rate per second", low=0.0, low_open=False),
+        "requests per second with one instance token, sustained; `0` = no limit", default=2.0)
+    burst_per_token: float = setting(Number("a number of requests", "requests", low=1.0, low_open=False),
+                                     "requests one instance token may make at once", default=20.0)
 
 
 @section()

@@ -125,6 +125,9 @@ class RegisterResult:
     #: the flow the exchange ran on (set by :func:`register`)
     flow: Flow | None = None
     detail: str = ""
+    #: REGISTER transactions the exchange used (a challenged REGISTER and its retry: 2); what the
+    #: engine's pacing charges
+    transactions: int = 1
 
     @property
     def ok(self) -> bool:
@@ -308,6 +311,7 @@ class _Shell(ResponseCallback):
 
     def _resolve(self, result: RegisterResult) -> None:
         result.flow = self.flow
+        result.transactions = self.exchange.rounds
         self.future.set_result(result)
 
 

@@ -122,11 +122,11 @@ async def test_a_refresh_sends_the_accepted_credentials_again(
     flow = await flow_to(client, registrar, transport)
     alice = binding()
     first = await register(client, alice, flow, 300)
-    assert first.ok and first.expires == 300
+    assert first.ok and first.expires == 300 and first.transactions == 2  # what pacing charges
     assert [(s.nonce, s.nc, s.answer) for s in registrar.seen] == [(None, None, 401),
                                                                    ("nonce-1", "00000001", 200)]
     refresh = await register(client, alice, flow, 300)
-    assert refresh.ok
+    assert refresh.ok and refresh.transactions == 1
     # one transaction: the same nonce with the next nc, never challenged
     assert [(s.cseq, s.nonce, s.nc, s.answer) for s in registrar.seen[2:]] == [(3, "nonce-1", "00000002", 200)]
     removal = await register(client, alice, flow, 0)
@@ -188,7 +188,7 @@ async def test_a_retry_after_423_carries_the_next_nc(registrar: Registrar, clien
                         (423, [("Min-Expires", "600")])]
     registrar.nonces.add("n0")
     result = await register(client, alice, flow, 300)
-    assert result.ok and result.expires == 600
+    assert result.ok and result.expires == 600 and result.transactions == 3
     assert [(s.nonce, s.nc, s.answer) for s in registrar.seen] == [(None, None, 401), ("n0", "00000001", 423),
                                                                    ("n0", "00000002", 200)]
 
