@@ -25,6 +25,7 @@ from sipis.config import Config, insecure_settings
 from sipis.crypto import SecretBox, load_or_create_key
 from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
+from sipis.inbound import InboundGate
 from sipis.lifecycle import InstanceLifecycle
 from sipis.operations import Operations
 from sipis.operator_api import OperatorContext, OperatorServer, OperatorSessions
@@ -129,6 +130,8 @@ class Core:
                                      clock=self.clock, max_body=calls.max_message_body)
         self.endpoint.handlers["INVITE"] = self.calls.on_invite
         self.endpoint.handlers["MESSAGE"] = self.messages.on_message
+        gate = InboundGate(self.lifecycle)
+        self.endpoint.screens["INVITE"] = self.endpoint.screens["MESSAGE"] = gate
         self.operations = Operations(service=self.service, lifecycle=self.lifecycle, delivery=self.delivery,
                                      bus=self.bus, clock=self.clock)
         self._wire_operator(self.service, self.delivery, self.calls, self.operations, self.writer)

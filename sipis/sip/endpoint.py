@@ -12,7 +12,10 @@ transaction user (registration engine, held calls) sees two things:
   failures and timeouts come back as locally generated ``503``/``408``);
   :meth:`SipEndpoint.send_request` does the same for a :class:`ResponseCallback`, which gets the
   final response from the endpoint directly and may send the next request from there;
-* handlers per method for incoming requests, each given an :class:`IncomingRequest` to answer.
+* handlers per method for incoming requests, each given an :class:`IncomingRequest` to answer;
+* screens per method, asked before a server transaction exists: a request a screen refuses (junk:
+  an unknown user, a source we do not take calls from) gets that one response statelessly — no
+  transaction, no retransmissions, nothing kept (RFC 3261 §8.2.7 allows a stateless UAS).
 
 The endpoint itself answers what needs no application: ``100 Trying`` for INVITE, ``200`` to
 OPTIONS, ``200``/``487``/``481`` for CANCEL, ``405`` for methods nobody handles and ``481`` for
@@ -59,6 +62,8 @@ log = logging.getLogger(__name__)
 
 ServerTransaction = ServerInviteTransaction | ServerNonInviteTransaction
 RequestHandler = Callable[["IncomingRequest"], None]
+#: a request's final status when it is refused before any transaction exists, None to serve it
+Screen = Callable[[Request, Flow], int | None]
 ProvisionalHandler = Callable[[Response], None]
 
 
@@ -186,6 +191,10 @@ class SipEndpoint:
         )
         self.table = TransactionTable()
         self.handlers: dict[str, RequestHandler] = {}
+        #: method → screen (see the module's docstring); only new requests of that method are asked
+        self.screens: dict[str, Screen] = {}
+        #: responses sent statelessly for requests a screen refused
+        self.refused = 0
         self.flow_closed_listeners: list[Callable[[Flow, str], None]] = []
         #: see every message received ("in") or sent ("out"), e.g. the trace recorder; must not block
         self.observers: list[Callable[[str, Message, Flow], None]] = []
@@ -321,6 +330,16 @@ class SipEndpoint:
         if request.method == "CANCEL":
             self._on_cancel(request, flow)
             return
+        screen = self.screens.get(request.method)
+        if screen is not None:
+            try:
+                status = screen(request, flow)
+            except Exception:
+                log.exception("screen for %s failed", request)
+                status = 500
+            if status is not None:
+                self._reply_statelessly(request, flow, status)
+                return
         tx: ServerTransaction
         if request.method == "INVITE":
             tx = ServerInviteTransaction(request, reliable=flow.reliable, timers=self.timers)
@@ -331,6 +350,21 @@ class SipEndpoint:
         self.table.add(tx)
         self._run(tx, tx.start(self.now()))
         self._dispatch(incoming)
+
+    def _reply_statelessly(self, request: Request, flow: Flow, status: int) -> None:
+        """One response and nothing kept: a retransmitted request is simply refused again."""
+        response = make_response(request, status, to_tag=new_tag())
+        if self.user_agent:
+            response.headers.add("Server", self.user_agent)
+        self.refused += 1
+        try:
+            flow.send(response.to_bytes())
+        except TransportError as exc:
+            log.debug("stateless %d to %s not sent: %s", status, flow, exc)
+            return
+        self.transport.stats["sent"] += 1
+        if self.observers:
+            self._observe("out", response, flow)
 
     def _dispatch(self, incoming: IncomingRequest) -> None:
         request = incoming.request
