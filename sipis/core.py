@@ -37,6 +37,7 @@ from sipis.service import InstanceService
 from sipis.sip import IMPLEMENTATION as SIP_IMPLEMENTATION
 from sipis.sip.endpoint import EndpointSettings, SipEndpoint
 from sipis.sip.resolver import Resolver
+from sipis.sip.sources import TrustedSources
 from sipis.sip.transaction import TimerSettings
 from sipis.sip.transport import ListenSpec, TlsSettings
 from sipis.ssh_server import ConsoleSshServer
@@ -130,7 +131,7 @@ class Core:
                                      clock=self.clock, max_body=calls.max_message_body)
         self.endpoint.handlers["INVITE"] = self.calls.on_invite
         self.endpoint.handlers["MESSAGE"] = self.messages.on_message
-        gate = InboundGate(self.lifecycle)
+        gate = InboundGate(self.lifecycle, registrar, TrustedSources(sip.trusted_sources))
         self.endpoint.screens["INVITE"] = self.endpoint.screens["MESSAGE"] = gate
         self.operations = Operations(service=self.service, lifecycle=self.lifecycle, delivery=self.delivery,
                                      bus=self.bus, clock=self.clock)

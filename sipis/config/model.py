@@ -41,6 +41,7 @@ from sipis.config.kinds import (
     Url,
 )
 from sipis.config.schema import Check, Order, Together, override, section, setting
+from sipis.sip.sources import source_problem
 
 Role: TypeAlias = Literal["viewer", "operator", "admin"]
 ReleaseMode: TypeAlias = Literal["redirect", "reject"]
@@ -88,6 +89,8 @@ class LogConfig:
     Order("refresh_min", "<", "refresh_max"),
     Order("backoff_max", ">=", "backoff_base"),
     Order("t2", ">=", "t1"),
+    Check("trusted_sources", lambda v: source_problem(v["trusted_sources"]) is not None,
+          "each entry must be an IP address, address:port ([v6]:port) or CIDR network"),
 ))
 class SipConfig:
     listen: tuple[SipListen, ...] = setting(
@@ -126,6 +129,11 @@ class SipConfig:
     t1: float = setting(SECONDS, "RFC 3261 T1: RTT estimate, first retransmit", default=0.5)
     t2: float = setting(SECONDS, "RFC 3261 T2: longest retransmit interval", default=4.0)
     t4: float = setting(SECONDS, "RFC 3261 T4: how long the network keeps a message", default=5.0)
+    # -- who may send us requests, and what junk may cost (README "Security and limits")
+    trusted_sources: tuple[str, ...] = setting(
+        Strings(), "peers whose INVITE/MESSAGE for our bindings are taken besides the registrars we registered "
+        "with: IP address (any port), `address:port` or CIDR network; anyone else gets 403", default=(),
+        example=("192.0.2.10:5060", "198.51.100.0/24"))
 
 
 @section(rules=(

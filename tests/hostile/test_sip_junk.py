@@ -1,4 +1,6 @@
-"""Junk and strangers against the real core on loopback (Kamailio where it matters).
+"""Junk and strangers against the real core on loopback (Kamailio where it matters): requests
+for unknown users cost one stateless 404; requests for our bindings from anywhere but the
+registrar get 403 and ring nothing.
 
 Every flood is bounded in count, every wait in time.
 """
@@ -11,9 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from lab.kamailio import USERS
 from sipis.config import parse_config
 from sipis.core import Core
+from sipis.sip.endpoint import EndpointSettings, SipEndpoint
+from sipis.sip.message import Headers, Request, SipURI
+from sipis.sip.transport import ListenSpec, TransportName
+from tests.integration.test_calls_e2e import Lab, start_lab
 from tests.sip.test_transport import HOST, UdpPeer, as_response, sip_request
+from tests.waiting import wait_for
 
 T1 = 0.05  # short SIP timers: a retransmission that were due would come within a few T1
 
@@ -66,3 +74,42 @@ async def test_requests_for_unknown_users_get_one_404_and_cost_no_memory(
     assert core.endpoint.pending_transactions == 0
     await asyncio.sleep(10 * T1)  # Timer G would have repeated each 404 by now
     assert peer.queue.empty()
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+    async for value in start_lab(tmp_path):
+        yield value
+
+
+def message_to(uri: str, method: str, call_id: str) -> Request:
+    return Request(method, uri, Headers([
+        ("From", "<sip:mallory@example.test>;tag=m1"), ("To", f"<{uri}>"), ("Call-ID", call_id),
+        ("CSeq", f"1 {method}"), ("Content-Type", "text/plain")]), b"hello" if method == "MESSAGE" else b"")
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_invite_and_message_straight_to_the_core_get_403_and_ring_nothing(
+    transport: TransportName, lab: Lab,
+) -> None:
+    await lab.enrol_sleeping("frank", USERS["frank"], "token-frank")
+    contact = SipURI.parse(next(c["contact"] for c in lab.kam.ul_dump() if c["aor"] == "frank"))
+    target = f"sip:{contact.user}@{HOST}"
+    stranger = SipEndpoint(EndpointSettings(listen=[ListenSpec(transport, HOST, 0)], keepalive_interval=0))
+    await stranger.start()
+    try:
+        flow = await stranger.transport.flow_to(transport, HOST, sip_port(lab.core, transport))
+        for method in ("INVITE", "MESSAGE"):
+            request = message_to(target, method, f"direct-{method}")
+            stranger.add_via(request, flow)
+            assert (await stranger.request(request, flow)).status == 403
+        # the same MESSAGE through the registrar is taken and pushed
+        via_pbx = await stranger.transport.flow_to("udp", lab.kam.host, lab.kam.udp_port)
+        request = message_to(f"sip:frank@{lab.kam.domain}", "MESSAGE", "through-pbx")
+        stranger.add_via(request, via_pbx)
+        assert (await stranger.request(request, via_pbx)).status == 200
+        await wait_for(lambda: bool(lab.pushes("NotifyTextMessage")), what="text push")
+    finally:
+        await stranger.close()
+    assert [push.json["verb"] for push in lab.pushes() if push.json] == ["NotifyTextMessage"]
+    assert lab.core.calls is not None and not lab.core.calls.held and not lab.core.calls.recent
