@@ -185,9 +185,12 @@ class SipEndpoint:
         self.settings = settings or EndpointSettings()
         self.user_agent = self.settings.user_agent
         self.timers = self.settings.timers
+        # read for every message: without a clock of its own, time.monotonic() (SystemClock's)
+        # itself, not through SystemClock.monotonic (a Python frame per read)
+        self._now: Callable[[], float] = time.monotonic if clock is None else clock.monotonic
         self.transport = TransportLayer(
             self._on_message, self._on_flow_closed, tls=self.settings.tls,
-            keepalive_interval=self.settings.keepalive_interval,
+            keepalive_interval=self.settings.keepalive_interval, clock=self._now,
         )
         self.table = TransactionTable()
         self.handlers: dict[str, RequestHandler] = {}
@@ -202,9 +205,6 @@ class SipEndpoint:
         #: someone who keeps dialogs takes it here (a proxy passes it on, a callee ends its wait)
         self.unmatched_ack: Callable[[Request, Flow], None] | None = None
         self._servers: dict[int, IncomingRequest] = {}
-        # read for every message: without a clock of its own, time.monotonic() (SystemClock's)
-        # itself, not through SystemClock.monotonic (a Python frame per read)
-        self._now: Callable[[], float] = time.monotonic if clock is None else clock.monotonic
         self._scheduler: Timers = scheduler or LoopTimers()
         self._timer: TimerHandle | None = None  # the one wake-up, armed at the table's next deadline
         self._timer_at = 0.0  # when self._timer fires

@@ -21,6 +21,7 @@ import logging
 import random
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, cast
@@ -45,6 +46,10 @@ TRANSPORTS: tuple[TransportName, ...] = ("udp", "tcp", "tls")
 DEFAULT_PORTS: dict[str, int] = {"udp": 5060, "tcp": 5060, "tls": 5061}
 #: RFC 5626 §4.4.1: a pong must come within 10 s of a ping or the flow has failed.
 PONG_TIMEOUT = 10.0
+#: Junk (malformed messages, framing errors) is logged once per source address per this many seconds.
+JUNK_LOG_INTERVAL = 60.0
+#: Sources tracked for that at most; beyond them, the rest share one line per interval.
+JUNK_LOG_SOURCES = 256
 
 
 class TransportError(OSError):
@@ -150,6 +155,52 @@ class Flow:
         return f"{self.transport}:{self.local[0]}:{self.local[1]}->{self.remote[0]}:{self.remote[1]}"
 
 
+class JunkLog:
+    """Log lines about junk, at most one per source address per interval, each saying how many
+    like it were held back since the last one: a flood costs a bounded amount of log."""
+
+    def __init__(self, now: Callable[[], float], interval: float = JUNK_LOG_INTERVAL,
+                 max_sources: int = JUNK_LOG_SOURCES) -> None:
+        self._now = now
+        self.interval = interval
+        self.max_sources = max_sources
+        #: source → [start of its interval, lines held back in it]
+        self._sources: dict[str, list[float]] = {}
+
+    def info(self, source: str, message: str, *args: object) -> None:
+        now = self._now()
+        entry = self._sources.get(source)
+        if entry is None:
+            if len(self._sources) >= self.max_sources:
+                self._expire(now)
+                if len(self._sources) >= self.max_sources:
+                    source = "other sources"
+                    entry = self._sources.get(source)
+            if entry is None:
+                entry = self._sources[source] = [now, 0.0]
+                log.info(message, *args)
+                return
+        if now - entry[0] < self.interval:
+            entry[1] += 1
+            return
+        held_back = int(entry[1])
+        entry[0], entry[1] = now, 0.0
+        if held_back:
+            log.info(message + " (and %d more from %s in the last %.0f s)", *args, held_back, source,
+                     self.interval)
+        else:
+            log.info(message, *args)
+
+    def _expire(self, now: float) -> None:
+        """Forget the sources whose interval is over (saying what each held back)."""
+        for source, (start, held_back) in list(self._sources.items()):
+            if now - start >= self.interval:
+                del self._sources[source]
+                if held_back:
+                    log.info("%d more junk log lines from %s held back in %.0f s", held_back, source,
+                             self.interval)
+
+
 MessageHandler = Callable[[Message, Flow], None]
 FlowClosedHandler = Callable[[Flow, str], None]
 
@@ -169,6 +220,7 @@ class TransportLayer:
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
         pong_timeout: float = PONG_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._on_message = on_message
         self._on_flow_closed = on_flow_closed
@@ -188,6 +240,7 @@ class TransportLayer:
         self._keepalive_task: asyncio.Task[None] | None = None
         self.listening: list[ListenSpec] = []
         self.stats = {"received": 0, "sent": 0, "parse_errors": 0, "framing_errors": 0}
+        self.junk_log = JunkLog(clock)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -363,7 +416,8 @@ class TransportLayer:
         flow.alive = False
         if self._flows.get(flow.key) is flow:
             del self._flows[flow.key]
-        log.info("flow %s closed: %s", flow, reason)
+        # inbound connections come and go at a peer's will (junk among them): not worth a line each
+        log.log(logging.INFO if flow.outbound else logging.DEBUG, "flow %s closed: %s", flow, reason)
         if self._on_flow_closed is not None:
             try:
                 self._on_flow_closed(flow, reason)
@@ -377,7 +431,7 @@ class TransportLayer:
             message = parse_message(data, self.limits, stream=stream)
         except SipParseError as exc:
             self.stats["parse_errors"] += 1
-            log.info("malformed message from %s: %s", flow, exc.reason)
+            self.junk_log.info(flow.remote[0], "malformed message from %s: %s", flow, exc.reason)
             if exc.partial is not None:
                 reply = make_response(exc.partial, 400, f"Bad Request ({exc.reason[:60]})")
                 with contextlib.suppress(TransportError):
@@ -661,7 +715,8 @@ class _StreamProtocol(asyncio.Protocol):
         except FramingError as exc:
             self._handle(exc.frames)  # the messages completed before the error are intact
             self.layer.stats["framing_errors"] += 1
-            log.info("framing error on %s: %s; closing this connection only", self.flow, exc)
+            self.layer.junk_log.info(self.flow.remote[0], "framing error on %s: %s; closing this connection only",
+                                     self.flow, exc)
             self._close()
             self.layer._flow_closed(self.flow, f"framing error: {exc}")
             return

@@ -1,6 +1,6 @@
 """Junk and strangers against the real core on loopback (Kamailio where it matters): requests
 for unknown users cost one stateless 404; requests for our bindings from anywhere but the
-registrar get 403 and ring nothing.
+registrar get 403 and ring nothing; a junk flood writes a bounded amount of log.
 
 Every flood is bounded in count, every wait in time.
 """
@@ -8,6 +8,8 @@ Every flood is bounded in count, every wait in time.
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -113,3 +115,41 @@ async def test_invite_and_message_straight_to_the_core_get_403_and_ring_nothing(
         await stranger.close()
     assert [push.json["verb"] for push in lab.pushes() if push.json] == ["NotifyTextMessage"]
     assert lab.core.calls is not None and not lab.core.calls.held and not lab.core.calls.recent
+
+
+#: the issue's bound: 60 s of 10k junk datagrams/s write < 100 KiB of log, i.e. per junk message
+LOG_BYTES_PER_JUNK = 100 * 1024 / (60 * 10_000)
+JUNK = [b"GARBAGE\x00\x01 not sip at all\r\n\r\n", b"INVITE sip:x SIP/2.0\r\nVia: nonsense\r\n\r\n",
+        sip_request("OPTIONS", extra=["CSeq: x y z"])]
+
+
+async def test_a_junk_flood_writes_a_bounded_amount_of_log(core: Core, peer: UdpPeer) -> None:
+    assert core.endpoint is not None
+    stats = core.endpoint.transport.stats
+    written = io.StringIO()
+    handler = logging.StreamHandler(written)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    level, root.level = root.level, logging.INFO
+    root.addHandler(handler)
+    before = stats["parse_errors"] + stats["framing_errors"]
+    try:
+        address = (HOST, sip_port(core, "udp"))
+        for _ in range(60):
+            for n in range(50):
+                peer.send(JUNK[n % len(JUNK)], address)
+            await asyncio.sleep(0)
+        for _ in range(40):  # malformed TCP: each connection dies of a framing error
+            _, writer = await asyncio.open_connection(HOST, sip_port(core, "tcp"))
+            writer.write(b"OPTIONS sip:x SIP/2.0\r\nContent-Length: -5\r\n\r\n")
+            await writer.drain()
+            writer.close()
+        await wait_for(lambda: stats["framing_errors"] >= 40, what="every connection's framing error")
+        await asyncio.sleep(0.2)  # what is still queued on the UDP socket
+    finally:
+        root.removeHandler(handler)
+        root.level = level
+    junk = stats["parse_errors"] + stats["framing_errors"] - before
+    assert junk >= 1000  # most of the flood arrived (loopback may drop some datagrams)
+    log_bytes = len(written.getvalue().encode())
+    assert log_bytes <= junk * LOG_BYTES_PER_JUNK, written.getvalue()

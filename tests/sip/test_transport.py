@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import logging
 import re
 import socket
 import ssl
@@ -24,10 +25,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sipis.clock import FakeClock
 from sipis.sip.message import Limits, Message, Request, Response, make_response, new_branch, parse_message
 from sipis.sip.transport import (
     Address,
     Flow,
+    JunkLog,
     ListenSpec,
     TlsSettings,
     TransportError,
@@ -1148,3 +1151,31 @@ async def test_traffic_on_a_flow_counts_as_a_pong() -> None:
         b"SIP/2.0 200 OK\r\nVia: SIP/2.0/TCP 127.0.0.1:5000;branch=z9hG4bKx\r\nFrom: <sip:a@b>;tag=1\r\n"
         b"To: <sip:a@b>\r\nCall-ID: c\r\nCSeq: 1 REGISTER\r\nContent-Length: 0\r\n\r\n")
     assert received and protocol.flow.ping_sent_at is None
+
+
+# =========================================================================== junk in the log
+
+
+def test_junk_is_logged_once_per_source_per_interval_with_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    junk = JunkLog(clock.monotonic, interval=60.0)
+    with caplog.at_level(logging.INFO, logger="sipis.sip.transport"):
+        for _ in range(10_000):
+            junk.info("192.0.2.1", "malformed message from %s: %s", "udp:192.0.2.1:5060", "bad")
+        junk.info("192.0.2.2", "malformed message from %s: %s", "udp:192.0.2.2:5060", "bad")
+        assert len(caplog.records) == 2  # the first from each source
+        clock.advance(60.0)
+        junk.info("192.0.2.1", "malformed message from %s: %s", "udp:192.0.2.1:5060", "bad")
+    assert len(caplog.records) == 3
+    assert caplog.records[-1].getMessage() == (
+        "malformed message from udp:192.0.2.1:5060: bad (and 9999 more from 192.0.2.1 in the last 60 s)")
+
+
+def test_junk_from_many_sources_is_bounded_too(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    junk = JunkLog(clock.monotonic, interval=60.0, max_sources=8)
+    with caplog.at_level(logging.INFO, logger="sipis.sip.transport"):
+        for n in range(1000):  # a spoofed flood: every datagram from another address
+            junk.info(f"198.51.100.{n % 250}", "malformed message from %s", n)
+    assert len(caplog.records) == 8 + 1  # the tracked sources, then one line for all the others
+    assert len({record.getMessage() for record in caplog.records}) == 9
