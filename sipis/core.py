@@ -208,7 +208,9 @@ class Core:
             server_cert=str(sip.tls_cert), server_key=str(sip.tls_key),
         )
         return EndpointSettings(listen=listen, tls=tls, timers=TimerSettings(sip.t1, sip.t2, sip.t4),
-                                user_agent=sip.user_agent, keepalive_interval=sip.keepalive_interval)
+                                user_agent=sip.user_agent, keepalive_interval=sip.keepalive_interval,
+                                idle_timeout=sip.idle_timeout, max_connections=sip.max_connections,
+                                max_connections_per_source=sip.max_connections_per_source)
 
     async def stop(self) -> None:
         """Clean shutdown: stop taking requests, optionally unREGISTER, flush storage."""

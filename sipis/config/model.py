@@ -134,6 +134,13 @@ class SipConfig:
         Strings(), "peers whose INVITE/MESSAGE for our bindings are taken besides the registrars we registered "
         "with: IP address (any port), `address:port` or CIDR network; anyone else gets 403", default=(),
         example=("192.0.2.10:5060", "198.51.100.0/24"))
+    idle_timeout: float = setting(Seconds(zero_ok=True), "inbound TCP/TLS connections that complete no message for "
+                                  "this long are closed (never the flows to our registrars); `0` = never",
+                                  default=30.0)
+    max_connections: int = setting(Integer(low=1), "inbound TCP/TLS connections at most; more are refused and "
+                                   "counted", default=10000)
+    max_connections_per_source: int = setting(Integer(low=1), "inbound TCP/TLS connections from one address at "
+                                              "most", default=100)
 
 
 @section(rules=(

@@ -175,6 +175,9 @@ class EndpointSettings:
     timers: TimerSettings = field(default_factory=TimerSettings)
     user_agent: str = "sipis-console"
     keepalive_interval: float = 30.0
+    idle_timeout: float = 30.0
+    max_connections: int = 10000
+    max_connections_per_source: int = 100
 
 
 class SipEndpoint:
@@ -191,6 +194,8 @@ class SipEndpoint:
         self.transport = TransportLayer(
             self._on_message, self._on_flow_closed, tls=self.settings.tls,
             keepalive_interval=self.settings.keepalive_interval, clock=self._now,
+            idle_timeout=self.settings.idle_timeout, max_connections=self.settings.max_connections,
+            max_connections_per_source=self.settings.max_connections_per_source,
         )
         self.table = TransactionTable()
         self.handlers: dict[str, RequestHandler] = {}

@@ -7,6 +7,10 @@ connection, and a REGISTER refresh reuses it. Stream framing is done by :class:`
 framing error closes only the connection it happened on. Malformed requests get ``400`` where a
 response can be built; nothing a peer sends can raise out of a protocol callback.
 
+Inbound TCP/TLS connections are capped per source address and in total (refusals are counted), and
+one that completes no message within ``idle_timeout`` is closed; the flows we open (to our
+registrars) never are.
+
 Flows we opened send RFC 5626 CRLF keep-alives and expect the single-CRLF pong; a flow that stops
 answering, or that closes, is reported to the layer above through ``on_flow_closed`` so it can
 re-register (which reconnects, with a per-destination backoff on connect failures).
@@ -123,7 +127,9 @@ class Flow:
     _write: Callable[[bytes], None] = field(repr=False)
     _close: Callable[[], None] = field(repr=False)
     alive: bool = True
-    #: monotonic time of the last ping still waiting for its pong (None = none outstanding)
+    #: since when we wait for traffic on this flow, None when something came since: the last ping's
+    #: time on flows we opened (its pong is due), the idle watch's start on inbound connections
+    #: (a complete message is due). Every message clears it, so watching costs no work per message.
     ping_sent_at: float | None = None
     last_ping_at: float = 0.0
 
@@ -221,6 +227,9 @@ class TransportLayer:
         backoff_max: float = 60.0,
         pong_timeout: float = PONG_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
+        idle_timeout: float = 30.0,
+        max_connections: int = 10000,
+        max_connections_per_source: int = 100,
     ) -> None:
         self._on_message = on_message
         self._on_flow_closed = on_flow_closed
@@ -231,6 +240,12 @@ class TransportLayer:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.pong_timeout = pong_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.max_connections_per_source = max_connections_per_source
+        #: inbound TCP/TLS connections, and how many come from each source address
+        self._inbound: set[_StreamProtocol] = set()
+        self._inbound_per_source: dict[str, int] = {}
         self._flows: dict[tuple[str, str, int], Flow] = {}
         self._udp_sockets: list[_UdpProtocol] = []
         self._servers: list[asyncio.Server] = []
@@ -239,7 +254,8 @@ class TransportLayer:
         self._client_ctx: ssl.SSLContext | None = None
         self._keepalive_task: asyncio.Task[None] | None = None
         self.listening: list[ListenSpec] = []
-        self.stats = {"received": 0, "sent": 0, "parse_errors": 0, "framing_errors": 0}
+        self.stats = {"received": 0, "sent": 0, "parse_errors": 0, "framing_errors": 0,
+                      "connections_refused": 0, "idle_closed": 0}
         self.junk_log = JunkLog(clock)
 
     # ------------------------------------------------------------------ lifecycle
@@ -264,7 +280,7 @@ class TransportLayer:
         return real
 
     def _start_keepalive(self) -> None:
-        if self._keepalive_task is None and self.keepalive_interval > 0:
+        if self._keepalive_task is None and (self.keepalive_interval > 0 or self.idle_timeout > 0):
             self._keepalive_task = asyncio.create_task(self._keepalive_loop(), name="sip-keepalive")
 
     async def close(self) -> None:
@@ -445,11 +461,19 @@ class TransportLayer:
             log.exception("handler failed for %s from %s", message, flow)
 
     async def _keepalive_loop(self) -> None:
-        """Ping outbound stream flows every interval; close those whose pong is overdue."""
+        """Ping outbound stream flows every interval; close those whose pong is overdue, and the
+        inbound connections that stay idle too long."""
         loop = asyncio.get_running_loop()
+        periods = [t for t in (self.keepalive_interval, self.idle_timeout) if t > 0]
+        if self.keepalive_interval > 0:
+            periods.append(self.pong_timeout)
         while True:
-            await asyncio.sleep(min(self.keepalive_interval, self.pong_timeout) / 2)
+            await asyncio.sleep(min(periods) / 2)
             now = loop.time()
+            if self.idle_timeout > 0:
+                self.close_idle(now)
+            if self.keepalive_interval <= 0:
+                continue
             for flow in list(self._flows.values()):
                 if not (flow.alive and flow.outbound and flow.reliable):
                     continue
@@ -462,6 +486,47 @@ class TransportLayer:
                     flow.last_ping_at = flow.ping_sent_at = now
                     with contextlib.suppress(TransportError):
                         flow.send(b"\r\n\r\n")
+
+
+    def close_idle(self, now: float) -> None:
+        """Close the inbound connections that completed no message for ``idle_timeout`` (called
+        every ``idle_timeout / 2`` or sooner: a connection goes between 1 and 1.5 limits idle)."""
+        for protocol in list(self._inbound):
+            flow = protocol.flow
+            if flow is None or not flow.alive:
+                continue
+            if flow.ping_sent_at is None:
+                flow.ping_sent_at = now  # watch from now: any message clears it
+            elif now - flow.ping_sent_at >= self.idle_timeout:
+                self.stats["idle_closed"] += 1
+                flow.close()
+                self._flow_closed(flow, f"no complete message for {self.idle_timeout:g} s")
+
+    def _admit(self, protocol: _StreamProtocol, source: str) -> bool:
+        """Take an inbound connection while under both caps; count it (see _release)."""
+        per_source = self._inbound_per_source.get(source, 0)
+        if len(self._inbound) >= self.max_connections or per_source >= self.max_connections_per_source:
+            self.stats["connections_refused"] += 1
+            self.junk_log.info(source, "refused a connection from %s: %d from it, %d in all", source, per_source,
+                               len(self._inbound))
+            return False
+        self._inbound.add(protocol)
+        self._inbound_per_source[source] = per_source + 1
+        return True
+
+    def _release(self, protocol: _StreamProtocol, source: str) -> None:
+        if protocol not in self._inbound:
+            return
+        self._inbound.discard(protocol)
+        left = self._inbound_per_source.get(source, 1) - 1
+        if left > 0:
+            self._inbound_per_source[source] = left
+        else:
+            self._inbound_per_source.pop(source, None)
+
+    @property
+    def inbound_connections(self) -> int:
+        return len(self._inbound)
 
 
 def _stamp_received(request: Request, flow: Flow) -> None:
@@ -682,6 +747,9 @@ class _StreamProtocol(asyncio.Protocol):
         local = stream.get_extra_info("sockname")
         remote = stream.get_extra_info("peername")
         self._loop = asyncio.get_running_loop()
+        if not self.outbound and not self.layer._admit(self, remote[0]):
+            stream.abort()  # over a cap: no flow, nothing read
+            return
         self.flow = Flow(
             self.name, (local[0], local[1]), (remote[0], remote[1]), self.outbound,
             _write=self._write, _close=self._close,
@@ -709,7 +777,8 @@ class _StreamProtocol(asyncio.Protocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        assert self.flow is not None and self.transport is not None
+        if self.flow is None or self.transport is None:
+            return  # a refused connection
         try:
             frames = self.framer.feed(data)
         except FramingError as exc:
@@ -733,12 +802,14 @@ class _StreamProtocol(asyncio.Protocol):
             elif isinstance(frame, KeepAlivePing):
                 with contextlib.suppress(TransportError):
                     self.flow.send(b"\r\n")
-            else:  # KeepAlivePong
+            elif self.outbound:  # KeepAlivePong; on an inbound connection it does not count as a message
                 self.flow.ping_sent_at = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._pending.clear()  # nowhere to send it any more
         if self.flow is not None:
+            if not self.outbound:
+                self.layer._release(self, self.flow.remote[0])
             self.layer._flow_closed(self.flow, f"connection lost: {exc}" if exc else "closed by peer")
 
 

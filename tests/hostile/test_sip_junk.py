@@ -1,6 +1,7 @@
 """Junk and strangers against the real core on loopback (Kamailio where it matters): requests
 for unknown users cost one stateless 404; requests for our bindings from anywhere but the
-registrar get 403 and ring nothing; a junk flood writes a bounded amount of log.
+registrar get 403 and ring nothing; a junk flood writes a bounded amount of log; stalled
+connections are capped and closed.
 
 Every flood is bounded in count, every wait in time.
 """
@@ -8,6 +9,7 @@ Every flood is bounded in count, every wait in time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 from collections.abc import AsyncIterator
@@ -153,3 +155,29 @@ async def test_a_junk_flood_writes_a_bounded_amount_of_log(core: Core, peer: Udp
     assert junk >= 1000  # most of the flood arrived (loopback may drop some datagrams)
     log_bytes = len(written.getvalue().encode())
     assert log_bytes <= junk * LOG_BYTES_PER_JUNK, written.getvalue()
+
+
+async def test_stalled_connections_are_capped_and_closed_when_idle(core: Core) -> None:
+    assert core.endpoint is not None
+    layer = core.endpoint.transport
+    per_source = core.config.sip.max_connections_per_source
+    port = sip_port(core, "tcp")
+    peers = []
+    for _ in range(per_source + 10):  # half a message each, then nothing
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(b"INVITE sip:x SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:5999\r\n")
+        peers.append((reader, writer))
+    try:
+        await wait_for(lambda: layer.stats["connections_refused"] == 10, what="the ten over the cap refused")
+        assert layer.inbound_connections == per_source
+        now = asyncio.get_running_loop().time()
+        layer.close_idle(now)
+        layer.close_idle(now + core.config.sip.idle_timeout)
+        for reader, _ in peers:  # every one of them is closed by the core
+            with contextlib.suppress(ConnectionError):
+                assert await asyncio.wait_for(reader.read(), 5.0) == b""
+        assert layer.stats["idle_closed"] == per_source
+        await wait_for(lambda: layer.inbound_connections == 0, what="all released")
+    finally:
+        for _, writer in peers:
+            writer.close()

@@ -37,6 +37,7 @@ from sipis.sip.transport import (
     TransportLayer,
     TransportName,
 )
+from tests.waiting import wait_for
 
 HOST = "127.0.0.1"
 WAIT = 5.0  # a safety net against hangs, never a measured quantity
@@ -1179,3 +1180,67 @@ def test_junk_from_many_sources_is_bounded_too(caplog: pytest.LogCaptureFixture)
             junk.info(f"198.51.100.{n % 250}", "malformed message from %s", n)
     assert len(caplog.records) == 8 + 1  # the tracked sources, then one line for all the others
     assert len({record.getMessage() for record in caplog.records}) == 9
+
+
+# =========================================================================== connection limits
+
+
+async def test_inbound_connections_idle_for_the_limit_are_closed_but_never_ours(
+    make_harness: HarnessFactory, cleanup: Cleanup,
+) -> None:
+    harness = make_harness(idle_timeout=30.0)
+    port = await harness.listen("tcp")
+    server = await raw_server(cleanup)
+    ours = await harness.layer.flow_to("tcp", HOST, server.port)  # e.g. to our registrar: silent
+    stalled = await stream_peer(cleanup, port)
+    stalled.send(b"INVITE sip:x SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:5999\r\n")  # half a message, forever
+    busy = await stream_peer(cleanup, port)
+    await wait_for(lambda: harness.layer.inbound_connections == 2, what="both connections accepted")
+
+    harness.layer.close_idle(0.0)  # the idle watch starts
+    busy.send(sip_request(transport="TCP", call_id="busy-1"))
+    assert (await busy.read_response()).call_id == "busy-1"
+    stalled.send(b"\r\n")  # a lone CRLF is no message
+    harness.layer.close_idle(29.0)
+    assert harness.layer.inbound_connections == 2
+    harness.layer.close_idle(30.0)
+    assert await stalled.closed_by_other_side()
+    assert harness.layer.stats["idle_closed"] == 1 and ours.alive
+    busy.send(sip_request(transport="TCP", call_id="busy-2"))  # still served
+    assert (await busy.read_response()).call_id == "busy-2"
+
+    harness.layer.close_idle(60.0)  # the busy one went quiet after its message at 30 s
+    harness.layer.close_idle(90.0)
+    assert await busy.closed_by_other_side()
+    assert harness.layer.stats["idle_closed"] == 2 and ours.alive and harness.layer.inbound_connections == 0
+
+
+async def connect_from(host: str, port: int, cleanup: Cleanup) -> StreamPeer:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port, local_addr=(host, 0)), WAIT)
+    peer = StreamPeer(reader, writer)
+    cleanup(peer.close)
+    return peer
+
+
+async def test_inbound_connections_are_capped_per_source_and_in_total(
+    make_harness: HarnessFactory, cleanup: Cleanup,
+) -> None:
+    harness = make_harness(max_connections=3, max_connections_per_source=2)
+    port = await harness.listen("tcp")
+    layer = harness.layer
+    first = [await connect_from("127.0.0.1", port, cleanup) for _ in range(2)]
+    await connect_from("127.0.0.2", port, cleanup)
+    await wait_for(lambda: layer.inbound_connections == 3, what="three connections accepted")
+
+    over_source = await connect_from("127.0.0.1", port, cleanup)  # a third from one address
+    assert await over_source.closed_by_other_side()
+    over_total = await connect_from("127.0.0.3", port, cleanup)  # a fourth in all
+    assert await over_total.closed_by_other_side()
+    assert layer.stats["connections_refused"] == 2 and layer.inbound_connections == 3
+
+    await first[0].close()  # room again, for that address too
+    await wait_for(lambda: layer.inbound_connections == 2, what="the closed connection released")
+    again = await connect_from("127.0.0.1", port, cleanup)
+    again.send(sip_request(transport="TCP", call_id="again"))
+    assert (await again.read_response()).call_id == "again"
+    assert layer.stats["connections_refused"] == 2
