@@ -310,9 +310,9 @@ class SipEndpoint:
                 log.exception("message observer failed")
 
     def _on_message(self, message: Message, flow: Flow) -> None:
-        if self.observers:
-            self._observe("in", message, flow)
         if isinstance(message, Response):
+            if self.observers:
+                self._observe("in", message, flow)
             tx = self.table.match_response(message)
             if tx is None:
                 if not self.table.absorbs(message, self._now()):
@@ -324,6 +324,10 @@ class SipEndpoint:
 
     def _on_request(self, request: Request, flow: Flow) -> None:
         existing = self.table.match_request(request)
+        if existing is None and self.screens and self._refused(request, flow):
+            return  # junk: not even observed (the trace recorder keeps nothing of it)
+        if self.observers:
+            self._observe("in", request, flow)
         if existing is not None:
             # a retransmission, or the ACK for our non-2xx final response
             self._run(existing, existing.on_request(request, self.now()))
@@ -335,16 +339,6 @@ class SipEndpoint:
         if request.method == "CANCEL":
             self._on_cancel(request, flow)
             return
-        screen = self.screens.get(request.method)
-        if screen is not None:
-            try:
-                status = screen(request, flow)
-            except Exception:
-                log.exception("screen for %s failed", request)
-                status = 500
-            if status is not None:
-                self._reply_statelessly(request, flow, status)
-                return
         tx: ServerTransaction
         if request.method == "INVITE":
             tx = ServerInviteTransaction(request, reliable=flow.reliable, timers=self.timers)
@@ -356,20 +350,29 @@ class SipEndpoint:
         self._run(tx, tx.start(self.now()))
         self._dispatch(incoming)
 
-    def _reply_statelessly(self, request: Request, flow: Flow, status: int) -> None:
-        """One response and nothing kept: a retransmitted request is simply refused again."""
+    def _refused(self, request: Request, flow: Flow) -> bool:
+        """Ask the method's screen about a new request; a refusal gets one response, sent
+        statelessly, and nothing is kept: a retransmitted request is simply refused again."""
+        screen = self.screens.get(request.method)
+        if screen is None:
+            return False
+        try:
+            status = screen(request, flow)
+        except Exception:
+            log.exception("screen for %s failed", request)
+            status = 500
+        if status is None:
+            return False
         response = make_response(request, status, to_tag=new_tag())
         if self.user_agent:
             response.headers.add("Server", self.user_agent)
         self.refused += 1
         try:
             flow.send(response.to_bytes())
+            self.transport.stats["sent"] += 1
         except TransportError as exc:
             log.debug("stateless %d to %s not sent: %s", status, flow, exc)
-            return
-        self.transport.stats["sent"] += 1
-        if self.observers:
-            self._observe("out", response, flow)
+        return True
 
     def _dispatch(self, incoming: IncomingRequest) -> None:
         request = incoming.request

@@ -68,6 +68,7 @@ async def test_requests_for_unknown_users_get_one_404_and_cost_no_memory(
 ) -> None:
     assert core.endpoint is not None
     address = (HOST, sip_port(core, "udp"))
+    assert core.trace.observed == 0
     statuses: list[int] = []
     for burst in range(10):  # in bursts a loopback socket buffer surely holds
         for n in range(20):
@@ -76,6 +77,7 @@ async def test_requests_for_unknown_users_get_one_404_and_cost_no_memory(
             statuses.append(as_response(await peer.recv_message()).status)
     assert statuses == [404] * 200  # no 100 Trying before it either
     assert core.endpoint.pending_transactions == 0
+    assert core.trace.calls.messages == 0 and core.trace.observed == 0  # not even traced
     await asyncio.sleep(10 * T1)  # Timer G would have repeated each 404 by now
     assert peer.queue.empty()
 
