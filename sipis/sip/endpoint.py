@@ -19,7 +19,8 @@ transaction user (registration engine, held calls) sees two things:
 
 The endpoint itself answers what needs no application: ``100 Trying`` for INVITE, ``200`` to
 OPTIONS, ``200``/``487``/``481`` for CANCEL, ``405`` for methods nobody handles and ``481`` for
-in-dialog requests (we never keep dialogs: calls are redirected or rejected).
+in-dialog requests (we never keep dialogs: calls are redirected or rejected). Of these, all but
+what concerns a pending INVITE are sent statelessly: a request nobody handles keeps nothing.
 """
 
 from __future__ import annotations
@@ -339,6 +340,10 @@ class SipEndpoint:
         if request.method == "CANCEL":
             self._on_cancel(request, flow)
             return
+        if request.method != "INVITE" and request.method not in self.handlers:
+            # what the endpoint answers itself needs no transaction: junk of any method keeps nothing
+            self._reply_statelessly(request, flow, *self._automatic_answer(request))
+            return
         tx: ServerTransaction
         if request.method == "INVITE":
             tx = ServerInviteTransaction(request, reliable=flow.reliable, timers=self.timers)
@@ -363,52 +368,59 @@ class SipEndpoint:
             status = 500
         if status is None:
             return False
-        response = make_response(request, status, to_tag=new_tag())
+        self.refused += 1
+        self._reply_statelessly(request, flow, status, observed=False)
+        return True
+
+    def _reply_statelessly(self, request: Request, flow: Flow, status: int,
+                           headers: list[tuple[str, str]] | None = None, *, observed: bool = True) -> None:
+        """A final response with nothing kept: a retransmitted request is simply answered again."""
+        response = make_response(request, status, to_tag=new_tag(), headers=headers or ())
         if self.user_agent:
             response.headers.add("Server", self.user_agent)
-        self.refused += 1
         try:
             flow.send(response.to_bytes())
-            self.transport.stats["sent"] += 1
         except TransportError as exc:
             log.debug("stateless %d to %s not sent: %s", status, flow, exc)
-        return True
+            return
+        self.transport.stats["sent"] += 1
+        if observed and self.observers:
+            self._observe("out", response, flow)
+
+    def _automatic_answer(self, request: Request) -> tuple[int, list[tuple[str, str]]]:
+        """What the endpoint answers a request no handler takes."""
+        if _in_dialog(request):
+            return 481, []
+        allow = [("Allow", self.allow_header())]
+        return (200, allow) if request.method == "OPTIONS" else (405, allow)
 
     def _dispatch(self, incoming: IncomingRequest) -> None:
         request = incoming.request
-        try:
-            in_dialog = request.to.tag is not None
-        except SipParseError:
-            in_dialog = False
         handler = self.handlers.get(request.method)
-        if handler is not None and not (in_dialog and request.method == "INVITE"):
+        if handler is not None and not (request.method == "INVITE" and _in_dialog(request)):
             try:
                 handler(incoming)
             except Exception:
                 log.exception("handler for %s failed", request)
                 incoming.respond(500)
             return
-        if in_dialog:
-            incoming.respond(481)
-        elif request.method == "OPTIONS":
-            incoming.respond(200, headers=[("Allow", self.allow_header())])
-        else:
-            incoming.respond(405, headers=[("Allow", self.allow_header())])
+        status, headers = self._automatic_answer(request)
+        incoming.respond(status, headers=headers)
 
     def allow_header(self) -> str:
         return ", ".join(sorted({"ACK", "CANCEL", "OPTIONS", *self.handlers}))
 
     def _on_cancel(self, cancel: Request, flow: Flow) -> None:
         target = self.table.find_cancel_target(cancel)
+        invite = self._servers.get(id(target)) if target is not None else None
+        if invite is None:
+            self._reply_statelessly(cancel, flow, 481)
+            return
         tx = ServerNonInviteTransaction(cancel, reliable=flow.reliable, timers=self.timers)
         incoming = IncomingRequest(self, cancel, flow, tx)
         self._servers[id(tx)] = incoming
         self.table.add(tx)
         self._run(tx, tx.start(self.now()))
-        invite = self._servers.get(id(target)) if target is not None else None
-        if invite is None:
-            incoming.respond(481)
-            return
         incoming.to_tag = invite.to_tag
         incoming.respond(200)
         if invite.final_status is None and invite.respond(487):
@@ -523,6 +535,13 @@ class SipEndpoint:
     def pending_transactions(self) -> int:
         """Transactions not yet terminated, those in Completed for Timer K included."""
         return self.table.pending
+
+
+def _in_dialog(request: Request) -> bool:
+    try:
+        return request.to.tag is not None
+    except SipParseError:
+        return False
 
 
 def _call(callback: Callable[..., None], *args: object) -> None:

@@ -414,6 +414,20 @@ async def test_a_screened_request_gets_one_stateless_answer_and_nothing_is_kept(
     assert len(handler.calls) == 1 and endpoint.refused == 2
 
 
+async def test_what_the_endpoint_answers_itself_keeps_no_transaction(
+    make_endpoint: EndpointFactory, peers: list[Any],
+) -> None:
+    endpoint = await make_endpoint("udp")
+    endpoint.handlers["INVITE"] = Recorder(180)
+    peer = await udp_peer(peers)
+    port = port_of(endpoint, "udp")
+    for method, to_tag, status in [("OPTIONS", None, 200), ("SUBSCRIBE", None, 405), ("BYE", "gone", 481),
+                                   ("CANCEL", None, 481)]:
+        peer.send(sip_request(method, to_tag=to_tag, call_id=f"junk-{method}"), (HOST, port))
+        assert (await peer.recv_response(f"junk-{method}")).status == status
+        assert endpoint.pending_transactions == 0, method
+
+
 async def test_cancel_of_a_pending_invite_gives_200_and_487(make_endpoint: EndpointFactory,
                                                             peers: list[Any]) -> None:
     endpoint = await make_endpoint("udp")
