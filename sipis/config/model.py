@@ -17,7 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import ClassVar, Final, Literal, TypeAlias
 
-from sipis.config.addresses import HostPort, SipListen
+from sipis.config.addresses import HostPort, SipListen, source_problem
 from sipis.config.kinds import (
     BundleId,
     Choice,
@@ -41,7 +41,6 @@ from sipis.config.kinds import (
     Url,
 )
 from sipis.config.schema import Check, Order, Together, override, section, setting
-from sipis.sip.sources import source_problem
 
 Role: TypeAlias = Literal["viewer", "operator", "admin"]
 ReleaseMode: TypeAlias = Literal["redirect", "reject"]
