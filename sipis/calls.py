@@ -16,7 +16,8 @@ The flow (README, "Incoming calls"):
 Endings: T1 → ``no_response_status`` with ``X-Sipis-Reason: No-Response-From-Device``; T2 → ``480``
 with ``Device-Did-Not-Answer``; a push rejected for good → ``480`` with ``Device-Unreachable``;
 caller CANCEL → ``487`` (transaction layer) and a missed-call push, or an answered-elsewhere push
-when the CANCEL carries ``Reason: SIP;cause=200``. Unknown instance → ``404``; an instance this node
+when the CANCEL carries ``Reason: SIP;cause=200``. Unknown instance → ``404`` (statelessly, by
+:class:`~sipis.inbound.InboundGate` before any transaction exists); an instance this node
 may not act for (off, disabled: :meth:`InstanceLifecycle.may_act`) → ``480``.
 """
 
@@ -34,6 +35,7 @@ from contract.documents import HeldCall as CallView
 from sipis.clock import Clock
 from sipis.config import CallsConfig
 from sipis.events import EventBus
+from sipis.inbound import instance_for
 from sipis.instance import Instance
 from sipis.lifecycle import InstanceLifecycle
 from sipis.push.base import PushKind, Verdict
@@ -113,7 +115,7 @@ class CallManager:
 
     def on_invite(self, incoming: IncomingRequest) -> None:
         request = incoming.request
-        instance = self._instance_for(request)
+        instance = instance_for(self.lifecycle, request)
         if instance is None:
             self._count("unknown-instance")
             incoming.respond(404)
@@ -154,13 +156,6 @@ class CallManager:
         else:
             self._spawn(self._push_call(instance, call))
         return call
-
-    def _instance_for(self, request: Request) -> Instance | None:
-        try:
-            user = request.request_uri.user
-        except SipParseError:
-            return None
-        return self.lifecycle.by_contact_user(user) if user else None
 
     async def _push_call(self, instance: Instance, call: HeldCall) -> None:
         outcome = await self.delivery.deliver(instance, call.trace, deadline=call.t1_deadline)

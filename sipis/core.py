@@ -26,6 +26,7 @@ from sipis.config import Config, insecure_settings
 from sipis.crypto import SecretBox, load_or_create_key
 from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
+from sipis.inbound import InboundGate
 from sipis.lifecycle import InstanceLifecycle
 from sipis.operations import Operations
 from sipis.operator_api import OperatorContext, OperatorServer, OperatorSessions
@@ -37,6 +38,7 @@ from sipis.service import InstanceService
 from sipis.sip import IMPLEMENTATION as SIP_IMPLEMENTATION
 from sipis.sip.endpoint import EndpointSettings, SipEndpoint
 from sipis.sip.resolver import Resolver
+from sipis.sip.sources import TrustedSources
 from sipis.sip.transaction import TimerSettings
 from sipis.sip.transport import ListenSpec, TlsSettings
 from sipis.ssh_server import ConsoleSshServer
@@ -132,6 +134,8 @@ class Core:
                                      clock=self.clock, max_body=calls.max_message_body)
         self.endpoint.handlers["INVITE"] = self.calls.on_invite
         self.endpoint.handlers["MESSAGE"] = self.messages.on_message
+        gate = InboundGate(self.lifecycle, registrar, TrustedSources(sip.trusted_sources))
+        self.endpoint.screens["INVITE"] = self.endpoint.screens["MESSAGE"] = gate
         self.operations = Operations(service=self.service, lifecycle=self.lifecycle, delivery=self.delivery,
                                      bus=self.bus, clock=self.clock)
         self._wire_operator(self.service, self.delivery, self.calls, self.operations, self.writer)
@@ -207,7 +211,9 @@ class Core:
             server_cert=str(sip.tls_cert), server_key=str(sip.tls_key),
         )
         return EndpointSettings(listen=listen, tls=tls, timers=TimerSettings(sip.t1, sip.t2, sip.t4),
-                                user_agent=sip.user_agent, keepalive_interval=sip.keepalive_interval)
+                                user_agent=sip.user_agent, keepalive_interval=sip.keepalive_interval,
+                                idle_timeout=sip.idle_timeout, max_connections=sip.max_connections,
+                                max_connections_per_source=sip.max_connections_per_source)
 
     async def stop(self) -> None:
         """Clean shutdown: stop taking requests, optionally unREGISTER, flush storage."""

@@ -5,8 +5,9 @@
 * a Content-Type with ``;imdn`` (delivery receipts) → ``200``, no push;
 * anything else → ``200`` and a text push to the instance.
 
-Unknown instance → ``404``; an instance this node may not act for (off, disabled) → ``480``. We
-answer at once: the sender's Timer F must never run out while we push.
+Unknown instance → ``404`` (statelessly, by :class:`~sipis.inbound.InboundGate`); an instance this
+node may not act for (off, disabled) → ``480``. We answer at once: the sender's Timer F must never
+run out while we push.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from contract.events import MessageReceived
 from sipis.clock import Clock
 from sipis.events import EventBus
+from sipis.inbound import instance_for
 from sipis.lifecycle import InstanceLifecycle
 from sipis.push.base import PushKind
 from sipis.push.delivery import PushDelivery
@@ -45,11 +47,7 @@ class TextMessages:
 
     def on_message(self, incoming: IncomingRequest) -> None:
         request = incoming.request
-        try:
-            user = request.request_uri.user
-        except SipParseError:
-            user = None
-        instance = self.lifecycle.by_contact_user(user) if user else None
+        instance = instance_for(self.lifecycle, request)
         if instance is None:
             incoming.respond(404)
             return

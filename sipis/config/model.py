@@ -17,7 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import ClassVar, Final, Literal, TypeAlias
 
-from sipis.config.addresses import HostPort, SipListen
+from sipis.config.addresses import HostPort, SipListen, source_problem
 from sipis.config.kinds import (
     BundleId,
     Choice,
@@ -88,6 +88,8 @@ class LogConfig:
     Order("refresh_min", "<", "refresh_max"),
     Order("backoff_max", ">=", "backoff_base"),
     Order("t2", ">=", "t1"),
+    Check("trusted_sources", lambda v: source_problem(v["trusted_sources"]) is not None,
+          "each entry must be an IP address, address:port ([v6]:port) or CIDR network"),
 ))
 class SipConfig:
     listen: tuple[SipListen, ...] = setting(
@@ -127,6 +129,18 @@ class SipConfig:
     t1: float = setting(SECONDS, "RFC 3261 T1: RTT estimate, first retransmit", default=0.5)
     t2: float = setting(SECONDS, "RFC 3261 T2: longest retransmit interval", default=4.0)
     t4: float = setting(SECONDS, "RFC 3261 T4: how long the network keeps a message", default=5.0)
+    # -- who may send us requests, and what junk may cost (README "Security and limits")
+    trusted_sources: tuple[str, ...] = setting(
+        Strings(), "peers whose INVITE/MESSAGE for our bindings are taken besides the registrars we registered "
+        "with: IP address (any port), `address:port` or CIDR network; anyone else gets 403", default=(),
+        example=("192.0.2.10:5060", "198.51.100.0/24"))
+    idle_timeout: float = setting(Seconds(zero_ok=True), "inbound TCP/TLS connections that complete no message for "
+                                  "this long are closed (never the flows to our registrars); `0` = never",
+                                  default=30.0)
+    max_connections: int = setting(Integer(low=1), "inbound TCP/TLS connections at most; more are refused and "
+                                   "counted", default=10000)
+    max_connections_per_source: int = setting(Integer(low=1), "inbound TCP/TLS connections from one address at "
+                                              "most", default=100)
 
 
 @section(rules=(

@@ -12,11 +12,15 @@ transaction user (registration engine, held calls) sees two things:
   failures and timeouts come back as locally generated ``503``/``408``);
   :meth:`SipEndpoint.send_request` does the same for a :class:`ResponseCallback`, which gets the
   final response from the endpoint directly and may send the next request from there;
-* handlers per method for incoming requests, each given an :class:`IncomingRequest` to answer.
+* handlers per method for incoming requests, each given an :class:`IncomingRequest` to answer;
+* screens per method, asked before a server transaction exists: a request a screen refuses (junk:
+  an unknown user, a source we do not take calls from) gets that one response statelessly — no
+  transaction, no retransmissions, nothing kept (RFC 3261 §8.2.7 allows a stateless UAS).
 
 The endpoint itself answers what needs no application: ``100 Trying`` for INVITE, ``200`` to
 OPTIONS, ``200``/``487``/``481`` for CANCEL, ``405`` for methods nobody handles and ``481`` for
-in-dialog requests (we never keep dialogs: calls are redirected or rejected).
+in-dialog requests (we never keep dialogs: calls are redirected or rejected). Of these, all but
+what concerns a pending INVITE are sent statelessly: a request nobody handles keeps nothing.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ log = logging.getLogger(__name__)
 
 ServerTransaction = ServerInviteTransaction | ServerNonInviteTransaction
 RequestHandler = Callable[["IncomingRequest"], None]
+#: a request's final status when it is refused before any transaction exists, None to serve it
+Screen = Callable[[Request, Flow], int | None]
 ProvisionalHandler = Callable[[Response], None]
 
 
@@ -170,6 +176,9 @@ class EndpointSettings:
     timers: TimerSettings = field(default_factory=TimerSettings)
     user_agent: str = "sipis-console"
     keepalive_interval: float = 30.0
+    idle_timeout: float = 30.0
+    max_connections: int = 10000
+    max_connections_per_source: int = 100
 
 
 class SipEndpoint:
@@ -180,12 +189,21 @@ class SipEndpoint:
         self.settings = settings or EndpointSettings()
         self.user_agent = self.settings.user_agent
         self.timers = self.settings.timers
+        # read for every message: without a clock of its own, time.monotonic() (SystemClock's)
+        # itself, not through SystemClock.monotonic (a Python frame per read)
+        self._now: Callable[[], float] = time.monotonic if clock is None else clock.monotonic
         self.transport = TransportLayer(
             self._on_message, self._on_flow_closed, tls=self.settings.tls,
-            keepalive_interval=self.settings.keepalive_interval,
+            keepalive_interval=self.settings.keepalive_interval, clock=self._now,
+            idle_timeout=self.settings.idle_timeout, max_connections=self.settings.max_connections,
+            max_connections_per_source=self.settings.max_connections_per_source,
         )
         self.table = TransactionTable()
         self.handlers: dict[str, RequestHandler] = {}
+        #: method → screen (see the module's docstring); only new requests of that method are asked
+        self.screens: dict[str, Screen] = {}
+        #: responses sent statelessly for requests a screen refused
+        self.refused = 0
         self.flow_closed_listeners: list[Callable[[Flow, str], None]] = []
         #: see every message received ("in") or sent ("out"), e.g. the trace recorder; must not block
         self.observers: list[Callable[[str, Message, Flow], None]] = []
@@ -193,9 +211,6 @@ class SipEndpoint:
         #: someone who keeps dialogs takes it here (a proxy passes it on, a callee ends its wait)
         self.unmatched_ack: Callable[[Request, Flow], None] | None = None
         self._servers: dict[int, IncomingRequest] = {}
-        # read for every message: without a clock of its own, time.monotonic() (SystemClock's)
-        # itself, not through SystemClock.monotonic (a Python frame per read)
-        self._now: Callable[[], float] = time.monotonic if clock is None else clock.monotonic
         self._scheduler: Timers = scheduler or LoopTimers()
         self._timer: TimerHandle | None = None  # the one wake-up, armed at the table's next deadline
         self._timer_at = 0.0  # when self._timer fires
@@ -296,9 +311,9 @@ class SipEndpoint:
                 log.exception("message observer failed")
 
     def _on_message(self, message: Message, flow: Flow) -> None:
-        if self.observers:
-            self._observe("in", message, flow)
         if isinstance(message, Response):
+            if self.observers:
+                self._observe("in", message, flow)
             tx = self.table.match_response(message)
             if tx is None:
                 if not self.table.absorbs(message, self._now()):
@@ -310,6 +325,10 @@ class SipEndpoint:
 
     def _on_request(self, request: Request, flow: Flow) -> None:
         existing = self.table.match_request(request)
+        if existing is None and self.screens and self._refused(request, flow):
+            return  # junk: not even observed (the trace recorder keeps nothing of it)
+        if self.observers:
+            self._observe("in", request, flow)
         if existing is not None:
             # a retransmission, or the ACK for our non-2xx final response
             self._run(existing, existing.on_request(request, self.now()))
@@ -320,6 +339,10 @@ class SipEndpoint:
             return
         if request.method == "CANCEL":
             self._on_cancel(request, flow)
+            return
+        if request.method != "INVITE" and request.method not in self.handlers:
+            # what the endpoint answers itself needs no transaction: junk of any method keeps nothing
+            self._reply_statelessly(request, flow, *self._automatic_answer(request))
             return
         tx: ServerTransaction
         if request.method == "INVITE":
@@ -332,41 +355,72 @@ class SipEndpoint:
         self._run(tx, tx.start(self.now()))
         self._dispatch(incoming)
 
+    def _refused(self, request: Request, flow: Flow) -> bool:
+        """Ask the method's screen about a new request; a refusal gets one response, sent
+        statelessly, and nothing is kept: a retransmitted request is simply refused again."""
+        screen = self.screens.get(request.method)
+        if screen is None:
+            return False
+        try:
+            status = screen(request, flow)
+        except Exception:
+            log.exception("screen for %s failed", request)
+            status = 500
+        if status is None:
+            return False
+        self.refused += 1
+        self._reply_statelessly(request, flow, status, observed=False)
+        return True
+
+    def _reply_statelessly(self, request: Request, flow: Flow, status: int,
+                           headers: list[tuple[str, str]] | None = None, *, observed: bool = True) -> None:
+        """A final response with nothing kept: a retransmitted request is simply answered again."""
+        response = make_response(request, status, to_tag=new_tag(), headers=headers or ())
+        if self.user_agent:
+            response.headers.add("Server", self.user_agent)
+        try:
+            flow.send(response.to_bytes())
+        except TransportError as exc:
+            log.debug("stateless %d to %s not sent: %s", status, flow, exc)
+            return
+        self.transport.stats["sent"] += 1
+        if observed and self.observers:
+            self._observe("out", response, flow)
+
+    def _automatic_answer(self, request: Request) -> tuple[int, list[tuple[str, str]]]:
+        """What the endpoint answers a request no handler takes."""
+        if _in_dialog(request):
+            return 481, []
+        allow = [("Allow", self.allow_header())]
+        return (200, allow) if request.method == "OPTIONS" else (405, allow)
+
     def _dispatch(self, incoming: IncomingRequest) -> None:
         request = incoming.request
-        try:
-            in_dialog = request.to.tag is not None
-        except SipParseError:
-            in_dialog = False
         handler = self.handlers.get(request.method)
-        if handler is not None and not (in_dialog and request.method == "INVITE"):
+        if handler is not None and not (request.method == "INVITE" and _in_dialog(request)):
             try:
                 handler(incoming)
             except Exception:
                 log.exception("handler for %s failed", request)
                 incoming.respond(500)
             return
-        if in_dialog:
-            incoming.respond(481)
-        elif request.method == "OPTIONS":
-            incoming.respond(200, headers=[("Allow", self.allow_header())])
-        else:
-            incoming.respond(405, headers=[("Allow", self.allow_header())])
+        status, headers = self._automatic_answer(request)
+        incoming.respond(status, headers=headers)
 
     def allow_header(self) -> str:
         return ", ".join(sorted({"ACK", "CANCEL", "OPTIONS", *self.handlers}))
 
     def _on_cancel(self, cancel: Request, flow: Flow) -> None:
         target = self.table.find_cancel_target(cancel)
+        invite = self._servers.get(id(target)) if target is not None else None
+        if invite is None:
+            self._reply_statelessly(cancel, flow, 481)
+            return
         tx = ServerNonInviteTransaction(cancel, reliable=flow.reliable, timers=self.timers)
         incoming = IncomingRequest(self, cancel, flow, tx)
         self._servers[id(tx)] = incoming
         self.table.add(tx)
         self._run(tx, tx.start(self.now()))
-        invite = self._servers.get(id(target)) if target is not None else None
-        if invite is None:
-            incoming.respond(481)
-            return
         incoming.to_tag = invite.to_tag
         incoming.respond(200)
         if invite.final_status is None and invite.respond(487):
@@ -481,6 +535,13 @@ class SipEndpoint:
     def pending_transactions(self) -> int:
         """Transactions not yet terminated, those in Completed for Timer K included."""
         return self.table.pending
+
+
+def _in_dialog(request: Request) -> bool:
+    try:
+        return request.to.tag is not None
+    except SipParseError:
+        return False
 
 
 def _call(callback: Callable[..., None], *args: object) -> None:

@@ -7,6 +7,10 @@ connection, and a REGISTER refresh reuses it. Stream framing is done by :class:`
 framing error closes only the connection it happened on. Malformed requests get ``400`` where a
 response can be built; nothing a peer sends can raise out of a protocol callback.
 
+Inbound TCP/TLS connections are capped per source address and in total (refusals are counted), and
+one that completes no message within ``idle_timeout`` is closed; the flows we open (to our
+registrars) never are.
+
 Flows we opened send RFC 5626 CRLF keep-alives and expect the single-CRLF pong; a flow that stops
 answering, or that closes, is reported to the layer above through ``on_flow_closed`` so it can
 re-register (which reconnects, with a per-destination backoff on connect failures).
@@ -21,6 +25,7 @@ import logging
 import random
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, cast
@@ -45,6 +50,10 @@ TRANSPORTS: tuple[TransportName, ...] = ("udp", "tcp", "tls")
 DEFAULT_PORTS: dict[str, int] = {"udp": 5060, "tcp": 5060, "tls": 5061}
 #: RFC 5626 §4.4.1: a pong must come within 10 s of a ping or the flow has failed.
 PONG_TIMEOUT = 10.0
+#: Junk (malformed messages, framing errors) is logged once per source address per this many seconds.
+JUNK_LOG_INTERVAL = 60.0
+#: Sources tracked for that at most; beyond them, the rest share one line per interval.
+JUNK_LOG_SOURCES = 256
 
 
 class TransportError(OSError):
@@ -118,7 +127,9 @@ class Flow:
     _write: Callable[[bytes], None] = field(repr=False)
     _close: Callable[[], None] = field(repr=False)
     alive: bool = True
-    #: monotonic time of the last ping still waiting for its pong (None = none outstanding)
+    #: since when we wait for traffic on this flow, None when something came since: the last ping's
+    #: time on flows we opened (its pong is due), the idle watch's start on inbound connections
+    #: (a complete message is due). Every message clears it, so watching costs no work per message.
     ping_sent_at: float | None = None
     last_ping_at: float = 0.0
 
@@ -150,6 +161,52 @@ class Flow:
         return f"{self.transport}:{self.local[0]}:{self.local[1]}->{self.remote[0]}:{self.remote[1]}"
 
 
+class JunkLog:
+    """Log lines about junk, at most one per source address per interval, each saying how many
+    like it were held back since the last one: a flood costs a bounded amount of log."""
+
+    def __init__(self, now: Callable[[], float], interval: float = JUNK_LOG_INTERVAL,
+                 max_sources: int = JUNK_LOG_SOURCES) -> None:
+        self._now = now
+        self.interval = interval
+        self.max_sources = max_sources
+        #: source → [start of its interval, lines held back in it]
+        self._sources: dict[str, list[float]] = {}
+
+    def info(self, source: str, message: str, *args: object) -> None:
+        now = self._now()
+        entry = self._sources.get(source)
+        if entry is None:
+            if len(self._sources) >= self.max_sources:
+                self._expire(now)
+                if len(self._sources) >= self.max_sources:
+                    source = "other sources"
+                    entry = self._sources.get(source)
+            if entry is None:
+                entry = self._sources[source] = [now, 0.0]
+                log.info(message, *args)
+                return
+        if now - entry[0] < self.interval:
+            entry[1] += 1
+            return
+        held_back = int(entry[1])
+        entry[0], entry[1] = now, 0.0
+        if held_back:
+            log.info(message + " (and %d more from %s in the last %.0f s)", *args, held_back, source,
+                     self.interval)
+        else:
+            log.info(message, *args)
+
+    def _expire(self, now: float) -> None:
+        """Forget the sources whose interval is over (saying what each held back)."""
+        for source, (start, held_back) in list(self._sources.items()):
+            if now - start >= self.interval:
+                del self._sources[source]
+                if held_back:
+                    log.info("%d more junk log lines from %s held back in %.0f s", held_back, source,
+                             self.interval)
+
+
 MessageHandler = Callable[[Message, Flow], None]
 FlowClosedHandler = Callable[[Flow, str], None]
 
@@ -169,6 +226,10 @@ class TransportLayer:
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
         pong_timeout: float = PONG_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+        idle_timeout: float = 30.0,
+        max_connections: int = 10000,
+        max_connections_per_source: int = 100,
     ) -> None:
         self._on_message = on_message
         self._on_flow_closed = on_flow_closed
@@ -179,6 +240,12 @@ class TransportLayer:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.pong_timeout = pong_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.max_connections_per_source = max_connections_per_source
+        #: inbound TCP/TLS connections, and how many come from each source address
+        self._inbound: set[_StreamProtocol] = set()
+        self._inbound_per_source: dict[str, int] = {}
         self._flows: dict[tuple[str, str, int], Flow] = {}
         self._udp_sockets: list[_UdpProtocol] = []
         self._servers: list[asyncio.Server] = []
@@ -187,7 +254,9 @@ class TransportLayer:
         self._client_ctx: ssl.SSLContext | None = None
         self._keepalive_task: asyncio.Task[None] | None = None
         self.listening: list[ListenSpec] = []
-        self.stats = {"received": 0, "sent": 0, "parse_errors": 0, "framing_errors": 0}
+        self.stats = {"received": 0, "sent": 0, "parse_errors": 0, "framing_errors": 0,
+                      "connections_refused": 0, "idle_closed": 0}
+        self.junk_log = JunkLog(clock)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -211,7 +280,7 @@ class TransportLayer:
         return real
 
     def _start_keepalive(self) -> None:
-        if self._keepalive_task is None and self.keepalive_interval > 0:
+        if self._keepalive_task is None and (self.keepalive_interval > 0 or self.idle_timeout > 0):
             self._keepalive_task = asyncio.create_task(self._keepalive_loop(), name="sip-keepalive")
 
     async def close(self) -> None:
@@ -363,7 +432,8 @@ class TransportLayer:
         flow.alive = False
         if self._flows.get(flow.key) is flow:
             del self._flows[flow.key]
-        log.info("flow %s closed: %s", flow, reason)
+        # inbound connections come and go at a peer's will (junk among them): not worth a line each
+        log.log(logging.INFO if flow.outbound else logging.DEBUG, "flow %s closed: %s", flow, reason)
         if self._on_flow_closed is not None:
             try:
                 self._on_flow_closed(flow, reason)
@@ -377,7 +447,7 @@ class TransportLayer:
             message = parse_message(data, self.limits, stream=stream)
         except SipParseError as exc:
             self.stats["parse_errors"] += 1
-            log.info("malformed message from %s: %s", flow, exc.reason)
+            self.junk_log.info(flow.remote[0], "malformed message from %s: %s", flow, exc.reason)
             if exc.partial is not None:
                 reply = make_response(exc.partial, 400, f"Bad Request ({exc.reason[:60]})")
                 with contextlib.suppress(TransportError):
@@ -391,11 +461,19 @@ class TransportLayer:
             log.exception("handler failed for %s from %s", message, flow)
 
     async def _keepalive_loop(self) -> None:
-        """Ping outbound stream flows every interval; close those whose pong is overdue."""
+        """Ping outbound stream flows every interval; close those whose pong is overdue, and the
+        inbound connections that stay idle too long."""
         loop = asyncio.get_running_loop()
+        periods = [t for t in (self.keepalive_interval, self.idle_timeout) if t > 0]
+        if self.keepalive_interval > 0:
+            periods.append(self.pong_timeout)
         while True:
-            await asyncio.sleep(min(self.keepalive_interval, self.pong_timeout) / 2)
+            await asyncio.sleep(min(periods) / 2)
             now = loop.time()
+            if self.idle_timeout > 0:
+                self.close_idle(now)
+            if self.keepalive_interval <= 0:
+                continue
             for flow in list(self._flows.values()):
                 if not (flow.alive and flow.outbound and flow.reliable):
                     continue
@@ -408,6 +486,47 @@ class TransportLayer:
                     flow.last_ping_at = flow.ping_sent_at = now
                     with contextlib.suppress(TransportError):
                         flow.send(b"\r\n\r\n")
+
+
+    def close_idle(self, now: float) -> None:
+        """Close the inbound connections that completed no message for ``idle_timeout`` (called
+        every ``idle_timeout / 2`` or sooner: a connection goes between 1 and 1.5 limits idle)."""
+        for protocol in list(self._inbound):
+            flow = protocol.flow
+            if flow is None or not flow.alive:
+                continue
+            if flow.ping_sent_at is None:
+                flow.ping_sent_at = now  # watch from now: any message clears it
+            elif now - flow.ping_sent_at >= self.idle_timeout:
+                self.stats["idle_closed"] += 1
+                flow.close()
+                self._flow_closed(flow, f"no complete message for {self.idle_timeout:g} s")
+
+    def _admit(self, protocol: _StreamProtocol, source: str) -> bool:
+        """Take an inbound connection while under both caps; count it (see _release)."""
+        per_source = self._inbound_per_source.get(source, 0)
+        if len(self._inbound) >= self.max_connections or per_source >= self.max_connections_per_source:
+            self.stats["connections_refused"] += 1
+            self.junk_log.info(source, "refused a connection from %s: %d from it, %d in all", source, per_source,
+                               len(self._inbound))
+            return False
+        self._inbound.add(protocol)
+        self._inbound_per_source[source] = per_source + 1
+        return True
+
+    def _release(self, protocol: _StreamProtocol, source: str) -> None:
+        if protocol not in self._inbound:
+            return
+        self._inbound.discard(protocol)
+        left = self._inbound_per_source.get(source, 1) - 1
+        if left > 0:
+            self._inbound_per_source[source] = left
+        else:
+            self._inbound_per_source.pop(source, None)
+
+    @property
+    def inbound_connections(self) -> int:
+        return len(self._inbound)
 
 
 def _stamp_received(request: Request, flow: Flow) -> None:
@@ -628,6 +747,9 @@ class _StreamProtocol(asyncio.Protocol):
         local = stream.get_extra_info("sockname")
         remote = stream.get_extra_info("peername")
         self._loop = asyncio.get_running_loop()
+        if not self.outbound and not self.layer._admit(self, remote[0]):
+            stream.abort()  # over a cap: no flow, nothing read
+            return
         self.flow = Flow(
             self.name, (local[0], local[1]), (remote[0], remote[1]), self.outbound,
             _write=self._write, _close=self._close,
@@ -655,13 +777,15 @@ class _StreamProtocol(asyncio.Protocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        assert self.flow is not None and self.transport is not None
+        if self.flow is None or self.transport is None:
+            return  # a refused connection
         try:
             frames = self.framer.feed(data)
         except FramingError as exc:
             self._handle(exc.frames)  # the messages completed before the error are intact
             self.layer.stats["framing_errors"] += 1
-            log.info("framing error on %s: %s; closing this connection only", self.flow, exc)
+            self.layer.junk_log.info(self.flow.remote[0], "framing error on %s: %s; closing this connection only",
+                                     self.flow, exc)
             self._close()
             self.layer._flow_closed(self.flow, f"framing error: {exc}")
             return
@@ -678,12 +802,14 @@ class _StreamProtocol(asyncio.Protocol):
             elif isinstance(frame, KeepAlivePing):
                 with contextlib.suppress(TransportError):
                     self.flow.send(b"\r\n")
-            else:  # KeepAlivePong
+            elif self.outbound:  # KeepAlivePong; on an inbound connection it does not count as a message
                 self.flow.ping_sent_at = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._pending.clear()  # nowhere to send it any more
         if self.flow is not None:
+            if not self.outbound:
+                self.layer._release(self, self.flow.remote[0])
             self.layer._flow_closed(self.flow, f"connection lost: {exc}" if exc else "closed by peer")
 
 

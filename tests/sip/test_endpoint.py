@@ -381,6 +381,53 @@ async def test_invite_gets_100_then_the_handlers_answers_and_retransmissions_are
     assert len(handler.calls) == 1
 
 
+@pytest.mark.parametrize("method", ["INVITE", "MESSAGE"])
+async def test_a_screened_request_gets_one_stateless_answer_and_nothing_is_kept(
+    method: str, make_endpoint: EndpointFactory, peers: list[Any], scheduler: FakeTimers,
+) -> None:
+    endpoint = await make_endpoint("udp")
+    handler = Recorder(200)
+    endpoint.handlers[method] = handler
+    screened: list[tuple[str, Flow]] = []
+
+    def screen(request: Request, flow: Flow) -> int | None:
+        screened.append((request.call_id, flow))
+        return 404 if request.call_id == "junk" else None
+
+    endpoint.screens[method] = screen
+    peer = await udp_peer(peers)
+    port = port_of(endpoint, "udp")
+    junk = sip_request(method, call_id="junk")
+
+    peer.send(junk, (HOST, port))
+    refused = await peer.recv_response("junk")
+    assert refused.status == 404 and refused.to.tag  # final at once: no 100 Trying
+    assert endpoint.pending_transactions == 0 and not handler.calls and endpoint.refused == 1
+    assert screened[0][1].remote == peer.address
+
+    peer.send(junk, (HOST, port))  # a retransmission is simply refused again
+    assert (await peer.recv_response("junk")).status == 404
+    scheduler.advance(64 * 0.5 + 5)  # Timer G/H (INVITE) and J (MESSAGE) would have run out by now
+    peer.send(sip_request(method, call_id="served"), (HOST, port))
+    assert (await peer.recv_response("served", skip=[100])).status == 200
+    assert peer.queue.empty()  # no retransmitted 404 came in between
+    assert len(handler.calls) == 1 and endpoint.refused == 2
+
+
+async def test_what_the_endpoint_answers_itself_keeps_no_transaction(
+    make_endpoint: EndpointFactory, peers: list[Any],
+) -> None:
+    endpoint = await make_endpoint("udp")
+    endpoint.handlers["INVITE"] = Recorder(180)
+    peer = await udp_peer(peers)
+    port = port_of(endpoint, "udp")
+    for method, to_tag, status in [("OPTIONS", None, 200), ("SUBSCRIBE", None, 405), ("BYE", "gone", 481),
+                                   ("CANCEL", None, 481)]:
+        peer.send(sip_request(method, to_tag=to_tag, call_id=f"junk-{method}"), (HOST, port))
+        assert (await peer.recv_response(f"junk-{method}")).status == status
+        assert endpoint.pending_transactions == 0, method
+
+
 async def test_cancel_of_a_pending_invite_gives_200_and_487(make_endpoint: EndpointFactory,
                                                             peers: list[Any]) -> None:
     endpoint = await make_endpoint("udp")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import logging
 import re
 import socket
 import ssl
@@ -24,16 +25,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sipis.clock import FakeClock
 from sipis.sip.message import Limits, Message, Request, Response, make_response, new_branch, parse_message
 from sipis.sip.transport import (
     Address,
     Flow,
+    JunkLog,
     ListenSpec,
     TlsSettings,
     TransportError,
     TransportLayer,
     TransportName,
 )
+from tests.waiting import wait_for
 
 HOST = "127.0.0.1"
 WAIT = 5.0  # a safety net against hangs, never a measured quantity
@@ -1148,3 +1152,95 @@ async def test_traffic_on_a_flow_counts_as_a_pong() -> None:
         b"SIP/2.0 200 OK\r\nVia: SIP/2.0/TCP 127.0.0.1:5000;branch=z9hG4bKx\r\nFrom: <sip:a@b>;tag=1\r\n"
         b"To: <sip:a@b>\r\nCall-ID: c\r\nCSeq: 1 REGISTER\r\nContent-Length: 0\r\n\r\n")
     assert received and protocol.flow.ping_sent_at is None
+
+
+# =========================================================================== junk in the log
+
+
+def test_junk_is_logged_once_per_source_per_interval_with_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    junk = JunkLog(clock.monotonic, interval=60.0)
+    with caplog.at_level(logging.INFO, logger="sipis.sip.transport"):
+        for _ in range(10_000):
+            junk.info("192.0.2.1", "malformed message from %s: %s", "udp:192.0.2.1:5060", "bad")
+        junk.info("192.0.2.2", "malformed message from %s: %s", "udp:192.0.2.2:5060", "bad")
+        assert len(caplog.records) == 2  # the first from each source
+        clock.advance(60.0)
+        junk.info("192.0.2.1", "malformed message from %s: %s", "udp:192.0.2.1:5060", "bad")
+    assert len(caplog.records) == 3
+    assert caplog.records[-1].getMessage() == (
+        "malformed message from udp:192.0.2.1:5060: bad (and 9999 more from 192.0.2.1 in the last 60 s)")
+
+
+def test_junk_from_many_sources_is_bounded_too(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    junk = JunkLog(clock.monotonic, interval=60.0, max_sources=8)
+    with caplog.at_level(logging.INFO, logger="sipis.sip.transport"):
+        for n in range(1000):  # a spoofed flood: every datagram from another address
+            junk.info(f"198.51.100.{n % 250}", "malformed message from %s", n)
+    assert len(caplog.records) == 8 + 1  # the tracked sources, then one line for all the others
+    assert len({record.getMessage() for record in caplog.records}) == 9
+
+
+# =========================================================================== connection limits
+
+
+async def test_inbound_connections_idle_for_the_limit_are_closed_but_never_ours(
+    make_harness: HarnessFactory, cleanup: Cleanup,
+) -> None:
+    harness = make_harness(idle_timeout=30.0)
+    port = await harness.listen("tcp")
+    server = await raw_server(cleanup)
+    ours = await harness.layer.flow_to("tcp", HOST, server.port)  # e.g. to our registrar: silent
+    stalled = await stream_peer(cleanup, port)
+    stalled.send(b"INVITE sip:x SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:5999\r\n")  # half a message, forever
+    busy = await stream_peer(cleanup, port)
+    await wait_for(lambda: harness.layer.inbound_connections == 2, what="both connections accepted")
+
+    harness.layer.close_idle(0.0)  # the idle watch starts
+    busy.send(sip_request(transport="TCP", call_id="busy-1"))
+    assert (await busy.read_response()).call_id == "busy-1"
+    stalled.send(b"\r\n")  # a lone CRLF is no message
+    harness.layer.close_idle(29.0)
+    assert harness.layer.inbound_connections == 2
+    harness.layer.close_idle(30.0)
+    assert await stalled.closed_by_other_side()
+    assert harness.layer.stats["idle_closed"] == 1 and ours.alive
+    busy.send(sip_request(transport="TCP", call_id="busy-2"))  # still served
+    assert (await busy.read_response()).call_id == "busy-2"
+
+    harness.layer.close_idle(60.0)  # the busy one went quiet after its message at 30 s
+    harness.layer.close_idle(90.0)
+    assert await busy.closed_by_other_side()
+    assert harness.layer.stats["idle_closed"] == 2 and ours.alive and harness.layer.inbound_connections == 0
+
+
+async def connect_from(host: str, port: int, cleanup: Cleanup) -> StreamPeer:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port, local_addr=(host, 0)), WAIT)
+    peer = StreamPeer(reader, writer)
+    cleanup(peer.close)
+    return peer
+
+
+async def test_inbound_connections_are_capped_per_source_and_in_total(
+    make_harness: HarnessFactory, cleanup: Cleanup,
+) -> None:
+    harness = make_harness(max_connections=3, max_connections_per_source=2)
+    port = await harness.listen("tcp")
+    layer = harness.layer
+    first = [await connect_from("127.0.0.1", port, cleanup) for _ in range(2)]
+    await connect_from("127.0.0.2", port, cleanup)
+    await wait_for(lambda: layer.inbound_connections == 3, what="three connections accepted")
+
+    over_source = await connect_from("127.0.0.1", port, cleanup)  # a third from one address
+    assert await over_source.closed_by_other_side()
+    over_total = await connect_from("127.0.0.3", port, cleanup)  # a fourth in all
+    assert await over_total.closed_by_other_side()
+    assert layer.stats["connections_refused"] == 2 and layer.inbound_connections == 3
+
+    await first[0].close()  # room again, for that address too
+    await wait_for(lambda: layer.inbound_connections == 2, what="the closed connection released")
+    again = await connect_from("127.0.0.1", port, cleanup)
+    again.send(sip_request(transport="TCP", call_id="again"))
+    assert (await again.read_response()).call_id == "again"
+    assert layer.stats["connections_refused"] == 2
