@@ -54,9 +54,10 @@ class ProxyRegistrar:
         self._flow_of: dict[str, tuple[str, str, int]] = {}
         #: one key tuple per flow for all its instances (``flow.key`` makes a new one per call)
         self._flow_keys: dict[tuple[str, str, int], tuple[str, str, int]] = {}
-        #: registrar URI host → every (address, port) a REGISTER of ours went to: where requests
-        #: for the instances registered there may come from (see :meth:`from_registrar`)
-        self._registrar_addresses: dict[str, set[tuple[str, int]]] = {}
+        #: registrar URI host → every address a REGISTER of ours went to: where requests for the
+        #: instances registered there may come from (see :meth:`from_registrar`). Addresses, not
+        #: ports: a registrar may open a new TCP connection (from any port) to deliver a call.
+        self._registrar_addresses: dict[str, set[str]] = {}
         self.on_flow_lost: Callable[[list[str]], None] | None = None
         endpoint.flow_closed_listeners.append(self._flow_closed)
 
@@ -88,7 +89,7 @@ class ProxyRegistrar:
             addresses = self._registrar_addresses.get(binding.registrar.host)
             if addresses is None:
                 addresses = self._registrar_addresses[binding.registrar.host] = set()
-            addresses.add(flow.remote)
+            addresses.add(flow.remote[0])
             previous = self._flow_of.get(instance.selector)
             if previous is not None and previous[0] != flow.transport:
                 binding.contact_uri = None  # failed over to another transport: new Contact
@@ -103,13 +104,13 @@ class ProxyRegistrar:
         return result
 
     def from_registrar(self, selector: str, flow: Flow) -> bool:
-        """Did this request come from the registrar the instance registers with: over the flow we
-        registered on, or from any address we sent its REGISTERs to?"""
+        """Did this request come from the registrar the instance registers with: from an address
+        we sent its REGISTERs to (any port, so also over the flow we registered on)?"""
         binding = self._bindings.get(selector)
         if binding is None:
             return False
         addresses = self._registrar_addresses.get(binding.registrar.host)
-        return addresses is not None and flow.remote in addresses
+        return addresses is not None and flow.remote[0] in addresses
 
     def prepare(self, instance: Instance) -> None:
         """Build the instance's binding now rather than at its first REGISTER.
