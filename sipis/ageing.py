@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 
+from contract.masking import mask
 from sipis.clock import Clock
 from sipis.config import AgeingConfig
 from sipis.instance import AppState, Instance
@@ -47,7 +48,7 @@ class Ageing:
         due = [(i, r) for i in list(self.lifecycle.instances.values())
                if (r := ageing_reason(i, now, self.policy)) is not None]
         for instance, reason in due:
-            log.info("instance %s goes off: %s", instance.selector, reason)
+            log.info("instance %s goes off: %s", mask(instance.selector), reason)
             await self.lifecycle.retire(instance, reason=reason, delete=False)
         return len(due)
 

@@ -32,6 +32,7 @@ from enum import StrEnum
 from typing import Any
 
 from contract.documents import HeldCall as CallView
+from contract.masking import mask
 from sipis.clock import Clock
 from sipis.config import CallsConfig
 from sipis.events import EventBus
@@ -240,7 +241,7 @@ class CallManager:
         try:
             await asyncio.wait_for(asyncio.shield(removal), RELEASE_WAIT)
         except TimeoutError:
-            log.warning("binding removal for %s not confirmed in %.0f s; releasing anyway", instance.selector,
+            log.warning("binding removal for %s not confirmed in %.0f s; releasing anyway", mask(instance.selector),
                         RELEASE_WAIT)
         target = contact or instance.account.aor
         for call in calls:

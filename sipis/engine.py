@@ -41,6 +41,7 @@ from typing import Protocol
 
 from contract.events import Alarm, RegistrationResult, RegistrationStatusChanged
 from contract.kinds import AlarmKind
+from contract.masking import mask
 from sipis.clock import Clock
 from sipis.config import SipConfig
 from sipis.events import EventBus
@@ -381,7 +382,7 @@ class RegistrationEngine:
             entry.busy = False
             raise
         except Exception as exc:  # a bug in the exchange must not kill the engine
-            log.exception("registration exchange failed for %s", instance.selector)
+            log.exception("registration exchange failed for %s", mask(instance.selector))
             result = RegisterResult(Outcome.FAILED, 500, "Internal error", detail=str(exc))
         entry.busy = False
         if reserved:

@@ -27,6 +27,7 @@ import logging
 from collections.abc import Callable
 
 from contract.events import InstanceDeleted, InstanceStateChanged
+from contract.masking import mask
 from sipis.clock import Clock
 from sipis.engine import Achieved, RegistrationEngine
 from sipis.events import EventBus
@@ -158,7 +159,7 @@ class InstanceLifecycle:
             try:
                 await asyncio.wait_for(asyncio.shield(removal), UNREGISTER_WAIT)
             except TimeoutError:
-                log.warning("unREGISTER of %s not confirmed within %.0f s", selector, UNREGISTER_WAIT)
+                log.warning("unREGISTER of %s not confirmed within %.0f s", mask(selector), UNREGISTER_WAIT)
             self.registrar.forget(selector)
             instance.account.password = None
             if delete:

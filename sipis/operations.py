@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from contract.documents import AuditEntry
+from contract.masking import mask
 from sipis.clock import Clock
 from sipis.events import EventBus
 from sipis.instance import Instance
@@ -160,7 +161,7 @@ class Operations:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("disable of %s failed", selector)
+            log.exception("disable of %s failed", mask(selector))
             self.audit(operator, "disable", selector, "error", about=selector, error=type(exc).__name__)
             raise
         self.audit(operator, "disable", selector, "ok", about=selector, previous_state=previous)

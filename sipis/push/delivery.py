@@ -202,7 +202,7 @@ class PushDelivery:
 
     def _token_dead(self, instance: Instance, trace: PushTrace, outcome: PushOutcome) -> None:
         instance.push.unreachable = True
-        log.warning("push token of %s reported dead by %s (%s)", instance.selector, trace.provider,
+        log.warning("push token of %s reported dead by %s (%s)", mask(instance.selector), trace.provider,
                     outcome.provider_reason)
         self.bus.publish(instance.selector, InstancePushChanged(
             unreachable=True, push_id=trace.push_id, reason=outcome.provider_reason or "token dead"))
