@@ -58,12 +58,21 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"sipis-console: {config_path}: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=(args.log_level or config.log.level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        filename=str(config.log.file) if config.log.file else None,
-    )
+    configure_logging(args.log_level or config.log.level, config.log.file)
     return asyncio.run(_serve(config))
+
+
+#: Libraries whose routine lines (asyncssh: several per SSH login) only a debugging operator wants.
+CHATTY_LOGGERS = ("asyncssh",)
+
+
+def configure_logging(level: str, file: Path | None) -> None:
+    """The core's log: ``level`` for our own lines; the chatty libraries' INFO lines only at debug."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        filename=str(file) if file else None)
+    quiet = logging.DEBUG if level.lower() == "debug" else logging.WARNING
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(quiet)
 
 
 async def _serve(config: Config) -> int:
@@ -90,5 +99,7 @@ async def _serve(config: Config) -> int:
     await stop.wait()
     log.info("shutting down")
     await core.stop()
+    log.info("stopped")
+    print("sipis-console: core stopped", file=sys.stderr, flush=True)
     return 0
 

@@ -23,17 +23,24 @@ import os
 import struct
 import sys
 import termios
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncssh
+from cryptography.utils import CryptographyDeprecationWarning
 
 from sipis.config import SshConfig, SshOperator
 from sipis.operations import Operator
 from sipis.operator_api import OperatorSessions
+
+with warnings.catch_warnings():
+    # asyncssh still imports cryptography's DSA support; each start printed five multi-line
+    # deprecation warnings about a key type we never offer (key-only auth with modern keys)
+    warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+    import asyncssh
 
 log = logging.getLogger(__name__)
 

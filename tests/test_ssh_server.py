@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import asyncssh
@@ -47,3 +49,11 @@ def test_the_console_child_talks_to_the_operator_socket(tmp_path: Path) -> None:
     command = console_command(tmp_path / "operator.sock")
     assert command[1:] == ["-m", "sipis_console", "console", "--socket", str(tmp_path / "operator.sock"),
                            "--session-tty"]
+
+
+def test_importing_the_ssh_server_prints_no_deprecation_warning() -> None:
+    """asyncssh's import of cryptography's DSA support warned five times at every start."""
+    done = subprocess.run([sys.executable, "-W", "error", "-c", "import sipis.ssh_server"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""

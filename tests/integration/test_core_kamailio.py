@@ -152,3 +152,6 @@ def test_sigterm_unregisters_cleanly(kamailio: Kamailio, core: CoreProcess) -> N
         wait_for(lambda: "alice" in our_contacts(kamailio), what="alice registered")
     assert core.stop() == 0
     assert "alice" not in our_contacts(kamailio)
+    lines = core.log_path.read_text().splitlines()
+    assert lines[-1] == "sipis-console: core stopped"  # the last word is that it stopped
+    assert not any("DeprecationWarning" in line for line in lines)  # asyncssh's DSA warning is not printed

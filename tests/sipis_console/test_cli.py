@@ -4,11 +4,13 @@ opens the console against the local core, or prints help that says why not."""
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import pytest
 
 import console.cli
+from sipis.cli import configure_logging
 from sipis_console.cli import COMMANDS, main
 
 
@@ -71,3 +73,15 @@ def test_a_broken_config_is_reported_before_the_console_starts(tmp_path: Path, o
     assert main(["console", "--config", "bad.toml"]) == 2
     assert capsys.readouterr().err.startswith("sipis-console: bad.toml: ")
     assert opened == []
+
+
+@pytest.mark.parametrize(("level", "asyncssh_level"), [("info", logging.WARNING), ("warning", logging.WARNING),
+                                                      ("debug", logging.DEBUG)])
+def test_asyncssh_routine_lines_show_only_at_debug(level: str, asyncssh_level: int) -> None:
+    chatty = logging.getLogger("asyncssh")
+    saved = chatty.level
+    try:
+        configure_logging(level, None)
+        assert chatty.getEffectiveLevel() == asyncssh_level
+    finally:
+        chatty.setLevel(saved)
