@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,7 +60,7 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"sipis-console: {config_path}: {exc}", file=sys.stderr)
         return 2
-    configure_logging(args.log_level or config.log.level, config.log.file)
+    configure_logging(args.log_level or config.log.level, config.log.file, config.log.format)
     return asyncio.run(_serve(config))
 
 
@@ -66,10 +68,13 @@ def serve(args: argparse.Namespace) -> int:
 CHATTY_LOGGERS = ("asyncssh",)
 
 
-def configure_logging(level: str, file: Path | None) -> None:
-    """The core's log: ``level`` for our own lines; the chatty libraries' INFO lines only at debug."""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        filename=str(file) if file else None)
+def configure_logging(level: str, file: Path | None, form: str = "text") -> None:
+    """The core's log: ``level`` for our own lines; the chatty libraries' INFO lines only at debug;
+    ``form`` ``json`` writes one JSON object per record (for log shippers)."""
+    handler: logging.Handler = logging.FileHandler(file) if file else logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if form == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     quiet = logging.DEBUG if level.lower() == "debug" else logging.WARNING
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(quiet)
@@ -103,3 +108,15 @@ async def _serve(config: Config) -> int:
     print("sipis-console: core stopped", file=sys.stderr, flush=True)
     return 0
 
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ``time`` (ISO 8601, UTC), ``level``, ``logger``, ``message`` and,
+    for an exception, ``exception`` (the traceback as text)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)

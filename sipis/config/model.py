@@ -50,6 +50,8 @@ LogLevel: TypeAlias = Literal["debug", "info", "warning", "error", "critical"]
 ROLES: Final[tuple[Role, ...]] = ("viewer", "operator", "admin")
 RELEASE_MODES: Final[tuple[ReleaseMode, ...]] = ("redirect", "reject")
 LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("debug", "info", "warning", "error", "critical")
+LogFormat: TypeAlias = Literal["text", "json"]
+LOG_FORMATS: Final[tuple[LogFormat, ...]] = ("text", "json")
 
 ACROBITS_PNM_URL: Final = "https://pnm.cloudsoftphone.com/pnm2/send"
 FCM_URL: Final = "https://fcm.googleapis.com"
@@ -80,6 +82,8 @@ class LogConfig:
     level: LogLevel = setting(Choice(LOG_LEVELS), "how much to log", default="info")
     file: Path | None = setting(FilePath(), "log file", default=None, default_doc="stderr",
                                 example=Path("sipis.log"))
+    format: LogFormat = setting(Choice(LOG_FORMATS), "`text` (one line per record) or `json` (one JSON "
+                                "object per line, for log shippers)", default="text")
 
 
 @section(rules=(

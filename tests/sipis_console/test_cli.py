@@ -4,7 +4,10 @@ opens the console against the local core, or prints help that says why not."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +88,20 @@ def test_asyncssh_routine_lines_show_only_at_debug(level: str, asyncssh_level: i
         assert chatty.getEffectiveLevel() == asyncssh_level
     finally:
         chatty.setLevel(saved)
+
+
+def test_json_log_format_writes_one_object_per_record(tmp_path: Path) -> None:
+    log_file = tmp_path / "core.log"
+    script = ("import logging, pathlib, sys\n"
+              "from sipis.cli import configure_logging\n"
+              "configure_logging('info', pathlib.Path(sys.argv[1]), 'json')\n"
+              "logging.getLogger('sipis.core').info('SIP listening on %s', 'udp:127.0.0.1:5060')\n"
+              "logging.getLogger('asyncssh').info('connection from 127.0.0.1')\n"
+              "try:\n    1 / 0\n"
+              "except ZeroDivisionError:\n    logging.getLogger('sipis').exception('oops \"quoted\"')\n")
+    done = subprocess.run([sys.executable, "-c", script, str(log_file)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    entries = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [(e["level"], e["logger"], e["message"]) for e in entries] == [
+        ("INFO", "sipis.core", "SIP listening on udp:127.0.0.1:5060"), ("ERROR", "sipis", 'oops "quoted"')]
+    assert "ZeroDivisionError" in entries[1]["exception"] and entries[0]["time"].endswith("+00:00")
