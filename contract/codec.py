@@ -31,6 +31,8 @@ _Step = tuple[str, Convert | None, Any, Callable[[], Any] | None]
 
 _DECODERS: dict[type[Any], Callable[[dict[str, Any]], Any]] = {}
 _ENCODERS: dict[type[Any], Callable[[Any], dict[str, Any]]] = {}
+_OPTIONAL: dict[type[Any], tuple[str, ...]] = {}
+_FIELD_NAMES: dict[type[Any], frozenset[str]] = {}
 _EVENT_KINDS: dict[str, EventKind] = {kind.value: kind for kind in EventKind}
 _NOTICE_KINDS: dict[str, StreamNoticeKind] = {kind.value: kind for kind in StreamNoticeKind}
 _MISSING = dataclasses.MISSING
@@ -69,14 +71,20 @@ def payload_data(payload: Payload | UnknownPayload) -> dict[str, Any]:
     payload says so."""
     if isinstance(payload, UnknownPayload):
         return dict(payload.data)
-    data: dict[str, Any] = {}
-    omit_none = payload.OMIT_NONE
-    for f in dataclasses.fields(payload):
-        value = getattr(payload, f.name)
-        if value is None and omit_none and f.default is None:
-            continue
-        data[f.name] = to_json(value)
+    data = encoder(type(payload))(payload)
+    if payload.OMIT_NONE:
+        for name in _optional_fields(type(payload)):
+            if data[name] is None:
+                del data[name]
     return data
+
+
+def _optional_fields(cls: type[Any]) -> tuple[str, ...]:
+    """The fields of ``cls`` that default to ``None`` (worked out once per class)."""
+    names = _OPTIONAL.get(cls)
+    if names is None:
+        names = _OPTIONAL[cls] = tuple(f.name for f in dataclasses.fields(cls) if f.default is None)
+    return names
 
 
 def encode_event(event: Event) -> dict[str, Any]:
@@ -147,7 +155,10 @@ def _opt_int(value: Any) -> int | None:
 
 
 def _field_names(cls: type[Any]) -> frozenset[str]:
-    return frozenset(f.name for f in dataclasses.fields(cls))
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 def _compile(cls: type[Any]) -> Callable[[dict[str, Any]], Any]:

@@ -144,6 +144,7 @@ class Core:
             self.service.resume(persistence.restore(record))
             restored += 1
         persistence.attach(self.bus)
+        await registrar.learn_registrars()  # calls for restored bindings are taken from the start
         self.engine.start()
         log.info("restored %d instances", restored)
         self.bus.publish(None, CoreStarted(restored, config.node_name))

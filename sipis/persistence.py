@@ -60,17 +60,29 @@ class InstancePersistence:
         """Commit the row of ``instance`` (the live one or a copy showing a change not yet applied)
         within ``commit_timeout``; else put the live row back in its place and raise
         :class:`StorageUnavailable`."""
-        self._staged[instance.selector] = self.record(instance)
-        await self._commit_staged(instance.selector, keep=False)
+        staged = self._staged[instance.selector] = self.record(instance)
+        await self._commit_staged(instance.selector, staged, keep=False)
 
     async def store_deletion(self, selector: str) -> None:
         """Like :meth:`store` for deleting the row; on success the row stays deleted until the
         instance's ``instance.deleted`` event (the removal at the registrar comes in between)."""
         self._staged[selector] = None
-        await self._commit_staged(selector, keep=True)
+        await self._commit_staged(selector, None, keep=True)
 
-    async def _commit_staged(self, selector: str, *, keep: bool) -> None:
-        if self._staged[selector] is None:
+    def undo_deletion(self, selector: str) -> None:
+        """A stored deletion whose removal did not happen: the live instance's row is written again."""
+        self.unstage(selector, None)
+        if self.lookup(selector) is not None:
+            self.writer.snapshot_instance(selector, self._snapshot)
+
+    def unstage(self, selector: str, staged: InstanceRecord | None) -> None:
+        """Forget what this caller staged, unless another caller has staged over it since (two app
+        calls for one instance at once: each removes only its own row)."""
+        if selector in self._staged and self._staged[selector] is staged:
+            del self._staged[selector]
+
+    async def _commit_staged(self, selector: str, staged: InstanceRecord | None, *, keep: bool) -> None:
+        if staged is None:
             self.writer.delete_instance(selector)
         else:
             self.writer.snapshot_instance(selector, self._snapshot)
@@ -79,7 +91,7 @@ class InstancePersistence:
         except StorageUnavailable:
             # The staged write is still queued and will be retried: from now on it writes the live
             # row (a queued snapshot reads it when written), so the change never reaches the disk.
-            self._staged.pop(selector, None)
+            self.unstage(selector, staged)
             if self.lookup(selector) is None:
                 self._blobs.pop(selector, None)
                 self.writer.delete_instance(selector)
@@ -87,7 +99,7 @@ class InstancePersistence:
                 self.writer.snapshot_instance(selector, self._snapshot)
             raise
         if not keep:
-            self._staged.pop(selector, None)
+            self.unstage(selector, staged)
 
     def on_event(self, event: Event) -> None:
         payload = event.payload

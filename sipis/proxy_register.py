@@ -9,6 +9,8 @@ instances that used it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Callable
@@ -111,6 +113,20 @@ class ProxyRegistrar:
             return False
         addresses = self._registrar_addresses.get(binding.registrar.host)
         return addresses is not None and flow.remote[0] in addresses
+
+    async def learn_registrars(self, timeout: float = 5.0) -> None:
+        """Resolve every registrar the prepared bindings name, so that :meth:`from_registrar` knows
+        their addresses before our first REGISTER to each: after a restart a registrar still holds
+        our bindings and may deliver a call at once (paced re-registration can take minutes)."""
+        hosts = {binding.registrar.host: binding.registrar for binding in self._bindings.values()}
+
+        async def learn(host: str) -> None:
+            with contextlib.suppress(ResolveError):
+                targets = await self.resolver.resolve(hosts[host])
+                self._registrar_addresses.setdefault(host, set()).update(t.host for t in targets)
+
+        if hosts:
+            await asyncio.wait([asyncio.ensure_future(learn(host)) for host in hosts], timeout=timeout)
 
     def prepare(self, instance: Instance) -> None:
         """Build the instance's binding now rather than at its first REGISTER.

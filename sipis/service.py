@@ -45,6 +45,8 @@ class Storage(Protocol):
 
     async def store_deletion(self, selector: str) -> None: ...
 
+    def undo_deletion(self, selector: str) -> None: ...
+
 
 class InstanceService:
     def __init__(self, *, lifecycle: InstanceLifecycle, registrar: ProxyRegistrar, bus: EventBus,
@@ -167,7 +169,12 @@ class InstanceService:
         instance = self._require(selector)
         if self.storage is not None:
             await self.storage.store_deletion(selector)
-        await self.lifecycle.retire(instance, reason="deleted by app", delete=True)
+        try:
+            await self.lifecycle.retire(instance, reason="deleted by app", delete=True)
+        except BaseException:
+            if self.storage is not None:  # nothing was retired: its row must not stay deleted
+                self.storage.undo_deletion(selector)
+            raise
 
     async def call_progress(self, selector: str, push_id: str) -> HeldCall:
         instance = self._require(selector)

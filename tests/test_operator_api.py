@@ -117,7 +117,7 @@ def make_op(**ctx_args: Any) -> Op:
     ctx = OperatorContext(service=world.service, calls=world.calls, delivery=world.delivery,
                           operations=world.operations, bus=world.bus, clock=world.clock, trace=trace,
                           tokens=TOKENS, node="test-node", started_at=world.clock.wall(),
-                          **{"summary_ttl": 0.0, "heartbeat": 0.05, **ctx_args})
+                          **{"heartbeat": 0.05, **ctx_args})
     return Op(world, ctx, create_operator_app(ctx))
 
 

@@ -118,3 +118,15 @@ def test_instances_on_one_flow_share_its_key_and_are_re_registered_when_it_dies(
     assert registrar._flow_of == {}
     registrar._flow_closed(other, "closed by peer")
     assert lost == [["sel-0", "sel-1"]] and registrar._flow_keys == {}
+
+
+async def test_registrar_addresses_are_known_before_the_first_register_after_a_restart() -> None:
+    """A restored binding's registrar may deliver a call before our paced REGISTER reaches it."""
+    registrar = make_registrar()
+    instance = make_instance("alice", registrar="sip:192.0.2.1;transport=tcp")
+    registrar.prepare(instance)
+    assert not registrar.from_registrar(instance.selector, make_flow())  # nothing known yet
+    await registrar.learn_registrars()
+    assert registrar.from_registrar(instance.selector, make_flow(40123))  # its address, any port
+    stranger = Flow("tcp", ("127.0.0.1", 40000), ("192.0.2.99", 5060), True, lambda _data: None, lambda: None)
+    assert not registrar.from_registrar(instance.selector, stranger)

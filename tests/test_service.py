@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -264,3 +264,36 @@ async def test_a_password_is_encrypted_once_however_often_the_row_is_written(tmp
         assert record.state == "active" and record.reg_status == "idle"  # the latest state
     finally:
         await world.close()
+
+
+async def test_two_changes_at_once_each_store_their_own_row(world: World) -> None:
+    """One app call's commit must not drop the row another call staged meanwhile."""
+    instance, _ = await world.service.enroll(enrol_request())
+    first = replace(world.persistence.record(instance), app_contact="sip:first@192.0.2.1")
+    second = replace(world.persistence.record(instance), app_contact="sip:second@192.0.2.2")
+    world.persistence._staged[instance.selector] = first
+    world.persistence._staged[instance.selector] = second  # the second call staged over the first
+    world.persistence.unstage(instance.selector, first)  # the first call's commit ends
+    assert world.persistence.snapshot(instance.selector) == second
+    world.persistence.unstage(instance.selector, second)
+    assert world.persistence.snapshot(instance.selector) != second  # the live row again
+
+
+async def test_a_delete_whose_removal_fails_keeps_the_instance_stored(tmp_path: Path) -> None:
+    world = await open_world(tmp_path)
+    instance, _ = await world.service.enroll(enrol_request())
+    await world.settle()
+
+    async def broken_retire(*_: object, **__: object) -> None:
+        raise RuntimeError("registrar gone mad")
+
+    world.service.lifecycle.retire = broken_retire  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        await world.service.delete(instance.selector)
+    await world.writer.flush()
+    await world.close()
+    again = await open_world(tmp_path)
+    try:
+        assert again.service.get(instance.selector) is not None  # not lost on restart
+    finally:
+        await again.close()

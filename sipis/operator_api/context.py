@@ -56,8 +56,6 @@ class OperatorContext:
     default_registrar: str | None = None
     heartbeat: float = HEARTBEAT_INTERVAL
     ring_size: int = EVENT_RING
-    #: not read: the summary's counts are kept from the bus, always fresh (still accepted from callers)
-    summary_ttl: float = 0.5
 
     def __post_init__(self) -> None:
         self.ring = EventRing(self.bus, self.ring_size)
