@@ -26,6 +26,7 @@ from sipis.config import Config, insecure_settings
 from sipis.crypto import SecretBox, load_or_create_key
 from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
+from sipis.hep_client import HepClient
 from sipis.inbound import InboundGate
 from sipis.lifecycle import InstanceLifecycle
 from sipis.operations import Operations
@@ -85,6 +86,7 @@ class Core:
         self.operations: Operations | None = None
         #: every SIP message in and out, per call and per instance (fed by the endpoint's observer hook)
         self.trace = TraceRecorder(self.clock)
+        self.hep: HepClient | None = None  # HEP v3 to Homer, when [hep] collector is set
         #: per-console-session operator tokens (the SSH server mints and revokes them)
         self.operator_sessions = OperatorSessions()
         self.operator_context: OperatorContext | None = None
@@ -114,6 +116,11 @@ class Core:
 
         self.endpoint = SipEndpoint(self._endpoint_settings())
         self.endpoint.observers.append(self.trace.observe)
+        if config.hep.collector is not None:  # the same hook as the trace, and push stages from the bus
+            self.hep = HepClient(config.hep, self.clock)
+            await self.hep.start()
+            self.endpoint.observers.append(self.hep.observe)
+            self.bus.subscribe(self.hep.on_event)
         self.listening.sip = await self.endpoint.start()
         sip = config.sip
         registrar = ProxyRegistrar(self.endpoint, Resolver(clock=self.clock),
@@ -236,6 +243,8 @@ class Core:
             await self.delivery.close()
         if self.endpoint is not None:
             await self.endpoint.close()
+        if self.hep is not None:
+            self.hep.close()
         self.bus.publish(None, CoreStopped())
         if self.writer is not None:
             await self.writer.close()

@@ -38,6 +38,7 @@ NOT_CALLS = frozenset({"REGISTER", "OPTIONS"})
 #: Bytes a stored message costs besides its text (object, tuples, deque slot), for the budget.
 OVERHEAD = 200
 MASKED = "<masked>"
+_MASKED_BYTES = MASKED.encode()
 
 _AUTH_LINE = re.compile(r"(?im)^((?:proxy-)?authorization[ \t]*:[ \t]*)(\S+)[^\r\n]*")
 _AUTH_LINE_BYTES = re.compile(rb"(?im)^((?:proxy-)?authorization[ \t]*:[ \t]*)(\S+)[^\r\n]*")
@@ -103,6 +104,11 @@ class TracedMessage:
 def mask_credentials(text: str) -> str:
     """Replace the value of every Authorization / Proxy-Authorization header (the scheme stays)."""
     return _AUTH_LINE.sub(lambda m: f"{m.group(1)}{m.group(2)} {MASKED}", text)
+
+
+def mask_credentials_bytes(raw: bytes) -> bytes:
+    """:func:`mask_credentials` on a message as it went over the wire (pcap, HEP)."""
+    return _AUTH_LINE_BYTES.sub(lambda m: m.group(1) + m.group(2) + b" " + _MASKED_BYTES, raw)
 
 
 #: How a message is stored: a plain tuple of the :class:`TracedMessage` fields, in its constructor's
@@ -438,8 +444,7 @@ def pcap_bytes(messages: Iterable[TracedMessage]) -> bytes:
             src, dst = message.remote, message.local
         else:
             src, dst = message.local, message.remote
-        payload = _AUTH_LINE_BYTES.sub(lambda m: m.group(1) + m.group(2) + b" " + MASKED.encode(), message.raw)
-        packet = ip_udp_packet(src, dst, payload, ident)
+        packet = ip_udp_packet(src, dst, mask_credentials_bytes(message.raw), ident)
         seconds = int(message.at)
         micros = min(999_999, round((message.at - seconds) * 1_000_000))
         parts.append(struct.pack("<IIII", seconds, micros, len(packet), len(packet)))

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import ClassVar, Final, Literal, TypeAlias
 
-from sipis.config.addresses import HostPort, SipListen, source_problem
+from sipis.config.addresses import HostPort, SipListen, parse_sip_listen, source_problem
 from sipis.config.kinds import (
     BundleId,
     Choice,
@@ -319,6 +319,33 @@ class SshConfig:
     operators: tuple[SshOperator, ...] = setting(Entries(SshOperator), "who may open the console", default=())
 
 
+HEP_COLLECTOR: Final = Pattern(re.compile(r"^udp:(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$"),
+                               "'udp:host:port' ([IPv6] in brackets)", "expected 'udp:host:port'", "`udp:host:port`")
+
+
+def _collector_problem(collector: str | None) -> bool:
+    if collector is None:
+        return False
+    try:
+        return parse_sip_listen(collector).port == 0
+    except ValueError:
+        return True
+
+
+@section(rules=(
+    Check("collector", lambda v: _collector_problem(v["collector"]),
+          "{collector} needs a host name or IP address and a port from 1 to 65535"),
+))
+class HepConfig:
+    collector: str | None = setting(HEP_COLLECTOR, "Homer collector to send HEP v3 to: every SIP message in and "
+                                    "out, every push stage as a log (type 100) correlated by Call-ID",
+                                    default=None, default_doc="off", example="udp:127.0.0.1:9060")
+    capture_id: int = setting(Integer(low=0, high=4294967295), "capture agent id in every packet (HEP chunk 12)",
+                              default=2001)
+    auth_key: str | None = setting(Text(), "HEP auth key (chunk 14), if the collector wants one", default=None,
+                                   default_doc="none", example="a-shared-secret", secret=True)
+
+
 @section()
 class Config:
     state_dir: Path = setting(FilePath(), "database, key file, generated certificates, SSH host key, operator socket",
@@ -334,4 +361,5 @@ class Config:
                                                "digits, `_`, `-`) is what apps name at enrolment")
     operator: OperatorConfig = setting(Section(OperatorConfig), "the operator API (console, automation)")
     ssh: SshConfig = setting(Section(SshConfig), "the NOC console over SSH (key auth only)")
+    hep: HepConfig = setting(Section(HepConfig), "HEP v3 to Homer (SIP messages and push stages)")
     source: Path | None = None  # the file this came from, if any
