@@ -182,7 +182,7 @@ def test_the_section_reads_and_checks_the_collector() -> None:
     assert (hep_settings.collector, hep_settings.capture_id, hep_settings.auth_key) == ("udp:[::1]:9060", 5, "k")
     assert "k" not in repr(hep_settings).replace("hep", "")
     for bad in ("tcp:127.0.0.1:9060", "udp:127.0.0.1", "udp:127.0.0.1:0", "udp:127.0.0.1:70000", "udp::::1:9060"):
-        with pytest.raises(ConfigError, match="hep.collector"):
+        with pytest.raises(ConfigError, match=r"hep\.collector"):
             settings(bad)
-    with pytest.raises(ConfigError, match="hep.capture_id"):
+    with pytest.raises(ConfigError, match=r"hep\.capture_id"):
         settings("udp:127.0.0.1:9060", capture_id=-1)
