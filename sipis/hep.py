@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from functools import lru_cache
 from typing import Final
 
 MAGIC: Final = b"HEP3"
@@ -75,10 +76,6 @@ def u16(type_id: int, value: int) -> bytes:
     return chunk(type_id, struct.pack("!H", value))
 
 
-def u32(type_id: int, value: int) -> bytes:
-    return chunk(type_id, struct.pack("!I", value))
-
-
 def packet(chunks: list[bytes]) -> bytes:
     """The packet: magic, total length, the chunks in order."""
     length = HEADER.size + sum(len(c) for c in chunks)
@@ -104,34 +101,39 @@ def _same_family(src: IP, dst: IP) -> tuple[IP, IP]:
     return src, ipaddress.IPv6Address(f"::ffff:{dst}")
 
 
-def address_chunks(transport: str, src: Address, dst: Address) -> list[bytes]:
-    """Family, IP protocol, both addresses and both ports."""
+@lru_cache(maxsize=4096)
+def address_chunks(transport: str, src: Address, dst: Address) -> bytes:
+    """Family, IP protocol, both addresses and both ports (cached: a core talks over few flows)."""
     src_ip, dst_ip = _same_family(ip_of(src[0]), ip_of(dst[0]))
     v4 = src_ip.version == 4
-    return [
+    return b"".join((
         u8(IP_FAMILY, AF_INET if v4 else AF_INET6),
         u8(IP_PROTO, IPPROTO_UDP if transport.lower() == "udp" else IPPROTO_TCP),
         chunk(IPV4_SRC if v4 else IPV6_SRC, src_ip.packed),
         chunk(IPV4_DST if v4 else IPV6_DST, dst_ip.packed),
         u16(SRC_PORT, src[1] & 0xFFFF),
         u16(DST_PORT, dst[1] & 0xFFFF),
-    ]
+    ))
 
 
-def time_chunks(at: float) -> list[bytes]:
-    """The wall-clock time as seconds and microseconds."""
+#: time (seconds, microseconds), protocol type and capture id: four chunks in one pack
+_FIXED = struct.Struct("!HHHI HHHI HHHB HHHI")
+
+
+def fixed_chunks(at: float, kind: int, capture_id: int) -> bytes:
+    """The wall-clock time as seconds and microseconds, the protocol type, the capture agent id."""
     seconds = int(at)
     micros = min(999_999, round((at - seconds) * 1_000_000))
-    return [u32(TIME_SECONDS, seconds & 0xFFFFFFFF), u32(TIME_MICROS, micros)]
+    return _FIXED.pack(VENDOR_GENERIC, TIME_SECONDS, 10, seconds & 0xFFFFFFFF,
+                       VENDOR_GENERIC, TIME_MICROS, 10, micros,
+                       VENDOR_GENERIC, PROTO_TYPE, 7, kind,
+                       VENDOR_GENERIC, CAPTURE_ID, 10, capture_id & 0xFFFFFFFF)
 
 
 def encode(*, kind: int, transport: str, src: Address, dst: Address, at: float, capture_id: int,
            payload: bytes, auth_key: bytes | None = None, correlation_id: bytes | None = None) -> bytes:
     """A whole packet: addresses, time, protocol type, capture id, [auth key,] payload [, correlation]."""
-    chunks = address_chunks(transport, src, dst)
-    chunks += time_chunks(at)
-    chunks.append(u8(PROTO_TYPE, kind))
-    chunks.append(u32(CAPTURE_ID, capture_id & 0xFFFFFFFF))
+    chunks = [address_chunks(transport, src, dst), fixed_chunks(at, kind, capture_id)]
     if auth_key:
         chunks.append(chunk(AUTH_KEY, auth_key))
     chunks.append(chunk(PAYLOAD, payload))

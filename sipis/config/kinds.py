@@ -43,9 +43,9 @@ def _bounds(low: float | None, low_open: bool, high: float | None, high_open: bo
     ge, le = ("≥", "≤") if symbols else (">=", "<=")
     parts = []
     if low is not None:
-        parts.append(f"{'>' if low_open else ge} {low:g}")
+        parts.append(f"{'>' if low_open else ge} {_number(low)}")
     if high is not None:
-        parts.append(f"{'<' if high_open else le} {high:g}")
+        parts.append(f"{'<' if high_open else le} {_number(high)}")
     return " and ".join(parts)
 
 
