@@ -74,11 +74,15 @@ class HepClient:
     async def start(self) -> None:
         """Resolve the collector (once, without blocking the loop) and open the socket."""
         host, port = self.collector
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setblocking(False)
-        sock.connect(address)  # UDP: no packet sent; later ICMP errors surface on send
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            family, kind, proto, _, address = infos[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            sock.connect(address)  # UDP: no packet sent; later ICMP errors surface on send
+        except OSError as exc:  # Homer's name not resolvable is no reason to stop taking calls
+            log.warning("HEP to %s:%d off: %s (every packet is counted as dropped)", host, port, exc)
+            return
         self.sock = sock
         log.info("HEP v3 to %s:%d (capture id %d)", host, port, self.capture_id)
 
@@ -130,11 +134,10 @@ class HepClient:
     # ------------------------------------------------------------------ sending
 
     def _send(self, data: bytes) -> None:
-        sock = self.sock
-        if sock is None:
-            return
         try:
-            sock.send(data)
+            if self.sock is None:
+                raise OSError("no socket")
+            self.sock.send(data)
         except BlockingIOError:
             self.dropped_full += 1
             self._drop()

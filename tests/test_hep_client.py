@@ -186,3 +186,14 @@ def test_the_section_reads_and_checks_the_collector() -> None:
             settings(bad)
     with pytest.raises(ConfigError, match=r"hep\.capture_id"):
         settings("udp:127.0.0.1:9060", capture_id=-1)
+
+
+async def test_a_collector_name_that_does_not_resolve_turns_hep_off_with_counted_drops(
+        caplog: pytest.LogCaptureFixture) -> None:
+    client = await started("udp:no-such-collector.invalid:9060")
+    try:
+        client.observe("in", message(INVITE), flow("udp", ("127.0.0.1", 5080), ("127.0.0.2", 5060)))
+    finally:
+        client.close()
+    assert client.stats() == {"sent": 0, "dropped_full": 0, "dropped_error": 1}
+    assert "HEP to no-such-collector.invalid:9060 off" in caplog.text
