@@ -443,33 +443,36 @@ class PgSingleton:
         self._db = db
         self._conn: Connection | None = None
         self._held: set[str] = set()
+        self._lock = asyncio.Lock()
         self.on_lost: Callable[[str], None] | None = None
 
     async def try_hold(self, name: str) -> bool:
-        if name in self._held:
-            if await self._alive():
-                return True
-            self._lose()
-        try:
-            if self._conn is None or self._conn.is_closed():
+        async with self._lock:  # one connection: one statement at a time
+            if name in self._held:
+                if await self._alive():
+                    return True
                 self._lose()
-                self._conn = await self._db.connect_dedicated()
-            held = bool(await self._conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SINGLETON_CLASS,
-                                                  _lock_key(name)))
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            self._lose()
-            return False
-        if held:
-            self._held.add(name)
-        return held
+            try:
+                if self._conn is None or self._conn.is_closed():
+                    self._lose()
+                    self._conn = await self._db.connect_dedicated()
+                held = bool(await self._conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SINGLETON_CLASS,
+                                                      _lock_key(name)))
+            except Exception as exc:  # no database, no singleton: whatever the reason, try again later
+                log.log(logging.DEBUG if is_transient(exc) else logging.WARNING,
+                        "singleton %s: cannot reach PostgreSQL (%s)", name, type(exc).__name__)
+                self._lose()
+                return False
+            if held:
+                self._held.add(name)
+            return held
 
     async def release(self, name: str) -> None:
-        if name in self._held and self._conn is not None:
-            self._held.discard(name)
-            with contextlib.suppress(Exception):
-                await self._conn.fetchval("SELECT pg_advisory_unlock($1, $2)", SINGLETON_CLASS, _lock_key(name))
+        async with self._lock:
+            if name in self._held and self._conn is not None:
+                self._held.discard(name)
+                with contextlib.suppress(Exception):
+                    await self._conn.fetchval("SELECT pg_advisory_unlock($1, $2)", SINGLETON_CLASS, _lock_key(name))
 
     async def close(self) -> None:
         self._held.clear()
