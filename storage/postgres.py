@@ -18,11 +18,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeAlias
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from storage.database import SchemaTooNewError
+from storage.pg_url import check_url, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -38,42 +38,16 @@ _TRANSIENT_CLASSES = ("08", "40", "53", "57", "58")
 _DISK_FULL = "53100"
 
 
+class StorageUnreachable(ConnectionError):
+    """PostgreSQL stayed unreachable for as long as start-up was willing to wait."""
+
+
 class PgError(Exception):
     """A PostgreSQL error without its DETAIL: the SQLSTATE and the server's one-line message."""
 
     def __init__(self, sqlstate: str, message: str) -> None:
         super().__init__(f"{message} (SQLSTATE {sqlstate})")
         self.sqlstate = sqlstate
-
-
-class PasswordInUrlError(ValueError):
-    """A storage URL carries a password (it must come from PGPASSWORD or the passfile)."""
-
-
-def check_url(url: str) -> str:
-    """``url`` if it is a PostgreSQL URL without a password; else a clear ValueError."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgresql", "postgres"):
-        raise ValueError(f"storage url must start with postgresql:// (got {parts.scheme or 'no'} scheme)")
-    if parts.password is not None or "password=" in parts.query:
-        raise PasswordInUrlError(
-            f"storage url {redact_url(url)} contains a password: put it in PGPASSWORD or the passfile instead"
-        )
-    return url
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, for logs and errors."""
-    parts = urlsplit(url)
-    query = "&".join("password=***" if p.startswith("password=") else p for p in parts.query.split("&")) \
-        if parts.query else ""
-    if parts.password is None:
-        return urlunsplit(parts._replace(query=query))
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}{f':{parts.port}' if parts.port else ''}"
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def sqlstate_of(exc: BaseException) -> str | None:
@@ -101,6 +75,30 @@ def _without_detail(exc: BaseException) -> BaseException:
         error = PgError(exc.sqlstate, str(exc.args[0]) if exc.args else type(exc).__name__)
         return error
     return exc
+
+
+async def open_when_reachable(url: str, wait: float, *, retry_every: float = 5.0) -> PgDatabase:
+    """:meth:`PgDatabase.open`, retried every ``retry_every`` seconds (one WARNING line each) while
+    the server is unreachable or starting, for at most ``wait`` seconds; then
+    :class:`StorageUnreachable`. Errors that waiting cannot fix (authentication, no such
+    database, a newer schema) are raised at once."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        try:
+            return await PgDatabase.open(url, connect_timeout=max(1.0, min(DEFAULT_CONNECT_TIMEOUT, wait)))
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            left = deadline - loop.time()
+            reason = f"{type(exc).__name__}: {exc}"[:200]
+            if left <= 0:
+                raise StorageUnreachable(
+                    f"PostgreSQL at {redact_url(url)} still unreachable after {wait:g} s ({reason}); giving up"
+                ) from None
+            log.warning("PostgreSQL at %s is not reachable (%s); retrying for up to %.0f s more",
+                        redact_url(url), reason, left)
+            await asyncio.sleep(min(retry_every, left))
 
 
 Connection: TypeAlias = "asyncpg.Connection[Any]"

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from sipis.config.addresses import HostPort, SipListen, parse_host_port, parse_sip_listen
 from sipis.config.reader import TableReader, expected, is_number
 from sipis.config.schema import Invalid, Kind, Reported, settings_of
+from storage.pg_url import check_url
 
 S = TypeVar("S", bound=str)
 C = TypeVar("C")
@@ -245,6 +246,23 @@ class Url(Kind[str]):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise expected(self.what, value)
         return url
+
+    def toml(self, value: Any) -> str:
+        return toml_string(str(value))
+
+
+class DatabaseUrl(Kind[str]):
+    """A PostgreSQL URL without a password; the problem never repeats one."""
+
+    what = "a postgresql:// URL"
+    doc = "`postgresql://user@host:port/database` URL, no password"
+
+    def read(self, value: object, table: TableReader, name: str) -> str:
+        url = text(value, self.what)
+        try:
+            return check_url(url)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
 
     def toml(self, value: Any) -> str:
         return toml_string(str(value))

@@ -10,15 +10,13 @@ import pytest
 from lab.postgres import PostgresServer
 from storage.database import SchemaTooNewError
 from storage.pg_repositories import PgEventLog, pg_stores
+from storage.pg_url import PasswordInUrlError, check_url, redact_url
 from storage.postgres import (
     PG_MIGRATIONS,
-    PasswordInUrlError,
     PgDatabase,
     PgError,
-    check_url,
     is_disk_full,
     is_transient,
-    redact_url,
 )
 from storage.writer import BatchedWriter, StorageUnavailable
 
