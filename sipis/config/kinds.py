@@ -21,7 +21,6 @@ from urllib.parse import urlsplit
 from sipis.config.addresses import HostPort, SipListen, parse_host_port, parse_sip_listen
 from sipis.config.reader import TableReader, expected, is_number
 from sipis.config.schema import Invalid, Kind, Reported, settings_of
-from storage.pg_url import check_url
 
 S = TypeVar("S", bound=str)
 C = TypeVar("C")
@@ -258,6 +257,8 @@ class DatabaseUrl(Kind[str]):
     doc = "`postgresql://user@host:port/database` URL, no password"
 
     def read(self, value: object, table: TableReader, name: str) -> str:
+        from storage.pg_url import check_url  # only when a URL is given: `init` loads no storage code
+
         url = text(value, self.what)
         try:
             return check_url(url)
