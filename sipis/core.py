@@ -23,7 +23,7 @@ from sipis.api.server import ApiServer
 from sipis.calls import CallManager
 from sipis.clock import Clock, SystemClock
 from sipis.config import Config, insecure_settings
-from sipis.crypto import SecretBox, load_or_create_key
+from sipis.crypto import KeyFileError, SecretBox, load_or_create_key
 from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
 from sipis.hep_client import HepClient
@@ -48,13 +48,14 @@ from sipis.timers import LoopTimers
 from sipis.tls_certs import ensure_self_signed
 from sipis.trace import TraceRecorder
 from storage.database import Database
+from storage.pg_repositories import pg_stores
+from storage.postgres import PgDatabase, open_when_reachable
 from storage.repositories import Stores, sqlite_stores
 from storage.writer import BatchedWriter
 
 log = logging.getLogger(__name__)
 
 DB_FILE = "sipis.db"
-KEY_FILE = "credentials.key"
 
 
 @dataclass
@@ -71,7 +72,7 @@ class Core:
         self.config = config
         self.clock = clock or SystemClock()
         self.bus = EventBus(self.clock)
-        self.db: Database | None = None
+        self.db: Database | PgDatabase | None = None
         self.stores: Stores | None = None
         self.writer: BatchedWriter | None = None
         self.endpoint: SipEndpoint | None = None
@@ -107,9 +108,9 @@ class Core:
         state_dir = config.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(state_dir, 0o700)
-        box = SecretBox(load_or_create_key(state_dir / KEY_FILE))
-        self.db = await Database.open(state_dir / DB_FILE)
-        self.stores = sqlite_stores(self.db)
+        self.stores = await self._open_storage()
+        box = SecretBox(load_or_create_key(config.storage.key_file))
+        assert self.db is not None
         self.bus = EventBus(self.clock, first_seq=await self.stores.events.last_seq() + 1)
         self.writer = BatchedWriter(self.db, self.stores)
         self.writer.start()
@@ -179,6 +180,21 @@ class Core:
         gc.collect()
         gc.freeze()
         return self.listening
+
+    async def _open_storage(self) -> Stores:
+        """Embedded SQLite in state_dir, or the cluster's PostgreSQL (waited for, boundedly)."""
+        storage = self.config.storage
+        if storage.url is None:
+            self.db = await Database.open(self.config.state_dir / DB_FILE)
+            return sqlite_stores(self.db)
+        self.db = await open_when_reachable(storage.url, storage.connect_timeout)
+        stores = pg_stores(self.db, self.config.node_name)
+        # A fresh key on one node would make every other node's stored passwords unreadable to it.
+        if not storage.key_file.exists() and await stores.instances.count_by_state():
+            raise KeyFileError(f"key file {storage.key_file} does not exist but the database already holds "
+                               "instances: copy the cluster's key file from another node")
+        log.info("storage: PostgreSQL %s as node %s", self.db.url, self.config.node_name)
+        return stores
 
     def _wire_operator(self, service: InstanceService, delivery: PushDelivery, calls: CallManager,
                        operations: Operations, writer: BatchedWriter) -> None:

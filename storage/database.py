@@ -356,6 +356,23 @@ CREATE INDEX pushes_selector ON pushes (selector, pos);
 CREATE INDEX pushes_call_id ON pushes (call_id, pos);
 """
 
+# v2, the cluster: who acts for each instance (written only by the lease store) and the nodes.
+_V2_LEASES = """
+ALTER TABLE instances ADD COLUMN owner TEXT;
+ALTER TABLE instances ADD COLUMN lease_until REAL NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX instances_owner ON instances (owner);
+CREATE INDEX instances_lease_until ON instances (lease_until);
+
+CREATE TABLE nodes (
+    name        TEXT PRIMARY KEY,
+    state       TEXT NOT NULL,              -- up | draining
+    last_seen   REAL NOT NULL,
+    started_at  REAL NOT NULL
+);
+"""
+
 MIGRATIONS: list[Migration] = [
     _V1_SCHEMA,
+    _V2_LEASES,
 ]

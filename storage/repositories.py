@@ -1,6 +1,6 @@
 """Store interfaces (``Protocol``s) and their SQLite implementations.
 
-The rest of the system depends on the protocols only, so a PostgreSQL backend can slot in later.
+The rest of the system depends on the protocols only; storage/pg_repositories.py is the PostgreSQL backend.
 Every write joins the caller's transaction if one is open (see :meth:`Database.transaction`), which
 is how :class:`storage.writer.BatchedWriter` puts a whole batch into one commit.
 
@@ -21,6 +21,16 @@ from typing import Any, Protocol
 from contract.codec import decode_payload, payload_data
 from contract.documents import AuditEntry, PushRecord
 from contract.events import Event, UnknownPayload
+from storage.cluster import (
+    LeaseStore,
+    LocalSignals,
+    LocalSingleton,
+    NodeStore,
+    Signals,
+    Singleton,
+    SqliteLeaseStore,
+    SqliteNodeStore,
+)
 from storage.database import Database
 from storage.records import InstanceRecord
 
@@ -85,6 +95,10 @@ class Stores:
     events: EventLog
     audit: AuditLog
     pushes: PushStore
+    leases: LeaseStore
+    nodes: NodeStore
+    signals: Signals
+    singletons: Singleton
 
 
 def sqlite_stores(db: Database) -> Stores:
@@ -93,6 +107,10 @@ def sqlite_stores(db: Database) -> Stores:
         events=SqliteEventLog(db),
         audit=SqliteAuditLog(db),
         pushes=SqlitePushStore(db),
+        leases=SqliteLeaseStore(db),
+        nodes=SqliteNodeStore(db),
+        signals=LocalSignals(),
+        singletons=LocalSingleton(),
     )
 
 

@@ -38,6 +38,7 @@ from sipis.config.model import (
     SipConfig,
     SshConfig,
     SshOperator,
+    StorageConfig,
     WebhookPush,
 )
 from sipis.config.reader import ConfigError
@@ -74,6 +75,7 @@ __all__ = [
     "SipListen",
     "SshConfig",
     "SshOperator",
+    "StorageConfig",
     "Transport",
     "WebhookPush",
     "insecure_settings",

@@ -250,6 +250,25 @@ class Url(Kind[str]):
         return toml_string(str(value))
 
 
+class DatabaseUrl(Kind[str]):
+    """A PostgreSQL URL without a password; the problem never repeats one."""
+
+    what = "a postgresql:// URL"
+    doc = "`postgresql://user@host:port/database` URL, no password"
+
+    def read(self, value: object, table: TableReader, name: str) -> str:
+        from storage.pg_url import check_url  # only when a URL is given: `init` loads no storage code
+
+        url = text(value, self.what)
+        try:
+            return check_url(url)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+
+    def toml(self, value: Any) -> str:
+        return toml_string(str(value))
+
+
 class Pattern(Text):
     """Text that must match ``pattern``; ``mismatch`` is the problem when it does not."""
 

@@ -21,6 +21,7 @@ from sipis.config.addresses import HostPort, SipListen, parse_sip_listen, source
 from sipis.config.kinds import (
     BundleId,
     Choice,
+    DatabaseUrl,
     Entries,
     FilePath,
     Flag,
@@ -347,12 +348,27 @@ class HepConfig:
 
 
 @section()
+class StorageConfig:
+    url: str | None = setting(DatabaseUrl(), "PostgreSQL shared by the nodes of a cluster; the password comes from "
+                              "`PGPASSWORD` or libpq's passfile, never from here", default=None,
+                              default_doc="embedded SQLite in `state_dir`",
+                              example="postgresql://sipis@127.0.0.1:5432/sipis")
+    key_file: Path = setting(StatePath(), "the key that encrypts stored SIP passwords: the same file on every node "
+                             "of a cluster", default=Path("credentials.key"),
+                             example=Path("/etc/sipis/credentials.key"))
+    connect_timeout: float = setting(SECONDS, "at start, how long to wait for PostgreSQL (retrying, with a log "
+                                     "line each time) before giving up with exit status 1", default=60.0)
+
+
+@section()
 class Config:
     state_dir: Path = setting(FilePath(), "database, key file, generated certificates, SSH host key, operator socket",
                               default=Path("var"))
     node_name: str = setting(Text(), "shown in the console", default_factory=socket.gethostname,
                              default_doc="this host's name", example="sipis-1")
     log: LogConfig = setting(Section(LogConfig), "logging")
+    storage: StorageConfig = setting(Section(StorageConfig), "where state is kept: embedded SQLite (one node) or "
+                                     "PostgreSQL (a cluster)")
     sip: SipConfig = setting(Section(SipConfig), "the SIP side: listeners, registration at the PBX, timers")
     api: ApiConfig = setting(Section(ApiConfig), "the HTTPS app API (enrolment, background/foreground)")
     ageing: AgeingConfig = setting(Section(AgeingConfig), "instances nobody looks after any more go off")

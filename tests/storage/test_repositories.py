@@ -1,9 +1,8 @@
-"""The SQLite stores: round trips, queries and orderings."""
+"""The stores on both backends (SQLite and PostgreSQL): round trips, queries and orderings."""
 
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -11,6 +10,8 @@ from contract.documents import PushRecord
 from contract.events import Event, InstanceStateChanged, UnknownPayload
 from contract.kinds import AppState
 from storage.database import Database
+from storage.pg_repositories import PgAuditLog, PgEventLog, PgInstanceStore, PgPushStore
+from storage.postgres import PgDatabase
 from storage.repositories import (
     AuditLog,
     EventLog,
@@ -20,9 +21,11 @@ from storage.repositories import (
     SqliteEventLog,
     SqliteInstanceStore,
     SqlitePushStore,
+    Stores,
     sqlite_stores,
 )
 
+from .conftest import Backend
 from .factories import make_audit, make_event, make_instance, make_push
 
 
@@ -36,8 +39,20 @@ def test_sqlite_stores_satisfy_the_protocols(db: Database) -> None:
     assert all(s is not None for s in (stores, instances, events, audit, pushes))
 
 
-async def test_instance_round_trip_with_every_field_set(db: Database) -> None:
-    store = SqliteInstanceStore(db)
+async def test_pg_stores_satisfy_the_protocols(pg_url: str) -> None:
+    db = await PgDatabase.open(pg_url)
+    try:
+        instances: InstanceStore = PgInstanceStore(db)
+        events: EventLog = PgEventLog(db, "node-a")
+        audit: AuditLog = PgAuditLog(db)
+        pushes: PushStore = PgPushStore(db)
+        assert all(s is not None for s in (instances, events, audit, pushes))
+    finally:
+        await db.close()
+
+
+async def test_instance_round_trip_with_every_field_set(stores: Stores) -> None:
+    store = stores.instances
     record = make_instance(
         "sel-1",
         auth_username="auth-alice",
@@ -55,29 +70,24 @@ async def test_instance_round_trip_with_every_field_set(db: Database) -> None:
     assert loaded is not None and loaded.disabled is True and isinstance(loaded.password_blob, bytes)
 
 
-async def test_instance_wiped_password_and_nulls(db: Database) -> None:
-    store = SqliteInstanceStore(db)
+async def test_instance_wiped_password_and_nulls(stores: Stores) -> None:
+    store = stores.instances
     record = make_instance(password_blob=None, registrar=None, display_name=None, expires_at=None)
     await store.upsert(record)
     assert await store.get("sel-1") == record
 
 
-async def test_instance_upsert_replaces_and_persists(db_path: Path) -> None:
-    db = await Database.open(db_path)
-    store = SqliteInstanceStore(db)
+async def test_instance_upsert_replaces_and_persists(backend: Backend) -> None:
+    store = (await backend.open()).instances
     await store.upsert(make_instance("a"))
     await store.upsert(make_instance("a", state="active", failure_count=3))
-    await db.close()
+    await backend.close()
 
-    db = await Database.open(db_path)
-    try:
-        assert await SqliteInstanceStore(db).load_all() == [make_instance("a", state="active", failure_count=3)]
-    finally:
-        await db.close()
+    assert await (await backend.open()).instances.load_all() == [make_instance("a", state="active", failure_count=3)]
 
 
-async def test_instance_queries(db: Database) -> None:
-    store = SqliteInstanceStore(db)
+async def test_instance_queries(stores: Stores) -> None:
+    store = stores.instances
     await store.upsert_many(
         [
             make_instance("c", state="proxied"),
@@ -105,8 +115,8 @@ def test_instance_repr_hides_secrets() -> None:
     assert "sel-1" in text
 
 
-async def test_events_append_recent_and_paging(db: Database) -> None:
-    log = SqliteEventLog(db)
+async def test_events_append_recent_and_paging(stores: Stores) -> None:
+    log = stores.events
     assert await log.last_seq() == 0
     await log.append_many([make_event(i, selector="a" if i % 2 else "b") for i in range(1, 11)])
     await log.append(make_event(11, selector=None, kind="system.started"))
@@ -121,8 +131,8 @@ async def test_events_append_recent_and_paging(db: Database) -> None:
     assert event == make_event(9, selector="a")
 
 
-async def test_events_keep_their_typed_payloads(db: Database) -> None:
-    log = SqliteEventLog(db)
+async def test_events_keep_their_typed_payloads(stores: Stores) -> None:
+    log = stores.events
     state = Event(1, 1_800_000_001.0, "sel-1", InstanceStateChanged(AppState.PROXIED, AppState.INACTIVE))
     push = Event(2, 1_800_000_002.0, "sel-1", make_push("p1"))
     await log.append_many([state, push])
@@ -143,15 +153,15 @@ async def test_events_written_by_another_version_still_load(db: Database) -> Non
     assert odd.payload == UnknownPayload("registration", {"code": "not a number"})
 
 
-async def test_events_are_append_only(db: Database) -> None:
-    log = SqliteEventLog(db)
+async def test_events_are_append_only(stores: Stores) -> None:
+    log = stores.events
     await log.append(make_event(1, kind="first"))
     await log.append(make_event(1, kind="second"))
     assert [e.kind for e in await log.recent(10)] == ["first"]
 
 
-async def test_events_prune_keeps_newest(db: Database) -> None:
-    log = SqliteEventLog(db)
+async def test_events_prune_keeps_newest(stores: Stores) -> None:
+    log = stores.events
     await log.append_many([make_event(i) for i in range(1, 21)])
     assert await log.prune(keep=50) == 0
     assert await log.prune(keep=5) == 15
@@ -162,8 +172,8 @@ async def test_events_prune_keeps_newest(db: Database) -> None:
         await log.prune(keep=-1)
 
 
-async def test_audit_append_and_recent(db: Database) -> None:
-    log = SqliteAuditLog(db)
+async def test_audit_append_and_recent(stores: Stores) -> None:
+    log = stores.audit
     await log.append_many([make_audit(i, operator="alice" if i < 4 else "bob") for i in range(1, 7)])
     await log.append(make_audit(7, operator="alice"))
     await log.append(replace(make_audit(7), outcome="tampered"))  # immutable: ignored
@@ -173,8 +183,8 @@ async def test_audit_append_and_recent(db: Database) -> None:
     assert latest == make_audit(7, operator="alice")
 
 
-async def test_push_round_trip_upsert_and_queries(db: Database) -> None:
-    store = SqlitePushStore(db)
+async def test_push_round_trip_upsert_and_queries(stores: Stores) -> None:
+    store = stores.pushes
     first = make_push("p1", call_id="c1")
     await store.upsert(first)
     await store.upsert_many([make_push("p2", selector="other", call_id=None), make_push("p3", call_id="c1")])
@@ -199,8 +209,8 @@ async def test_push_round_trip_upsert_and_queries(db: Database) -> None:
     assert (await store.for_call("c1"))[-1] == replay
 
 
-async def test_push_keeps_the_provider_reason_in_its_error_column(db: Database) -> None:
-    store = SqlitePushStore(db)
+async def test_push_keeps_the_provider_reason_in_its_error_column(stores: Stores) -> None:
+    store = stores.pushes
     await store.upsert_many([make_push("p1", provider_reason="Unregistered"),
                              make_push("p2", provider_reason="Unregistered", error="not sent")])
     loaded = await store.recent(10)
@@ -208,6 +218,6 @@ async def test_push_keeps_the_provider_reason_in_its_error_column(db: Database) 
     assert all(isinstance(p, PushRecord) for p in loaded)
 
 
-async def test_negative_limit_is_rejected(db: Database) -> None:
+async def test_negative_limit_is_rejected(stores: Stores) -> None:
     with pytest.raises(ValueError):
-        await SqliteEventLog(db).recent(-1)
+        await stores.events.recent(-1)

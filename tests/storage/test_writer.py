@@ -17,6 +17,7 @@ from storage.records import InstanceRecord
 from storage.repositories import SqliteEventLog, SqliteInstanceStore, sqlite_stores
 from storage.writer import BatchedWriter, SnapshotInstance, UpsertInstance, WriterError
 
+from .conftest import Backend
 from .factories import make_audit, make_event, make_instance, make_push
 
 
@@ -67,8 +68,9 @@ async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> Non
             await asyncio.sleep(0.001)
 
 
-async def test_many_submits_share_few_transactions(db: Database) -> None:
-    stores = sqlite_stores(db)
+async def test_many_submits_share_few_transactions(backend: Backend) -> None:
+    stores = await backend.open()
+    db = backend.database
     async with BatchedWriter(db, stores) as writer:
         before = db.commits
         for i in range(1, 1201):
@@ -102,9 +104,9 @@ async def test_full_batch_does_not_wait_for_the_interval(db: Database) -> None:
         await eventually(lambda: writer.pending == 0)
 
 
-async def test_upserts_of_one_instance_are_folded(db: Database) -> None:
-    stores = sqlite_stores(db)
-    async with BatchedWriter(db, stores) as writer:
+async def test_upserts_of_one_instance_are_folded(backend: Backend) -> None:
+    stores = await backend.open()
+    async with BatchedWriter(backend.database, stores) as writer:
         for i in range(100):
             writer.upsert_instance(make_instance("a", failure_count=i))
             writer.upsert_push(make_push("p1", attempt=i + 1))
@@ -125,10 +127,10 @@ async def test_upserts_of_one_instance_are_folded(db: Database) -> None:
         (["delete", "delete", "upsert:4"], 4),
     ],
 )
-async def test_upsert_and_delete_keep_their_order(db: Database, ops: list[str], expected: int | None) -> None:
-    stores = sqlite_stores(db)
+async def test_upsert_and_delete_keep_their_order(backend: Backend, ops: list[str], expected: int | None) -> None:
+    stores = await backend.open()
     await stores.instances.upsert(make_instance("a", failure_count=0))  # exists before the batch
-    async with BatchedWriter(db, stores) as writer:
+    async with BatchedWriter(backend.database, stores) as writer:
         for op in ops:
             if op == "delete":
                 writer.delete_instance("a")
@@ -140,9 +142,9 @@ async def test_upsert_and_delete_keep_their_order(db: Database, ops: list[str], 
     assert await stores.instances.get("b") == make_instance("b")
 
 
-async def test_close_flushes_and_data_survives_reopening(db_path: Path) -> None:
-    db = await Database.open(db_path)
-    writer = BatchedWriter(db, sqlite_stores(db), interval=3600)
+async def test_close_flushes_and_data_survives_reopening(backend: Backend) -> None:
+    stores = await backend.open()
+    writer = BatchedWriter(backend.database, stores, interval=3600)
     writer.start()
     writer.upsert_instance(make_instance("a"))
     writer.append_event(make_event(1))
@@ -153,17 +155,13 @@ async def test_close_flushes_and_data_survives_reopening(db_path: Path) -> None:
     with pytest.raises(RuntimeError, match="closed"):
         writer.append_event(make_event(2))
     await writer.close()  # idempotent
-    await db.close()
+    await backend.close()
 
-    db = await Database.open(db_path)
-    try:
-        stores = sqlite_stores(db)
-        assert await stores.instances.load_all() == [make_instance("a")]
-        assert await stores.events.recent(10) == [make_event(1)]
-        assert await stores.audit.recent(10) == [make_audit(1)]
-        assert await stores.pushes.recent(10) == [make_push("p1")]
-    finally:
-        await db.close()
+    stores = await backend.open()
+    assert await stores.instances.load_all() == [make_instance("a")]
+    assert await stores.events.recent(10) == [make_event(1)]
+    assert await stores.audit.recent(10) == [make_audit(1)]
+    assert await stores.pushes.recent(10) == [make_push("p1")]
 
 
 async def test_ops_submitted_before_start_are_written_by_close(db: Database) -> None:
