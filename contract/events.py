@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from contract.documents import AuditEntry, HeldCall, InstanceRow, InstanceView, PushRecord, SipMessage
-from contract.kinds import AlarmKind, AppState, EventKind, RegStatus, StreamNoticeKind
+from contract.kinds import AlarmKind, AppState, EventKind, HealthState, HealthSubject, RegStatus, StreamNoticeKind
 
 
 @dataclass(slots=True)
@@ -143,6 +143,20 @@ class Alarm:
 
 
 @dataclass(slots=True)
+class HealthChanged:
+    """A registrar target or push provider moved from ``previous`` to ``state``; ``error`` is the
+    last failure seen (``"408 Request Timeout"``, ``"connect refused"``), if any."""
+
+    KIND: ClassVar[EventKind] = EventKind.HEALTH
+    OMIT_NONE: ClassVar[bool] = True
+    subject: HealthSubject
+    target: str
+    state: HealthState
+    previous: HealthState
+    error: str | None = None
+
+
+@dataclass(slots=True)
 class UnknownPayload:
     """What a decoder makes of a kind it does not know (a newer core): kept, shown raw."""
 
@@ -153,14 +167,14 @@ class UnknownPayload:
 
 Payload = (CoreStarted | CoreStopped | InstanceEnrolled | InstanceUpdated | InstanceAppReport
            | InstancePushChanged | InstanceStateChanged | InstanceDeleted | RegistrationStatusChanged
-           | RegistrationResult | MessageReceived | Alarm | PushRecord | HeldCall | AuditEntry)
+           | RegistrationResult | MessageReceived | Alarm | HealthChanged | PushRecord | HeldCall | AuditEntry)
 
 #: event kind → payload type: every kind has exactly one (checked in tests/contract)
 PAYLOADS: dict[EventKind, type[Payload]] = {
     cls.KIND: cls for cls in (
         CoreStarted, CoreStopped, InstanceEnrolled, InstanceUpdated, InstanceAppReport, InstancePushChanged,
         InstanceStateChanged, InstanceDeleted, RegistrationStatusChanged, RegistrationResult, MessageReceived,
-        Alarm, PushRecord, HeldCall, AuditEntry)
+        Alarm, HealthChanged, PushRecord, HeldCall, AuditEntry)
 }
 
 

@@ -23,6 +23,23 @@ class EventKind(StrEnum):
     MESSAGE = "message"
     ALARM = "alarm"
     AUDIT = "audit"
+    HEALTH = "health"  # a registrar target or push provider changed health state
+
+
+class HealthState(StrEnum):
+    """Health of one registrar target or push provider: never ``up`` until something showed it."""
+
+    UNKNOWN = "unknown"
+    UP = "up"
+    DEGRADED = "degraded"
+    DOWN = "down"
+
+
+class HealthSubject(StrEnum):
+    """What a health state is about."""
+
+    PBX = "pbx"  # one registrar target as resolved: ``transport:host:port``
+    PROVIDER = "provider"  # one push provider, by its configured name
 
 
 class AlarmKind(StrEnum):
