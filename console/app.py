@@ -37,6 +37,7 @@ from console.screens import (
     EventLogScreen,
     HelpScreen,
     InstanceDetailScreen,
+    PbxScreen,
     PushLogScreen,
 )
 from console.screens.common import instance_label
@@ -122,6 +123,7 @@ class SipisConsole(App[int]):
         "pushes": PushLogScreen,
         "events": EventLogScreen,
         "audit": AuditScreen,
+        "pbx": PbxScreen,
     }
     DEFAULT_MODE = "dashboard"
     HIGH_CONTRAST = HIGH_CONTRAST_THEME.name
@@ -138,6 +140,7 @@ class SipisConsole(App[int]):
         Binding("3", "view('pushes')", "Pushes", show=False),
         Binding("4", "view('events')", "Events", show=False),
         Binding("5", "view('audit')", "Audit", show=False),
+        Binding("6", "view('pbx')", "PBX", show=False),
     ]
 
     def __init__(
@@ -197,7 +200,8 @@ class SipisConsole(App[int]):
                                   paused=self.paused, connected=self.connected)
         return StatusSnapshot(
             node=s.node or "?", version=s.version, uptime=s.now - s.started_at if s.started_at else None,
-            pbx_reachable=s.pbx.reachable, pbx_error=s.pbx.last_error, counts=s.counts, reg_status=s.reg_status,
+            pbx_reachable=s.pbx.reachable, pbx_error=s.pbx.last_error, pbx_up=s.pbx.up,
+            pbx_degraded=s.pbx.degraded, pbx_down=s.pbx.down, counts=s.counts, reg_status=s.reg_status,
             held_calls=s.held_calls, calls_per_min=float(s.calls_per_min), push_success_rate=s.push.success_rate,
             push_p50_ms=s.push.latency_p50_ms, push_p99_ms=s.push.latency_p99_ms, alarms=max(s.alarms, 0),
             operator=self.operator_name or "", role=self.role or "", paused=self.paused, connected=self.connected,

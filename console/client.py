@@ -174,6 +174,9 @@ class OperatorClient:
     async def summary(self) -> Json:
         return cast(Json, await self._json("GET", "/v1/summary"))
 
+    async def health_targets(self) -> Json:
+        return cast(Json, await self._json("GET", "/v1/health/targets"))
+
     async def instances(self, *, offset: int = 0, limit: int = 200, q: str = "", state: str = "",
                         sort: str = "aor", desc: bool = False) -> Json:
         """A page of the instance list (``{"total", "matched", "counts", "items"}``); ``limit=0`` =

@@ -18,6 +18,7 @@ from contract.documents import (
     AuditEntry,
     CallsSnapshot,
     CallTrace,
+    HealthTargets,
     InstancePage,
     InstanceRow,
     PushRecord,
@@ -64,6 +65,10 @@ class Feed(Protocol):
     async def whoami(self) -> Whoami: ...
 
     async def summary(self) -> Summary: ...
+
+    async def health_targets(self) -> HealthTargets:
+        """Registrar targets and push providers with their health (``GET /v1/health/targets``)."""
+        ...
 
     async def instances(self) -> list[InstanceRow]:
         """All instance rows (``GET /v1/instances?limit=0``, as NDJSON)."""
@@ -158,6 +163,9 @@ class OperatorFeed:
 
     async def summary(self) -> Summary:
         return from_json(Summary, await self._ask(self.client.summary()))
+
+    async def health_targets(self) -> HealthTargets:
+        return from_json(HealthTargets, await self._ask(self.client.health_targets()))
 
     async def instances(self) -> list[InstanceRow]:
         """Every row, decoded batch by batch while the NDJSON list arrives."""

@@ -26,6 +26,7 @@ from sipis.config import Config, insecure_settings
 from sipis.crypto import SecretBox, load_or_create_key
 from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
+from sipis.health import HealthMonitor
 from sipis.inbound import InboundGate
 from sipis.lifecycle import InstanceLifecycle
 from sipis.operations import Operations
@@ -83,6 +84,7 @@ class Core:
         self.calls: CallManager | None = None
         self.messages: TextMessages | None = None
         self.operations: Operations | None = None
+        self.health: HealthMonitor | None = None
         #: every SIP message in and out, per call and per instance (fed by the endpoint's observer hook)
         self.trace = TraceRecorder(self.clock)
         #: per-console-session operator tokens (the SSH server mints and revokes them)
@@ -120,6 +122,9 @@ class Core:
                                    default_registrar=sip.default_registrar, user_agent=sip.user_agent)
         self.engine = RegistrationEngine(registrar, self.bus, self.clock, sip)
         registrar.on_flow_lost = self.engine.flow_lost
+        self.health = HealthMonitor(self.bus, self.clock)
+        registrar.on_target_result = self.health.pbx_result
+        self.endpoint.flow_closed_listeners.append(self.health.flow_lost)
         self.lifecycle = InstanceLifecycle(engine=self.engine, registrar=registrar, bus=self.bus, clock=self.clock)
         self.delivery = PushDelivery(build_providers(config.push), self.bus, self.clock)
         calls = config.calls
@@ -189,7 +194,7 @@ class Core:
             service=service, calls=calls, delivery=delivery, operations=operations, bus=self.bus,
             clock=self.clock, trace=self.trace, sessions=self.operator_sessions, tokens=self.config.operator.tokens,
             stores=self.stores, writer_status=writer.status, node=self.config.node_name,
-            started_at=self.started_at, default_registrar=self.config.sip.default_registrar)
+            started_at=self.started_at, default_registrar=self.config.sip.default_registrar, health=self.health)
 
     async def _start_operator_api(self) -> None:
         assert self.operator_context is not None

@@ -400,6 +400,8 @@ class RegistrationEngine:
         _note_answer(reg, result)
         if result.flow is not None:
             reg.flow = self._flow_name(result.flow)
+        if result.target:
+            reg.target = result.target
         if result.ok and result.expires > 0:
             entry.bound = True
             delay = result.expires * self.rng.uniform(self.settings.refresh_min, self.settings.refresh_max)

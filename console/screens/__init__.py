@@ -3,6 +3,7 @@
 from console.screens.common import ConsoleScreen
 from console.screens.dashboard import DashboardScreen
 from console.screens.detail import CallTraceScreen, InstanceDetailScreen
+from console.screens.health import PbxScreen
 from console.screens.logs import AuditScreen, CallsScreen, EventLogScreen, PushLogScreen
 from console.screens.modals import KEYMAP, ConfirmScreen, HelpScreen, keymap_for
 
@@ -17,6 +18,7 @@ __all__ = [
     "EventLogScreen",
     "HelpScreen",
     "InstanceDetailScreen",
+    "PbxScreen",
     "PushLogScreen",
     "keymap_for",
 ]

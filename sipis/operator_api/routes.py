@@ -14,6 +14,7 @@ from contract.codec import to_json
 from contract.documents import ActionResult, PushResult, Whoami
 from sipis.instance import Instance
 from sipis.operations import Forbidden, Operator
+from sipis.operator_api import health as peer_health
 from sipis.operator_api import queries
 from sipis.operator_api.auth import LISTENER_KEY
 from sipis.operator_api.context import OperatorContext
@@ -54,6 +55,10 @@ def create_operator_app(ctx: OperatorContext) -> FastAPI:
     @app.get("/v1/summary")
     async def summary(_: Operator = Depends(viewer)) -> Response:
         return json_response(queries.summary(ctx))
+
+    @app.get("/v1/health/targets")
+    async def health_targets(_: Operator = Depends(viewer)) -> Response:
+        return json_response(peer_health.health_targets(ctx.targets, ctx.service.instances.values()))
 
     @app.get("/v1/instances")
     async def instances(

@@ -18,6 +18,8 @@ from contract.documents import (
     AuditEntry,
     CallsSnapshot,
     CallTrace,
+    HealthTarget,
+    HealthTargets,
     HeldCall,
     InstancePage,
     InstanceRow,
@@ -195,6 +197,14 @@ class FakeFeed:
         self._log("whoami")
         return self.operator
 
+    async def health_targets(self) -> HealthTargets:
+        self._log("health_targets")
+        down = not self.pbx_reachable
+        return HealthTargets([
+            HealthTarget("pbx", "udp:192.0.2.10:5060", "down" if down else "up", self.now - 600,
+                         "408 Request Timeout" if down else None, self.now - 30 if down else None, 24),
+            HealthTarget("provider", "fcm", "up", self.now - 3600, None, None, 30)])
+
     async def summary(self) -> Summary:
         self._log("summary")
         self._summaries += 1
@@ -210,7 +220,8 @@ class FakeFeed:
             outcomes={"redirected": 40 + k, "timeout": 3},
             push=PushStats(accepted=1000 + 10 * k, rejected=3 + (k * 5) % 7 // 3 + k // 4, transient=2 + k // 3,
                            success_rate=0.994, latency_p50_ms=84.0, latency_p99_ms=412.0),
-            pbx=PbxStatus(self.pbx_reachable, None if self.pbx_reachable else "connect timeout"),
+            pbx=PbxStatus(self.pbx_reachable, None if self.pbx_reachable else "connect timeout",
+                          up=3 if self.pbx_reachable else 2, down=0 if self.pbx_reachable else 1),
             writer=WriterStatus(0, None), alarms=0 if self.pbx_reachable else 1,
         )
 

@@ -58,7 +58,7 @@ async def test_dashboard_shows_every_instance_and_the_status_strip() -> None:
         assert "40 of 40" in info_text(app)
         assert table(app).row_count == 40
         strip = strip_text(app)
-        for text in ("sipis-lab-1", "up 3d04h", "PBX up", "held 2", "alice", "OPERATOR", "proxied 24", "99.4%"):
+        for text in ("sipis-lab-1", "up 3d04h", "PBX 3 up", "held 2", "alice", "OPERATOR", "proxied 24", "99.4%"):
             assert text in strip
 
 
@@ -263,6 +263,20 @@ async def test_views_switch_with_number_keys() -> None:
         await pilot.press("5")
         await pilot.pause()
         assert "take_over" in screen_text(app)
+
+
+async def test_the_pbx_view_lists_targets_with_instances_and_errors() -> None:
+    feed = FakeFeed(now=NOW)
+    feed.pbx_reachable = False
+    app = make_console(feed)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("6")
+        await until(pilot, lambda: "udp:192.0.2.10:5060" in screen_text(app))
+        text = screen_text(app)
+        assert "Registrar targets" in text and "408 Request Timeout" in text and "24 inst" in text
+        assert "Push providers" in text and "fcm" in text
+        assert "PBX 2 up" in strip_text(app) and "1 DOWN" in strip_text(app)
 
 
 async def test_event_log_follows_the_stream() -> None:
