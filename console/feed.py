@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, runtime_checkabl
 from contract.codec import decode_stream_line, decoder, from_json
 from contract.documents import (
     ActionResult,
+    AlarmList,
+    AlarmRecord,
     AuditEntry,
     CallsSnapshot,
     CallTrace,
@@ -102,6 +104,12 @@ class Feed(Protocol):
         ...
 
     async def replay_push(self, push_id: str) -> PushRecord: ...
+
+    async def alarms(self) -> AlarmList:
+        """Active alarm episodes and the last finished ones (``GET /v1/alarms``)."""
+        ...
+
+    async def acknowledge_alarm(self, alarm_id: str) -> AlarmRecord: ...
 
 
 # ---------------------------------------------------------------------------------------------- the real feed
@@ -224,3 +232,9 @@ class OperatorFeed:
 
     async def replay_push(self, push_id: str) -> PushRecord:
         return from_json(PushResult, await self._ask(self.client.replay_push(push_id))).push
+
+    async def alarms(self) -> AlarmList:
+        return from_json(AlarmList, await self._ask(self.client.alarms()))
+
+    async def acknowledge_alarm(self, alarm_id: str) -> AlarmRecord:
+        return from_json(AlarmRecord, await self._ask(self.client.acknowledge_alarm(alarm_id)))

@@ -242,6 +242,29 @@ class HealthTargets:
 
 
 @dataclass(slots=True)
+class AlarmRecord:
+    """One alarm episode (wall-clock times); ``state``: raised or cleared."""
+
+    id: str
+    alarm: str
+    target: str | None
+    state: str
+    raised_at: float
+    reason: str | None
+    cleared_at: float | None = None
+    acknowledged_by: str | None = None
+    acknowledged_at: float | None = None
+
+
+@dataclass(slots=True)
+class AlarmList:
+    """``GET /v1/alarms``: the active episodes (oldest first) and the last finished ones (newest first)."""
+
+    active: list[AlarmRecord]
+    history: list[AlarmRecord]
+
+
+@dataclass(slots=True)
 class WriterStatus:
     pending: int
     last_error: str | None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from contract.codec import to_json
 from contract.events import CoreStarted, CoreStopped
 from sipis.ageing import Ageing
+from sipis.alarms import AlarmBoard
 from sipis.api.app_api import create_app
 from sipis.api.limits import RateLimits
 from sipis.api.server import ApiServer
@@ -26,7 +27,7 @@ from sipis.config import Config, insecure_settings
 from sipis.crypto import SecretBox, load_or_create_key
 from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
-from sipis.health import HealthMonitor
+from sipis.health import LOG_INTERVAL, HealthMonitor
 from sipis.inbound import InboundGate
 from sipis.lifecycle import InstanceLifecycle
 from sipis.operations import Operations
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 
 DB_FILE = "sipis.db"
 KEY_FILE = "credentials.key"
+#: seconds between two looks at the peers' health (alarm windows, probes of dead registrar targets)
+WATCH_INTERVAL = 5.0
 
 
 @dataclass
@@ -85,6 +88,8 @@ class Core:
         self.messages: TextMessages | None = None
         self.operations: Operations | None = None
         self.health: HealthMonitor | None = None
+        self.alarms: AlarmBoard | None = None
+        self._watch: asyncio.Task[None] | None = None
         #: every SIP message in and out, per call and per instance (fed by the endpoint's observer hook)
         self.trace = TraceRecorder(self.clock)
         #: per-console-session operator tokens (the SSH server mints and revokes them)
@@ -141,8 +146,10 @@ class Core:
         self.endpoint.handlers["MESSAGE"] = self.messages.on_message
         gate = InboundGate(self.lifecycle, registrar, TrustedSources(sip.trusted_sources))
         self.endpoint.screens["INVITE"] = self.endpoint.screens["MESSAGE"] = gate
+        self.alarms = AlarmBoard(self.bus, self.clock, self.lifecycle.get)
+        self.writer.on_failing = self.alarms.storage
         self.operations = Operations(service=self.service, lifecycle=self.lifecycle, delivery=self.delivery,
-                                     bus=self.bus, clock=self.clock)
+                                     bus=self.bus, clock=self.clock, alarms=self.alarms)
         self._wire_operator(self.service, self.delivery, self.calls, self.operations, self.writer)
         restored = 0
         for record in await self.stores.instances.load_all():
@@ -156,6 +163,7 @@ class Core:
 
         self.ageing = Ageing(self.lifecycle, self.clock, config.ageing)
         self.ageing.start(config.ageing.check_interval)
+        self._watch = asyncio.create_task(self._watch_peers(), name="watch-peers")
 
         api = config.api
         if api.listen is not None:
@@ -205,6 +213,18 @@ class Core:
         self.listening.operator_socket = str(self.config.operator.socket)
         self.listening.operator_url = self.operator_api.tcp_url
 
+    async def _watch_peers(self) -> None:
+        """Every :data:`WATCH_INTERVAL`: counting alarms judge their windows; every
+        :data:`~sipis.health.LOG_INTERVAL`: one failure line per failing target."""
+        assert self.alarms is not None and self.health is not None
+        last_log = self.clock.monotonic()
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            self.alarms.tick()
+            if self.clock.monotonic() - last_log >= LOG_INTERVAL:
+                last_log = self.clock.monotonic()
+                self.health.tick()
+
     def _endpoint_settings(self) -> EndpointSettings:
         sip = self.config.sip
         listen = [ListenSpec(spec.transport, spec.host, spec.port) for spec in sip.listen]
@@ -231,6 +251,10 @@ class Core:
             self.operator_context.close()
         if self.api is not None:
             await self.api.stop()
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         if self.ageing is not None:
             await self.ageing.stop()
         if self.calls is not None:

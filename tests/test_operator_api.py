@@ -223,6 +223,29 @@ async def test_viewer_is_refused_every_action_and_each_refusal_is_audited(op: Op
         assert refused_error.value.status == 403 and refused_error.value.code == "forbidden"
 
 
+async def test_alarms_are_listed_and_acknowledged_by_an_operator_with_an_audit_row(op: Op) -> None:
+    board = op.world.operations.alarms
+    board.storage("disk full")
+    board.storage(None)
+    board.raise_alarm(AlarmKind.PBX_DOWN, "udp:127.0.0.1:5060", "408 Request Timeout")
+    async with op.client(VIEWER) as viewer, op.client(OPERATOR) as otto:
+        listed = await viewer.alarms()
+        assert [(a["alarm"], a["state"], a["target"]) for a in listed["active"]] == [
+            ("pbx-down", "raised", "udp:127.0.0.1:5060")]
+        assert [(a["alarm"], a["state"]) for a in listed["history"]] == [("storage-failing", "cleared")]
+        alarm_id = listed["active"][0]["id"]
+        with pytest.raises(ClientForbidden):
+            await viewer.acknowledge_alarm(alarm_id)
+        seen = await otto.acknowledge_alarm(alarm_id)
+        assert seen["acknowledged_by"] == "otto" and seen["id"] == alarm_id
+        assert (await viewer.alarms())["active"][0]["acknowledged_by"] == "otto"
+    async with op.http(OPERATOR) as otto_http:
+        assert (await otto_http.post("/v1/alarms/nope/acknowledge")).status_code == 404
+    rows = [(a["operator"], a["action"], a["target"], a["outcome"]) for a in op.audit()]
+    assert rows == [("vera", "acknowledge_alarm", alarm_id, "refused"), ("otto", "acknowledge_alarm", alarm_id, "ok"),
+                    ("otto", "acknowledge_alarm", "nope", "not-found")]
+
+
 async def test_operator_may_act_and_only_admin_may_disable(op: Op) -> None:
     instance = await op.enrol("alice")
     selector = instance.selector
@@ -476,7 +499,7 @@ async def test_summary_counts_calls_pushes_pbx_and_alarms(op: Op) -> None:
         summary = await viewer.summary()
         assert summary["pbx"] == {**nothing, "reachable": False, "last_error": "408 Request Timeout: no answer",
                                   "down": 1}
-        assert summary["alarms"] == 1
+        assert summary["alarms"] == 2  # pbx-down and unauthorized
         first.registration.target = target
         targets = (await viewer.health_targets())["targets"]
         assert [(t["subject"], t["target"], t["state"], t["last_error"], t["instances"]) for t in targets] == [
