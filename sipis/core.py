@@ -36,6 +36,7 @@ from sipis.persistence import InstancePersistence
 from sipis.proxy_register import ProxyRegistrar
 from sipis.push.delivery import PushDelivery
 from sipis.push.registry import build_providers
+from sipis.readiness import Readiness
 from sipis.service import InstanceService
 from sipis.sip import IMPLEMENTATION as SIP_IMPLEMENTATION
 from sipis.sip.endpoint import EndpointSettings, SipEndpoint
@@ -90,6 +91,9 @@ class Core:
         self.health: HealthMonitor | None = None
         self.alarms: AlarmBoard | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._watch_lag: asyncio.Task[None] | None = None
+        self.readiness = Readiness(self.clock, storage_error=self._storage_error,
+                                   sip_listening=lambda: bool(self.listening.sip))
         #: every SIP message in and out, per call and per instance (fed by the endpoint's observer hook)
         self.trace = TraceRecorder(self.clock)
         #: per-console-session operator tokens (the SSH server mints and revokes them)
@@ -164,12 +168,14 @@ class Core:
         self.ageing = Ageing(self.lifecycle, self.clock, config.ageing)
         self.ageing.start(config.ageing.check_interval)
         self._watch = asyncio.create_task(self._watch_peers(), name="watch-peers")
+        self._watch_lag = asyncio.create_task(self.readiness.watch_loop(), name="watch-loop-lag")
 
         api = config.api
         if api.listen is not None:
             if api.tls and api.tls_generate:
                 ensure_self_signed(api.tls_cert, api.tls_key, [api.listen.host, "localhost"])
-            app = create_app(self.service, providers=tuple(config.push), limits=RateLimits(api, self.clock))
+            app = create_app(self.service, providers=tuple(config.push), limits=RateLimits(api, self.clock),
+                             readiness=self.readiness.reasons)
             self.api = ApiServer(app, api.listen.host, api.listen.port, tls=api.tls,
                                  certfile=api.tls_cert if api.tls else None,
                                  keyfile=api.tls_key if api.tls else None)
@@ -213,6 +219,9 @@ class Core:
         self.listening.operator_socket = str(self.config.operator.socket)
         self.listening.operator_url = self.operator_api.tcp_url
 
+    def _storage_error(self) -> str | None:
+        return self.writer.status().last_error if self.writer is not None else "not open"
+
     async def _watch_peers(self) -> None:
         """Every :data:`WATCH_INTERVAL`: counting alarms judge their windows; every
         :data:`~sipis.health.LOG_INTERVAL`: one failure line per failing target."""
@@ -243,6 +252,7 @@ class Core:
 
     async def stop(self) -> None:
         """Clean shutdown: stop taking requests, optionally unREGISTER, flush storage."""
+        self.readiness.draining = True
         if self.ssh is not None:
             await self.ssh.stop()
         if self.operator_api is not None:
@@ -251,10 +261,11 @@ class Core:
             self.operator_context.close()
         if self.api is not None:
             await self.api.stop()
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        for task in (self._watch, self._watch_lag):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.ageing is not None:
             await self.ageing.stop()
         if self.calls is not None:
