@@ -28,6 +28,7 @@ from console.feed import Feed, FeedError, Forbidden
 from console.model import ALARM_TITLES, ConsoleModel, LogItem
 from console.roles import ACTIONS, REPLAY_ROLE, role_allows
 from console.screens import (
+    AlarmsScreen,
     AuditScreen,
     CallsScreen,
     CallTraceScreen,
@@ -37,11 +38,13 @@ from console.screens import (
     EventLogScreen,
     HelpScreen,
     InstanceDetailScreen,
+    PbxScreen,
     PushLogScreen,
 )
 from console.screens.common import instance_label
 from contract.documents import PushRecord, PushResult
 from contract.events import Alarm, Event, StreamNotice
+from contract.kinds import AlarmState
 from widgets.rows import StatusSnapshot
 
 if TYPE_CHECKING:
@@ -122,6 +125,8 @@ class SipisConsole(App[int]):
         "pushes": PushLogScreen,
         "events": EventLogScreen,
         "audit": AuditScreen,
+        "pbx": PbxScreen,
+        "alarms": AlarmsScreen,
     }
     DEFAULT_MODE = "dashboard"
     HIGH_CONTRAST = HIGH_CONTRAST_THEME.name
@@ -138,6 +143,8 @@ class SipisConsole(App[int]):
         Binding("3", "view('pushes')", "Pushes", show=False),
         Binding("4", "view('events')", "Events", show=False),
         Binding("5", "view('audit')", "Audit", show=False),
+        Binding("6", "view('pbx')", "PBX", show=False),
+        Binding("7", "view('alarms')", "Alarms", show=False),
     ]
 
     def __init__(
@@ -174,7 +181,6 @@ class SipisConsole(App[int]):
         self._pending: list[LogItem] = []
         self._resync = False
         self._summary_busy = False
-        self._pbx_down = False  # as the last summary said: notified once per episode
         self._alarms = 0
         self._last_received_seq: int | None = None
         self._startup_theme = theme
@@ -197,7 +203,8 @@ class SipisConsole(App[int]):
                                   paused=self.paused, connected=self.connected)
         return StatusSnapshot(
             node=s.node or "?", version=s.version, uptime=s.now - s.started_at if s.started_at else None,
-            pbx_reachable=s.pbx.reachable, pbx_error=s.pbx.last_error, counts=s.counts, reg_status=s.reg_status,
+            pbx_reachable=s.pbx.reachable, pbx_error=s.pbx.last_error, pbx_up=s.pbx.up,
+            pbx_degraded=s.pbx.degraded, pbx_down=s.pbx.down, counts=s.counts, reg_status=s.reg_status,
             held_calls=s.held_calls, calls_per_min=float(s.calls_per_min), push_success_rate=s.push.success_rate,
             push_p50_ms=s.push.latency_p50_ms, push_p99_ms=s.push.latency_p99_ms, alarms=max(s.alarms, 0),
             operator=self.operator_name or "", role=self.role or "", paused=self.paused, connected=self.connected,
@@ -349,9 +356,11 @@ class SipisConsole(App[int]):
         self._pending.append(event)
 
     def _alarm(self, event: Event, alarm: Alarm) -> None:
+        if alarm.state == AlarmState.CLEARED:
+            return  # one toast per raise; the Alarms view shows the clear
         title = ALARM_TITLES.get(alarm.alarm) or f"Alarm: {alarm.alarm}"
         bits = [instance_label(self.model.store, event.selector)] if event.selector else []
-        bits += [str(value) for value in (alarm.code, alarm.reason) if value not in (None, "")]
+        bits += [str(value) for value in (alarm.target, alarm.code, alarm.reason) if value not in (None, "")]
         self._alarms += 1
         self.notify(" ".join(bits) or alarm.alarm, title=title, severity="error", timeout=10, markup=False)
 
@@ -413,11 +422,6 @@ class SipisConsole(App[int]):
             self._summary_busy = False
         if not self.connected:
             self.connected = True
-        was_down = self._pbx_down
-        self._pbx_down = not summary.pbx.reachable
-        if self._pbx_down and not was_down:
-            self.notify(summary.pbx.last_error or "the PBX does not answer", title="PBX unreachable",
-                        severity="error", timeout=10, markup=False)
         self.model.record_summary(summary)
 
     def refresh_screen(self) -> None:

@@ -174,6 +174,12 @@ class OperatorClient:
     async def summary(self) -> Json:
         return cast(Json, await self._json("GET", "/v1/summary"))
 
+    async def health_targets(self) -> Json:
+        return cast(Json, await self._json("GET", "/v1/health/targets"))
+
+    async def alarms(self) -> Json:
+        return cast(Json, await self._json("GET", "/v1/alarms"))
+
     async def instances(self, *, offset: int = 0, limit: int = 200, q: str = "", state: str = "",
                         sort: str = "aor", desc: bool = False) -> Json:
         """A page of the instance list (``{"total", "matched", "counts", "items"}``); ``limit=0`` =
@@ -269,6 +275,9 @@ class OperatorClient:
 
     async def replay_push(self, push_id: str) -> Json:
         return cast(Json, await self._json("POST", f"/v1/pushes/{_seg(push_id)}/replay", timeout=ACTION_TIMEOUT))
+
+    async def acknowledge_alarm(self, alarm_id: str) -> Json:
+        return cast(Json, await self._json("POST", f"/v1/alarms/{_seg(alarm_id)}/acknowledge"))
 
     # ------------------------------------------------------------------ the event stream
 

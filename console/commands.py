@@ -21,6 +21,8 @@ VIEWS: dict[str, tuple[str, str]] = {
     "pushes": ("View: push log", "every push and its outcome · key 3"),
     "events": ("View: event log", "the core's event stream · key 4"),
     "audit": ("View: audit log", "every operator action, whatever the outcome · key 5"),
+    "pbx": ("View: PBX and providers", "health of every registrar target and push provider · key 6"),
+    "alarms": ("View: alarms", "active and past alarm episodes; acknowledge · key 7"),
 }
 
 

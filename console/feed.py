@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, runtime_checkabl
 from contract.codec import decode_stream_line, decoder, from_json
 from contract.documents import (
     ActionResult,
+    AlarmList,
+    AlarmRecord,
     AuditEntry,
     CallsSnapshot,
     CallTrace,
+    HealthTargets,
     InstancePage,
     InstanceRow,
     PushRecord,
@@ -65,6 +68,10 @@ class Feed(Protocol):
 
     async def summary(self) -> Summary: ...
 
+    async def health_targets(self) -> HealthTargets:
+        """Registrar targets and push providers with their health (``GET /v1/health/targets``)."""
+        ...
+
     async def instances(self) -> list[InstanceRow]:
         """All instance rows (``GET /v1/instances?limit=0``, as NDJSON)."""
         ...
@@ -97,6 +104,12 @@ class Feed(Protocol):
         ...
 
     async def replay_push(self, push_id: str) -> PushRecord: ...
+
+    async def alarms(self) -> AlarmList:
+        """Active alarm episodes and the last finished ones (``GET /v1/alarms``)."""
+        ...
+
+    async def acknowledge_alarm(self, alarm_id: str) -> AlarmRecord: ...
 
 
 # ---------------------------------------------------------------------------------------------- the real feed
@@ -159,6 +172,9 @@ class OperatorFeed:
     async def summary(self) -> Summary:
         return from_json(Summary, await self._ask(self.client.summary()))
 
+    async def health_targets(self) -> HealthTargets:
+        return from_json(HealthTargets, await self._ask(self.client.health_targets()))
+
     async def instances(self) -> list[InstanceRow]:
         """Every row, decoded batch by batch while the NDJSON list arrives."""
         rows: list[InstanceRow] = []
@@ -216,3 +232,9 @@ class OperatorFeed:
 
     async def replay_push(self, push_id: str) -> PushRecord:
         return from_json(PushResult, await self._ask(self.client.replay_push(push_id))).push
+
+    async def alarms(self) -> AlarmList:
+        return from_json(AlarmList, await self._ask(self.client.alarms()))
+
+    async def acknowledge_alarm(self, alarm_id: str) -> AlarmRecord:
+        return from_json(AlarmRecord, await self._ask(self.client.acknowledge_alarm(alarm_id)))

@@ -328,7 +328,10 @@ ALARM_TITLES: dict[AlarmKind, str] = {
     AlarmKind.UNAUTHORIZED: "Registrar refuses credentials",
     AlarmKind.PUSH_REJECTED: "Push rejected",
     AlarmKind.STORAGE_FAILING: "Storage failing: changes refused",
-    AlarmKind.STORAGE_RECOVERED: "Storage recovered",
+    AlarmKind.PBX_DOWN: "PBX down",
+    AlarmKind.AUTH_FAILURES: "PBX refuses many instances",
+    AlarmKind.PROVIDER_DOWN: "Push provider down",
+    AlarmKind.TOKEN_DEAD: "Many push tokens dead",
 }
 
 

@@ -14,6 +14,7 @@ ACTIONS: dict[str, tuple[str, Role]] = {
     "disable": ("Disable", Role.ADMIN),
 }
 REPLAY_ROLE = Role.OPERATOR
+ACKNOWLEDGE_ROLE = Role.OPERATOR
 
 
 def role_allows(role: str | None, needed: str) -> bool:

@@ -208,8 +208,60 @@ class PushStats:
 
 @dataclass(slots=True)
 class PbxStatus:
+    """``reachable``: no registrar target is down; ``last_error``: the newest error of a target that
+    is not up; the counts: registrar targets per health state (all 0: nothing known yet)."""
+
     reachable: bool
     last_error: str | None
+    up: int = 0
+    degraded: int = 0
+    down: int = 0
+    unknown: int = 0
+
+
+@dataclass(slots=True)
+class HealthTarget:
+    """One registrar target (``transport:host:port``) or push provider and its health; ``since``,
+    ``last_error_at``: wall clock; ``instances``: how many registered there last (a PBX) or use it
+    (a provider)."""
+
+    subject: str
+    target: str
+    state: str
+    since: float
+    last_error: str | None
+    last_error_at: float | None
+    instances: int
+
+
+@dataclass(slots=True)
+class HealthTargets:
+    """``GET /v1/health/targets``: PBX targets first, then providers, each by name."""
+
+    targets: list[HealthTarget]
+
+
+@dataclass(slots=True)
+class AlarmRecord:
+    """One alarm episode (wall-clock times); ``state``: raised or cleared."""
+
+    id: str
+    alarm: str
+    target: str | None
+    state: str
+    raised_at: float
+    reason: str | None
+    cleared_at: float | None = None
+    acknowledged_by: str | None = None
+    acknowledged_at: float | None = None
+
+
+@dataclass(slots=True)
+class AlarmList:
+    """``GET /v1/alarms``: the active episodes (oldest first) and the last finished ones (newest first)."""
+
+    active: list[AlarmRecord]
+    history: list[AlarmRecord]
 
 
 @dataclass(slots=True)

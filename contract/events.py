@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from contract.documents import AuditEntry, HeldCall, InstanceRow, InstanceView, PushRecord, SipMessage
-from contract.kinds import AlarmKind, AppState, EventKind, RegStatus, StreamNoticeKind
+from contract.kinds import (
+    AlarmKind,
+    AlarmState,
+    AppState,
+    EventKind,
+    HealthState,
+    HealthSubject,
+    RegStatus,
+    StreamNoticeKind,
+)
 
 
 @dataclass(slots=True)
@@ -131,7 +140,10 @@ class MessageReceived:
 
 @dataclass(slots=True)
 class Alarm:
-    """An alarm raised by the core; which fields are set depends on ``alarm``."""
+    """An alarm raised (or, for episodes, cleared) by the core; which fields are set depends on
+    ``alarm``. Episodes (pbx-down, auth-failures, provider-down, token-dead, storage-failing) carry
+    the episode's ``state``, ``id`` and the ``target`` they are about (none: the node); per-instance
+    alarms (unauthorized, push-rejected) have no state: each is raised, never cleared."""
 
     KIND: ClassVar[EventKind] = EventKind.ALARM
     OMIT_NONE: ClassVar[bool] = True
@@ -140,6 +152,23 @@ class Alarm:
     reason: str | None = None
     push_id: str | None = None
     outcome: str | None = None
+    state: AlarmState | None = None  # episodes only: raised or cleared
+    target: str | None = None
+    id: str | None = None
+
+
+@dataclass(slots=True)
+class HealthChanged:
+    """A registrar target or push provider moved from ``previous`` to ``state``; ``error`` is the
+    last failure seen (``"408 Request Timeout"``, ``"connect refused"``), if any."""
+
+    KIND: ClassVar[EventKind] = EventKind.HEALTH
+    OMIT_NONE: ClassVar[bool] = True
+    subject: HealthSubject
+    target: str
+    state: HealthState
+    previous: HealthState
+    error: str | None = None
 
 
 @dataclass(slots=True)
@@ -153,14 +182,14 @@ class UnknownPayload:
 
 Payload = (CoreStarted | CoreStopped | InstanceEnrolled | InstanceUpdated | InstanceAppReport
            | InstancePushChanged | InstanceStateChanged | InstanceDeleted | RegistrationStatusChanged
-           | RegistrationResult | MessageReceived | Alarm | PushRecord | HeldCall | AuditEntry)
+           | RegistrationResult | MessageReceived | Alarm | HealthChanged | PushRecord | HeldCall | AuditEntry)
 
 #: event kind → payload type: every kind has exactly one (checked in tests/contract)
 PAYLOADS: dict[EventKind, type[Payload]] = {
     cls.KIND: cls for cls in (
         CoreStarted, CoreStopped, InstanceEnrolled, InstanceUpdated, InstanceAppReport, InstancePushChanged,
         InstanceStateChanged, InstanceDeleted, RegistrationStatusChanged, RegistrationResult, MessageReceived,
-        Alarm, PushRecord, HeldCall, AuditEntry)
+        Alarm, HealthChanged, PushRecord, HeldCall, AuditEntry)
 }
 
 

@@ -23,6 +23,23 @@ class EventKind(StrEnum):
     MESSAGE = "message"
     ALARM = "alarm"
     AUDIT = "audit"
+    HEALTH = "health"  # a registrar target or push provider changed health state
+
+
+class HealthState(StrEnum):
+    """Health of one registrar target or push provider: never ``up`` until something showed it."""
+
+    UNKNOWN = "unknown"
+    UP = "up"
+    DEGRADED = "degraded"
+    DOWN = "down"
+
+
+class HealthSubject(StrEnum):
+    """What a health state is about."""
+
+    PBX = "pbx"  # one registrar target as resolved: ``transport:host:port``
+    PROVIDER = "provider"  # one push provider, by its configured name
 
 
 class AlarmKind(StrEnum):
@@ -31,7 +48,18 @@ class AlarmKind(StrEnum):
     UNAUTHORIZED = "unauthorized"  # the registrar refuses an instance's credentials
     PUSH_REJECTED = "push-rejected"  # a push ended without the provider accepting it
     STORAGE_FAILING = "storage-failing"  # storage cannot commit (disk full, I/O): app changes get 503
-    STORAGE_RECOVERED = "storage-recovered"  # storage commits again: clears storage-failing
+    # episodes (raised once, cleared when the cause ends; ``target`` names what they are about)
+    PBX_DOWN = "pbx-down"  # a registrar target is down
+    AUTH_FAILURES = "auth-failures"  # many instances of one registrar target refused within a window
+    PROVIDER_DOWN = "provider-down"  # a push provider is down
+    TOKEN_DEAD = "token-dead"  # many push tokens reported dead within a window
+
+
+class AlarmState(StrEnum):
+    """Where an alarm episode stands (the ``state`` of an ``alarm`` event)."""
+
+    RAISED = "raised"
+    CLEARED = "cleared"
 
 
 class StreamNoticeKind(StrEnum):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from contract.codec import to_json
 from contract.events import CoreStarted, CoreStopped
 from sipis.ageing import Ageing
+from sipis.alarms import AlarmBoard
 from sipis.api.app_api import create_app
 from sipis.api.limits import RateLimits
 from sipis.api.server import ApiServer
@@ -26,6 +27,7 @@ from sipis.config import Config, insecure_settings
 from sipis.crypto import KeyFileError, SecretBox, load_or_create_key
 from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
+from sipis.health import LOG_INTERVAL, HealthMonitor
 from sipis.hep_client import HepClient
 from sipis.inbound import InboundGate
 from sipis.lifecycle import InstanceLifecycle
@@ -35,6 +37,7 @@ from sipis.persistence import InstancePersistence
 from sipis.proxy_register import ProxyRegistrar
 from sipis.push.delivery import PushDelivery
 from sipis.push.registry import build_providers
+from sipis.readiness import Readiness
 from sipis.service import InstanceService
 from sipis.sip import IMPLEMENTATION as SIP_IMPLEMENTATION
 from sipis.sip.endpoint import EndpointSettings, SipEndpoint
@@ -56,6 +59,8 @@ from storage.writer import BatchedWriter
 log = logging.getLogger(__name__)
 
 DB_FILE = "sipis.db"
+#: seconds between two looks at the peers' health (alarm windows, probes of dead registrar targets)
+WATCH_INTERVAL = 5.0
 
 
 @dataclass
@@ -85,6 +90,12 @@ class Core:
         self.calls: CallManager | None = None
         self.messages: TextMessages | None = None
         self.operations: Operations | None = None
+        self.health: HealthMonitor | None = None
+        self.alarms: AlarmBoard | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._watch_lag: asyncio.Task[None] | None = None
+        self.readiness = Readiness(self.clock, storage_error=self._storage_error,
+                                   sip_listening=lambda: bool(self.listening.sip))
         #: every SIP message in and out, per call and per instance (fed by the endpoint's observer hook)
         self.trace = TraceRecorder(self.clock)
         self.hep: HepClient | None = None  # HEP v3 to Homer, when [hep] collector is set
@@ -128,6 +139,9 @@ class Core:
                                    default_registrar=sip.default_registrar, user_agent=sip.user_agent)
         self.engine = RegistrationEngine(registrar, self.bus, self.clock, sip)
         registrar.on_flow_lost = self.engine.flow_lost
+        self.health = HealthMonitor(self.bus, self.clock)
+        registrar.on_target_result = self.health.pbx_result
+        self.endpoint.flow_closed_listeners.append(self.health.flow_lost)
         self.lifecycle = InstanceLifecycle(engine=self.engine, registrar=registrar, bus=self.bus, clock=self.clock)
         self.delivery = PushDelivery(build_providers(config.push), self.bus, self.clock)
         calls = config.calls
@@ -144,8 +158,10 @@ class Core:
         self.endpoint.handlers["MESSAGE"] = self.messages.on_message
         gate = InboundGate(self.lifecycle, registrar, TrustedSources(sip.trusted_sources))
         self.endpoint.screens["INVITE"] = self.endpoint.screens["MESSAGE"] = gate
+        self.alarms = AlarmBoard(self.bus, self.clock, self.lifecycle.get)
+        self.writer.on_failing = self.alarms.storage
         self.operations = Operations(service=self.service, lifecycle=self.lifecycle, delivery=self.delivery,
-                                     bus=self.bus, clock=self.clock)
+                                     bus=self.bus, clock=self.clock, alarms=self.alarms)
         self._wire_operator(self.service, self.delivery, self.calls, self.operations, self.writer)
         restored = 0
         for record in await self.stores.instances.load_all():
@@ -159,12 +175,15 @@ class Core:
 
         self.ageing = Ageing(self.lifecycle, self.clock, config.ageing)
         self.ageing.start(config.ageing.check_interval)
+        self._watch = asyncio.create_task(self._watch_peers(), name="watch-peers")
+        self._watch_lag = asyncio.create_task(self.readiness.watch_loop(), name="watch-loop-lag")
 
         api = config.api
         if api.listen is not None:
             if api.tls and api.tls_generate:
                 ensure_self_signed(api.tls_cert, api.tls_key, [api.listen.host, "localhost"])
-            app = create_app(self.service, providers=tuple(config.push), limits=RateLimits(api, self.clock))
+            app = create_app(self.service, providers=tuple(config.push), limits=RateLimits(api, self.clock),
+                             readiness=self.readiness.reasons)
             self.api = ApiServer(app, api.listen.host, api.listen.port, tls=api.tls,
                                  certfile=api.tls_cert if api.tls else None,
                                  keyfile=api.tls_key if api.tls else None)
@@ -212,7 +231,7 @@ class Core:
             service=service, calls=calls, delivery=delivery, operations=operations, bus=self.bus,
             clock=self.clock, trace=self.trace, sessions=self.operator_sessions, tokens=self.config.operator.tokens,
             stores=self.stores, writer_status=writer.status, node=self.config.node_name,
-            started_at=self.started_at, default_registrar=self.config.sip.default_registrar)
+            started_at=self.started_at, default_registrar=self.config.sip.default_registrar, health=self.health)
 
     async def _start_operator_api(self) -> None:
         assert self.operator_context is not None
@@ -222,6 +241,21 @@ class Core:
         await self.operator_api.start()
         self.listening.operator_socket = str(self.config.operator.socket)
         self.listening.operator_url = self.operator_api.tcp_url
+
+    def _storage_error(self) -> str | None:
+        return self.writer.status().last_error if self.writer is not None else "not open"
+
+    async def _watch_peers(self) -> None:
+        """Every :data:`WATCH_INTERVAL`: counting alarms judge their windows; every
+        :data:`~sipis.health.LOG_INTERVAL`: one failure line per failing target."""
+        assert self.alarms is not None and self.health is not None
+        last_log = self.clock.monotonic()
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            self.alarms.tick()
+            if self.clock.monotonic() - last_log >= LOG_INTERVAL:
+                last_log = self.clock.monotonic()
+                self.health.tick()
 
     def _endpoint_settings(self) -> EndpointSettings:
         sip = self.config.sip
@@ -241,6 +275,7 @@ class Core:
 
     async def stop(self) -> None:
         """Clean shutdown: stop taking requests, optionally unREGISTER, flush storage."""
+        self.readiness.draining = True
         if self.ssh is not None:
             await self.ssh.stop()
         if self.operator_api is not None:
@@ -249,6 +284,11 @@ class Core:
             self.operator_context.close()
         if self.api is not None:
             await self.api.stop()
+        for task in (self._watch, self._watch_lag):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.ageing is not None:
             await self.ageing.stop()
         if self.calls is not None:

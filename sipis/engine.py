@@ -18,7 +18,12 @@ Policy (see README, "Registration engine"):
   retries, so neither a restart, a PBX coming back nor a client flipping states or re-enrolling
   floods the registrar. Only refreshes of a confirmed registration run outside the bucket, on time;
   removals wait for the next token, never behind a burst of registrations;
-* going ``active`` removes only our own contact (REGISTER with our Contact and expires=0).
+* going ``active`` removes only our own contact (REGISTER with our Contact and expires=0);
+* a registrar target that is ``down`` (``health`` events from :mod:`sipis.health`) holds no binding
+  of ours as far as anyone can tell: the instances that registered there last are no longer
+  ``proxied``, and one of them is retried every :data:`PROBE_INTERVAL` (paced) as a probe. The moment
+  the target is ``up`` again, every instance waiting on it is retried at once, paced, instead of
+  each after its own grown backoff.
 
 The engine writes only the instance's ``registration``; the lifecycle owner (:mod:`sipis.lifecycle`)
 installs itself as :attr:`RegistrationEngine.owner`, is asked :meth:`~Owner.may_act` before a
@@ -39,8 +44,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from contract.events import Alarm, RegistrationResult, RegistrationStatusChanged
-from contract.kinds import AlarmKind
+from contract.events import Alarm, Event, HealthChanged, RegistrationResult, RegistrationStatusChanged
+from contract.kinds import AlarmKind, HealthState, HealthSubject
 from contract.masking import mask
 from sipis.clock import Clock
 from sipis.config import SipConfig
@@ -101,6 +106,9 @@ class EngineStats:
         if lateness > 1.0:
             self.late_over_1s += 1
 
+
+#: A registrar target that is down gets one REGISTER (an instance waiting on it) this often (seconds).
+PROBE_INTERVAL = 5.0
 
 #: The shortest sleep of :meth:`RegistrationEngine.run` between ticks (seconds).
 MIN_TICK = 0.01
@@ -178,6 +186,9 @@ class RegistrationEngine:
         self._named_flow_text = ""
         #: the lifecycle owner (sipis.lifecycle installs itself)
         self.owner: Owner = _NoOwner()
+        #: registrar targets that are down → monotonic time of their next probe
+        self._down: dict[str, float] = {}
+        bus.subscribe(self._on_health)
 
     # ------------------------------------------------------------------ public operations
 
@@ -224,11 +235,67 @@ class RegistrationEngine:
     def entries(self) -> int:
         return len(self._entries)
 
+    # ------------------------------------------------------------------ registrar targets
+
+    def _on_health(self, event: Event) -> None:
+        change = event.payload
+        if not isinstance(change, HealthChanged) or change.subject is not HealthSubject.PBX:
+            return
+        if change.state is HealthState.DOWN:
+            self._down[change.target] = self.clock.monotonic() + PROBE_INTERVAL
+            self._target_down(change.target)
+            self._wake.set()
+        else:
+            self._down.pop(change.target, None)
+            if change.state is HealthState.UP:
+                self._target_up(change.target)
+
+    def _waiting_on(self, target: str) -> list[_Entry]:
+        """Instances meant to be registered whose last exchange went to ``target`` and failed."""
+        return [entry for entry in self._entries.values()
+                if entry.want is Want.REGISTERED and entry.instance.registration.target == target
+                and entry.instance.registration.status is not RegStatus.REGISTERED]
+
+    def _target_down(self, target: str) -> None:
+        """Every binding at ``target`` counts as gone: its instances are no longer ``proxied``."""
+        wall = self.clock.wall()
+        for entry in self._entries.values():
+            instance, reg = entry.instance, entry.instance.registration
+            if entry.want is not Want.REGISTERED or reg.target != target or reg.expires_at is None:
+                continue
+            reg.expires_at = None
+            if reg.unregistered_since is None:
+                reg.unregistered_since = wall
+            self.owner.achieved(instance, Achieved.LAPSED)
+            if not entry.busy:
+                self._set_status(instance, RegStatus.ERROR)
+
+    def _target_up(self, target: str) -> None:
+        """Everyone waiting on ``target`` is retried now, paced, whatever their backoff said."""
+        now = self.clock.monotonic()
+        waiting = [entry for entry in self._waiting_on(target) if not entry.busy]
+        for entry in waiting:
+            self._schedule(entry, now)
+        if waiting:
+            log.info("registrar %s is back: re-registering %d instances", target, len(waiting))
+
+    def _probe(self, now: float) -> float | None:
+        """Start the due probes of dead targets; the time of the next one."""
+        for target, due in self._down.items():
+            if due <= now:
+                self._down[target] = now + PROBE_INTERVAL
+                idle = next((entry for entry in self._waiting_on(target) if not entry.busy and not entry.queued),
+                            None)
+                if idle is not None:
+                    self._schedule(idle, now)
+        return min(self._down.values(), default=None)
+
     # ------------------------------------------------------------------ driving
 
     def tick(self) -> float | None:
         """Start what is due (within the pacing budget); return seconds until the next due item."""
         now = self.clock.monotonic()
+        next_probe = self._probe(now) if self._down else None
         while self._heap and self._heap[0][0] <= now:
             due, selector = heapq.heappop(self._heap)
             entry = self._entries.get(selector)
@@ -262,9 +329,8 @@ class RegistrationEngine:
         if self._ready or self._removals:
             # tokens may be below zero: the last exchanges used more transactions than reserved
             return max(0.001, (1.0 - self._tokens) / self.settings.register_rate)
-        if self._heap:
-            return max(0.0, self._heap[0][0] - now)
-        return None
+        due = min(self._heap[0][0] if self._heap else float("inf"), next_probe or float("inf"))
+        return max(0.0, due - now) if due != float("inf") else None
 
     async def run(self) -> None:
         """Production driver: tick whenever something is due or new work arrives.
@@ -400,6 +466,8 @@ class RegistrationEngine:
         _note_answer(reg, result)
         if result.flow is not None:
             reg.flow = self._flow_name(result.flow)
+        if result.target:
+            reg.target = result.target
         if result.ok and result.expires > 0:
             entry.bound = True
             delay = result.expires * self.rng.uniform(self.settings.refresh_min, self.settings.refresh_max)
@@ -424,6 +492,8 @@ class RegistrationEngine:
             status = RegStatus.ERROR
         reg.backoff_until = wall + delay
         reg.next_refresh_at = wall + delay
+        if result.target in self._down:
+            reg.expires_at = None  # nothing answers there: whatever binding we had is gone
         if reg.expires_at is None or reg.expires_at <= wall:
             reg.expires_at = None
             if reg.unregistered_since is None:

@@ -64,6 +64,7 @@ class Registration:
     registered_at: float | None = None
     unregistered_since: float | None = None
     flow: str | None = None  # description of the flow in use, for the console
+    target: str | None = None  # the registrar target (``transport:host:port``) of the last exchange
     registrar_agent: str | None = None  # Server (else User-Agent) of the registrar's last answer
 
 

@@ -2,7 +2,7 @@
 written to the audit log with the operator's name, whatever the outcome.
 
 Actions and the role they need: ``take_over``, ``hand_back``, ``re_register``, ``test_push``,
-``replay_push`` (operator); ``disable`` (admin). Audit outcomes: ``ok`` (done or started — the
+``replay_push``, ``acknowledge_alarm`` (operator); ``disable`` (admin). Audit outcomes: ``ok`` (done or started — the
 registration result follows as events), ``refused`` (role), ``not-found``, ``conflict`` (the
 instance's state does not allow it), or a push verdict for pushes.
 """
@@ -15,8 +15,9 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from contract.documents import AuditEntry
+from contract.documents import AlarmRecord, AuditEntry
 from contract.masking import mask
+from sipis.alarms import AlarmBoard
 from sipis.clock import Clock
 from sipis.events import EventBus
 from sipis.instance import Instance
@@ -57,12 +58,13 @@ class Conflict(RuntimeError):
 
 class Operations:
     def __init__(self, *, service: InstanceService, lifecycle: InstanceLifecycle, delivery: PushDelivery,
-                 bus: EventBus, clock: Clock) -> None:
+                 bus: EventBus, clock: Clock, alarms: AlarmBoard | None = None) -> None:
         self.service = service
         self.lifecycle = lifecycle
         self.delivery = delivery
         self.bus = bus
         self.clock = clock
+        self.alarms = alarms if alarms is not None else AlarmBoard(bus, clock, lifecycle.get)
 
     def audit(self, operator: Operator, action: str, target: str | None, outcome: str, *,
               about: str | None = None, **detail: Any) -> None:
@@ -103,6 +105,16 @@ class Operations:
         self.audit(operator, "replay_push", push_id, outcome.verdict.value, new_push_id=trace.push_id,
                    selector=instance.selector, provider_code=outcome.provider_code)
         return trace
+
+    def acknowledge_alarm(self, alarm_id: str, operator: Operator) -> AlarmRecord:
+        """Mark an alarm episode (active or past) as seen; acknowledging twice keeps the first."""
+        self._require(operator, "operator", "acknowledge_alarm", alarm_id)
+        record = self.alarms.acknowledge(alarm_id, operator.name)
+        if record is None:
+            self.audit(operator, "acknowledge_alarm", alarm_id, "not-found")
+            raise NotFound(alarm_id)
+        self.audit(operator, "acknowledge_alarm", alarm_id, "ok", alarm=record.alarm, alarm_target=record.target)
+        return record
 
     # ------------------------------------------------------------------ instance actions
 

@@ -21,7 +21,6 @@ from typing import TypeVar
 
 from contract.documents import AuditEntry, HeldCall, PushRecord
 from contract.events import Alarm, InstanceDeleted, MessageReceived
-from contract.kinds import AlarmKind
 from contract.masking import mask
 from sipis.clock import Clock
 from sipis.crypto import DecryptionError, SecretBox
@@ -47,13 +46,6 @@ class InstancePersistence:
         self._staged: dict[str, InstanceRecord | None] = {}
 
     def attach(self, bus: EventBus) -> Callable[[], None]:
-        def storage_alarm(error: str | None) -> None:
-            if error is None:
-                bus.publish(None, Alarm(AlarmKind.STORAGE_RECOVERED))
-            else:
-                bus.publish(None, Alarm(AlarmKind.STORAGE_FAILING, reason=error))
-
-        self.writer.on_failing = storage_alarm
         return bus.subscribe(self.on_event)
 
     async def store(self, instance: Instance) -> None:

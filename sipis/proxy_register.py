@@ -15,6 +15,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from sipis.health import target_name
 from sipis.instance import Instance
 from sipis.sip.digest import Credentials
 from sipis.sip.endpoint import SipEndpoint
@@ -61,6 +62,8 @@ class ProxyRegistrar:
         #: ports: a registrar may open a new TCP connection (from any port) to deliver a call.
         self._registrar_addresses: dict[str, set[str]] = {}
         self.on_flow_lost: Callable[[list[str]], None] | None = None
+        #: told the result of every exchange with one target (failovers included): health
+        self.on_target_result: Callable[[str, RegisterResult], None] | None = None
         endpoint.flow_closed_listeners.append(self._flow_closed)
 
     async def __call__(self, instance: Instance, expires: int) -> RegisterResult:
@@ -81,12 +84,14 @@ class ProxyRegistrar:
         result: RegisterResult | None = None
         sent = 0
         for target in targets:
+            name = target_name(target.transport, target.host, target.port)
             try:
                 flow = await self.endpoint.transport.flow_to(target.transport, target.host, target.port,
                                                              server_name=target.server_name)
             except TransportError as exc:
                 result = RegisterResult(Outcome.FAILED, 503, "Service Unavailable", detail=str(exc),
-                                        transactions=sent)
+                                        transactions=sent, target=name)
+                self._report(name, result)
                 continue
             addresses = self._registrar_addresses.get(binding.registrar.host)
             if addresses is None:
@@ -98,12 +103,18 @@ class ProxyRegistrar:
             result = await register(self.endpoint, binding, flow, expires)
             sent += result.transactions
             result.transactions = sent
+            result.target = name
+            self._report(name, result)
             self._track(instance.selector, flow, bound=result.ok and expires > 0)
             if result.outcome is not Outcome.FAILED or result.status not in FAILOVER_STATUSES:
                 return result
         if result is None:
             result = RegisterResult(Outcome.FAILED, 503, "Service Unavailable", detail="no target", transactions=0)
         return result
+
+    def _report(self, target: str, result: RegisterResult) -> None:
+        if self.on_target_result is not None:
+            self.on_target_result(target, result)
 
     def from_registrar(self, selector: str, flow: Flow) -> bool:
         """Did this request come from the registrar the instance registers with: from an address

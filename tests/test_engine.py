@@ -8,6 +8,7 @@ the script runs dry the registrar grants what was asked.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -16,9 +17,11 @@ from typing import Any
 import pytest
 
 from contract.codec import payload_data
+from contract.events import HealthChanged
+from contract.kinds import HealthState, HealthSubject
 from sipis.clock import FakeClock
 from sipis.config import SipConfig
-from sipis.engine import MAX_AGENT, RegistrationEngine
+from sipis.engine import MAX_AGENT, PROBE_INTERVAL, RegistrationEngine
 from sipis.events import Event, EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget, RegStatus
 from sipis.lifecycle import InstanceLifecycle
@@ -748,3 +751,63 @@ async def test_stop_is_never_lost_when_it_races_a_wake_up() -> None:
         h.life.take_over(make_instance(f"sel-{seed}"))  # sets the wake event in this iteration
         await asyncio.wait_for(h.engine.stop(unregister=False), timeout=2.0)
         assert h.engine._runner is None
+
+
+# ---------------------------------------------------------------------------------------- registrar target down / back
+
+
+async def test_a_dead_target_is_probed_and_everyone_waiting_is_retried_at_once_when_it_is_back() -> None:
+    h = make_harness(register_rate=10.0)
+    target = "udp:192.0.2.10:5060"
+    pbx_answers = True
+
+    async def exchange(instance: Instance, expires: int) -> RegisterResult:
+        result = await h.exchange(instance, expires) if pbx_answers else failed()
+        if not pbx_answers:
+            h.exchange.calls.append(Call(instance.selector, expires, h.clock.monotonic()))
+        result.target = target
+        return result
+
+    h.engine.exchange = exchange
+    instances = [make_instance(f"sel-{n}") for n in range(30)]
+    for instance in instances:
+        h.life.take_over(instance)
+    await h.run_for(4.0)
+    assert all(i.state is AppState.PROXIED and i.registration.target == target for i in instances)
+
+    pbx_answers = False
+    h.engine.bus.publish(None, HealthChanged(HealthSubject.PBX, target, HealthState.DOWN, HealthState.UP))
+    assert all(state_of(i) is AppState.INACTIVE and status_of(i) is RegStatus.ERROR for i in instances)
+    before = len(h.exchange.calls)
+    await h.run_for(60.0, step=0.5)
+    probes = h.exchange.calls[before:]
+    # a REGISTER at least every interval; no more than the probes and the probed one's own backoff
+    starts = [h.clock.monotonic() - 60.0] + [c.at for c in probes]
+    assert all(b - a <= PROBE_INTERVAL for a, b in itertools.pairwise(starts))
+    assert 60 / PROBE_INTERVAL <= len(probes) <= 2 * 60 / PROBE_INTERVAL
+
+    pbx_answers = True
+    h.engine.bus.publish(None, HealthChanged(HealthSubject.PBX, target, HealthState.UP, HealthState.DOWN))
+    back = h.clock.monotonic()
+    await h.run_for(30 / 10.0 + 1.0)
+    assert all(state_of(i) is AppState.PROXIED for i in instances)
+    retried = [c.at - back for c in h.exchange.calls if c.at > back]  # (the last probe ran at ``back``)
+    assert len(retried) == 30 and max(retried) <= 30 / 10.0  # paced, not after each one's backoff
+
+
+async def test_a_failure_on_a_dead_target_ends_the_binding_at_once() -> None:
+    h = make_harness()
+    target = "udp:192.0.2.10:5060"
+    instance = await registered(h)
+    instance.registration.target = target
+    h.engine.bus.publish(None, HealthChanged(HealthSubject.PBX, "udp:192.0.2.99:5060", HealthState.DOWN,
+                                             HealthState.UP))
+    assert instance.state is AppState.PROXIED  # another target's trouble
+    result = failed()
+    result.target = target
+    h.exchange.script("sel-1", result)
+    h.engine.refresh_now(instance)
+    await h.step()
+    assert state_of(instance) is AppState.PROXIED  # one timeout on a target not known down: still bound
+    h.engine.bus.publish(None, HealthChanged(HealthSubject.PBX, target, HealthState.DOWN, HealthState.DEGRADED))
+    assert state_of(instance) is AppState.INACTIVE and instance.registration.expires_at is None

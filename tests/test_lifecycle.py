@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OWNER = ROOT / "sipis" / "lifecycle.py"
 #: ``.state`` assignments in the core that are not an instance's: the operator API's index entries
 #: (an object setting its own ``self.state`` and the SIP layer's transactions are skipped as well)
-NOT_INSTANCES = {("operator_api", "entry.state")}
+NOT_INSTANCES = {("operator_api", "entry.state"), ("alarms", "record.state"), ("health", "health.state")}
 
 
 def test_only_the_owner_assigns_state_or_disabled() -> None:

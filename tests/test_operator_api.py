@@ -61,6 +61,7 @@ from sipis.operator_api import (
 )
 from sipis.proxy_register import contact_user
 from sipis.sip.message import Headers, Request, make_response, new_branch
+from sipis.sip.register import Outcome, RegisterResult
 from sipis.sip.transport import Flow
 from sipis.trace import TraceRecorder
 from tests.test_calls import World, make_world
@@ -220,6 +221,29 @@ async def test_viewer_is_refused_every_action_and_each_refusal_is_audited(op: Op
         with pytest.raises(ClientForbidden) as refused_error:
             await viewer.take_over(instance.selector)
         assert refused_error.value.status == 403 and refused_error.value.code == "forbidden"
+
+
+async def test_alarms_are_listed_and_acknowledged_by_an_operator_with_an_audit_row(op: Op) -> None:
+    board = op.world.operations.alarms
+    board.storage("disk full")
+    board.storage(None)
+    board.raise_alarm(AlarmKind.PBX_DOWN, "udp:127.0.0.1:5060", "408 Request Timeout")
+    async with op.client(VIEWER) as viewer, op.client(OPERATOR) as otto:
+        listed = await viewer.alarms()
+        assert [(a["alarm"], a["state"], a["target"]) for a in listed["active"]] == [
+            ("pbx-down", "raised", "udp:127.0.0.1:5060")]
+        assert [(a["alarm"], a["state"]) for a in listed["history"]] == [("storage-failing", "cleared")]
+        alarm_id = listed["active"][0]["id"]
+        with pytest.raises(ClientForbidden):
+            await viewer.acknowledge_alarm(alarm_id)
+        seen = await otto.acknowledge_alarm(alarm_id)
+        assert seen["acknowledged_by"] == "otto" and seen["id"] == alarm_id
+        assert (await viewer.alarms())["active"][0]["acknowledged_by"] == "otto"
+    async with op.http(OPERATOR) as otto_http:
+        assert (await otto_http.post("/v1/alarms/nope/acknowledge")).status_code == 404
+    rows = [(a["operator"], a["action"], a["target"], a["outcome"]) for a in op.audit()]
+    assert rows == [("vera", "acknowledge_alarm", alarm_id, "refused"), ("otto", "acknowledge_alarm", alarm_id, "ok"),
+                    ("otto", "acknowledge_alarm", "nope", "not-found")]
 
 
 async def test_operator_may_act_and_only_admin_may_disable(op: Op) -> None:
@@ -465,16 +489,22 @@ async def test_summary_counts_calls_pushes_pbx_and_alarms(op: Op) -> None:
         assert summary["reg_status"]["registered"] == 1 and summary["reg_status"]["idle"] == 1
         assert summary["held_calls"] == 1 and summary["calls_per_min"] == 1
         assert summary["push"]["accepted"] == 1 and summary["push"]["success_rate"] == 1.0
-        assert summary["pbx"] == {"reachable": True, "last_error": None}
+        nothing = {"reachable": True, "last_error": None, "up": 0, "degraded": 0, "down": 0, "unknown": 0}
+        assert summary["pbx"] == nothing  # nothing known yet: no target counts as up
         assert summary["writer"] == {"pending": 0, "last_error": None} and summary["alarms"] == 0
 
-        timeout = RegistrationResult("error", 408, "Request Timeout", 0, "no answer", 1, None, None)
-        w.bus.publish(first.selector, timeout)
+        target = "udp:127.0.0.1:5060"
+        op.ctx.targets.pbx_result(target, RegisterResult(Outcome.FAILED, 408, "Request Timeout", detail="no answer"))
         w.bus.publish(first.selector, Alarm(AlarmKind.UNAUTHORIZED))
         summary = await viewer.summary()
-        assert summary["pbx"] == {"reachable": False, "last_error": "408 Request Timeout: no answer"}
-        assert summary["alarms"] == 1
-        w.bus.publish(first.selector, RegistrationResult("registered", 200, "OK", 600, "", 0, None, None))
+        assert summary["pbx"] == {**nothing, "reachable": False, "last_error": "408 Request Timeout: no answer",
+                                  "down": 1}
+        assert summary["alarms"] == 2  # pbx-down and unauthorized
+        first.registration.target = target
+        targets = (await viewer.health_targets())["targets"]
+        assert [(t["subject"], t["target"], t["state"], t["last_error"], t["instances"]) for t in targets] == [
+            ("pbx", target, "down", "408 Request Timeout: no answer", 1), ("provider", "mediator", "up", None, 2)]
+        op.ctx.targets.pbx_result(target, RegisterResult(Outcome.REGISTERED, 200, "OK", 600))
         assert (await viewer.summary())["pbx"]["reachable"] is True
 
 

@@ -31,6 +31,10 @@ class StatusSnapshot:
     uptime: float | None = None
     pbx_reachable: bool | None = None
     pbx_error: str | None = None
+    #: registrar targets per health state (all 0: nothing known yet)
+    pbx_up: int = 0
+    pbx_degraded: int = 0
+    pbx_down: int = 0
     counts: dict[str, int] = field(default_factory=dict, compare=False)
     reg_status: dict[str, int] = field(default_factory=dict, compare=False)
     held_calls: int = 0

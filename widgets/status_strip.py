@@ -49,12 +49,18 @@ class StatusStrip(Static):
         if s.version:
             top.append((f" {s.version}", "$text-muted"))
         top += ["  up ", (duration(s.uptime) if s.uptime is not None else "-", "bold"), "  PBX "]
-        if s.pbx_reachable is None:
-            top.append(("?", "$text-muted"))
-        elif s.pbx_reachable:
-            top.append(("up", "bold $success"))
+        if s.pbx_reachable is None or not (s.pbx_up or s.pbx_degraded or s.pbx_down):
+            top.append(("?", "$text-muted"))  # no registrar target answered or failed yet
         else:
-            top.append((" DOWN ", BADGE.format("$error")))
+            pbx: list[Part] = []
+            if s.pbx_up:
+                pbx.append((f"{s.pbx_up} up", "bold $success"))
+            if s.pbx_degraded:
+                pbx.append((f"{s.pbx_degraded} degraded", "bold $warning"))
+            if s.pbx_down:
+                pbx.append((f" {s.pbx_down} DOWN ", BADGE.format("$error")))
+            for n, part in enumerate(pbx):
+                top += [" "] * bool(n) + [part]
         top += ["  held ", (str(s.held_calls), "bold $warning" if s.held_calls else "bold"),
                 f"  {s.calls_per_min:.0f} calls/min"]
         if s.alarms:

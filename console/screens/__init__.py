@@ -3,11 +3,13 @@
 from console.screens.common import ConsoleScreen
 from console.screens.dashboard import DashboardScreen
 from console.screens.detail import CallTraceScreen, InstanceDetailScreen
+from console.screens.health import AlarmsScreen, PbxScreen
 from console.screens.logs import AuditScreen, CallsScreen, EventLogScreen, PushLogScreen
 from console.screens.modals import KEYMAP, ConfirmScreen, HelpScreen, keymap_for
 
 __all__ = [
     "KEYMAP",
+    "AlarmsScreen",
     "AuditScreen",
     "CallTraceScreen",
     "CallsScreen",
@@ -17,6 +19,7 @@ __all__ = [
     "EventLogScreen",
     "HelpScreen",
     "InstanceDetailScreen",
+    "PbxScreen",
     "PushLogScreen",
     "keymap_for",
 ]

@@ -2,7 +2,9 @@
 
 Routes (all JSON; errors are ``{"error": <code>, "detail": <text naming the field>}``):
 
-* ``GET    /v1/health``                     no auth → 200 ``{"status": "ok"}``
+* ``GET    /v1/health``                     no auth → 200 ``{"status": "ok"}`` when this node can serve
+  (readiness, :mod:`sipis.readiness`), else 503 ``{"status": "unavailable", "reasons": [...]}``
+* ``GET    /v1/health/live``                no auth → 200 ``{"status": "ok"}`` while the process answers
 * ``POST   /v1/instances``                  enrolment token → 201 created / 200 updated
 * ``GET    /v1/instances/{selector}``       instance token → 200 public view (no secrets)
 * ``PUT    /v1/instances/{selector}/state`` instance token → 200 public view
@@ -346,9 +348,11 @@ def _provider_check(providers: Collection[str] | None) -> Callable[[str, str], N
 
 
 def create_app(service: InstanceService, *, providers: Collection[str] | None = None,
-               max_body: int = MAX_BODY_BYTES, limits: RateLimits | None = None) -> FastAPI:
+               max_body: int = MAX_BODY_BYTES, limits: RateLimits | None = None,
+               readiness: Callable[[], list[str]] | None = None) -> FastAPI:
     """``providers``: the names of the configured push providers (``[push.NAME]``); ``limits``: per
-    source and per token (sipis/api/limits.py), none when None."""
+    source and per token (sipis/api/limits.py), none when None; ``readiness``: why the node cannot
+    serve now (empty: it can; None: always ready)."""
     app = FastAPI(title="SIPIS app API", version="1", docs_url=None, redoc_url=None,
                   description=__doc__, responses={429: {
                       "model": ErrorOut, "headers": {"Retry-After": {"schema": {"type": "integer"}}},
@@ -371,8 +375,18 @@ def create_app(service: InstanceService, *, providers: Collection[str] | None = 
             raise ApiError(404, "instance no longer exists")
         return instance
 
-    @app.get("/v1/health", response_model=HealthOut, responses=_errors(500))
-    async def health() -> HealthOut:
+    @app.get("/v1/health", response_model=HealthOut, response_model_exclude_none=True,
+             responses={503: {"model": HealthOut, "description": "This node cannot serve now (reasons)"},
+                        **_errors(500)})
+    async def health() -> HealthOut | JSONResponse:
+        reasons = readiness() if readiness is not None else []
+        if reasons:
+            return JSONResponse({"status": "unavailable", "reasons": reasons}, status_code=503)
+        return HealthOut(status="ok")
+
+    @app.get("/v1/health/live", response_model=HealthOut, response_model_exclude_none=True,
+             responses=_errors(500))
+    async def live() -> HealthOut:
         return HealthOut(status="ok")
 
     @app.post("/v1/instances", status_code=201, response_model=EnrollOut,

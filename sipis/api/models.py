@@ -210,7 +210,8 @@ class ErrorOut(BaseModel):
 
 
 class HealthOut(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "unavailable"]
+    reasons: list[str] | None = None  # why not, when unavailable
 
 
 def error_body(code: str, detail: str) -> dict[str, Any]:

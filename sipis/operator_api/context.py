@@ -1,5 +1,5 @@
 """What the operator API reads and calls: the parts of the core, and the read models it keeps from
-the bus (event ring, instance index, PBX health)."""
+the bus (event ring, instance index) and the health of registrar targets and push providers."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from sipis.calls import CallManager
 from sipis.clock import Clock
 from sipis.config import OperatorToken
 from sipis.events import EventBus, EventQueue
+from sipis.health import HealthMonitor
 from sipis.operations import Operations
 from sipis.operator_api.auth import Authenticator, OperatorSessions
-from sipis.operator_api.health import PbxHealth
 from sipis.operator_api.index import InstanceIndex
 from sipis.operator_api.ring import EVENT_RING, EventRing
 from sipis.push.delivery import PushDelivery
@@ -56,11 +56,14 @@ class OperatorContext:
     default_registrar: str | None = None
     heartbeat: float = HEARTBEAT_INTERVAL
     ring_size: int = EVENT_RING
+    #: registrar targets and push providers (the core shares its own; else one fed from the bus only)
+    health: HealthMonitor | None = None
 
     def __post_init__(self) -> None:
         self.ring = EventRing(self.bus, self.ring_size)
         self.index = InstanceIndex(self.service, self.bus, self.default_registrar)
-        self.pbx = PbxHealth(self.bus)
+        self._own_health = self.health is None
+        self.targets = self.health if self.health is not None else HealthMonitor(self.bus, self.clock)
         self.auth = Authenticator(self.tokens, self.sessions)
         self.streams: set[EventQueue] = set()
 
@@ -73,7 +76,8 @@ class OperatorContext:
         self.close_streams()
         self.ring.close()
         self.index.close()
-        self.pbx.close()
+        if self._own_health:
+            self.targets.close()
 
     def state_counts(self) -> tuple[dict[str, int], dict[str, int]]:
         """Instances per state and per registration status: kept by the index from the bus."""

@@ -1,45 +1,43 @@
-"""What the summary says about the core's peers: whether the PBX answers (:class:`PbxHealth`, kept
-from the bus) and how pushes fare (:func:`push_stats`, over the delivery's recent traces)."""
+"""What the operator API says about the core's peers: the health of registrar targets and push
+providers (:func:`pbx_status`, :func:`health_targets`, from :class:`~sipis.health.HealthMonitor`)
+and how pushes fare (:func:`push_stats`, over the delivery's recent traces)."""
 
 from __future__ import annotations
 
-from contract.documents import PushStats
-from contract.events import Event, RegistrationResult
-from sipis.events import EventBus
+from collections import Counter
+from collections.abc import Iterable
+
+from contract.documents import HealthTarget, HealthTargets, PbxStatus, PushStats
+from contract.kinds import HealthState, HealthSubject
+from sipis.health import HealthMonitor
+from sipis.instance import Instance
 from sipis.push.delivery import PushDelivery
 
 PUSH_STATS_WINDOW = 1000
 
 
-class PbxHealth:
-    """Is the PBX answering? Judged by the last registration exchange of any instance: an answer
-    (any final response but 408/5xx) means reachable; a timeout, transport failure or 5xx means not,
-    and its text is ``last_error`` until the next answer. No registration yet counts as reachable."""
+def pbx_status(health: HealthMonitor) -> PbxStatus:
+    """The summary's PBX part: registrar targets per state and the newest error of one not up."""
+    counts = health.counts(HealthSubject.PBX)
+    failing = [t for t in health.targets.values() if t.subject is HealthSubject.PBX
+               and t.state is not HealthState.UP and t.last_error_at is not None]
+    last = max(failing, key=lambda t: t.last_error_at or 0.0, default=None)
+    return PbxStatus(not counts.get(HealthState.DOWN, 0), last.last_error if last is not None else None,
+                     **{state.value: counts.get(state, 0) for state in HealthState})
 
-    def __init__(self, bus: EventBus) -> None:
-        self.reachable = True
-        self.last_error: str | None = None
-        self.last_error_at: float | None = None
-        self.last_answer_at: float | None = None
-        self._unsubscribe = bus.subscribe(self._on_event)
 
-    def _on_event(self, event: Event) -> None:
-        result = event.payload
-        if not isinstance(result, RegistrationResult):
-            return
-        code = result.code
-        if code == 408 or code >= 500:
-            self.reachable = False
-            detail = result.detail
-            self.last_error = f"{code} {result.reason or ''}".strip() + (f": {detail}" if detail else "")
-            self.last_error_at = event.at
-        else:
-            self.reachable = True
-            self.last_error = None
-            self.last_answer_at = event.at
-
-    def close(self) -> None:
-        self._unsubscribe()
+def health_targets(health: HealthMonitor, instances: Iterable[Instance]) -> HealthTargets:
+    """Every target with its state and how many instances registered there last / use the provider."""
+    per_target: Counter[tuple[HealthSubject, str]] = Counter()
+    for instance in instances:
+        if instance.registration.target is not None:
+            per_target[(HealthSubject.PBX, instance.registration.target)] += 1
+        per_target[(HealthSubject.PROVIDER, instance.push.provider)] += 1
+    order = list(HealthSubject)
+    return HealthTargets([
+        HealthTarget(t.subject.value, t.name, t.state.value, t.since, t.last_error, t.last_error_at,
+                     per_target[(t.subject, t.name)])
+        for t in sorted(health.targets.values(), key=lambda t: (order.index(t.subject), t.name))])
 
 
 def _percentile(sorted_values: list[float], fraction: float) -> float | None:

@@ -16,7 +16,6 @@ from contract.documents import (
     AuditEntry,
     CallsSnapshot,
     CallTrace,
-    PbxStatus,
     PushRecord,
     Summary,
     WriterStatus,
@@ -24,7 +23,7 @@ from contract.documents import (
 from contract.events import InstanceDetail
 from sipis.instance import Instance
 from sipis.operator_api.context import OperatorContext
-from sipis.operator_api.health import push_stats
+from sipis.operator_api.health import pbx_status, push_stats
 from storage.repositories import Stores
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ def summary(ctx: OperatorContext) -> Summary:
     return Summary(
         node=ctx.node, version=ctx.version, started_at=ctx.started_at, now=now, counts=counts, reg_status=statuses,
         held_calls=len(calls.held), calls_per_min=calls_per_min, outcomes=dict(calls.outcomes),
-        push=push_stats(ctx.delivery), pbx=PbxStatus(ctx.pbx.reachable, ctx.pbx.last_error),
+        push=push_stats(ctx.delivery), pbx=pbx_status(ctx.targets),
         writer=ctx.writer_status() if ctx.writer_status is not None else WriterStatus(0, None),
         alarms=ctx.ring.alarms_since(now - ALARM_WINDOW),
     )

@@ -10,6 +10,7 @@ from typing import Any
 from contract.codec import decode_payload, payload_data
 from contract.documents import AuditEntry
 from contract.events import Alarm, Event
+from contract.kinds import AlarmState
 from sipis.events import EventBus
 
 EVENT_RING = 10_000
@@ -58,7 +59,7 @@ class EventRing:
         payload = event.payload
         if isinstance(payload, AuditEntry):
             self._audit.append(entry)
-        elif isinstance(payload, Alarm):
+        elif isinstance(payload, Alarm) and payload.state != AlarmState.CLEARED:  # a clear is no new alarm
             self.alarm_times.append(event.at)
 
     def close(self) -> None:

@@ -11,9 +11,10 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from contract.codec import to_json
-from contract.documents import ActionResult, PushResult, Whoami
+from contract.documents import ActionResult, AlarmList, PushResult, Whoami
 from sipis.instance import Instance
 from sipis.operations import Forbidden, Operator
+from sipis.operator_api import health as peer_health
 from sipis.operator_api import queries
 from sipis.operator_api.auth import LISTENER_KEY
 from sipis.operator_api.context import OperatorContext
@@ -54,6 +55,14 @@ def create_operator_app(ctx: OperatorContext) -> FastAPI:
     @app.get("/v1/summary")
     async def summary(_: Operator = Depends(viewer)) -> Response:
         return json_response(queries.summary(ctx))
+
+    @app.get("/v1/health/targets")
+    async def health_targets(_: Operator = Depends(viewer)) -> Response:
+        return json_response(peer_health.health_targets(ctx.targets, ctx.service.instances.values()))
+
+    @app.get("/v1/alarms")
+    async def alarms(_: Operator = Depends(viewer)) -> Response:
+        return json_response(AlarmList(*ops.alarms.records()))
 
     @app.get("/v1/instances")
     async def instances(
@@ -132,6 +141,10 @@ def create_operator_app(ctx: OperatorContext) -> FastAPI:
     @app.post("/v1/instances/{selector}/actions/test-push")
     async def test_push(selector: str, who: Operator = Depends(operator)) -> Response:
         return json_response(PushResult((await ops.test_push(selector, who)).record()))
+
+    @app.post("/v1/alarms/{alarm_id}/acknowledge")
+    async def acknowledge_alarm(alarm_id: str, who: Operator = Depends(operator)) -> Response:
+        return json_response(ops.acknowledge_alarm(alarm_id, who))
 
     @app.post("/v1/pushes/{push_id}/replay")
     async def replay(push_id: str, who: Operator = Depends(operator)) -> Response:

@@ -128,6 +128,8 @@ class RegisterResult:
     #: REGISTER transactions the exchange used (a challenged REGISTER and its retry: 2); what the
     #: engine's pacing charges
     transactions: int = 1
+    #: the registrar target (``transport:host:port``) that gave this result ("" when none was tried)
+    target: str = ""
 
     @property
     def ok(self) -> bool:

@@ -224,7 +224,10 @@ class TransportLayer:
         keepalive_interval: float = 30.0,
         connect_timeout: float = 5.0,
         backoff_base: float = 1.0,
-        backoff_max: float = 60.0,
+        # at most the registration engine's probe interval (sipis/engine.py PROBE_INTERVAL): a
+        # longer wait would fail the probes of a dead registrar without trying, and its return
+        # would go unnoticed for up to that long
+        backoff_max: float = 5.0,
         pong_timeout: float = PONG_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
         idle_timeout: float = 30.0,

@@ -150,6 +150,19 @@ async def test_health_needs_no_auth(client: httpx.AsyncClient) -> None:
     assert response.json() == {"status": "ok"}
 
 
+async def test_health_says_503_with_the_reasons_while_the_node_cannot_serve(service: FakeService) -> None:
+    reasons: list[str] = []
+    app = create_app(service, readiness=lambda: list(reasons))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sipis.test") as http:
+        assert (await http.get("/v1/health")).json() == {"status": "ok"}
+        reasons.append("storage failing: disk full")
+        response = await http.get("/v1/health")
+        assert response.status_code == 503
+        assert response.json() == {"status": "unavailable", "reasons": ["storage failing: disk full"]}
+        live = await http.get("/v1/health/live")  # liveness: the process answers
+        assert live.status_code == 200 and live.json() == {"status": "ok"}
+
+
 async def test_enrolment_creates_instance(client: httpx.AsyncClient, service: FakeService) -> None:
     instance_id = str(uuid.uuid4())
     response = await client.post("/v1/instances", json={**enrol_body(), "instance_id": instance_id},
@@ -509,7 +522,7 @@ async def test_openapi_documents_security_and_errors(client: httpx.AsyncClient) 
         for method, operation in operations.items():
             responses = operation["responses"]
             assert "500" in responses, (method, path)
-            if path != "/v1/health":
+            if path not in ("/v1/health", "/v1/health/live"):
                 assert operation["security"], (method, path)
                 for status in ("401", "403", "413", "415", "422"):
                     ref = responses[status]["content"]["application/json"]["schema"]["$ref"]

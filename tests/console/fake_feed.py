@@ -11,13 +11,17 @@ from typing import Any
 
 from console.feed import FeedError, Forbidden, NotFound
 from console.model import row_patch
-from console.roles import ACTIONS, REPLAY_ROLE, role_allows
+from console.roles import ACKNOWLEDGE_ROLE, ACTIONS, REPLAY_ROLE, role_allows
 from contract.codec import decode_payload
 from contract.documents import (
     ActionResult,
+    AlarmList,
+    AlarmRecord,
     AuditEntry,
     CallsSnapshot,
     CallTrace,
+    HealthTarget,
+    HealthTargets,
     HeldCall,
     InstancePage,
     InstanceRow,
@@ -141,6 +145,10 @@ class FakeFeed:
         self._summaries = 0
         self._push_seq = 0
         self.pbx_reachable = True
+        self.active_alarms = [AlarmRecord("pbx-down-2", "pbx-down", "udp:192.0.2.10:5060", "raised", now - 90,
+                                          "408 Request Timeout")]
+        self.past_alarms = [AlarmRecord("token-dead-1", "token-dead", None, "cleared", now - 4000,
+                                        "12 push tokens dead within 300 s", now - 3000)]
 
     # -------------------------------------------------------------- scripting
 
@@ -195,6 +203,14 @@ class FakeFeed:
         self._log("whoami")
         return self.operator
 
+    async def health_targets(self) -> HealthTargets:
+        self._log("health_targets")
+        down = not self.pbx_reachable
+        return HealthTargets([
+            HealthTarget("pbx", "udp:192.0.2.10:5060", "down" if down else "up", self.now - 600,
+                         "408 Request Timeout" if down else None, self.now - 30 if down else None, 24),
+            HealthTarget("provider", "fcm", "up", self.now - 3600, None, None, 30)])
+
     async def summary(self) -> Summary:
         self._log("summary")
         self._summaries += 1
@@ -210,7 +226,8 @@ class FakeFeed:
             outcomes={"redirected": 40 + k, "timeout": 3},
             push=PushStats(accepted=1000 + 10 * k, rejected=3 + (k * 5) % 7 // 3 + k // 4, transient=2 + k // 3,
                            success_rate=0.994, latency_p50_ms=84.0, latency_p99_ms=412.0),
-            pbx=PbxStatus(self.pbx_reachable, None if self.pbx_reachable else "connect timeout"),
+            pbx=PbxStatus(self.pbx_reachable, None if self.pbx_reachable else "connect timeout",
+                          up=3 if self.pbx_reachable else 2, down=0 if self.pbx_reachable else 1),
             writer=WriterStatus(0, None), alarms=0 if self.pbx_reachable else 1,
         )
 
@@ -323,6 +340,17 @@ class FakeFeed:
                                          provider="fcm", attempt=1, outcome="accepted", provider_code=200,
                                          latency_ms=90.0, stages={"push_sent": self.now}))
         return ActionResult(instance=self._view(row), row=row)
+
+    async def alarms(self) -> AlarmList:
+        self._log("alarms")
+        return AlarmList(list(self.active_alarms), list(self.past_alarms))
+
+    async def acknowledge_alarm(self, alarm_id: str) -> AlarmRecord:
+        self._log("acknowledge_alarm", alarm_id)
+        self._require(ACKNOWLEDGE_ROLE, "acknowledge", alarm_id)
+        record = next(r for r in [*self.active_alarms, *self.past_alarms] if r.id == alarm_id)
+        record.acknowledged_by, record.acknowledged_at = self.operator.name, self.now
+        return record
 
     async def replay_push(self, push_id: str) -> PushRecord:
         self._log("replay_push", push_id)

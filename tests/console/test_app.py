@@ -58,7 +58,7 @@ async def test_dashboard_shows_every_instance_and_the_status_strip() -> None:
         assert "40 of 40" in info_text(app)
         assert table(app).row_count == 40
         strip = strip_text(app)
-        for text in ("sipis-lab-1", "up 3d04h", "PBX up", "held 2", "alice", "OPERATOR", "proxied 24", "99.4%"):
+        for text in ("sipis-lab-1", "up 3d04h", "PBX 3 up", "held 2", "alice", "OPERATOR", "proxied 24", "99.4%"):
             assert text in strip
 
 
@@ -265,6 +265,46 @@ async def test_views_switch_with_number_keys() -> None:
         assert "take_over" in screen_text(app)
 
 
+async def test_the_pbx_view_lists_targets_with_instances_and_errors() -> None:
+    feed = FakeFeed(now=NOW)
+    feed.pbx_reachable = False
+    app = make_console(feed)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("6")
+        await until(pilot, lambda: "udp:192.0.2.10:5060" in screen_text(app))
+        text = screen_text(app)
+        assert "Registrar targets" in text and "408 Request Timeout" in text and "24 inst" in text
+        assert "Push providers" in text and "fcm" in text
+        assert "PBX 2 up" in strip_text(app) and "1 DOWN" in strip_text(app)
+
+
+async def test_the_alarms_view_lists_episodes_and_acknowledges_one() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("7")
+        await until(pilot, lambda: "udp:192.0.2.10:5060" in screen_text(app))
+        text = screen_text(app)
+        assert "1 active, 1 past" in text and "pbx-down" in text and "token-dead" in text
+        await pilot.press("a")
+        await until(pilot, lambda: feed.active_alarms[0].acknowledged_by == "alice")
+        await until(pilot, lambda: "alice" in screen_text(app))
+
+
+async def test_a_viewer_may_not_acknowledge_alarms() -> None:
+    feed = FakeFeed(now=NOW, role="viewer")
+    app = make_console(feed)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("7")
+        await until(pilot, lambda: "pbx-down" in screen_text(app))
+        await pilot.press("a")
+        await pilot.pause()
+        assert feed.active_alarms[0].acknowledged_by is None
+
+
 async def test_event_log_follows_the_stream() -> None:
     feed = FakeFeed(now=NOW)
     app = make_console(feed)
@@ -444,17 +484,22 @@ async def test_alarm_events_notify_at_once() -> None:
         assert "410 Unregistered" in notes[1].message and notes[2].message == "node b unreachable"
 
 
-async def test_pbx_down_in_the_summary_notifies_once_and_shows_in_the_strip() -> None:
+async def test_one_toast_per_raised_alarm_and_pbx_down_in_the_strip() -> None:
     feed = FakeFeed(now=NOW)
     app = make_console(feed)
     async with app.run_test(size=(120, 30)) as pilot:
         notes = record_notes(app)
         await ready(pilot, app)
         feed.pbx_reachable = False
+        feed.emit("alarm", alarm="pbx-down", state="raised", target="udp:192.0.2.10:5060", id="pbx-down-1",
+                  reason="408 Request Timeout")
+        feed.emit("alarm", alarm="pbx-down", state="cleared", target="udp:192.0.2.10:5060", id="pbx-down-1")
+        await until(pilot, lambda: len(app._pending) == 2)
         await app.refresh_now()
         await app.refresh_now()
         await pilot.pause()
-        assert [n.title for n in notes] == ["PBX unreachable"]
+        assert [n.title for n in notes] == ["PBX down"]
+        assert "udp:192.0.2.10:5060" in notes[0].message
         assert "DOWN" in strip_text(app) and "alarms 1" in strip_text(app)
 
 

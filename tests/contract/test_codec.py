@@ -74,7 +74,8 @@ def test_nested_documents() -> None:
                "reg_status": {}, "held_calls": 0, "calls_per_min": 0, "outcomes": {},
                "push": {"accepted": 1, "rejected": 0, "transient": 0, "success_rate": 1.0,
                         "latency_p50_ms": 3.0, "latency_p99_ms": 4.0},
-               "pbx": {"reachable": True, "last_error": None}, "writer": {"pending": 0, "last_error": None},
+               "pbx": {"reachable": True, "last_error": None, "up": 1, "degraded": 0, "down": 0, "unknown": 0},
+               "writer": {"pending": 0, "last_error": None},
                "alarms": 0}
     decoded = from_json(Summary, summary)
     assert decoded.push.latency_p99_ms == 4.0 and decoded.pbx.reachable is True

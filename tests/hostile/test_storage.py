@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from contract.events import Alarm
-from contract.kinds import AlarmKind
+from contract.kinds import AlarmKind, AlarmState
 from lab.kamailio import Kamailio, free_port
 from lab.push_servers import MediatorServer
 from sipis.config import Config, parse_config
@@ -118,11 +118,11 @@ async def test_disk_full_refuses_changes_with_503_and_applies_none(
 ) -> None:
     kam, core, api, state = full_disk_world
     caplog.set_level(logging.INFO)
-    alarms: list[AlarmKind] = []
+    alarms: list[tuple[AlarmKind, AlarmState]] = []
 
     def on_event(event: Event) -> None:
         if isinstance(event.payload, Alarm):
-            alarms.append(event.payload.alarm)
+            alarms.append((event.payload.alarm, event.payload.state))
 
     core.bus.subscribe(on_event)
     enrol = {"Authorization": f"Bearer {ENROL}"}
@@ -159,13 +159,15 @@ async def test_disk_full_refuses_changes_with_503_and_applies_none(
     assert alice is not None and alice.state.value == "proxied" and alice.push.token == "push-alice-0123456789"
     assert ours(kam, "alice")
     assert core.service is not None and core.service.get(SELECTOR) is None
-    assert AlarmKind.STORAGE_FAILING in alarms
-    full_lines = [r for r in caplog.records if r.levelno == logging.WARNING and "disk full" in r.getMessage()]
-    assert len(full_lines) == 1, [r.getMessage() for r in caplog.records]
+    assert alarms == [(AlarmKind.STORAGE_FAILING, AlarmState.RAISED)]
+    for logger in ("storage.writer", "sipis.alarms"):  # the writer's line and the alarm's, once each
+        full_lines = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == logger
+                      and "disk full" in r.getMessage()]
+        assert len(full_lines) == 1, [r.getMessage() for r in caplog.records]
 
     filler.unlink()
-    await wait_for(lambda: AlarmKind.STORAGE_RECOVERED in alarms, what="storage recovered")
-    assert alarms.count(AlarmKind.STORAGE_FAILING) == 1
+    await wait_for(lambda: (AlarmKind.STORAGE_FAILING, AlarmState.CLEARED) in alarms, what="storage recovered")
+    assert alarms == [(AlarmKind.STORAGE_FAILING, AlarmState.RAISED), (AlarmKind.STORAGE_FAILING, AlarmState.CLEARED)]
     assert core.stores is not None and await core.stores.instances.get(SELECTOR) is None  # never stored later
     stored = await core.stores.instances.get(selector)
     assert stored is not None and stored.push_token == "push-alice-0123456789" and stored.state == "proxied"
