@@ -28,6 +28,7 @@ from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
 from sipis.inbound import InboundGate
 from sipis.lifecycle import InstanceLifecycle
+from sipis.metrics import CoreMetrics, LoopLag, metrics_server
 from sipis.operations import Operations
 from sipis.operator_api import OperatorContext, OperatorServer, OperatorSessions
 from sipis.persistence import InstancePersistence
@@ -63,6 +64,7 @@ class Listening:
     operator_socket: str | None = None
     operator_url: str | None = None
     ssh: tuple[str, int] | None = None
+    metrics_url: str | None = None
 
 
 class Core:
@@ -90,6 +92,10 @@ class Core:
         self.operator_context: OperatorContext | None = None
         self.operator_api: OperatorServer | None = None
         self.ssh: ConsoleSshServer | None = None
+        #: Prometheus metrics and the loop lag sampler behind them (only with ``[metrics] listen``)
+        self.metrics: CoreMetrics | None = None
+        self.loop_lag: LoopLag | None = None
+        self.metrics_api: ApiServer | None = None
         self.listening = Listening([], None)
         self._stopped = asyncio.Event()
         self.started_at = self.clock.wall()
@@ -139,6 +145,10 @@ class Core:
         self.operations = Operations(service=self.service, lifecycle=self.lifecycle, delivery=self.delivery,
                                      bus=self.bus, clock=self.clock)
         self._wire_operator(self.service, self.delivery, self.calls, self.operations, self.writer)
+        if config.metrics.listen is not None:  # counting from the restore on
+            assert self.operator_context is not None
+            self.loop_lag = LoopLag(self.clock, LoopTimers())
+            self.metrics = CoreMetrics(self.operator_context, self.loop_lag)
         restored = 0
         for record in await self.stores.instances.load_all():
             self.service.resume(persistence.restore(record))
@@ -163,6 +173,7 @@ class Core:
             await self.api.start()
             self.listening.api_url = self.api.url
         await self._start_operator_api()
+        await self._start_metrics()
         if config.ssh.listen is not None:
             self.ssh = ConsoleSshServer(config.ssh, self.operator_sessions, config.operator.socket,
                                         audit=self.operations.audit)
@@ -200,6 +211,15 @@ class Core:
         self.listening.operator_socket = str(self.config.operator.socket)
         self.listening.operator_url = self.operator_api.tcp_url
 
+    async def _start_metrics(self) -> None:
+        listen = self.config.metrics.listen
+        if listen is None or self.metrics is None or self.loop_lag is None:
+            return
+        self.loop_lag.start()
+        self.metrics_api = metrics_server(self.metrics, listen.host, listen.port)
+        await self.metrics_api.start()
+        self.listening.metrics_url = self.metrics_api.url
+
     def _endpoint_settings(self) -> EndpointSettings:
         sip = self.config.sip
         listen = [ListenSpec(spec.transport, spec.host, spec.port) for spec in sip.listen]
@@ -226,6 +246,10 @@ class Core:
             self.operator_context.close()
         if self.api is not None:
             await self.api.stop()
+        if self.metrics_api is not None:
+            await self.metrics_api.stop()
+        if self.loop_lag is not None:
+            self.loop_lag.stop()
         if self.ageing is not None:
             await self.ageing.stop()
         if self.calls is not None:

@@ -320,6 +320,14 @@ class SshConfig:
 
 
 @section()
+class MetricsConfig:
+    listen: HostPort | None = setting(
+        Listen(), "Prometheus `/metrics` (plain HTTP, no "
+        "authentication: counts only, keep it on loopback or a management network)", default=None,
+        starter=HostPort("127.0.0.1", 9464))
+
+
+@section()
 class Config:
     state_dir: Path = setting(FilePath(), "database, key file, generated certificates, SSH host key, operator socket",
                               default=Path("var"))
@@ -334,4 +342,5 @@ class Config:
                                                "digits, `_`, `-`) is what apps name at enrolment")
     operator: OperatorConfig = setting(Section(OperatorConfig), "the operator API (console, automation)")
     ssh: SshConfig = setting(Section(SshConfig), "the NOC console over SSH (key auth only)")
+    metrics: MetricsConfig = setting(Section(MetricsConfig), "monitoring: Prometheus metrics")
     source: Path | None = None  # the file this came from, if any
