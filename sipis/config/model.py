@@ -322,7 +322,7 @@ class SshConfig:
 @section()
 class MetricsConfig:
     listen: HostPort | None = setting(
-        Listen(), "Prometheus `/metrics` (plain HTTP, no "
+        Listen(), "Prometheus `/metrics` and Acrobits-compatible `/stats/summary/json` (plain HTTP, no "
         "authentication: counts only, keep it on loopback or a management network)", default=None,
         starter=HostPort("127.0.0.1", 9464))
 
@@ -342,5 +342,5 @@ class Config:
                                                "digits, `_`, `-`) is what apps name at enrolment")
     operator: OperatorConfig = setting(Section(OperatorConfig), "the operator API (console, automation)")
     ssh: SshConfig = setting(Section(SshConfig), "the NOC console over SSH (key auth only)")
-    metrics: MetricsConfig = setting(Section(MetricsConfig), "monitoring: Prometheus metrics")
+    metrics: MetricsConfig = setting(Section(MetricsConfig), "monitoring: Prometheus metrics, Acrobits statistics")
     source: Path | None = None  # the file this came from, if any

@@ -205,14 +205,22 @@ async def test_every_metric_is_exposed_with_the_constant_labels(world: World) ->
         noded.close()
 
 
-async def test_the_listener_serves_metrics(world: World) -> None:
+async def test_the_listener_serves_metrics_and_acrobits_statistics(world: World) -> None:
     await world.op.enrol("dave", sleeping=True)
+    await world.op.enrol("erin")
+    world.op.world.clock.advance(42.0)
     transport = httpx.ASGITransport(app=create_metrics_app(world.metrics))
     async with httpx.AsyncClient(transport=transport, base_url="http://metrics") as http:
         response = await http.get("/metrics")
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
         assert 'sipis_instances{state="proxied"} 1.0' in response.text
+        stats = (await http.get("/stats/summary/json")).json()
         assert (await http.post("/metrics")).status_code == 405
+    assert stats["Instance"] == {"Count": 2, "CountInState": {"Idle": 1, "Registering": 0, "Registered": 1,
+                                                              "Unauthorized": 0, "Error": 0}}
+    server = stats["Server"]
+    assert server["UptimeInSeconds"] == 42 and server["MessageLoopQueueSize"] == 0
+    assert server["VersionNumber"] == world.op.ctx.version
 
 
 @pytest.fixture
@@ -244,6 +252,8 @@ async def test_the_core_serves_metrics_only_when_configured(short_dir: Path) -> 
         assert listening.metrics_url is not None and listening.metrics_url.startswith("http://127.0.0.1:")
         async with httpx.AsyncClient(base_url=listening.metrics_url) as http:
             text = (await http.get("/metrics")).text
+            stats = (await http.get("/stats/summary/json")).json()
         assert "sipis_build_info{" in text and "sipis_event_loop_lag_seconds " in text
+        assert stats["Instance"]["Count"] == 0
     finally:
         await core.stop()
