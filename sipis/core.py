@@ -250,6 +250,8 @@ class Core:
             await self.metrics_api.stop()
         if self.loop_lag is not None:
             self.loop_lag.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.ageing is not None:
             await self.ageing.stop()
         if self.calls is not None:

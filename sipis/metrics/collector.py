@@ -103,7 +103,8 @@ class CoreMetrics:
 
     def labelled(self, metric: Any, **labels: str) -> Any:
         """The child of ``metric`` for ``labels`` plus the constant labels."""
-        return metric.labels(**self.const_labels, **labels) if metric._labelnames else metric
+        # every metric's label names are the constant ones, then its own: none at all, no child
+        return metric.labels(**self.const_labels, **labels) if self.const_labels or labels else metric
 
     def _on_event(self, event: Event) -> None:
         handler = self._handlers.get(type(event.payload))
