@@ -112,7 +112,8 @@ class RegistrationStatusChanged:
 @dataclass(slots=True)
 class RegistrationResult:
     """One REGISTER exchange ended. ``result``: ``registered``, ``unauthorized``, ``error``,
-    ``unregistered`` or ``unregister-failed``; the times are the instance's after it (wall clock)."""
+    ``unregistered`` or ``unregister-failed``; the times are the instance's after it (wall clock);
+    ``duration`` the seconds the exchange took (monotonic), when known."""
 
     KIND: ClassVar[EventKind] = EventKind.REGISTRATION
     OMIT_NONE: ClassVar[bool] = False
@@ -124,6 +125,7 @@ class RegistrationResult:
     failure_count: int
     next_refresh_at: float | None
     expires_at: float | None
+    duration: float | None = None
 
 
 @dataclass(slots=True)

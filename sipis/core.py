@@ -31,6 +31,7 @@ from sipis.health import LOG_INTERVAL, HealthMonitor
 from sipis.hep_client import HepClient
 from sipis.inbound import InboundGate
 from sipis.lifecycle import InstanceLifecycle
+from sipis.metrics import CoreMetrics, LoopLag, metrics_server
 from sipis.operations import Operations
 from sipis.operator_api import OperatorContext, OperatorServer, OperatorSessions
 from sipis.persistence import InstancePersistence
@@ -70,6 +71,7 @@ class Listening:
     operator_socket: str | None = None
     operator_url: str | None = None
     ssh: tuple[str, int] | None = None
+    metrics_url: str | None = None
 
 
 class Core:
@@ -93,9 +95,10 @@ class Core:
         self.health: HealthMonitor | None = None
         self.alarms: AlarmBoard | None = None
         self._watch: asyncio.Task[None] | None = None
-        self._watch_lag: asyncio.Task[None] | None = None
-        self.readiness = Readiness(self.clock, storage_error=self._storage_error,
-                                   sip_listening=lambda: bool(self.listening.sip))
+        #: how late the event loop runs timers: read by readiness and by the metrics
+        self.loop_lag = LoopLag(self.clock, LoopTimers())
+        self.readiness = Readiness(storage_error=self._storage_error, sip_listening=lambda: bool(self.listening.sip),
+                                   loop_lag=self.loop_lag.latest)
         #: every SIP message in and out, per call and per instance (fed by the endpoint's observer hook)
         self.trace = TraceRecorder(self.clock)
         self.hep: HepClient | None = None  # HEP v3 to Homer, when [hep] collector is set
@@ -104,6 +107,9 @@ class Core:
         self.operator_context: OperatorContext | None = None
         self.operator_api: OperatorServer | None = None
         self.ssh: ConsoleSshServer | None = None
+        #: Prometheus metrics (only with ``[metrics] listen``)
+        self.metrics: CoreMetrics | None = None
+        self.metrics_api: ApiServer | None = None
         self.listening = Listening([], None)
         self._stopped = asyncio.Event()
         self.started_at = self.clock.wall()
@@ -163,6 +169,9 @@ class Core:
         self.operations = Operations(service=self.service, lifecycle=self.lifecycle, delivery=self.delivery,
                                      bus=self.bus, clock=self.clock, alarms=self.alarms)
         self._wire_operator(self.service, self.delivery, self.calls, self.operations, self.writer)
+        if config.metrics.listen is not None:  # counting from the restore on
+            assert self.operator_context is not None
+            self.metrics = CoreMetrics(self.operator_context, self.loop_lag)
         restored = 0
         for record in await self.stores.instances.load_all():
             self.service.resume(persistence.restore(record))
@@ -176,7 +185,7 @@ class Core:
         self.ageing = Ageing(self.lifecycle, self.clock, config.ageing)
         self.ageing.start(config.ageing.check_interval)
         self._watch = asyncio.create_task(self._watch_peers(), name="watch-peers")
-        self._watch_lag = asyncio.create_task(self.readiness.watch_loop(), name="watch-loop-lag")
+        self.loop_lag.start()
 
         api = config.api
         if api.listen is not None:
@@ -190,6 +199,7 @@ class Core:
             await self.api.start()
             self.listening.api_url = self.api.url
         await self._start_operator_api()
+        await self._start_metrics()
         if config.ssh.listen is not None:
             self.ssh = ConsoleSshServer(config.ssh, self.operator_sessions, config.operator.socket,
                                         audit=self.operations.audit)
@@ -256,6 +266,13 @@ class Core:
             if self.clock.monotonic() - last_log >= LOG_INTERVAL:
                 last_log = self.clock.monotonic()
                 self.health.tick()
+    async def _start_metrics(self) -> None:
+        listen = self.config.metrics.listen
+        if listen is None or self.metrics is None:
+            return
+        self.metrics_api = metrics_server(self.metrics, listen.host, listen.port)
+        await self.metrics_api.start()
+        self.listening.metrics_url = self.metrics_api.url
 
     def _endpoint_settings(self) -> EndpointSettings:
         sip = self.config.sip
@@ -284,11 +301,15 @@ class Core:
             self.operator_context.close()
         if self.api is not None:
             await self.api.stop()
-        for task in (self._watch, self._watch_lag):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        if self.metrics_api is not None:
+            await self.metrics_api.stop()
+        self.loop_lag.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.ageing is not None:
             await self.ageing.stop()
         if self.calls is not None:

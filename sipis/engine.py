@@ -442,6 +442,7 @@ class RegistrationEngine:
         if not registering:
             self._set_status(instance, RegStatus.UNREGISTERING)
         self.attempts += 1
+        started = self.clock.monotonic()
         try:
             result = await self.exchange(instance, expires)
         except asyncio.CancelledError:
@@ -451,16 +452,17 @@ class RegistrationEngine:
             log.exception("registration exchange failed for %s", mask(instance.selector))
             result = RegisterResult(Outcome.FAILED, 500, "Internal error", detail=str(exc))
         entry.busy = False
+        duration = self.clock.monotonic() - started
         if reserved:
             # charge what the exchange really sent (a challenged REGISTER and its retry: 2)
             self._tokens -= result.transactions - reserved
             self._per_attempt = float(max(1, result.transactions))
         if registering:
-            self._after_register(entry, result)
+            self._after_register(entry, result, duration)
         else:
-            self._after_unregister(entry, result)
+            self._after_unregister(entry, result, duration)
 
-    def _after_register(self, entry: _Entry, result: RegisterResult) -> None:
+    def _after_register(self, entry: _Entry, result: RegisterResult, duration: float) -> None:
         instance, reg, now = entry.instance, entry.instance.registration, self.clock.monotonic()
         wall = self.clock.wall()
         _note_answer(reg, result)
@@ -478,7 +480,7 @@ class RegistrationEngine:
             self._set_status(instance, RegStatus.REGISTERED)
             if entry.want is Want.REGISTERED:  # not when the app took over meanwhile (hand_back)
                 self.owner.achieved(instance, Achieved.REGISTERED)
-            self._publish_registration(instance, result, "registered")
+            self._publish_registration(instance, result, "registered", duration)
             self._reconcile(entry, now + delay, paced=False)
             return
         if result.status == 408:
@@ -501,17 +503,18 @@ class RegistrationEngine:
             if entry.want is Want.REGISTERED:
                 self.owner.achieved(instance, Achieved.LAPSED)
         self._set_status(instance, status)
-        self._publish_registration(instance, result, status.value)
+        self._publish_registration(instance, result, status.value, duration)
         if status is RegStatus.UNAUTHORIZED:
             self.bus.publish(instance.selector, Alarm(AlarmKind.UNAUTHORIZED, code=result.status,
                                                       reason=result.reason))
         self._reconcile(entry, now + delay)
 
-    def _after_unregister(self, entry: _Entry, result: RegisterResult) -> None:
+    def _after_unregister(self, entry: _Entry, result: RegisterResult, duration: float) -> None:
         instance = entry.instance
         reg = instance.registration
         _note_answer(reg, result)
-        self._publish_registration(instance, result, "unregistered" if result.ok else "unregister-failed")
+        self._publish_registration(instance, result, "unregistered" if result.ok else "unregister-failed",
+                                   duration)
         # Whatever the registrar said, our binding will lapse at its expiry; never loop on removal.
         entry.bound = False
         self._reconcile(entry, self.clock.monotonic(), result)
@@ -560,8 +563,9 @@ class RegistrationEngine:
             old, reg.status = reg.status, status
             self.bus.publish(instance.selector, RegistrationStatusChanged(status, old))
 
-    def _publish_registration(self, instance: Instance, result: RegisterResult, what: str) -> None:
+    def _publish_registration(self, instance: Instance, result: RegisterResult, what: str,
+                              duration: float) -> None:
         reg = instance.registration
         self.bus.publish(instance.selector, RegistrationResult(
             what, result.status, result.reason, result.expires, result.detail, reg.failure_count,
-            reg.next_refresh_at, reg.expires_at))
+            reg.next_refresh_at, reg.expires_at, duration))

@@ -8,27 +8,21 @@ reason, and the app API answers ``503`` with the reasons. Liveness (the process 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
-
-from sipis.clock import Clock
 
 #: the event loop may be this late (seconds) before the node stops calling itself ready
 MAX_LOOP_LAG = 1.0
-#: how often the loop's lateness is sampled (seconds)
-LAG_SAMPLE = 0.5
 
 
 class Readiness:
-    def __init__(self, clock: Clock, *, storage_error: Callable[[], str | None],
-                 sip_listening: Callable[[], bool]) -> None:
-        self.clock = clock
+    def __init__(self, *, storage_error: Callable[[], str | None], sip_listening: Callable[[], bool],
+                 loop_lag: Callable[[], float]) -> None:
         self.storage_error = storage_error
         self.sip_listening = sip_listening
+        #: how late the event loop ran its last timer (seconds): the core's one lag sampler
+        self.loop_lag = loop_lag
         #: set when the node stops taking work (shutdown)
         self.draining = False
-        #: how late the last sample's sleep woke up (seconds)
-        self.loop_lag = 0.0
 
     def reasons(self) -> list[str]:
         """Why this node cannot serve now; empty when it can."""
@@ -38,15 +32,9 @@ class Readiness:
             reasons.append(f"storage failing: {error}")
         if not self.sip_listening():
             reasons.append("SIP not listening")
-        if self.loop_lag >= MAX_LOOP_LAG:
-            reasons.append(f"event loop {self.loop_lag:.1f} s late")
+        lag = self.loop_lag()
+        if lag >= MAX_LOOP_LAG:
+            reasons.append(f"event loop {lag:.1f} s late")
         if self.draining:
             reasons.append("shutting down")
         return reasons
-
-    async def watch_loop(self) -> None:
-        """Sample the loop's lateness forever (a task of the core)."""
-        while True:
-            before = self.clock.monotonic()
-            await asyncio.sleep(LAG_SAMPLE)
-            self.loop_lag = max(0.0, self.clock.monotonic() - before - LAG_SAMPLE)

@@ -62,8 +62,9 @@ class ApiServer:
     def __init__(self, app: ASGIApp, host: str = "0.0.0.0", port: int = DEFAULT_PORT, *,
                  tls: bool = True, certfile: str | Path | None = None,
                  keyfile: str | Path | None = None, state_dir: str | Path | None = None,
-                 hostnames: list[str] | None = None) -> None:
+                 hostnames: list[str] | None = None, name: str = "app API") -> None:
         self.app = app
+        self.name = name  # in log lines and the server task's name
         self.host = host
         self.port = port  # replaced by the bound port once started
         self.tls = tls
@@ -113,7 +114,7 @@ class ApiServer:
         sock = self._bind()
         self.port = sock.getsockname()[1]
         self._server = EmbeddedServer(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="app-api")
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name=self.name.replace(" ", "-").lower())
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 while not self._server.started:
@@ -127,8 +128,8 @@ class ApiServer:
             task, self._task, self._server = self._task, None, None
             sock.close()
             await task  # re-raises the startup failure
-            raise RuntimeError("app API server exited during startup")
-        log.info("app API listening on %s%s", self.url,
+            raise RuntimeError(f"{self.name} server exited during startup")
+        log.info("%s listening on %s%s", self.name, self.url,
                  f" (certificate SHA-256 {self.fingerprint})" if self.fingerprint else "")
 
     async def stop(self) -> None:

@@ -361,6 +361,14 @@ class StorageConfig:
 
 
 @section()
+class MetricsConfig:
+    listen: HostPort | None = setting(
+        Listen(), "Prometheus `/metrics` and Acrobits-compatible `/stats/summary/json` (plain HTTP, no "
+        "authentication: counts only, keep it on loopback or a management network)", default=None,
+        starter=HostPort("127.0.0.1", 9464))
+
+
+@section()
 class Config:
     state_dir: Path = setting(FilePath(), "database, key file, generated certificates, SSH host key, operator socket",
                               default=Path("var"))
@@ -378,4 +386,5 @@ class Config:
     operator: OperatorConfig = setting(Section(OperatorConfig), "the operator API (console, automation)")
     ssh: SshConfig = setting(Section(SshConfig), "the NOC console over SSH (key auth only)")
     hep: HepConfig = setting(Section(HepConfig), "HEP v3 to Homer (SIP messages and push stages)")
+    metrics: MetricsConfig = setting(Section(MetricsConfig), "monitoring: Prometheus metrics, Acrobits statistics")
     source: Path | None = None  # the file this came from, if any

@@ -30,7 +30,7 @@ def test_event_round_trip_through_json_text() -> None:
     line = json.loads(json.dumps(encode_event(event)))
     assert line == {"seq": 7, "at": 1700000000.5, "kind": "registration", "selector": "SEL:1",
                     "data": {"result": "registered", "code": 200, "reason": "OK", "expires": 600, "detail": "",
-                             "failure_count": 0, "next_refresh_at": 1.0, "expires_at": None}}
+                             "failure_count": 0, "next_refresh_at": 1.0, "expires_at": None, "duration": None}}
     assert decode_event(line) == event
 
 
