@@ -22,6 +22,7 @@ from sipis.api.limits import RateLimits
 from sipis.api.server import ApiServer
 from sipis.calls import CallManager
 from sipis.clock import Clock, SystemClock
+from sipis.cluster import LeaseKeeper
 from sipis.config import Config, insecure_settings
 from sipis.crypto import SecretBox, load_or_create_key
 from sipis.engine import RegistrationEngine
@@ -46,6 +47,7 @@ from sipis.text_messages import TextMessages
 from sipis.timers import LoopTimers
 from sipis.tls_certs import ensure_self_signed
 from sipis.trace import TraceRecorder
+from storage.cluster import LeaseStore, NodeStore
 from storage.database import Database
 from storage.repositories import Stores, sqlite_stores
 from storage.writer import BatchedWriter
@@ -83,6 +85,8 @@ class Core:
         self.calls: CallManager | None = None
         self.messages: TextMessages | None = None
         self.operations: Operations | None = None
+        #: which instances this node acts for (None: storage without leases, every instance is ours)
+        self.keeper: LeaseKeeper | None = None
         #: every SIP message in and out, per call and per instance (fed by the endpoint's observer hook)
         self.trace = TraceRecorder(self.clock)
         #: per-console-session operator tokens (the SSH server mints and revokes them)
@@ -139,11 +143,19 @@ class Core:
         self.operations = Operations(service=self.service, lifecycle=self.lifecycle, delivery=self.delivery,
                                      bus=self.bus, clock=self.clock)
         self._wire_operator(self.service, self.delivery, self.calls, self.operations, self.writer)
+        self.keeper = self._lease_keeper()
+        if self.keeper is not None:
+            # restored instances wait for their leases: the keeper's first round says which are ours
+            self.lifecycle.use_ownership(self.keeper)
+            self.keeper.listener = self.lifecycle
+            persistence.acts_for = self.lifecycle.owns
         restored = 0
         for record in await self.stores.instances.load_all():
             self.service.resume(persistence.restore(record))
             restored += 1
         persistence.attach(self.bus)
+        if self.keeper is not None:
+            await self.keeper.start()
         await registrar.learn_registrars()  # calls for restored bindings are taken from the start
         self.engine.start()
         log.info("restored %d instances", restored)
@@ -172,6 +184,15 @@ class Core:
         gc.collect()
         gc.freeze()
         return self.listening
+
+    def _lease_keeper(self) -> LeaseKeeper | None:
+        """The lease keeper, when storage keeps leases (``Stores.leases``/``nodes``)."""
+        leases: LeaseStore | None = getattr(self.stores, "leases", None)
+        nodes: NodeStore | None = getattr(self.stores, "nodes", None)
+        if leases is None or nodes is None:
+            return None
+        return LeaseKeeper(node=self.config.node_name, leases=leases, nodes=nodes, clock=self.clock,
+                           ttl=self.config.cluster.lease_ttl, register_rate=self.config.sip.register_rate)
 
     def _wire_operator(self, service: InstanceService, delivery: PushDelivery, calls: CallManager,
                        operations: Operations, writer: BatchedWriter) -> None:
@@ -228,6 +249,8 @@ class Core:
             await self.api.stop()
         if self.ageing is not None:
             await self.ageing.stop()
+        if self.keeper is not None:
+            await self.keeper.stop()
         if self.calls is not None:
             await self.calls.close()
         if self.engine is not None:

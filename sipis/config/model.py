@@ -320,6 +320,12 @@ class SshConfig:
 
 
 @section()
+class ClusterConfig:
+    lease_ttl: float = setting(SECONDS, "seconds before other nodes take a silent node's instances; each node "
+                               "renews its leases every third of it", default=15.0)
+
+
+@section()
 class Config:
     state_dir: Path = setting(FilePath(), "database, key file, generated certificates, SSH host key, operator socket",
                               default=Path("var"))
@@ -334,4 +340,6 @@ class Config:
                                                "digits, `_`, `-`) is what apps name at enrolment")
     operator: OperatorConfig = setting(Section(OperatorConfig), "the operator API (console, automation)")
     ssh: SshConfig = setting(Section(SshConfig), "the NOC console over SSH (key auth only)")
+    cluster: ClusterConfig = setting(Section(ClusterConfig), "several nodes on one database: who acts for "
+                                     "which instance")
     source: Path | None = None  # the file this came from, if any

@@ -1,0 +1,305 @@
+"""Which instances this node acts for: the lease keeper (DESIGN.md, §Cluster).
+
+Every ``lease_ttl / 3`` (and on start) :class:`LeaseKeeper` heartbeats the node, renews every lease
+it holds, then moves it toward its fair share (``ceil(instances / live nodes)``): it claims when
+under it and releases its excess when over it, never more per round than ``register_rate`` allows
+while other nodes are up (so a joining node takes over gradually; a node alone takes everything
+at once, and the registration engine paces the REGISTERs as it always did). A draining node
+releases everything, in the same paced batches.
+
+What it owns is what its last successful renewal returned, until that renewal's start + ``ttl`` on
+this node's monotonic clock: a node that cannot reach storage keeps acting until then, and not a
+moment longer (by then another node may have claimed the lease). :meth:`LeaseKeeper.owns` is what
+:meth:`InstanceLifecycle.may_act <sipis.lifecycle.InstanceLifecycle.may_act>` asks; the listener
+(the lifecycle) is told what was acquired (register it with the lease's epoch) and lost (stop at
+once, no unREGISTER: the new owner's REGISTER replaces the binding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+from contract.masking import mask
+from sipis.clock import Clock
+from sipis.instance import Instance
+from storage.cluster import Lease, LeaseStore, NodeStore, Signals
+
+log = logging.getLogger(__name__)
+
+UP, DRAINING, GONE = "up", "draining", "gone"
+
+
+class LeaseListener(Protocol):
+    def acquired(self, leases: Sequence[Lease]) -> None:
+        """These instances are this node's now, each with the epoch its REGISTERs count in."""
+        ...
+
+    def lost(self, selectors: Sequence[str]) -> None:
+        """These are not this node's any more: stop acting for them at once."""
+        ...
+
+
+class LeaseKeeper:
+    def __init__(self, *, node: str, leases: LeaseStore, nodes: NodeStore, clock: Clock, ttl: float,
+                 register_rate: float) -> None:
+        self.node = node
+        self.leases = leases
+        self.nodes = nodes
+        self.clock = clock
+        self.ttl = ttl
+        self.interval = ttl / 3
+        #: instances one round may claim or release while other nodes are up
+        self.per_round = max(1, int(register_rate * self.interval))
+        self.state = UP
+        self.listener: LeaseListener | None = None
+        #: selector → epoch of every lease held
+        self._held: dict[str, int] = {}
+        #: monotonic time our leases end unless renewed: the start of the last good renewal + ttl
+        self._deadline = -math.inf
+        #: given up locally (the registrar says another node owns them): released next round
+        self._forfeited: set[str] = set()
+        self._first = True
+        self._storage_failing = False
+        self._handed_over = 0
+        self._drain_total = 0
+        self._task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ questions
+
+    def owns(self, selector: str) -> bool:
+        return selector in self._held and self.clock.monotonic() < self._deadline
+
+    def epoch(self, selector: str) -> int:
+        return self._held.get(selector, 0)
+
+    def held(self) -> int:
+        return len(self._held)
+
+    def lease_lag(self) -> float:
+        """Seconds since the last successful renewal started (the console's "lease lag")."""
+        return max(0.0, self.clock.monotonic() - (self._deadline - self.ttl))
+
+    # ------------------------------------------------------------------ changes
+
+    def forfeit(self, selector: str) -> None:
+        """The registrar refused our REGISTER as outdated: the instance is not ours, whatever
+        storage says; its lease goes back next round."""
+        if self._held.pop(selector, None) is not None:
+            self._forfeited.add(selector)
+
+    async def new_epoch(self, selector: str) -> int | None:
+        """A new epoch for a lease we hold (its CSeqs are used up); None: not ours any more."""
+        leases = await self.leases.bump(self.node, [selector], self.ttl)
+        if not leases:
+            self._lose([selector])
+            return None
+        self._held[selector] = leases[0].epoch
+        return leases[0].epoch
+
+    def drain(self) -> None:
+        """Hand every instance over to the other nodes (paced), then hold nothing."""
+        if self.state != DRAINING:
+            self.state = DRAINING
+            self._drain_total, self._handed_over = len(self._held), 0
+            log.info("drain: handing over %d instances", self._drain_total)
+
+    # ------------------------------------------------------------------ driving
+
+    async def start(self) -> None:
+        """The first round (what this node owns when it starts), then one every ttl/3."""
+        await self.round()
+        self._task = asyncio.create_task(self._run(), name="lease-keeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def round(self) -> None:
+        """Heartbeat, renew, then claim toward the fair share or release the excess."""
+        started = self.clock.monotonic()
+        try:
+            await self._round(started)
+        except Exception as exc:  # storage unreachable: keep what we hold until the deadline
+            if not self._storage_failing:
+                self._storage_failing = True
+                log.warning("leases not renewed (%s); acting for %d instances until the leases end "
+                            "in %.1f s", exc, len(self._held), max(0.0, self._deadline - started))
+            self.expire_if_due()
+            return
+        if self._storage_failing:
+            self._storage_failing = False
+            log.warning("leases renewed again: %d instances held", len(self._held))
+
+    def expire_if_due(self) -> None:
+        """Past the deadline every lease may be another node's: stop acting for all of them."""
+        if self._held and self.clock.monotonic() >= self._deadline:
+            log.warning("leases ended without renewal: stopped acting for %d instances", len(self._held))
+            self._lose(list(self._held))
+
+    async def _round(self, started: float) -> None:
+        await self.nodes.heartbeat(self.node, self.state)
+        if self._forfeited:
+            forfeited, self._forfeited = list(self._forfeited), set()
+            await self.leases.release(self.node, forfeited)
+        renewed = await self.leases.renew(self.node, self.ttl)
+        if self._first and renewed:
+            # held from a previous life of this node: the CSeqs it used are unknown, so a new epoch
+            renewed = await self.leases.bump(self.node, [lease.selector for lease in renewed], self.ttl)
+        self._deadline = started + self.ttl
+        kept = {lease.selector: lease.epoch for lease in renewed}
+        gone = [selector for selector in self._held if selector not in kept]
+        if gone:
+            self._lose(gone)
+        fresh = [lease for lease in renewed if lease.selector not in self._held]
+        self._held = kept
+        if fresh:  # only the first round: renew() returns no lease we did not hold
+            self._acquired(fresh)
+        self._first = False
+        if self.state == DRAINING:
+            await self._release(min(self.per_round, len(self._held)))
+            return
+        await self._balance()
+
+    async def _balance(self) -> None:
+        live = sum(1 for record in await self.nodes.nodes() if record.state == UP and record.name != self.node) + 1
+        total = sum((await self.leases.counts()).values())
+        share = math.ceil(total / live)
+        alone = live == 1
+        missing = share - len(self._held)
+        if missing > 0:
+            claimed = await self.leases.claim(self.node, missing if alone else min(missing, self.per_round),
+                                              self.ttl)
+            claimed = [lease for lease in claimed if lease.selector not in self._held]
+            if claimed:
+                self._held.update((lease.selector, lease.epoch) for lease in claimed)
+                self._acquired(claimed)
+        elif missing < 0 and not alone:
+            await self._release(min(-missing, self.per_round))
+
+    async def _release(self, count: int) -> None:
+        """Give up ``count`` leases: stop acting first, then let them go (no unREGISTER; the next
+        owner's REGISTER replaces our binding while ours is still valid: make-before-break)."""
+        if count <= 0:
+            return
+        chosen = list(itertools.islice(self._held, count))
+        self._lose(chosen)
+        await self.leases.release(self.node, chosen)
+        if self.state == DRAINING:
+            self._handed_over += len(chosen)
+            log.info("drain: %d/%d handed over", self._handed_over, self._drain_total)
+
+    def _acquired(self, leases: Sequence[Lease]) -> None:
+        if self.listener is not None:
+            self.listener.acquired(leases)
+
+    def _lose(self, selectors: Sequence[str]) -> None:
+        for selector in selectors:
+            self._held.pop(selector, None)
+        if self.listener is not None:
+            self.listener.lost(selectors)
+
+    async def _run(self) -> None:
+        while True:
+            started = self.clock.monotonic()
+            with contextlib.suppress(TimeoutError):
+                # a storage call that hangs counts as a failed round; the deadline is checked after
+                async with asyncio.timeout(self.interval):
+                    await self.round()
+            self.expire_if_due()
+            now = self.clock.monotonic()
+            wake = min(started + self.interval, self._deadline if self._held else math.inf)
+            await asyncio.sleep(max(0.0, wake - now))
+
+
+class Adopter(Protocol):
+    """The lifecycle owner, as the sync sees it."""
+
+    async def adopt(self, stored: Instance) -> None: ...
+
+    async def deleted_elsewhere(self, selector: str) -> None: ...
+
+
+#: The signal topic of a stored change of one instance (payload: JSON with its selector and the node).
+INSTANCE_TOPIC = "instance"
+
+
+class InstanceSync:
+    """A change stored on one node reaches every node: the node that stored it signals the
+    selector; every other node reloads the row and applies it (:meth:`Adopter.adopt`: the owner
+    carries it out, the others mirror it). Registration results need no signal: each owner keeps
+    its instances' rows, and the rows are the cluster's view.
+
+    Reloads of one selector run one at a time and in order; a signal arriving during a reload
+    reloads once more afterwards.
+    """
+
+    def __init__(self, *, node: str, signals: Signals, load: Callable[[str], Awaitable[Instance | None]],
+                 adopter: Adopter) -> None:
+        self.node = node
+        self.signals = signals
+        self.load = load
+        self.adopter = adopter
+        self._reloading: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
+
+    def start(self) -> None:
+        self.signals.subscribe(self._on_signal)
+
+    async def changed(self, selector: str) -> None:
+        """Tell the other nodes (after the change is stored). A lost signal is logged, not raised:
+        the change is durable, and the app's retry stores and signals it again."""
+        payload = json.dumps({"selector": selector, "node": self.node})
+        try:
+            await self.signals.notify(INSTANCE_TOPIC, payload)
+        except Exception as exc:
+            log.warning("could not signal a change of %s to the other nodes: %s", mask(selector), exc)
+
+    def reload_soon(self, selector: str) -> None:
+        if selector in self._reloading:
+            self._again.add(selector)
+            return
+        self._reloading[selector] = asyncio.get_running_loop().create_task(self._reload(selector))
+
+    async def wait(self) -> None:
+        """Until every reload under way is done (tests)."""
+        while self._reloading:
+            await asyncio.wait(list(self._reloading.values()))
+
+    def _on_signal(self, topic: str, payload: str) -> None:
+        if topic != INSTANCE_TOPIC:
+            return
+        try:
+            message = json.loads(payload)
+            selector, node = str(message["selector"]), str(message["node"])
+        except (ValueError, TypeError, KeyError):
+            log.warning("ignored a malformed %r signal", topic)
+            return
+        if node != self.node:  # the node that stored the change applied it already
+            self.reload_soon(selector)
+
+    async def _reload(self, selector: str) -> None:
+        try:
+            while True:
+                self._again.discard(selector)
+                try:
+                    stored = await self.load(selector)
+                    if stored is None:
+                        await self.adopter.deleted_elsewhere(selector)
+                    else:
+                        await self.adopter.adopt(stored)
+                except Exception:
+                    log.exception("applying a change of %s stored on another node failed", mask(selector))
+                if selector not in self._again:
+                    return
+        finally:
+            self._reloading.pop(selector, None)
