@@ -37,8 +37,10 @@ UP, DRAINING, GONE = "up", "draining", "gone"
 
 
 class LeaseListener(Protocol):
-    def acquired(self, leases: Sequence[Lease]) -> None:
-        """These instances are this node's now, each with the epoch its REGISTERs count in."""
+    def acquired(self, leases: Sequence[Lease], *, reload: bool) -> None:
+        """These instances are this node's now, each with the epoch its REGISTERs count in.
+        ``reload``: this node's copies may be stale (taken from another node; not at start-up,
+        when the rows were just loaded)."""
         ...
 
     def lost(self, selectors: Sequence[str]) -> None:
@@ -152,9 +154,11 @@ class LeaseKeeper:
             forfeited, self._forfeited = list(self._forfeited), set()
             await self.leases.release(self.node, forfeited)
         renewed = await self.leases.renew(self.node, self.ttl)
-        if self._first and renewed:
+        first = self._first  # at start-up: the instances were just loaded, no need to reload them
+        if first and renewed:
             # held from a previous life of this node: the CSeqs it used are unknown, so a new epoch
             renewed = await self.leases.bump(self.node, [lease.selector for lease in renewed], self.ttl)
+        self._first = False
         self._deadline = started + self.ttl
         kept = {lease.selector: lease.epoch for lease in renewed}
         gone = [selector for selector in self._held if selector not in kept]
@@ -162,15 +166,14 @@ class LeaseKeeper:
             self._lose(gone)
         fresh = [lease for lease in renewed if lease.selector not in self._held]
         self._held = kept
-        if fresh:  # only the first round: renew() returns no lease we did not hold
-            self._acquired(fresh)
-        self._first = False
+        if fresh:  # the first round, or back after storage was lost and nobody took them meanwhile
+            self._acquired(fresh, reload=not first)
         if self.state == DRAINING:
             await self._release(min(self.per_round, len(self._held)))
             return
-        await self._balance()
+        await self._balance(reload=not first)
 
-    async def _balance(self) -> None:
+    async def _balance(self, *, reload: bool) -> None:
         live = sum(1 for record in await self.nodes.nodes() if record.state == UP and record.name != self.node) + 1
         total = sum((await self.leases.counts()).values())
         share = math.ceil(total / live)
@@ -182,7 +185,7 @@ class LeaseKeeper:
             claimed = [lease for lease in claimed if lease.selector not in self._held]
             if claimed:
                 self._held.update((lease.selector, lease.epoch) for lease in claimed)
-                self._acquired(claimed)
+                self._acquired(claimed, reload=reload)
         elif missing < 0 and not alone:
             await self._release(min(-missing, self.per_round))
 
@@ -198,9 +201,9 @@ class LeaseKeeper:
             self._handed_over += len(chosen)
             log.info("drain: %d/%d handed over", self._handed_over, self._drain_total)
 
-    def _acquired(self, leases: Sequence[Lease]) -> None:
+    def _acquired(self, leases: Sequence[Lease], *, reload: bool) -> None:
         if self.listener is not None:
-            self.listener.acquired(leases)
+            self.listener.acquired(leases, reload=reload)
 
     def _lose(self, selectors: Sequence[str]) -> None:
         for selector in selectors:
@@ -219,6 +222,12 @@ class LeaseKeeper:
             now = self.clock.monotonic()
             wake = min(started + self.interval, self._deadline if self._held else math.inf)
             await asyncio.sleep(max(0.0, wake - now))
+
+
+class ChangeSignal(Protocol):
+    """Tells the other nodes of a stored change (:class:`InstanceSync`)."""
+
+    async def changed(self, selector: str) -> None: ...
 
 
 class Adopter(Protocol):

@@ -22,12 +22,13 @@ from sipis.api.limits import RateLimits
 from sipis.api.server import ApiServer
 from sipis.calls import CallManager
 from sipis.clock import Clock, SystemClock
-from sipis.cluster import LeaseKeeper
+from sipis.cluster import InstanceSync, LeaseKeeper
 from sipis.config import Config, insecure_settings
 from sipis.crypto import SecretBox, load_or_create_key
 from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
 from sipis.inbound import InboundGate
+from sipis.instance import Instance
 from sipis.lifecycle import InstanceLifecycle
 from sipis.operations import Operations
 from sipis.operator_api import OperatorContext, OperatorServer, OperatorSessions
@@ -47,7 +48,7 @@ from sipis.text_messages import TextMessages
 from sipis.timers import LoopTimers
 from sipis.tls_certs import ensure_self_signed
 from sipis.trace import TraceRecorder
-from storage.cluster import LeaseStore, NodeStore
+from storage.cluster import LeaseStore, NodeStore, Signals
 from storage.database import Database
 from storage.repositories import Stores, sqlite_stores
 from storage.writer import BatchedWriter
@@ -87,6 +88,9 @@ class Core:
         self.operations: Operations | None = None
         #: which instances this node acts for (None: storage without leases, every instance is ours)
         self.keeper: LeaseKeeper | None = None
+        #: cross-node signals (None: one node without them) and what carries stored changes over them
+        self.signals: Signals | None = None
+        self.sync: InstanceSync | None = None
         #: every SIP message in and out, per call and per instance (fed by the endpoint's observer hook)
         self.trace = TraceRecorder(self.clock)
         #: per-console-session operator tokens (the SSH server mints and revokes them)
@@ -149,6 +153,20 @@ class Core:
             self.lifecycle.use_ownership(self.keeper)
             self.keeper.listener = self.lifecycle
             persistence.acts_for = self.lifecycle.owns
+        self.signals = getattr(self.stores, "signals", None)  # Stores.signals, with the storage that has it
+        if self.signals is not None:
+            stores = self.stores
+
+            async def load(selector: str) -> Instance | None:
+                record = await stores.instances.get(selector)
+                return persistence.restore(record) if record is not None else None
+
+            sync = InstanceSync(node=config.node_name, signals=self.signals, load=load, adopter=self.lifecycle)
+            sync.start()
+            await self.signals.start()
+            self.service.signal = sync
+            self.sync = sync
+            self.lifecycle.load_missing = sync.reload_soon
         restored = 0
         for record in await self.stores.instances.load_all():
             self.service.resume(persistence.restore(record))
@@ -162,6 +180,7 @@ class Core:
         self.bus.publish(None, CoreStarted(restored, config.node_name))
 
         self.ageing = Ageing(self.lifecycle, self.clock, config.ageing)
+        self.ageing.signal = self.sync
         self.ageing.start(config.ageing.check_interval)
 
         api = config.api
@@ -251,6 +270,8 @@ class Core:
             await self.ageing.stop()
         if self.keeper is not None:
             await self.keeper.stop()
+        if self.signals is not None:
+            await self.signals.close()
         if self.calls is not None:
             await self.calls.close()
         if self.engine is not None:

@@ -81,8 +81,8 @@ class InstanceLifecycle:
         self._hand_back_listeners: list[HandBackListener] = []
         #: the cluster's leases (None: one node, it owns every instance)
         self.ownership: Ownership | None = None
-        #: asked to load an instance this node won the lease of but does not know yet (enrolled
-        #: on another node a moment ago); it comes back through :meth:`adopt`
+        #: asked to load the stored row of an instance this node won the lease of (unknown here:
+        #: enrolled on another node a moment ago); it comes back through :meth:`adopt`
         self.load_missing: Callable[[str], None] | None = None
         engine.owner = self
 
@@ -158,14 +158,16 @@ class InstanceLifecycle:
         self.add(instance)
         self._act_for(instance)
 
-    def acquired(self, leases: Sequence[Lease]) -> None:
-        """This node owns these now: register those whose app sleeps, in the lease's epoch."""
+    def acquired(self, leases: Sequence[Lease], *, reload: bool) -> None:
+        """This node owns these now: register those whose app sleeps, in the lease's epoch, at
+        once (the old owner stopped). ``reload``: our copy may miss a change the old owner made
+        (a signal lost with storage): the stored row follows and is adopted."""
         for lease in leases:
             instance = self.instances.get(lease.selector)
             if instance is not None:
                 instance.epoch = lease.epoch
                 self._act_for(instance)
-            elif self.load_missing is not None:
+            if (instance is None or reload) and self.load_missing is not None:
                 self.load_missing(lease.selector)
 
     def lost(self, selectors: Sequence[str]) -> None:

@@ -33,6 +33,7 @@ from sipis.api.models import EnrollIn, PushIn
 from sipis.api.service_protocol import InstanceGone, SelectorTaken, ServiceError
 from sipis.calls import CallError, CallManager
 from sipis.clock import Clock
+from sipis.cluster import ChangeSignal
 from sipis.crypto import hash_token, new_token, tokens_equal
 from sipis.events import EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget
@@ -52,12 +53,6 @@ class Storage(Protocol):
     async def store_deletion(self, selector: str) -> None: ...
 
     def undo_deletion(self, selector: str) -> None: ...
-
-
-class ChangeSignal(Protocol):
-    """Tells the other nodes of a stored change (:class:`sipis.cluster.InstanceSync`)."""
-
-    async def changed(self, selector: str) -> None: ...
 
 
 class InstanceService:

@@ -19,7 +19,7 @@ class Listener:
         self.epochs: dict[str, int] = {}
         self.lost_ones: list[str] = []
 
-    def acquired(self, leases: Sequence[Lease]) -> None:
+    def acquired(self, leases: Sequence[Lease], *, reload: bool) -> None:
         self.epochs.update((lease.selector, lease.epoch) for lease in leases)
 
     def lost(self, selectors: Sequence[str]) -> None:
