@@ -23,9 +23,10 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Protocol
 
+from contract.documents import NodeRow
 from contract.masking import mask
 from sipis.clock import Clock
 from sipis.instance import Instance
@@ -34,6 +35,9 @@ from storage.cluster import Lease, LeaseStore, NodeStore, Signals
 log = logging.getLogger(__name__)
 
 UP, DRAINING, GONE = "up", "draining", "gone"
+
+#: The signal topic of a request to a node (payload: JSON with the node's name and the action).
+NODE_TOPIC = "node"
 
 
 class LeaseListener(Protocol):
@@ -61,6 +65,11 @@ class LeaseKeeper:
         self.per_round = max(1, int(register_rate * self.interval))
         self.state = UP
         self.listener: LeaseListener | None = None
+        #: how drain requests reach other nodes (None: one node)
+        self.signals: Signals | None = None
+        #: live nodes (up, this one included) at the last balancing round
+        self.live_nodes = 1
+        self._drained = asyncio.Event()
         #: selector → epoch of every lease held
         self._held: dict[str, int] = {}
         #: monotonic time our leases end unless renewed: the start of the last good renewal + ttl
@@ -111,6 +120,39 @@ class LeaseKeeper:
             self.state = DRAINING
             self._drain_total, self._handed_over = len(self._held), 0
             log.info("drain: handing over %d instances", self._drain_total)
+        if not self._held:
+            self._drained.set()
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait until a drain handed everything over (True), for ``timeout`` seconds at most."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._drained.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def request_drain(self, node: str) -> None:
+        """Drain ``node``: this one at once, another through a signal."""
+        if node == self.node:
+            self.drain()
+            return
+        if self.signals is None:
+            raise LookupError(f"no node {node} here")
+        await self.signals.notify(NODE_TOPIC, json.dumps({"node": node, "action": "drain"}))
+
+    def on_signal(self, topic: str, payload: str) -> None:
+        """Requests to this node from any node's operator API (``sipis-console drain``)."""
+        if topic != NODE_TOPIC:
+            return
+        try:
+            message = json.loads(payload)
+            node, action = str(message["node"]), str(message["action"])
+        except (ValueError, TypeError, KeyError):
+            log.warning("ignored a malformed %r signal", topic)
+            return
+        if node == self.node and action == "drain":
+            self.drain()
 
     # ------------------------------------------------------------------ driving
 
@@ -168,13 +210,17 @@ class LeaseKeeper:
         self._held = kept
         if fresh:  # the first round, or back after storage was lost and nobody took them meanwhile
             self._acquired(fresh, reload=not first)
-        if self.state == DRAINING:
-            await self._release(min(self.per_round, len(self._held)))
-            return
         await self._balance(reload=not first)
 
     async def _balance(self, *, reload: bool) -> None:
-        live = sum(1 for record in await self.nodes.nodes() if record.state == UP and record.name != self.node) + 1
+        others = sum(1 for record in await self.nodes.nodes() if record.state == UP and record.name != self.node)
+        live = self.live_nodes = others + 1
+        if self.state == DRAINING:
+            if others:  # alone, it keeps everything: nobody would take over
+                await self._release(min(self.per_round, len(self._held)))
+            if not self._held:
+                self._drained.set()
+            return
         total = sum((await self.leases.counts()).values())
         share = math.ceil(total / live)
         alone = live == 1
@@ -200,6 +246,8 @@ class LeaseKeeper:
         if self.state == DRAINING:
             self._handed_over += len(chosen)
             log.info("drain: %d/%d handed over", self._handed_over, self._drain_total)
+            if not self._held:
+                self._drained.set()
 
     def _acquired(self, leases: Sequence[Lease], *, reload: bool) -> None:
         if self.listener is not None:
@@ -312,3 +360,72 @@ class InstanceSync:
                     return
         finally:
             self._reloading.pop(selector, None)
+
+
+#: The signal topic of an operator's action on an instance owned by another node (payload: JSON
+#: with the selector, the action, the operator's name and role).
+ACTION_TOPIC = "action"
+
+#: Carries out an operator's action forwarded from another node: (action, selector, operator name, role).
+ActionRunner = Callable[[str, str, str, str], Coroutine[Any, Any, None]]
+
+
+class ClusterView:
+    """The cluster as the operator API shows it (nodes, owners) and how an operator's action on an
+    instance reaches the node that owns it."""
+
+    def __init__(self, *, keeper: LeaseKeeper, signals: Signals, clock: Clock) -> None:
+        self.keeper = keeper
+        self.signals = signals
+        self.clock = clock
+        #: who owns what, as storage said at most ``keeper.interval`` ago (read when asked for)
+        self._owners: dict[str, str | None] = {}
+        self._owners_at = -math.inf
+        self.run_action: ActionRunner | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def node(self) -> str:
+        return self.keeper.node
+
+    def nodes_up(self) -> int:
+        return self.keeper.live_nodes
+
+    async def nodes(self) -> list[NodeRow]:
+        now = self.clock.wall()
+        return [NodeRow(record.name, record.state, record.instances, round(max(0.0, now - record.last_seen), 1),
+                        record.started_at)
+                for record in sorted(await self.keeper.nodes.nodes(), key=lambda r: r.name)]
+
+    async def refresh_owners(self) -> None:
+        """Read the owners again when the last read is older than a lease round."""
+        now = self.clock.monotonic()
+        if now - self._owners_at >= self.keeper.interval:
+            self._owners = await self.keeper.leases.owners()
+            self._owners_at = now
+
+    def owner(self, selector: str) -> str | None:
+        if self.keeper.owns(selector):
+            return self.keeper.node
+        owner = self._owners.get(selector)
+        return None if owner == self.keeper.node else owner  # not ours any more, whatever the last read said
+
+    async def forward(self, action: str, selector: str, operator: str, role: str) -> None:
+        await self.signals.notify(ACTION_TOPIC, json.dumps(
+            {"selector": selector, "action": action, "operator": operator, "role": role}))
+
+    def on_signal(self, topic: str, payload: str) -> None:
+        if topic != ACTION_TOPIC or self.run_action is None:
+            return
+        try:
+            message = json.loads(payload)
+            action, selector = str(message["action"]), str(message["selector"])
+            operator, role = str(message["operator"]), str(message["role"])
+        except (ValueError, TypeError, KeyError):
+            log.warning("ignored a malformed %r signal", topic)
+            return
+        if not self.keeper.owns(selector):
+            return  # another node's (or nobody's: then nobody acts, and the operator sees it)
+        task = asyncio.get_running_loop().create_task(self.run_action(action, selector, operator, role))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

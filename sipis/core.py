@@ -22,7 +22,7 @@ from sipis.api.limits import RateLimits
 from sipis.api.server import ApiServer
 from sipis.calls import CallManager
 from sipis.clock import Clock, SystemClock
-from sipis.cluster import InstanceSync, LeaseKeeper
+from sipis.cluster import ClusterView, InstanceSync, LeaseKeeper
 from sipis.config import Config, insecure_settings
 from sipis.crypto import SecretBox, load_or_create_key
 from sipis.engine import RegistrationEngine
@@ -146,27 +146,8 @@ class Core:
         self.endpoint.screens["INVITE"] = self.endpoint.screens["MESSAGE"] = gate
         self.operations = Operations(service=self.service, lifecycle=self.lifecycle, delivery=self.delivery,
                                      bus=self.bus, clock=self.clock)
-        self._wire_operator(self.service, self.delivery, self.calls, self.operations, self.writer)
-        self.keeper = self._lease_keeper()
-        if self.keeper is not None:
-            # restored instances wait for their leases: the keeper's first round says which are ours
-            self.lifecycle.use_ownership(self.keeper)
-            self.keeper.listener = self.lifecycle
-            persistence.acts_for = self.lifecycle.owns
-        self.signals = getattr(self.stores, "signals", None)  # Stores.signals, with the storage that has it
-        if self.signals is not None:
-            stores = self.stores
-
-            async def load(selector: str) -> Instance | None:
-                record = await stores.instances.get(selector)
-                return persistence.restore(record) if record is not None else None
-
-            sync = InstanceSync(node=config.node_name, signals=self.signals, load=load, adopter=self.lifecycle)
-            sync.start()
-            await self.signals.start()
-            self.service.signal = sync
-            self.sync = sync
-            self.lifecycle.load_missing = sync.reload_soon
+        cluster = await self._wire_cluster(persistence)
+        self._wire_operator(self.service, self.delivery, self.calls, self.operations, self.writer, cluster)
         restored = 0
         for record in await self.stores.instances.load_all():
             self.service.resume(persistence.restore(record))
@@ -204,17 +185,43 @@ class Core:
         gc.freeze()
         return self.listening
 
-    def _lease_keeper(self) -> LeaseKeeper | None:
-        """The lease keeper, when storage keeps leases (``Stores.leases``/``nodes``)."""
-        leases: LeaseStore | None = getattr(self.stores, "leases", None)
-        nodes: NodeStore | None = getattr(self.stores, "nodes", None)
-        if leases is None or nodes is None:
+    async def _wire_cluster(self, persistence: InstancePersistence) -> ClusterView | None:
+        """Leases and signals, when storage has them (``Stores.leases``, ``nodes``, ``signals``): the
+        keeper decides which instances this node acts for (restored instances wait for its first
+        round), stored changes reach the other nodes, operators' actions reach the owner."""
+        assert self.stores is not None and self.lifecycle is not None and self.service is not None
+        assert self.operations is not None
+        stores, lifecycle, config = self.stores, self.lifecycle, self.config
+        leases: LeaseStore | None = getattr(stores, "leases", None)
+        nodes: NodeStore | None = getattr(stores, "nodes", None)
+        self.signals = getattr(stores, "signals", None)
+        if leases is None or nodes is None or self.signals is None:
             return None
-        return LeaseKeeper(node=self.config.node_name, leases=leases, nodes=nodes, clock=self.clock,
-                           ttl=self.config.cluster.lease_ttl, register_rate=self.config.sip.register_rate)
+        keeper = self.keeper = LeaseKeeper(node=config.node_name, leases=leases, nodes=nodes, clock=self.clock,
+                                           ttl=config.cluster.lease_ttl, register_rate=config.sip.register_rate)
+        lifecycle.use_ownership(keeper)
+        keeper.listener = lifecycle
+        keeper.signals = self.signals
+        persistence.acts_for = lifecycle.owns
+
+        async def load(selector: str) -> Instance | None:
+            record = await stores.instances.get(selector)
+            return persistence.restore(record) if record is not None else None
+
+        sync = self.sync = InstanceSync(node=config.node_name, signals=self.signals, load=load, adopter=lifecycle)
+        self.service.signal = sync
+        lifecycle.load_missing = sync.reload_soon
+        view = ClusterView(keeper=keeper, signals=self.signals, clock=self.clock)
+        view.run_action = self.operations.carry_out
+        self.operations.cluster = view
+        sync.start()
+        self.signals.subscribe(keeper.on_signal)
+        self.signals.subscribe(view.on_signal)
+        await self.signals.start()
+        return view
 
     def _wire_operator(self, service: InstanceService, delivery: PushDelivery, calls: CallManager,
-                       operations: Operations, writer: BatchedWriter) -> None:
+                       operations: Operations, writer: BatchedWriter, cluster: ClusterView | None) -> None:
         """The trace recorder's lookups and the operator API's view of the core (its event ring
         subscribes now, so it holds what happens from restore on)."""
 
@@ -229,7 +236,7 @@ class Core:
             service=service, calls=calls, delivery=delivery, operations=operations, bus=self.bus,
             clock=self.clock, trace=self.trace, sessions=self.operator_sessions, tokens=self.config.operator.tokens,
             stores=self.stores, writer_status=writer.status, node=self.config.node_name,
-            started_at=self.started_at, default_registrar=self.config.sip.default_registrar)
+            started_at=self.started_at, default_registrar=self.config.sip.default_registrar, cluster=cluster)
 
     async def _start_operator_api(self) -> None:
         assert self.operator_context is not None
@@ -255,6 +262,17 @@ class Core:
                                 user_agent=sip.user_agent, keepalive_interval=sip.keepalive_interval,
                                 idle_timeout=sip.idle_timeout, max_connections=sip.max_connections,
                                 max_connections_per_source=sip.max_connections_per_source)
+
+    async def hand_over(self) -> None:
+        """Before a stop (SIGTERM): while other nodes are up, hand every instance over to them
+        (paced, make-before-break), within ``cluster.drain_timeout``."""
+        keeper = self.keeper
+        if keeper is None or keeper.live_nodes < 2:
+            return
+        keeper.drain()
+        if not await keeper.drained(self.config.cluster.drain_timeout):
+            log.warning("drain: %d instances not handed over within %.0f s; the other nodes take them "
+                        "after lease_ttl", keeper.held(), self.config.cluster.drain_timeout)
 
     async def stop(self) -> None:
         """Clean shutdown: stop taking requests, optionally unREGISTER, flush storage."""

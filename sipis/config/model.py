@@ -323,6 +323,9 @@ class SshConfig:
 class ClusterConfig:
     lease_ttl: float = setting(SECONDS, "seconds before other nodes take a silent node's instances; each node "
                                "renews its leases every third of it", default=15.0)
+    drain_timeout: float = setting(SECONDS, "longest a node stopped by SIGTERM spends handing its instances over "
+                                   "to the other nodes up; what it still holds then is theirs after lease_ttl",
+                                   default=120.0)
 
 
 @section()

@@ -10,6 +10,7 @@ from importlib import metadata
 from contract.documents import WriterStatus
 from sipis.calls import CallManager
 from sipis.clock import Clock
+from sipis.cluster import ClusterView
 from sipis.config import OperatorToken
 from sipis.events import EventBus, EventQueue
 from sipis.operations import Operations
@@ -56,10 +57,14 @@ class OperatorContext:
     default_registrar: str | None = None
     heartbeat: float = HEARTBEAT_INTERVAL
     ring_size: int = EVENT_RING
+    #: the cluster's nodes and owners (None: one node)
+    cluster: ClusterView | None = None
 
     def __post_init__(self) -> None:
         self.ring = EventRing(self.bus, self.ring_size)
         self.index = InstanceIndex(self.service, self.bus, self.default_registrar)
+        if self.cluster is not None:
+            self.index.owner_of = self.cluster.owner
         self.pbx = PbxHealth(self.bus)
         self.auth = Authenticator(self.tokens, self.sessions)
         self.streams: set[EventQueue] = set()

@@ -75,7 +75,7 @@ def test_nested_documents() -> None:
                "push": {"accepted": 1, "rejected": 0, "transient": 0, "success_rate": 1.0,
                         "latency_p50_ms": 3.0, "latency_p99_ms": 4.0},
                "pbx": {"reachable": True, "last_error": None}, "writer": {"pending": 0, "last_error": None},
-               "alarms": 0}
+               "alarms": 0, "nodes_up": 2}
     decoded = from_json(Summary, summary)
     assert decoded.push.latency_p99_ms == 4.0 and decoded.pbx.reachable is True
     assert to_json(decoded) == summary
