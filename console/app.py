@@ -37,6 +37,7 @@ from console.screens import (
     EventLogScreen,
     HelpScreen,
     InstanceDetailScreen,
+    NodesScreen,
     PushLogScreen,
 )
 from console.screens.common import instance_label
@@ -122,6 +123,7 @@ class SipisConsole(App[int]):
         "pushes": PushLogScreen,
         "events": EventLogScreen,
         "audit": AuditScreen,
+        "nodes": NodesScreen,
     }
     DEFAULT_MODE = "dashboard"
     HIGH_CONTRAST = HIGH_CONTRAST_THEME.name
@@ -138,6 +140,7 @@ class SipisConsole(App[int]):
         Binding("3", "view('pushes')", "Pushes", show=False),
         Binding("4", "view('events')", "Events", show=False),
         Binding("5", "view('audit')", "Audit", show=False),
+        Binding("6", "view('nodes')", "Nodes", show=False),
     ]
 
     def __init__(
@@ -200,7 +203,8 @@ class SipisConsole(App[int]):
             pbx_reachable=s.pbx.reachable, pbx_error=s.pbx.last_error, counts=s.counts, reg_status=s.reg_status,
             held_calls=s.held_calls, calls_per_min=float(s.calls_per_min), push_success_rate=s.push.success_rate,
             push_p50_ms=s.push.latency_p50_ms, push_p99_ms=s.push.latency_p99_ms, alarms=max(s.alarms, 0),
-            operator=self.operator_name or "", role=self.role or "", paused=self.paused, connected=self.connected,
+            nodes_up=s.nodes_up, operator=self.operator_name or "", role=self.role or "", paused=self.paused,
+            connected=self.connected,
         )
 
     # ------------------------------------------------------------------ start-up
@@ -419,6 +423,10 @@ class SipisConsole(App[int]):
             self.notify(summary.pbx.last_error or "the PBX does not answer", title="PBX unreachable",
                         severity="error", timeout=10, markup=False)
         self.model.record_summary(summary)
+        try:
+            self.model.load_nodes(await self.feed.nodes())
+        except FeedError as exc:
+            self._lost(exc)
 
     def refresh_screen(self) -> None:
         """Redraw the top-most console screen (below any modal)."""

@@ -21,6 +21,7 @@ VIEWS: dict[str, tuple[str, str]] = {
     "pushes": ("View: push log", "every push and its outcome · key 3"),
     "events": ("View: event log", "the core's event stream · key 4"),
     "audit": ("View: audit log", "every operator action, whatever the outcome · key 5"),
+    "nodes": ("View: nodes", "the cluster's nodes: up / draining / gone, instances, lease lag · key 6"),
 }
 
 

@@ -20,6 +20,8 @@ from contract.documents import (
     CallTrace,
     InstancePage,
     InstanceRow,
+    NodeList,
+    NodeRow,
     PushRecord,
     PushResult,
     Summary,
@@ -64,6 +66,10 @@ class Feed(Protocol):
     async def whoami(self) -> Whoami: ...
 
     async def summary(self) -> Summary: ...
+
+    async def nodes(self) -> list[NodeRow]:
+        """The cluster's nodes (``GET /v1/nodes``; one node: itself)."""
+        ...
 
     async def instances(self) -> list[InstanceRow]:
         """All instance rows (``GET /v1/instances?limit=0``, as NDJSON)."""
@@ -158,6 +164,9 @@ class OperatorFeed:
 
     async def summary(self) -> Summary:
         return from_json(Summary, await self._ask(self.client.summary()))
+
+    async def nodes(self) -> list[NodeRow]:
+        return from_json(NodeList, await self._ask(self.client.nodes())).nodes
 
     async def instances(self) -> list[InstanceRow]:
         """Every row, decoded batch by batch while the NDJSON list arrives."""

@@ -22,6 +22,7 @@ from contract.documents import (
     InstancePage,
     InstanceRow,
     InstanceView,
+    NodeRow,
     PbxStatus,
     PushRecord,
     PushResult,
@@ -141,6 +142,9 @@ class FakeFeed:
         self._summaries = 0
         self._push_seq = 0
         self.pbx_reachable = True
+        #: the cluster's nodes (one: the fake core itself)
+        self.node_rows = [NodeRow("fake-core", "up", len(self.rows), 0.4, now - 3600)]
+        self.nodes_up = 1
 
     # -------------------------------------------------------------- scripting
 
@@ -211,7 +215,7 @@ class FakeFeed:
             push=PushStats(accepted=1000 + 10 * k, rejected=3 + (k * 5) % 7 // 3 + k // 4, transient=2 + k // 3,
                            success_rate=0.994, latency_p50_ms=84.0, latency_p99_ms=412.0),
             pbx=PbxStatus(self.pbx_reachable, None if self.pbx_reachable else "connect timeout"),
-            writer=WriterStatus(0, None), alarms=0 if self.pbx_reachable else 1,
+            writer=WriterStatus(0, None), alarms=0 if self.pbx_reachable else 1, nodes_up=self.nodes_up,
         )
 
     async def instances(self) -> list[InstanceRow]:
@@ -294,6 +298,10 @@ class FakeFeed:
                   for i, r in enumerate(rows)]
         pushes.sort(key=lambda p: p.stages["push_sent"])
         return pushes[-limit:]
+
+    async def nodes(self) -> list[NodeRow]:
+        self._log("nodes")
+        return list(self.node_rows)
 
     async def audit(self, limit: int = 200) -> list[AuditEntry]:
         self._log("audit", limit)
