@@ -7,12 +7,15 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from sipis.api.models import PushIn
 from sipis.clock import FakeClock
 from sipis.cluster import InstanceSync, LeaseKeeper
+from sipis.config import parse_config
+from sipis.core import Core
 from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget
@@ -256,3 +259,44 @@ async def test_an_instance_enrolled_elsewhere_is_loaded_by_whoever_wins_its_leas
     await cluster.advance(TTL / 3)
     assert a.keeper.owns("s7")
     assert a.registrar.sent == [("s7", 600, 1)]
+
+
+async def test_fenced_exchanges_are_warned_about_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    cluster = Cluster(SLEEPING)
+    a = await cluster.start("a")
+    a.registrar.owns = lambda selector: False
+    for selector in ("s0", "s1", "s2"):
+        a.engine.refresh_now(a.life.instances[selector])
+    await a.settle()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sipis.engine"]
+    assert len(warnings) == 1 and "lease is gone" in warnings[0]
+    assert a.engine.entries() == 1  # s3 only: the others were given up
+
+
+async def test_sigterm_hands_everything_over_before_the_core_stops() -> None:
+    cluster = FakeCluster(FakeClock(), [f"s{i}" for i in range(30)])
+    keepers = [LeaseKeeper(node=name, leases=FakeLeases(cluster), nodes=FakeNodes(cluster, TTL), clock=cluster.clock,
+                           ttl=0.3, register_rate=50.0) for name in ("a", "b")]  # 5 a round, every 0.1 s
+    for keeper in keepers:
+        await keeper.start()
+    a, b = keepers
+    await a.round()  # a knows b is up
+    core = Core(parse_config({"api": {"listen": ""}, "cluster": {"drain_timeout": 30}}, Path(".")))
+    core.keeper = a
+    try:
+        await core.hand_over()
+        assert (a.held(), b.held()) == (0, 30)
+    finally:
+        for keeper in keepers:
+            await keeper.stop()
+
+
+async def test_a_node_alone_does_not_drain_on_sigterm() -> None:
+    cluster = FakeCluster(FakeClock(), ["s0"])
+    keeper = LeaseKeeper(node="a", leases=FakeLeases(cluster), nodes=FakeNodes(cluster, TTL), clock=cluster.clock,
+                         ttl=TTL, register_rate=50.0)
+    await keeper.round()
+    core = Core(parse_config({"api": {"listen": ""}}, Path(".")))
+    core.keeper = keeper
+    await core.hand_over()
+    assert keeper.state == "up" and keeper.held() == 1
