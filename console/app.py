@@ -38,6 +38,7 @@ from console.screens import (
     EventLogScreen,
     HelpScreen,
     InstanceDetailScreen,
+    NodesScreen,
     PbxScreen,
     PushLogScreen,
 )
@@ -127,6 +128,7 @@ class SipisConsole(App[int]):
         "audit": AuditScreen,
         "pbx": PbxScreen,
         "alarms": AlarmsScreen,
+        "nodes": NodesScreen,
     }
     DEFAULT_MODE = "dashboard"
     HIGH_CONTRAST = HIGH_CONTRAST_THEME.name
@@ -145,6 +147,7 @@ class SipisConsole(App[int]):
         Binding("5", "view('audit')", "Audit", show=False),
         Binding("6", "view('pbx')", "PBX", show=False),
         Binding("7", "view('alarms')", "Alarms", show=False),
+        Binding("8", "view('nodes')", "Nodes", show=False),
     ]
 
     def __init__(
@@ -207,7 +210,8 @@ class SipisConsole(App[int]):
             pbx_degraded=s.pbx.degraded, pbx_down=s.pbx.down, counts=s.counts, reg_status=s.reg_status,
             held_calls=s.held_calls, calls_per_min=float(s.calls_per_min), push_success_rate=s.push.success_rate,
             push_p50_ms=s.push.latency_p50_ms, push_p99_ms=s.push.latency_p99_ms, alarms=max(s.alarms, 0),
-            operator=self.operator_name or "", role=self.role or "", paused=self.paused, connected=self.connected,
+            nodes_up=s.nodes_up, operator=self.operator_name or "", role=self.role or "", paused=self.paused,
+            connected=self.connected,
         )
 
     # ------------------------------------------------------------------ start-up
@@ -423,6 +427,10 @@ class SipisConsole(App[int]):
         if not self.connected:
             self.connected = True
         self.model.record_summary(summary)
+        try:
+            self.model.load_nodes(await self.feed.nodes())
+        except FeedError as exc:
+            self._lost(exc)
 
     def refresh_screen(self) -> None:
         """Redraw the top-most console screen (below any modal)."""

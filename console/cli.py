@@ -13,6 +13,10 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from console.client import OperatorClient
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +30,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--utc", action="store_true", help="show times in UTC")
     # the SSH server's child: take the pty on stdin as controlling terminal, so a hang-up ends us
     parser.add_argument("--session-tty", action="store_true", help=argparse.SUPPRESS)
+
+
+def add_drain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Have a node of the cluster hand its instances over to the other nodes (paced, "
+                          "make-before-break), through the operator API of any node.")
+    parser.add_argument("node", help="the node's name (node_name in its config)")
+    parser.add_argument("--socket", type=Path, help="an operator socket (default: from --config, else "
+                                                    "$SIPIS_OPERATOR_SOCKET)")
+    parser.add_argument("--config", "-c", type=Path, metavar="FILE", help="read the socket path from this config")
+    parser.add_argument("--url", help="operator API URL (TCP listener); the token comes from $SIPIS_OPERATOR_TOKEN")
+
+
+def drain(args: argparse.Namespace) -> int:
+    """``drain NODE``: ask, then print the nodes as they are now."""
+    from console.client import OperatorApiError
+
+    if args.url is None and args.socket is None and not os.environ.get("SIPIS_OPERATOR_SOCKET"):
+        print("sipis-console: no core to talk to: give --socket, --config or --url", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        async with _client(args) as client:
+            try:
+                answer = await client.drain(args.node)
+            except OperatorApiError as exc:
+                print(f"sipis-console: drain {args.node}: {exc}", file=sys.stderr)
+                return 1
+        for node in answer.get("nodes", []):
+            print(f"{node['name']:<24} {node['state']:<9} {node['instances']:>8} instances")
+        return 0
+
+    return asyncio.run(run())
+
+
+def _client(args: argparse.Namespace) -> OperatorClient:
+    from console.client import OperatorClient
+
+    if args.url is not None:
+        return OperatorClient(url=args.url, token=os.environ.get("SIPIS_OPERATOR_TOKEN"))
+    return OperatorClient.from_environment(socket_path=args.socket)
 
 
 def _take_controlling_tty() -> None:
@@ -42,7 +86,6 @@ def _take_controlling_tty() -> None:
 def main(args: argparse.Namespace) -> int:
     """Open the console (``args.socket`` already resolved from ``--config`` by the dispatcher)."""
     from console.app import run_console
-    from console.client import OperatorClient
     from console.feed import OperatorFeed
 
     if args.session_tty:
@@ -50,10 +93,7 @@ def main(args: argparse.Namespace) -> int:
     if args.url is None and args.socket is None and not os.environ.get("SIPIS_OPERATOR_SOCKET"):
         print("sipis-console: no core to talk to: give --socket, --config or --url", file=sys.stderr)
         return 2
-    if args.url is not None:
-        client = OperatorClient(url=args.url, token=os.environ.get("SIPIS_OPERATOR_TOKEN"))
-    else:
-        client = OperatorClient.from_environment(socket_path=args.socket)
+    client = _client(args)
     try:
         return run_console(OperatorFeed(client), theme=args.theme, utc=args.utc)
     finally:

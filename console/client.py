@@ -273,6 +273,13 @@ class OperatorClient:
     async def test_push(self, selector: str) -> Json:
         return await self._action(selector, "test-push")
 
+    async def nodes(self) -> Json:
+        return cast(Json, await self._json("GET", "/v1/nodes"))
+
+    async def drain(self, node: str) -> Json:
+        """Have ``node`` hand its instances over to the other nodes; answers the node list."""
+        return cast(Json, await self._json("POST", f"/v1/nodes/{_seg(node)}/drain", timeout=ACTION_TIMEOUT))
+
     async def replay_push(self, push_id: str) -> Json:
         return cast(Json, await self._json("POST", f"/v1/pushes/{_seg(push_id)}/replay", timeout=ACTION_TIMEOUT))
 

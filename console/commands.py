@@ -23,6 +23,7 @@ VIEWS: dict[str, tuple[str, str]] = {
     "audit": ("View: audit log", "every operator action, whatever the outcome · key 5"),
     "pbx": ("View: PBX and providers", "health of every registrar target and push provider · key 6"),
     "alarms": ("View: alarms", "active and past alarm episodes; acknowledge · key 7"),
+    "nodes": ("View: nodes", "the cluster's nodes: up / draining / gone, instances, lease lag · key 8"),
 }
 
 

@@ -23,6 +23,8 @@ from contract.documents import (
     HealthTargets,
     InstancePage,
     InstanceRow,
+    NodeList,
+    NodeRow,
     PushRecord,
     PushResult,
     Summary,
@@ -70,6 +72,10 @@ class Feed(Protocol):
 
     async def health_targets(self) -> HealthTargets:
         """Registrar targets and push providers with their health (``GET /v1/health/targets``)."""
+        ...
+
+    async def nodes(self) -> list[NodeRow]:
+        """The cluster's nodes (``GET /v1/nodes``; one node: itself)."""
         ...
 
     async def instances(self) -> list[InstanceRow]:
@@ -174,6 +180,9 @@ class OperatorFeed:
 
     async def health_targets(self) -> HealthTargets:
         return from_json(HealthTargets, await self._ask(self.client.health_targets()))
+
+    async def nodes(self) -> list[NodeRow]:
+        return from_json(NodeList, await self._ask(self.client.nodes())).nodes
 
     async def instances(self) -> list[InstanceRow]:
         """Every row, decoded batch by batch while the NDJSON list arrives."""

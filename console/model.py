@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, cast, overload
 
-from contract.documents import AuditEntry, CallsSnapshot, HeldCall, InstanceRow, PushRecord, Summary
+from contract.documents import AuditEntry, CallsSnapshot, HeldCall, InstanceRow, NodeRow, PushRecord, Summary
 from contract.events import (
     Event,
     InstanceAppReport,
@@ -447,6 +447,8 @@ class ConsoleModel:
         self.push_log_size = push_log_size
         self.events: deque[LogItem] = deque(maxlen=log_size)
         self.audit: deque[AuditEntry] = deque(maxlen=log_size)
+        #: the cluster's nodes, as of the last summary poll
+        self.nodes: list[NodeRow] = []
         self.last_seq: int | None = None
         self._last_push_failures: int | None = None
         self.version = 0  # bumped for every applied batch / new summary / reloaded list
@@ -466,6 +468,12 @@ class ConsoleModel:
         for push in sorted(pushes, key=push_time):
             self._remember_push(push)
         self.version += 1
+
+    def load_nodes(self, nodes: Iterable[NodeRow]) -> None:
+        rows = sorted(nodes, key=lambda n: n.name)
+        if rows != self.nodes:
+            self.nodes = rows
+            self.version += 1
 
     def load_audit(self, entries: Iterable[AuditEntry]) -> None:
         self.audit.clear()

@@ -40,6 +40,8 @@ class InstanceRow:
     app_last_seen: float | None = None
     #: what the registrar says it is: the Server (else User-Agent) header of its last answer to us
     registrar_agent: str | None = None
+    #: the node acting for it (a cluster; None: one node, or nobody holds its lease now)
+    owner: str | None = None
 
 
 @dataclass(slots=True)
@@ -285,6 +287,25 @@ class Summary:
     pbx: PbxStatus
     writer: WriterStatus
     alarms: int
+    #: nodes up in the cluster (this one included)
+    nodes_up: int = 1
+
+
+@dataclass(slots=True)
+class NodeRow:
+    """One node of the cluster (``GET /v1/nodes``)."""
+
+    name: str
+    state: str  # up | draining | gone
+    instances: int
+    #: seconds since the node last renewed its leases (its heartbeat), as this node sees it
+    lease_lag: float
+    started_at: float
+
+
+@dataclass(slots=True)
+class NodeList:
+    nodes: list[NodeRow]
 
 
 @dataclass(slots=True)

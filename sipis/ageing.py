@@ -16,6 +16,7 @@ import logging
 
 from contract.masking import mask
 from sipis.clock import Clock
+from sipis.cluster import ChangeSignal
 from sipis.config import AgeingConfig
 from sipis.instance import AppState, Instance
 from sipis.lifecycle import InstanceLifecycle, is_usable
@@ -40,16 +41,21 @@ class Ageing:
         self.lifecycle = lifecycle
         self.clock = clock
         self.policy = policy
+        #: the other nodes' copies follow each instance that went off (None: one node)
+        self.signal: ChangeSignal | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def sweep(self) -> int:
         """Retire every instance that aged out; returns how many."""
         now = self.clock.wall()
+        owns = self.lifecycle.owns  # each node ages the instances it owns
         due = [(i, r) for i in list(self.lifecycle.instances.values())
-               if (r := ageing_reason(i, now, self.policy)) is not None]
+               if (r := ageing_reason(i, now, self.policy)) is not None and owns(i.selector)]
         for instance, reason in due:
             log.info("instance %s goes off: %s", mask(instance.selector), reason)
             await self.lifecycle.retire(instance, reason=reason, delete=False)
+            if self.signal is not None:
+                await self.signal.changed(instance.selector)
         return len(due)
 
     def start(self, interval: float) -> None:

@@ -103,6 +103,7 @@ async def _serve(config: Config) -> int:
           f"API {listening.api_url or 'off'}{ssh})", file=sys.stderr, flush=True)
     await stop.wait()
     log.info("shutting down")
+    await core.hand_over()
     await core.stop()
     log.info("stopped")
     print("sipis-console: core stopped", file=sys.stderr, flush=True)

@@ -23,6 +23,7 @@ from sipis.api.limits import RateLimits
 from sipis.api.server import ApiServer
 from sipis.calls import CallManager
 from sipis.clock import Clock, SystemClock
+from sipis.cluster import ClusterView, InstanceSync, LeaseKeeper
 from sipis.config import Config, insecure_settings
 from sipis.crypto import KeyFileError, SecretBox, load_or_create_key
 from sipis.engine import RegistrationEngine
@@ -30,6 +31,7 @@ from sipis.events import EventBus
 from sipis.health import LOG_INTERVAL, HealthMonitor
 from sipis.hep_client import HepClient
 from sipis.inbound import InboundGate
+from sipis.instance import Instance
 from sipis.lifecycle import InstanceLifecycle
 from sipis.metrics import CoreMetrics, LoopLag, metrics_server
 from sipis.operations import Operations
@@ -51,6 +53,7 @@ from sipis.text_messages import TextMessages
 from sipis.timers import LoopTimers
 from sipis.tls_certs import ensure_self_signed
 from sipis.trace import TraceRecorder
+from storage.cluster import Signals
 from storage.database import Database
 from storage.pg_repositories import pg_stores
 from storage.postgres import PgDatabase, open_when_reachable
@@ -99,6 +102,11 @@ class Core:
         self.loop_lag = LoopLag(self.clock, LoopTimers())
         self.readiness = Readiness(storage_error=self._storage_error, sip_listening=lambda: bool(self.listening.sip),
                                    loop_lag=self.loop_lag.latest)
+        #: which instances this node acts for (None: storage without leases, every instance is ours)
+        self.keeper: LeaseKeeper | None = None
+        #: cross-node signals (None: one node without them) and what carries stored changes over them
+        self.signals: Signals | None = None
+        self.sync: InstanceSync | None = None
         #: every SIP message in and out, per call and per instance (fed by the endpoint's observer hook)
         self.trace = TraceRecorder(self.clock)
         self.hep: HepClient | None = None  # HEP v3 to Homer, when [hep] collector is set
@@ -168,7 +176,8 @@ class Core:
         self.writer.on_failing = self.alarms.storage
         self.operations = Operations(service=self.service, lifecycle=self.lifecycle, delivery=self.delivery,
                                      bus=self.bus, clock=self.clock, alarms=self.alarms)
-        self._wire_operator(self.service, self.delivery, self.calls, self.operations, self.writer)
+        cluster = await self._wire_cluster(persistence)
+        self._wire_operator(self.service, self.delivery, self.calls, self.operations, self.writer, cluster)
         if config.metrics.listen is not None:  # counting from the restore on
             assert self.operator_context is not None
             self.metrics = CoreMetrics(self.operator_context, self.loop_lag)
@@ -177,12 +186,15 @@ class Core:
             self.service.resume(persistence.restore(record))
             restored += 1
         persistence.attach(self.bus)
+        if self.keeper is not None:
+            await self.keeper.start()
         await registrar.learn_registrars()  # calls for restored bindings are taken from the start
         self.engine.start()
         log.info("restored %d instances", restored)
         self.bus.publish(None, CoreStarted(restored, config.node_name))
 
         self.ageing = Ageing(self.lifecycle, self.clock, config.ageing)
+        self.ageing.signal = self.sync
         self.ageing.start(config.ageing.check_interval)
         self._watch = asyncio.create_task(self._watch_peers(), name="watch-peers")
         self.loop_lag.start()
@@ -225,8 +237,40 @@ class Core:
         log.info("storage: PostgreSQL %s as node %s", self.db.url, self.config.node_name)
         return stores
 
+    async def _wire_cluster(self, persistence: InstancePersistence) -> ClusterView:
+        """Leases and signals (on SQLite: one node that claims everything, signals in-process): the
+        keeper decides which instances this node acts for (restored instances wait for its first
+        round), stored changes reach the other nodes, operators' actions reach the owner."""
+        assert self.stores is not None and self.lifecycle is not None and self.service is not None
+        assert self.operations is not None
+        stores, lifecycle, config = self.stores, self.lifecycle, self.config
+        self.signals = stores.signals
+        keeper = self.keeper = LeaseKeeper(node=config.node_name, leases=stores.leases, nodes=stores.nodes,
+                                           clock=self.clock,
+                                           ttl=config.cluster.lease_ttl, register_rate=config.sip.register_rate)
+        lifecycle.use_ownership(keeper)
+        keeper.listener = lifecycle
+        keeper.signals = self.signals
+        persistence.acts_for = lifecycle.owns
+
+        async def load(selector: str) -> Instance | None:
+            record = await stores.instances.get(selector)
+            return persistence.restore(record) if record is not None else None
+
+        sync = self.sync = InstanceSync(node=config.node_name, signals=self.signals, load=load, adopter=lifecycle)
+        self.service.signal = sync
+        lifecycle.load_missing = sync.reload_soon
+        view = ClusterView(keeper=keeper, signals=self.signals, clock=self.clock)
+        view.run_action = self.operations.carry_out
+        self.operations.cluster = view
+        sync.start()
+        self.signals.subscribe(keeper.on_signal)
+        self.signals.subscribe(view.on_signal)
+        await self.signals.start()
+        return view
+
     def _wire_operator(self, service: InstanceService, delivery: PushDelivery, calls: CallManager,
-                       operations: Operations, writer: BatchedWriter) -> None:
+                       operations: Operations, writer: BatchedWriter, cluster: ClusterView | None) -> None:
         """The trace recorder's lookups and the operator API's view of the core (its event ring
         subscribes now, so it holds what happens from restore on)."""
 
@@ -241,7 +285,8 @@ class Core:
             service=service, calls=calls, delivery=delivery, operations=operations, bus=self.bus,
             clock=self.clock, trace=self.trace, sessions=self.operator_sessions, tokens=self.config.operator.tokens,
             stores=self.stores, writer_status=writer.status, node=self.config.node_name,
-            started_at=self.started_at, default_registrar=self.config.sip.default_registrar, health=self.health)
+            started_at=self.started_at, default_registrar=self.config.sip.default_registrar, health=self.health,
+            cluster=cluster)
 
     async def _start_operator_api(self) -> None:
         assert self.operator_context is not None
@@ -290,6 +335,17 @@ class Core:
                                 idle_timeout=sip.idle_timeout, max_connections=sip.max_connections,
                                 max_connections_per_source=sip.max_connections_per_source)
 
+    async def hand_over(self) -> None:
+        """Before a stop (SIGTERM): while other nodes are up, hand every instance over to them
+        (paced, make-before-break), within ``cluster.drain_timeout``."""
+        keeper = self.keeper
+        if keeper is None or keeper.live_nodes < 2:
+            return
+        keeper.drain()
+        if not await keeper.drained(self.config.cluster.drain_timeout):
+            log.warning("drain: %d instances not handed over within %.0f s; the other nodes take them "
+                        "after lease_ttl", keeper.held(), self.config.cluster.drain_timeout)
+
     async def stop(self) -> None:
         """Clean shutdown: stop taking requests, optionally unREGISTER, flush storage."""
         self.readiness.draining = True
@@ -312,6 +368,10 @@ class Core:
             self.metrics.close()
         if self.ageing is not None:
             await self.ageing.stop()
+        if self.keeper is not None:
+            await self.keeper.stop()
+        if self.signals is not None:
+            await self.signals.close()
         if self.calls is not None:
             await self.calls.close()
         if self.engine is not None:

@@ -81,6 +81,10 @@ class Owner(Protocol):
 
     def achieved(self, instance: Instance, what: Achieved) -> None: ...
 
+    def fenced(self, instance: Instance) -> None:
+        """The registrar refused our REGISTER as older than the binding's: another node owns it."""
+        ...
+
 
 class _NoOwner:
     """Until an owner installs itself: act for everyone, report to no one."""
@@ -89,6 +93,9 @@ class _NoOwner:
         return True
 
     def achieved(self, instance: Instance, what: Achieved) -> None:
+        pass
+
+    def fenced(self, instance: Instance) -> None:
         pass
 
 
@@ -112,6 +119,10 @@ PROBE_INTERVAL = 5.0
 
 #: The shortest sleep of :meth:`RegistrationEngine.run` between ticks (seconds).
 MIN_TICK = 0.01
+
+
+#: Seconds between warnings about exchanges not sent because the lease was gone.
+FENCED_WARNING_INTERVAL = 60.0
 
 
 #: The longest registrar agent string kept (a hostile registrar may send anything).
@@ -181,6 +192,8 @@ class RegistrationEngine:
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self.attempts = 0
+        self._fenced_count = 0
+        self._fenced_warned_at = -FENCED_WARNING_INTERVAL
         self.stats = EngineStats()
         self._named_flow: Flow | None = None
         self._named_flow_text = ""
@@ -216,6 +229,19 @@ class RegistrationEngine:
         entry = self._entry(instance)
         entry.want = Want.REMOVED
         return self._settle(entry, paced=paced)
+
+    def abandon(self, instance: Instance) -> None:
+        """This node no longer owns the instance: stop at once, without unREGISTER (the new owner's
+        REGISTER replaces our binding; ours lapses at its expiry). An exchange in flight ends
+        unheeded; whoever waits for a removal is told None."""
+        entry = self._entries.pop(instance.selector, None)
+        if entry is None:
+            return
+        entry.want, entry.bound, entry.due = Want.UNREGISTERED, False, None
+        waiters, entry.waiters = entry.waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
 
     def refresh_now(self, instance: Instance) -> None:
         """Re-register now, paced (operator action, changed credentials), if we are meant to hold
@@ -453,6 +479,8 @@ class RegistrationEngine:
             result = RegisterResult(Outcome.FAILED, 500, "Internal error", detail=str(exc))
         entry.busy = False
         duration = self.clock.monotonic() - started
+        if self._entries.get(instance.selector) is not entry:
+            return  # abandoned meanwhile: another node acts for the instance now
         if reserved:
             # charge what the exchange really sent (a challenged REGISTER and its retry: 2)
             self._tokens -= result.transactions - reserved
@@ -465,6 +493,9 @@ class RegistrationEngine:
     def _after_register(self, entry: _Entry, result: RegisterResult, duration: float) -> None:
         instance, reg, now = entry.instance, entry.instance.registration, self.clock.monotonic()
         wall = self.clock.wall()
+        if result.outcome is Outcome.FENCED:
+            self._fenced(entry, result)
+            return
         _note_answer(reg, result)
         if result.flow is not None:
             reg.flow = self._flow_name(result.flow)
@@ -508,6 +539,21 @@ class RegistrationEngine:
             self.bus.publish(instance.selector, Alarm(AlarmKind.UNAUTHORIZED, code=result.status,
                                                       reason=result.reason))
         self._reconcile(entry, now + delay)
+
+    def _fenced(self, entry: _Entry, result: RegisterResult) -> None:
+        """This node's lease on the binding is gone: stop acting for the instance (no retry, no
+        removal: the new owner's REGISTER replaces our binding) and tell the owner. A lease
+        deadline passing fences many at once: one warning a minute says how many."""
+        instance = entry.instance
+        self._fenced_count += 1
+        now = self.clock.monotonic()
+        if now >= self._fenced_warned_at + FENCED_WARNING_INTERVAL:
+            self._fenced_warned_at = now
+            log.warning("stopped acting for %d instances whose lease is gone (last: %s, %s)", self._fenced_count,
+                        mask(instance.selector), result.detail or result.reason)
+            self._fenced_count = 0
+        self.abandon(instance)
+        self.owner.fenced(instance)
 
     def _after_unregister(self, entry: _Entry, result: RegisterResult, duration: float) -> None:
         instance = entry.instance

@@ -82,6 +82,9 @@ class Instance:
     app_last_seen: float = 0.0
     created_at: float = 0.0
     disabled: bool = False
+    #: the lease epoch this node holds the instance in (memory only; 0: no leases, unfenced): the
+    #: CSeqs of its REGISTERs count in it (sipis.sip.register.EPOCH_SHIFT)
+    epoch: int = 0
 
     @property
     def sip_instance(self) -> str:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from contract.events import InstanceDeleted, InstanceStateChanged
 from contract.masking import mask
@@ -34,6 +35,7 @@ from sipis.events import EventBus
 from sipis.instance import AppState, Instance
 from sipis.proxy_register import ProxyRegistrar, contact_user
 from sipis.sip.register import RegisterResult
+from storage.cluster import Lease
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,18 @@ UNREGISTER_WAIT = 5.0
 #: Told of every hand-back: the instance, the removal of our binding (resolves once the registrar
 #: confirmed it) and the contact the app reported (None: release to its AOR).
 HandBackListener = Callable[[Instance, "asyncio.Future[RegisterResult | None]", str | None], None]
+
+
+class Ownership(Protocol):
+    """Which instances this node owns (:class:`sipis.cluster.LeaseKeeper`)."""
+
+    def owns(self, selector: str) -> bool: ...
+
+    def epoch(self, selector: str) -> int: ...
+
+    def forfeit(self, selector: str) -> None: ...
+
+    async def new_epoch(self, selector: str) -> int | None: ...
 
 
 class Unusable(RuntimeError):
@@ -65,7 +79,19 @@ class InstanceLifecycle:
         #: selectors being retired: unusable from the start of the removal, off at its end
         self._retiring: set[str] = set()
         self._hand_back_listeners: list[HandBackListener] = []
+        #: the cluster's leases (None: one node, it owns every instance)
+        self.ownership: Ownership | None = None
+        #: asked to load the stored row of an instance this node won the lease of (unknown here:
+        #: enrolled on another node a moment ago); it comes back through :meth:`adopt`
+        self.load_missing: Callable[[str], None] | None = None
         engine.owner = self
+
+    def use_ownership(self, ownership: Ownership) -> None:
+        """Act only for the instances ``ownership`` says are ours (it tells :meth:`acquired` and
+        :meth:`lost`), counting their CSeqs in the lease's epoch."""
+        self.ownership = ownership
+        self.registrar.new_epoch = self._new_epoch
+        self.registrar.owns = ownership.owns
 
     # ------------------------------------------------------------------ questions
 
@@ -78,8 +104,12 @@ class InstanceLifecycle:
         return self.instances.get(selector) if selector is not None else None
 
     def may_act(self, instance: Instance) -> bool:
-        """May this node act for the instance now? One node owns every instance (leases go here)."""
-        return is_usable(instance) and instance.selector not in self._retiring
+        """May this node act for the instance now: usable, not being retired, and ours (its lease)."""
+        return is_usable(instance) and instance.selector not in self._retiring and self.owns(instance.selector)
+
+    def owns(self, selector: str) -> bool:
+        """Is this node the one acting for the instance (one node: always)?"""
+        return self.ownership is None or self.ownership.owns(selector)
 
     def on_hand_back(self, listener: HandBackListener) -> None:
         self._hand_back_listeners.append(listener)
@@ -126,6 +156,89 @@ class InstanceLifecycle:
     def resume(self, instance: Instance) -> None:
         """After a restart: manage the instance again and take over where the app was asleep."""
         self.add(instance)
+        self._act_for(instance)
+
+    def acquired(self, leases: Sequence[Lease], *, reload: bool) -> None:
+        """This node owns these now: register those whose app sleeps, in the lease's epoch, at
+        once (the old owner stopped). ``reload``: our copy may miss a change the old owner made
+        (a signal lost with storage): the stored row follows and is adopted."""
+        for lease in leases:
+            instance = self.instances.get(lease.selector)
+            if instance is not None:
+                instance.epoch = lease.epoch
+                self._act_for(instance)
+            if (instance is None or reload) and self.load_missing is not None:
+                self.load_missing(lease.selector)
+
+    def lost(self, selectors: Sequence[str]) -> None:
+        """Another node owns these now: stop at once (its REGISTER replaces our binding)."""
+        for selector in selectors:
+            instance = self.instances.get(selector)
+            if instance is not None:
+                self.engine.abandon(instance)
+
+    # ------------------------------------------------------------------ changes made on other nodes
+
+    def mirror(self, instance: Instance, stored: Instance) -> None:
+        """Show a change stored for an instance another node owns (that node carries it out)."""
+        instance.state, instance.disabled = stored.state, stored.disabled
+        instance.registration = stored.registration
+
+    async def adopt(self, stored: Instance) -> None:
+        """Another node stored a change of this instance (an app report, a re-enrolment, an
+        operator's action): the owner carries it out, every other node only mirrors it."""
+        live = self.instances.get(stored.selector)
+        if live is None:
+            self.add(stored)  # enrolled on another node
+            if self.ownership is not None:
+                stored.epoch = self.ownership.epoch(stored.selector)
+            self._act_for(stored)
+            return
+        credentials_changed = live.account != stored.account
+        live.account, live.push, live.token_hash = stored.account, stored.push, stored.token_hash
+        live.app_contact, live.app_last_seen = stored.app_contact, max(live.app_last_seen, stored.app_last_seen)
+        if not self.owns(live.selector):
+            self.mirror(live, stored)
+            return
+        reason = "changed on another node"
+        if stored.disabled and not live.disabled:
+            await self.disable(live, reason=reason)
+        elif stored.state is AppState.OFF and live.state is not AppState.OFF:
+            await self.retire(live, reason=reason, delete=False)
+        elif is_usable(stored) and not is_usable(live):
+            self.reactivate(live)
+        if not self.may_act(live):
+            return
+        asleep = (AppState.INACTIVE, AppState.PROXIED)
+        if stored.state is AppState.ACTIVE and live.state in asleep:
+            self.hand_back(live, stored.app_contact, reason)
+        elif stored.state in asleep and live.state is AppState.ACTIVE:
+            self.take_over(live, reason)
+        elif credentials_changed and live.state in asleep:
+            self.registrar.forget(live.selector)
+            self.re_register(live)
+
+    async def deleted_elsewhere(self, selector: str) -> None:
+        """Another node deleted the instance's row: its owner removes the binding and tells the
+        app's subscribers; every other node just forgets its copy."""
+        instance = self.instances.get(selector)
+        if instance is None:
+            return
+        if self.owns(selector):
+            await self.retire(instance, reason="deleted on another node", delete=True)
+            return
+        self.engine.abandon(instance)
+        self.registrar.forget(selector)
+        self.instances.pop(selector, None)
+        self._by_contact_user.pop(contact_user(instance), None)
+
+    def fenced(self, instance: Instance) -> None:
+        """The registrar holds a newer owner's binding (the engine stopped already)."""
+        if self.ownership is not None:
+            self.ownership.forfeit(instance.selector)
+
+    def _act_for(self, instance: Instance) -> None:
+        """Take over where the app is asleep, if this node may act for the instance."""
         if not self.may_act(instance) or instance.state not in (AppState.INACTIVE, AppState.PROXIED):
             return
         expires_at = instance.registration.expires_at
@@ -172,6 +285,16 @@ class InstanceLifecycle:
             self._change(instance, AppState.OFF, reason, force=disable)
         finally:
             self._retiring.discard(selector)
+
+    async def _new_epoch(self, instance: Instance) -> bool:
+        """The binding's CSeqs in its epoch are used up: a new epoch, while the lease is ours."""
+        if self.ownership is None:
+            return False
+        epoch = await self.ownership.new_epoch(instance.selector)
+        if epoch is None:
+            return False
+        instance.epoch = epoch
+        return True
 
     def _require_usable(self, instance: Instance) -> None:
         if not self.may_act(instance):

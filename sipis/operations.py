@@ -2,9 +2,11 @@
 written to the audit log with the operator's name, whatever the outcome.
 
 Actions and the role they need: ``take_over``, ``hand_back``, ``re_register``, ``test_push``,
-``replay_push``, ``acknowledge_alarm`` (operator); ``disable`` (admin). Audit outcomes: ``ok`` (done or started — the
-registration result follows as events), ``refused`` (role), ``not-found``, ``conflict`` (the
-instance's state does not allow it), or a push verdict for pushes.
+``replay_push``, ``acknowledge_alarm`` (operator); ``disable``, ``drain`` of a node (admin). Audit
+outcomes: ``ok`` (done or started — the registration result follows as events), ``refused`` (role),
+``not-found``, ``conflict`` (the instance's state does not allow it), ``forwarded`` (another node
+owns the instance: it carries the action out and audits it again, with the same operator's name),
+or a push verdict for pushes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from contract.documents import AlarmRecord, AuditEntry
 from contract.masking import mask
 from sipis.alarms import AlarmBoard
 from sipis.clock import Clock
+from sipis.cluster import ClusterView
 from sipis.events import EventBus
 from sipis.instance import Instance
 from sipis.lifecycle import InstanceLifecycle, Unusable
@@ -65,6 +68,8 @@ class Operations:
         self.bus = bus
         self.clock = clock
         self.alarms = alarms if alarms is not None else AlarmBoard(bus, clock, lifecycle.get)
+        #: the cluster, when there is one: actions on instances owned elsewhere go to their owner
+        self.cluster: ClusterView | None = None
 
     def audit(self, operator: Operator, action: str, target: str | None, outcome: str, *,
               about: str | None = None, **detail: Any) -> None:
@@ -127,6 +132,40 @@ class Operations:
             raise NotFound(selector)
         return instance
 
+    async def _forwarded(self, operator: Operator, action: str, instance: Instance) -> bool:
+        """Another node owns the instance: the action goes to it (True), audited here as forwarded."""
+        cluster = self.cluster
+        if cluster is None or self.lifecycle.owns(instance.selector):
+            return False
+        await cluster.forward(action, instance.selector, operator.name, operator.role)
+        self.audit(operator, action, instance.selector, "forwarded", about=instance.selector,
+                   owner=cluster.owner(instance.selector))
+        return True
+
+    async def carry_out(self, action: str, selector: str, operator: str, role: str) -> None:
+        """An action an operator asked another node for (checked and audited there as forwarded)."""
+        actions = {"take_over": self.take_over, "hand_back": self.hand_back, "re_register": self.re_register,
+                   "disable": self.disable}
+        run = actions.get(action)
+        if run is None:
+            log.warning("ignored a forwarded action %r", action[:40])
+            return
+        try:
+            await run(selector, Operator(operator, role))
+        except (Forbidden, NotFound, Conflict):
+            pass  # audited by the action
+        except Exception:
+            log.exception("forwarded %s of %s failed", action, mask(selector))
+
+    async def drain_node(self, node: str, operator: Operator) -> None:
+        """Hand every instance of ``node`` over to the other nodes (paced), through storage's signals."""
+        self._require(operator, "admin", "drain", node)
+        if self.cluster is None or node not in {row.name for row in await self.cluster.nodes()}:
+            self.audit(operator, "drain", node, "not-found")
+            raise NotFound(node)
+        await self.cluster.keeper.request_drain(node)
+        self.audit(operator, "drain", node, "ok")
+
     def _conflict(self, operator: Operator, action: str, instance: Instance, why: str) -> Conflict:
         self.audit(operator, action, instance.selector, "conflict", about=instance.selector, reason=why)
         return Conflict(why)
@@ -134,6 +173,8 @@ class Operations:
     async def take_over(self, selector: str, operator: Operator) -> Instance:
         """Force the hand-over to the SIPIS: register on the app's behalf now."""
         instance = self._target(operator, "operator", "take_over", selector)
+        if await self._forwarded(operator, "take_over", instance):
+            return instance
         previous = instance.state.value
         try:
             self.lifecycle.take_over(instance, reason=f"taken over by {operator.name}")
@@ -145,6 +186,8 @@ class Operations:
     async def hand_back(self, selector: str, operator: Operator) -> Instance:
         """Force the hand-over to the app: drop only our binding (held calls are released to the AOR)."""
         instance = self._target(operator, "operator", "hand_back", selector)
+        if await self._forwarded(operator, "hand_back", instance):
+            return instance
         previous = instance.state.value
         try:
             self.lifecycle.hand_back(instance, None, reason=f"handed back by {operator.name}")
@@ -156,6 +199,8 @@ class Operations:
     async def re_register(self, selector: str, operator: Operator) -> Instance:
         """Send a REGISTER now (also cuts short a backoff or the wait after ``unauthorized``)."""
         instance = self._target(operator, "operator", "re_register", selector)
+        if await self._forwarded(operator, "re_register", instance):
+            return instance
         try:
             self.lifecycle.re_register(instance)
         except Unusable as exc:
@@ -167,6 +212,8 @@ class Operations:
     async def disable(self, selector: str, operator: Operator) -> Instance:
         """Unregister, wipe the credentials, state off. Only a new enrolment brings it back."""
         instance = self._target(operator, "admin", "disable", selector)
+        if await self._forwarded(operator, "disable", instance):
+            return instance
         previous = instance.state.value
         try:
             await self.lifecycle.disable(instance, reason=f"disabled by {operator.name}")

@@ -44,6 +44,9 @@ class InstancePersistence:
         self._snapshot = self.snapshot  # one bound method for every queued snapshot
         #: rows of changes being stored before they are applied (None: a deletion)
         self._staged: dict[str, InstanceRecord | None] = {}
+        #: whether this node acts for (and so writes the live row of) an instance: another node
+        #: owns the row of an instance it acts for, and this node's copy of it may be stale
+        self.acts_for: Callable[[str], bool] = _always
 
     def attach(self, bus: EventBus) -> Callable[[], None]:
         return bus.subscribe(self.on_event)
@@ -110,7 +113,7 @@ class InstancePersistence:
             self._staged.pop(event.selector, None)
             self.writer.delete_instance(event.selector)
             return
-        if self.lookup(event.selector) is not None:
+        if self.lookup(event.selector) is not None and self.acts_for(event.selector):
             self.writer.snapshot_instance(event.selector, self._snapshot)
 
     def snapshot(self, selector: str) -> InstanceRecord | None:
@@ -193,6 +196,10 @@ _NOT_ABOUT_THE_INSTANCE = (HeldCall, MessageReceived, Alarm)
 
 
 E = TypeVar("E", AppState, RegStatus)
+
+
+def _always(selector: str) -> bool:
+    return True
 
 
 def _enum(kind: type[E], value: str, default: E) -> E:

@@ -22,15 +22,22 @@ from dataclasses import replace
 from typing import Protocol
 
 from contract.documents import HeldCall
-from contract.events import InstanceAppReport, InstanceEnrolled, InstancePushChanged, InstanceUpdated
+from contract.events import (
+    InstanceAppReport,
+    InstanceDeleted,
+    InstanceEnrolled,
+    InstancePushChanged,
+    InstanceUpdated,
+)
 from sipis.api.models import EnrollIn, PushIn
 from sipis.api.service_protocol import InstanceGone, SelectorTaken, ServiceError
 from sipis.calls import CallError, CallManager
 from sipis.clock import Clock
+from sipis.cluster import ChangeSignal
 from sipis.crypto import hash_token, new_token, tokens_equal
 from sipis.events import EventBus
 from sipis.instance import Account, AppState, Instance, PushTarget
-from sipis.lifecycle import InstanceLifecycle, Unusable
+from sipis.lifecycle import InstanceLifecycle, Unusable, is_usable
 from sipis.proxy_register import ProxyRegistrar
 
 log = logging.getLogger(__name__)
@@ -51,12 +58,14 @@ class Storage(Protocol):
 class InstanceService:
     def __init__(self, *, lifecycle: InstanceLifecycle, registrar: ProxyRegistrar, bus: EventBus,
                  clock: Clock, enroll_tokens: tuple[str, ...], calls: CallManager | None = None,
-                 storage: Storage | None = None) -> None:
+                 storage: Storage | None = None, signal: ChangeSignal | None = None) -> None:
         self.lifecycle = lifecycle
         #: the held-call manager, when calls are handled (the app reports progress to it)
         self.calls = calls
         #: stores each change before it is applied: what an app was told is never lost
         self.storage = storage
+        #: the other nodes' copies follow every stored change through it (None: one node)
+        self.signal = signal
         self.registrar = registrar
         self.bus = bus
         self.clock = clock
@@ -115,11 +124,17 @@ class InstanceService:
             _share_common_strings(existing)
             existing.token_hash = token_hash
             existing.app_last_seen = now
-            self.lifecycle.reactivate(existing)
+            if self.lifecycle.owns(selector):
+                self.lifecycle.reactivate(existing)
+            else:
+                self.lifecycle.mirror(existing, replace(existing, state=AppState.ACTIVE if off else existing.state,
+                                                        disabled=False))
             self.bus.publish(selector, InstanceUpdated(credentials_changed))
-            if credentials_changed and existing.state in (AppState.INACTIVE, AppState.PROXIED):
+            if credentials_changed and existing.state in (AppState.INACTIVE, AppState.PROXIED) and \
+                    self.lifecycle.owns(selector):
                 self.registrar.forget(selector)
                 self.lifecycle.re_register(existing)
+            await self._changed(selector)
             return existing, token
         instance = Instance(
             selector=selector, account=account, push=push, token_hash=hash_token(token),
@@ -128,11 +143,13 @@ class InstanceService:
         await self._store(instance)
         self.add(instance)
         self.bus.publish(selector, InstanceEnrolled(account.aor))
+        await self._changed(selector)
         return instance, token
 
     async def set_state(self, selector: str, state: str, contact: str | None) -> Instance:
         instance = self._require(selector)
-        if not self.lifecycle.may_act(instance):
+        owned = self.lifecycle.owns(selector)
+        if not (self.lifecycle.may_act(instance) if owned else is_usable(instance)):
             raise ServiceError("instance is off; enrol again to reactivate it")
         now = self.clock.wall()
         if state == "inactive":  # take_over() leaves inactive and proxied as they are
@@ -141,17 +158,21 @@ class InstanceService:
         else:
             after = replace(instance, app_last_seen=now, app_contact=contact, state=AppState.ACTIVE)
         await self._store(after)
-        try:
-            if state == "inactive":
-                self.lifecycle.take_over(instance)
-            else:
-                self.lifecycle.hand_back(instance, contact)
-        except Unusable:
-            raise ServiceError("instance is off; enrol again to reactivate it") from None
+        if not owned:  # stored: its owner carries it out when signalled
+            self.lifecycle.mirror(instance, after)
+        else:
+            try:
+                if state == "inactive":
+                    self.lifecycle.take_over(instance)
+                else:
+                    self.lifecycle.hand_back(instance, contact)
+            except Unusable:
+                raise ServiceError("instance is off; enrol again to reactivate it") from None
         instance.app_last_seen = now
         if state != "inactive":
             instance.app_contact = contact
         self.bus.publish(selector, InstanceAppReport(state, contact))
+        await self._changed(selector)
         return instance
 
     async def update_push(self, selector: str, push: PushIn) -> Instance:
@@ -163,18 +184,25 @@ class InstanceService:
         _share_common_strings(instance)
         instance.app_last_seen = now
         self.bus.publish(selector, InstancePushChanged(provider=push.provider))
+        await self._changed(selector)
         return instance
 
     async def delete(self, selector: str) -> None:
         instance = self._require(selector)
         if self.storage is not None:
             await self.storage.store_deletion(selector)
+        if not self.lifecycle.owns(selector):  # its owner removes the binding when signalled
+            await self.lifecycle.deleted_elsewhere(selector)
+            self.bus.publish(selector, InstanceDeleted("deleted by app"))
+            await self._changed(selector)
+            return
         try:
             await self.lifecycle.retire(instance, reason="deleted by app", delete=True)
         except BaseException:
             if self.storage is not None:  # nothing was retired: its row must not stay deleted
                 self.storage.undo_deletion(selector)
             raise
+        await self._changed(selector)
 
     async def call_progress(self, selector: str, push_id: str) -> HeldCall:
         instance = self._require(selector)
@@ -190,6 +218,10 @@ class InstanceService:
     async def _store(self, after: Instance) -> None:
         if self.storage is not None:
             await self.storage.store(after)
+
+    async def _changed(self, selector: str) -> None:
+        if self.signal is not None:
+            await self.signal.changed(selector)
 
     # ------------------------------------------------------------------ core operations
 

@@ -44,9 +44,9 @@ def _owned(ref: str) -> Callable[..., Any]:
     return call
 
 
-def open_console(args: argparse.Namespace) -> int:
-    """``console``: the core reads its config (``--config`` → the socket), then the console runs
-    with the socket alone."""
+def _socket_from_config(args: argparse.Namespace) -> int:
+    """``--config`` → ``--socket`` (reading the core's config is the core's business); 2 when the
+    config cannot be read, else 0."""
     if args.socket is None and args.config is not None:
         from sipis.config import ConfigError, load_config
 
@@ -55,6 +55,14 @@ def open_console(args: argparse.Namespace) -> int:
         except (OSError, ConfigError) as exc:
             print(f"sipis-console: {args.config}: {exc}", file=sys.stderr)
             return 2
+    return 0
+
+
+def open_console(args: argparse.Namespace) -> int:
+    """``console``: the core reads its config (``--config`` → the socket), then the console runs
+    with the socket alone."""
+    if _socket_from_config(args):
+        return 2
     from console.cli import main as console_main
 
     return console_main(args)
@@ -75,6 +83,9 @@ COMMANDS = {
                     _owned("sipis.cli:add_init_arguments"), _owned("sipis.cli:init")),
     "console": Command("open the live console on this terminal against a running core",
                        _owned("console.cli:add_arguments"), open_console),
+    "drain": Command("hand a cluster node's instances over to the other nodes",
+                     _owned("console.cli:add_drain_arguments"),
+                     lambda args: _socket_from_config(args) or _owned("console.cli:drain")(args)),
     "demo": Command("run the core with a simulated lab (PBX, phones, callers, push)",
                     _owned("lab.demo:add_arguments"), _owned("lab.demo:main")),
 }

@@ -60,6 +60,12 @@ class LeaseStore(Protocol):
         """Extend every lease ``node`` still holds; return exactly those."""
         ...
 
+    async def bump(self, node: str, selectors: Sequence[str], ttl: float) -> list[Lease]:
+        """epoch+1 (and lease_until=now+ttl) for those of ``selectors`` that ``node`` still owns;
+        return them. A node's CSeq space within an epoch is used up, or the node restarted while it
+        still held leases (it cannot know the CSeqs its previous life used)."""
+        ...
+
     async def release(self, node: str, selectors: Sequence[str]) -> int:
         """Give these up (owner NULL, lease expired) if ``node`` still owns them; how many."""
         ...
@@ -155,6 +161,17 @@ class SqliteLeaseStore:
                 "UPDATE instances SET lease_until = ? WHERE owner = ? RETURNING selector, epoch",
                 (self._clock() + ttl, node),
             )
+        return _leases(rows)
+
+    async def bump(self, node: str, selectors: Sequence[str], ttl: float) -> list[Lease]:
+        rows: list[Any] = []
+        async with self._db.transaction():
+            for start in range(0, len(selectors), 500):  # SQLite's bound-parameter limit
+                chunk = selectors[start : start + 500]
+                rows += await self._db.fetchall(
+                    "UPDATE instances SET lease_until = ?, epoch = epoch + 1 WHERE owner = ? AND selector IN"
+                    f" ({', '.join('?' for _ in chunk)}) RETURNING selector, epoch",
+                    (self._clock() + ttl, node, *chunk))
         return _leases(rows)
 
     async def release(self, node: str, selectors: Sequence[str]) -> int:
@@ -277,6 +294,16 @@ class PgLeaseStore:
             rows = await self._db.fetch(
                 f"UPDATE instances SET lease_until = {_NOW} + $2 WHERE owner = $1 RETURNING selector, epoch",
                 node, float(ttl))
+        return _leases(rows)
+
+    async def bump(self, node: str, selectors: Sequence[str], ttl: float) -> list[Lease]:
+        if not selectors:
+            return []
+        async with self._db.transaction():
+            rows = await self._db.fetch(
+                f"UPDATE instances SET lease_until = {_NOW} + $3, epoch = epoch + 1"
+                " WHERE owner = $1 AND selector = ANY($2::text[]) RETURNING selector, epoch",
+                node, list(selectors), float(ttl))
         return _leases(rows)
 
     async def release(self, node: str, selectors: Sequence[str]) -> int:

@@ -139,6 +139,11 @@ class FakeService:
     instances: dict[str, Instance] = field(default_factory=dict)
     retired: list[tuple[str, str, bool]] = field(default_factory=list)
     retired_event: asyncio.Event = field(default_factory=asyncio.Event)
+    #: instances another node owns (and ages)
+    elsewhere: set[str] = field(default_factory=set)
+
+    def owns(self, selector: str) -> bool:
+        return selector not in self.elsewhere
 
     async def retire(self, instance: Instance, *, reason: str, delete: bool) -> None:
         self.retired.append((instance.selector, reason, delete))
@@ -188,3 +193,13 @@ async def test_started_ageing_sweeps_periodically_and_stops() -> None:
     await asyncio.wait_for(service.retired_event.wait(), timeout=2.0)
     await ageing.stop()
     assert [s for s, _, _ in service.retired] == ["silent"]
+
+
+async def test_only_the_owner_ages_an_instance() -> None:
+    clock = FakeClock()
+    service = FakeService()
+    for selector in ("ours", "theirs"):
+        service.instances[selector] = make_instance(selector, last_seen_ago=4 * DAY, now=clock.wall())
+    service.elsewhere.add("theirs")
+    assert await make_ageing(service, clock).sweep() == 1
+    assert [selector for selector, _, _ in service.retired] == ["ours"]

@@ -325,7 +325,7 @@ async def test_instance_list_filters_sorts_pages_and_counts(op: Op) -> None:
         assert set(row) == {"selector", "aor", "user", "registrar", "state", "reg_status", "last_code",
                             "last_reason", "expires_at", "next_refresh_at", "failure_count", "backoff_until",
                             "push_provider", "push_unreachable", "last_push_outcome", "last_push_at",
-                            "app_last_seen", "registrar_agent"}
+                            "app_last_seen", "registrar_agent", "owner"}
 
         desc = await viewer.instances(desc=True, offset=1, limit=2)
         assert [r["user"] for r in desc["items"]] == ["erin", "dave"] and desc["matched"] == 7

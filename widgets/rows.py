@@ -43,6 +43,7 @@ class StatusSnapshot:
     push_p50_ms: float | None = None
     push_p99_ms: float | None = None
     alarms: int = 0
+    nodes_up: int = 1  # nodes up in the cluster (shown when more than one)
     operator: str = ""
     role: str = ""
     paused: bool = False

@@ -1,4 +1,5 @@
-"""The always-visible status strip: node, uptime, PBX, registrations, calls, push, operator, PAUSED."""
+"""The always-visible status strip: node (and the cluster's nodes up), uptime, PBX, registrations,
+calls, push, operator, PAUSED."""
 
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ class StatusStrip(Static):
         top: list[Part] = [(s.node, "bold")]
         if s.version:
             top.append((f" {s.version}", "$text-muted"))
+        if s.nodes_up > 1:
+            top += ["  nodes ", (str(s.nodes_up), "bold"), " up"]
         top += ["  up ", (duration(s.uptime) if s.uptime is not None else "-", "bold"), "  PBX "]
         if s.pbx_reachable is None or not (s.pbx_up or s.pbx_degraded or s.pbx_down):
             top.append(("?", "$text-muted"))  # no registrar target answered or failed yet

@@ -4,7 +4,7 @@ from console.screens.common import ConsoleScreen
 from console.screens.dashboard import DashboardScreen
 from console.screens.detail import CallTraceScreen, InstanceDetailScreen
 from console.screens.health import AlarmsScreen, PbxScreen
-from console.screens.logs import AuditScreen, CallsScreen, EventLogScreen, PushLogScreen
+from console.screens.logs import AuditScreen, CallsScreen, EventLogScreen, NodesScreen, PushLogScreen
 from console.screens.modals import KEYMAP, ConfirmScreen, HelpScreen, keymap_for
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "EventLogScreen",
     "HelpScreen",
     "InstanceDetailScreen",
+    "NodesScreen",
     "PbxScreen",
     "PushLogScreen",
     "keymap_for",

@@ -13,9 +13,9 @@ from textual.worker import Worker
 from console.model import CallEntry, InstanceStore, LogItem, push_time
 from console.roles import ACTIONS, REPLAY_ROLE
 from contract.codec import encode_notice, payload_data
-from contract.documents import AuditEntry, PushRecord, SipMessage
+from contract.documents import AuditEntry, NodeRow, PushRecord, SipMessage
 from contract.events import Alarm, Event, InstanceAppReport, StreamNotice
-from widgets.format import clock_time, countdown
+from widgets.format import clock_time, countdown, duration
 from widgets.instance_table import PUSH_TEXT, PUSH_TONE, short_uri
 from widgets.rows import LadderRow
 from widgets.status_strip import StatusStrip
@@ -235,6 +235,20 @@ def event_columns(store: InstanceStore, utc: bool, *, with_instance: bool = True
                               lambda e, now: short_uri(instance_label(store, selector_of(e))), flex=1))
     columns.append(Column("detail", "Detail", 20, lambda e, now: describe_event(e), flex=2))
     return columns
+
+
+NODE_TONE = {"up": "ok", "draining": "warn", "gone": "bad"}
+
+
+def node_columns() -> list[Column[NodeRow]]:
+    return [
+        Column("name", "Node", 16, lambda n, now: n.name, flex=1),
+        Column("state", "State", 9, lambda n, now: n.state, lambda n, now: NODE_TONE.get(n.state, "dim")),
+        Column("instances", "Instances", 9, lambda n, now: f"{n.instances:,}"),
+        Column("lease_lag", "Lease lag", 9, lambda n, now: f"{n.lease_lag:.1f}s",
+               lambda n, now: "bad" if n.state == "gone" else "dim"),
+        Column("up", "Up for", 8, lambda n, now: duration(max(0.0, now - n.started_at)), lambda n, now: "dim"),
+    ]
 
 
 def audit_columns(store: InstanceStore, utc: bool) -> list[Column[AuditEntry]]:

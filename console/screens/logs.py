@@ -10,8 +10,15 @@ from textual.binding import Binding, BindingType
 from textual.widgets import Static
 
 from console.model import CallEntry, LogItem
-from console.screens.common import ConsoleScreen, audit_columns, call_columns, event_columns, push_columns
-from contract.documents import AuditEntry, PushRecord
+from console.screens.common import (
+    ConsoleScreen,
+    audit_columns,
+    call_columns,
+    event_columns,
+    node_columns,
+    push_columns,
+)
+from contract.documents import AuditEntry, NodeRow, PushRecord
 from contract.events import Event
 from widgets.table import VirtualTable
 
@@ -183,3 +190,20 @@ class AuditScreen(LogScreen):
         entries = self.console.model.audit_log()
         self.query_one("#audit-title", Static).update(f"Audit log ({len(entries)}, newest first)")
         self.query_one("#audit-log", VirtualTable).set_rows(entries, now=now)
+
+
+class NodesScreen(LogScreen):
+    """The cluster's nodes: state, instances owned, how long since each renewed its leases."""
+
+    def body(self) -> ComposeResult:
+        yield Static("Nodes", id="nodes-title", classes="section-title")
+        yield VirtualTable[NodeRow](node_columns(), key=lambda n: n.name, empty_text="no nodes", id="nodes")
+
+    def on_mount(self) -> None:
+        self.query_one("#nodes", VirtualTable).focus()
+
+    def reload_rows(self, now: float) -> None:
+        nodes = self.console.model.nodes
+        up = sum(1 for n in nodes if n.state == "up")
+        self.query_one("#nodes-title", Static).update(f"Nodes ({up} up of {len(nodes)})")
+        self.query_one("#nodes", VirtualTable).set_rows(nodes, now=now)

@@ -15,7 +15,7 @@ from console.roles import role_allows
 #: (section, [(keys, what, role needed or None)]); the help screen and docs/console.md show this
 KEYMAP: list[tuple[str, list[tuple[str, str, str | None]]]] = [
     ("Everywhere", [
-        ("1 2 3 4 5 6 7", "views: instances, held calls, push log, event log, audit log, PBX, alarms", None),
+        ("1 2 3 4 5 6 7 8", "views: instances, held calls, push log, event log, audit log, PBX, alarms, nodes", None),
         ("ctrl+p", "command palette: every view and action", None),
         ("?", "this key map", None),
         ("p", "pause / resume live updates (the view freezes, events queue up)", None),

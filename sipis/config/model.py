@@ -369,6 +369,15 @@ class MetricsConfig:
 
 
 @section()
+class ClusterConfig:
+    lease_ttl: float = setting(SECONDS, "seconds before other nodes take a silent node's instances; each node "
+                               "renews its leases every third of it", default=15.0)
+    drain_timeout: float = setting(SECONDS, "longest a node stopped by SIGTERM spends handing its instances over "
+                                   "to the other nodes up; what it still holds then is theirs after lease_ttl",
+                                   default=120.0)
+
+
+@section()
 class Config:
     state_dir: Path = setting(FilePath(), "database, key file, generated certificates, SSH host key, operator socket",
                               default=Path("var"))
@@ -387,4 +396,6 @@ class Config:
     ssh: SshConfig = setting(Section(SshConfig), "the NOC console over SSH (key auth only)")
     hep: HepConfig = setting(Section(HepConfig), "HEP v3 to Homer (SIP messages and push stages)")
     metrics: MetricsConfig = setting(Section(MetricsConfig), "monitoring: Prometheus metrics, Acrobits statistics")
+    cluster: ClusterConfig = setting(Section(ClusterConfig), "several nodes on one database: who acts for "
+                                     "which instance")
     source: Path | None = None  # the file this came from, if any

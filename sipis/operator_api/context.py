@@ -10,6 +10,7 @@ from importlib import metadata
 from contract.documents import WriterStatus
 from sipis.calls import CallManager
 from sipis.clock import Clock
+from sipis.cluster import ClusterView
 from sipis.config import OperatorToken
 from sipis.events import EventBus, EventQueue
 from sipis.health import HealthMonitor
@@ -58,12 +59,16 @@ class OperatorContext:
     ring_size: int = EVENT_RING
     #: registrar targets and push providers (the core shares its own; else one fed from the bus only)
     health: HealthMonitor | None = None
+    #: the cluster's nodes and owners (None: one node)
+    cluster: ClusterView | None = None
 
     def __post_init__(self) -> None:
         self.ring = EventRing(self.bus, self.ring_size)
         self.index = InstanceIndex(self.service, self.bus, self.default_registrar)
         self._own_health = self.health is None
         self.targets = self.health if self.health is not None else HealthMonitor(self.bus, self.clock)
+        if self.cluster is not None:
+            self.index.owner_of = self.cluster.owner
         self.auth = Authenticator(self.tokens, self.sessions)
         self.streams: set[EventQueue] = set()
 

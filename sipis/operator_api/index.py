@@ -148,6 +148,8 @@ class InstanceIndex:
         self.state_counts: dict[str, int] = dict.fromkeys(STATES, 0)
         self.status_counts: dict[str, int] = dict.fromkeys(REG_STATUSES, 0)
         self._dirty: set[str] = set()
+        #: the node acting for an instance (a cluster's; None: one node)
+        self.owner_of: Callable[[str], str | None] | None = None
         self._version = 0  # bumped when an instance comes, goes or is re-keyed
         self._ranked = -1  # the version the entries' ``rank`` belong to
         #: every entry in aor order (``_Entry.key``); replaced, not changed, while a reader holds it
@@ -363,7 +365,8 @@ class InstanceIndex:
             instance.account.registrar or self.default_registrar, instance.state._value_, reg.status._value_,
             reg.last_code, reg.last_reason, reg.expires_at, reg.next_refresh_at, reg.failure_count,
             reg.backoff_until, push.provider, push.unreachable, last[0] if last else None,
-            last[1] if last else None, instance.app_last_seen, reg.registrar_agent)
+            last[1] if last else None, instance.app_last_seen, reg.registrar_agent,
+            self.owner_of(instance.selector) if self.owner_of is not None else None)
 
     def row(self, instance: Instance) -> dict[str, Any]:
         """:meth:`instance_row` as JSON values."""
@@ -371,7 +374,8 @@ class InstanceIndex:
 
     def row_json(self, entry: _Entry) -> bytes:
         """:meth:`row` of the entry's instance as compact JSON, reused while nothing in it changed."""
-        source = (_ROW_SOURCE(entry.instance), self.last_push.get(entry.selector))
+        owner = self.owner_of(entry.selector) if self.owner_of is not None else None
+        source = (_ROW_SOURCE(entry.instance), self.last_push.get(entry.selector), owner)
         if entry.row_json is None or entry.row_source != source:
             entry.row_json = json.dumps(self.row(entry.instance), separators=(",", ":"), default=str).encode()
             entry.row_source = source

@@ -16,6 +16,8 @@ from contract.documents import (
     AuditEntry,
     CallsSnapshot,
     CallTrace,
+    NodeList,
+    NodeRow,
     PushRecord,
     Summary,
     WriterStatus,
@@ -76,7 +78,15 @@ def summary(ctx: OperatorContext) -> Summary:
         push=push_stats(ctx.delivery), pbx=pbx_status(ctx.targets),
         writer=ctx.writer_status() if ctx.writer_status is not None else WriterStatus(0, None),
         alarms=ctx.ring.alarms_since(now - ALARM_WINDOW),
+        nodes_up=ctx.cluster.nodes_up() if ctx.cluster is not None else 1,
     )
+
+
+async def nodes(ctx: OperatorContext) -> NodeList:
+    """The cluster's nodes (one node: itself, up, with every instance)."""
+    if ctx.cluster is not None:
+        return NodeList(await ctx.cluster.nodes())
+    return NodeList([NodeRow(ctx.node, "up", len(ctx.service.instances), 0.0, ctx.started_at)])
 
 
 async def instance_detail(ctx: OperatorContext, instance: Instance) -> InstanceDetail:

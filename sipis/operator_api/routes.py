@@ -64,6 +64,10 @@ def create_operator_app(ctx: OperatorContext) -> FastAPI:
     async def alarms(_: Operator = Depends(viewer)) -> Response:
         return json_response(AlarmList(*ops.alarms.records()))
 
+    @app.get("/v1/nodes")
+    async def nodes(_: Operator = Depends(viewer)) -> Response:
+        return json_response(await queries.nodes(ctx))
+
     @app.get("/v1/instances")
     async def instances(
         request: Request,
@@ -77,6 +81,8 @@ def create_operator_app(ctx: OperatorContext) -> FastAPI:
     ) -> Response:
         if sort not in SORTS:
             raise OperatorApiError(422, f"sort: one of {', '.join(SORTS)}")
+        if ctx.cluster is not None:
+            await ctx.cluster.refresh_owners()
         return instance_list(ctx.index, ndjson=NDJSON in request.headers.get("accept", ""), q=q, state=state,
                              sort=sort, desc=desc, offset=offset, limit=limit)
 
@@ -145,6 +151,11 @@ def create_operator_app(ctx: OperatorContext) -> FastAPI:
     @app.post("/v1/alarms/{alarm_id}/acknowledge")
     async def acknowledge_alarm(alarm_id: str, who: Operator = Depends(operator)) -> Response:
         return json_response(ops.acknowledge_alarm(alarm_id, who))
+
+    @app.post("/v1/nodes/{name}/drain")
+    async def drain(name: str, who: Operator = Depends(operator)) -> Response:
+        await ops.drain_node(name, who)
+        return json_response(await queries.nodes(ctx))
 
     @app.post("/v1/pushes/{push_id}/replay")
     async def replay(push_id: str, who: Operator = Depends(operator)) -> Response:

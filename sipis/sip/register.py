@@ -74,12 +74,20 @@ log = logging.getLogger(__name__)
 #: How many 401/407 rounds one exchange may take (a stale nonce costs one extra).
 MAX_AUTH_ROUNDS = 3
 
+#: Fencing (RFC 3261 §10.3): with a Call-ID derived from the instance, CSeq = epoch << EPOCH_SHIFT | n,
+#: so every REGISTER of a newer owner (a higher epoch) outnumbers every one of an older owner.
+EPOCH_SHIFT = 16
+#: REGISTERs one exchange may send at most (the auth rounds, a stale nonce and a 423 retry)
+EXCHANGE_MAX_REQUESTS = MAX_AUTH_ROUNDS + 2
+_EPOCH_MASK = (1 << EPOCH_SHIFT) - 1
+
 
 class Outcome(Enum):
     REGISTERED = "registered"      # 2xx with our contact bound (or removed, for expires=0)
     UNAUTHORIZED = "unauthorized"  # 403, or credentials rejected / challenge we cannot answer
     REJECTED = "rejected"          # another 4xx/6xx: configuration problem, do not hammer
     FAILED = "failed"              # 5xx, timeout (408), transport failure (503): retry with backoff
+    FENCED = "fenced"              # not sent: this node's lease on the binding is gone (sipis.cluster)
 
 
 @dataclass(slots=True)
@@ -100,10 +108,21 @@ class Binding:
     contact_user: str | None = None
     #: the contact URI sent last time (to remove exactly it on unREGISTER)
     contact_uri: str | None = None
+    #: the owner's epoch the CSeq counts in (0: unfenced, a random Call-ID counting from 1)
+    epoch: int = 0
 
     def __post_init__(self) -> None:
         if self.digest is None:
             self.digest = DigestSession(self.credentials)
+
+    def begin_epoch(self, epoch: int, call_id: str) -> None:
+        """Count CSeqs in ``epoch`` under ``call_id`` (the same on every node for this binding)."""
+        self.epoch, self.call_id, self.cseq = epoch, call_id, epoch << EPOCH_SHIFT
+
+    @property
+    def epoch_used_up(self) -> bool:
+        """Would one more exchange overflow the CSeqs of this epoch into the next one's?"""
+        return self.epoch > 0 and (self.cseq & _EPOCH_MASK) > _EPOCH_MASK - EXCHANGE_MAX_REQUESTS
 
     @property
     def request_uri(self) -> str:
@@ -181,7 +200,7 @@ class RegisterExchange:
         if self.result is not None:
             raise RuntimeError("the exchange is over")
         result = self._verdict(response, now)
-        if result is None and self.rounds >= MAX_AUTH_ROUNDS + 2:
+        if result is None and self.rounds >= EXCHANGE_MAX_REQUESTS:
             result = RegisterResult(Outcome.UNAUTHORIZED, 401, "Unauthorized", detail="too many rounds")
         if result is None:
             return self._next_request()

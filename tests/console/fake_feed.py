@@ -26,6 +26,7 @@ from contract.documents import (
     InstancePage,
     InstanceRow,
     InstanceView,
+    NodeRow,
     PbxStatus,
     PushRecord,
     PushResult,
@@ -149,6 +150,9 @@ class FakeFeed:
                                           "408 Request Timeout")]
         self.past_alarms = [AlarmRecord("token-dead-1", "token-dead", None, "cleared", now - 4000,
                                         "12 push tokens dead within 300 s", now - 3000)]
+        #: the cluster's nodes (one: the fake core itself)
+        self.node_rows = [NodeRow("fake-core", "up", len(self.rows), 0.4, now - 3600)]
+        self.nodes_up = 1
 
     # -------------------------------------------------------------- scripting
 
@@ -228,7 +232,7 @@ class FakeFeed:
                            success_rate=0.994, latency_p50_ms=84.0, latency_p99_ms=412.0),
             pbx=PbxStatus(self.pbx_reachable, None if self.pbx_reachable else "connect timeout",
                           up=3 if self.pbx_reachable else 2, down=0 if self.pbx_reachable else 1),
-            writer=WriterStatus(0, None), alarms=0 if self.pbx_reachable else 1,
+            writer=WriterStatus(0, None), alarms=0 if self.pbx_reachable else 1, nodes_up=self.nodes_up,
         )
 
     async def instances(self) -> list[InstanceRow]:
@@ -311,6 +315,10 @@ class FakeFeed:
                   for i, r in enumerate(rows)]
         pushes.sort(key=lambda p: p.stages["push_sent"])
         return pushes[-limit:]
+
+    async def nodes(self) -> list[NodeRow]:
+        self._log("nodes")
+        return list(self.node_rows)
 
     async def audit(self, limit: int = 200) -> list[AuditEntry]:
         self._log("audit", limit)

@@ -24,7 +24,7 @@ from console.screens import (
     InstanceDetailScreen,
     PushLogScreen,
 )
-from contract.documents import InstanceRow
+from contract.documents import InstanceRow, NodeRow
 from contract.events import InstanceDetail
 from widgets.instance_table import InstanceTable
 from widgets.ladder import Ladder
@@ -631,7 +631,7 @@ async def test_every_screen_renders_at(size: tuple[int, int]) -> None:
         for tab in ("tab", "tab"):
             await pilot.press(tab)
         await pilot.press("escape")
-        for key in ("2", "3", "4", "5", "question_mark", "escape", "1"):
+        for key in ("2", "3", "4", "5", "6", "question_mark", "escape", "1"):
             await pilot.press(key)
             await pilot.pause()
             assert screen_text(app).strip()
@@ -750,3 +750,23 @@ async def test_timing_marks_reach_an_observer_in_order() -> None:
     assert ("fetch_end", "450") in marks and ("loaded", "450") in marks and "tick" in names
     instrumentation.mark("tick")  # nobody listens any more
     assert marks.count(("tick", "")) == names.count("tick")
+
+
+async def test_nodes_view_and_the_strip_show_the_cluster() -> None:
+    app = make_console()
+    feed = app.feed
+    assert isinstance(feed, FakeFeed)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        assert "nodes" not in strip_text(app)  # one node: the strip is as it always was
+        feed.nodes_up = 2
+        feed.node_rows = [NodeRow("sipis-a", "up", 30, 0.3, feed.now - 60),
+                          NodeRow("sipis-b", "draining", 10, 4.2, feed.now - 120)]
+        await app._poll_summary()
+        app.refresh_screen()
+        await pilot.pause()
+        assert "nodes 2 up" in strip_text(app)
+        await pilot.press("6")
+        await until(pilot, lambda: "sipis-b" in screen_text(app))
+        text = screen_text(app)
+        assert "Nodes (1 up of 2)" in text and "draining" in text

@@ -76,7 +76,7 @@ def test_nested_documents() -> None:
                         "latency_p50_ms": 3.0, "latency_p99_ms": 4.0},
                "pbx": {"reachable": True, "last_error": None, "up": 1, "degraded": 0, "down": 0, "unknown": 0},
                "writer": {"pending": 0, "last_error": None},
-               "alarms": 0}
+               "alarms": 0, "nodes_up": 2}
     decoded = from_json(Summary, summary)
     assert decoded.push.latency_p99_ms == 4.0 and decoded.pbx.reachable is True
     assert to_json(decoded) == summary
