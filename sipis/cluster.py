@@ -114,6 +114,22 @@ class LeaseKeeper:
         self._held[selector] = leases[0].epoch
         return leases[0].epoch
 
+    async def claim_new(self, selector: str) -> None:
+        """Take the instance this node just enrolled at once, whatever the shares (balancing moves
+        it later if need be): its app may go to sleep right after enrolling. Storage failing: the
+        next round claims it."""
+        if self.state == DRAINING:
+            return
+        try:
+            leases = await self.leases.claim(self.node, 1, self.ttl, selectors=[selector])
+        except Exception as exc:  # the rounds take it later
+            log.debug("claiming a new instance failed: %s", exc)
+            return
+        leases = [lease for lease in leases if lease.selector not in self._held]
+        if leases:
+            self._held.update((lease.selector, lease.epoch) for lease in leases)
+            self._acquired(leases, reload=False)
+
     def drain(self) -> None:
         """Hand every instance over to the other nodes (paced), then hold nothing."""
         if self.state != DRAINING:

@@ -180,7 +180,7 @@ class Core:
         self._wire_operator(self.service, self.delivery, self.calls, self.operations, self.writer, cluster)
         if config.metrics.listen is not None:  # counting from the restore on
             assert self.operator_context is not None
-            self.metrics = CoreMetrics(self.operator_context, self.loop_lag)
+            self.metrics = CoreMetrics(self.operator_context, self.loop_lag, const_labels={"node": config.node_name})
         restored = 0
         for record in await self.stores.instances.load_all():
             self.service.resume(persistence.restore(record))

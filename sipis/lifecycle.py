@@ -58,6 +58,8 @@ class Ownership(Protocol):
 
     async def new_epoch(self, selector: str) -> int | None: ...
 
+    async def claim_new(self, selector: str) -> None: ...
+
 
 class Unusable(RuntimeError):
     """The instance's state does not allow this transition (off, disabled, or the wrong state)."""
@@ -120,6 +122,11 @@ class InstanceLifecycle:
         """Take an instance under management (enrolment or restore after a restart)."""
         self.instances[instance.selector] = instance
         self._by_contact_user[contact_user(instance)] = instance.selector
+
+    async def claim_new(self, selector: str) -> None:
+        """This node just enrolled (and stored) the instance: own it at once (one node: it does)."""
+        if self.ownership is not None:
+            await self.ownership.claim_new(selector)
 
     def take_over(self, instance: Instance, reason: str | None = None) -> None:
         """The app went to sleep (or an operator forces it): register on its behalf."""

@@ -142,6 +142,7 @@ class InstanceService:
         )
         await self._store(instance)
         self.add(instance)
+        await self.lifecycle.claim_new(selector)
         self.bus.publish(selector, InstanceEnrolled(account.aor))
         await self._changed(selector)
         return instance, token

@@ -50,10 +50,12 @@ class NodeRecord:
 
 
 class LeaseStore(Protocol):
-    async def claim(self, node: str, limit: int, ttl: float, *, exclude_draining: bool = True) -> list[Lease]:
+    async def claim(self, node: str, limit: int, ttl: float, *, exclude_draining: bool = True,
+                    selectors: Sequence[str] | None = None) -> list[Lease]:
         """Take up to ``limit`` instances with no owner or an expired lease: owner=node,
         lease_until=now+ttl, epoch+1. Disabled instances are claimed too (ownership is about who
-        acts). With ``exclude_draining`` a node marked draining takes nothing."""
+        acts). With ``exclude_draining`` a node marked draining takes nothing; ``selectors``: only
+        among these (a node claims the instance it just enrolled)."""
         ...
 
     async def renew(self, node: str, ttl: float) -> list[Lease]:
@@ -140,18 +142,22 @@ class SqliteLeaseStore:
         self._db = db
         self._clock = clock
 
-    async def claim(self, node: str, limit: int, ttl: float, *, exclude_draining: bool = True) -> list[Lease]:
+    async def claim(self, node: str, limit: int, ttl: float, *, exclude_draining: bool = True,
+                    selectors: Sequence[str] | None = None) -> list[Lease]:
         now = self._clock()
         async with self._db.transaction():
             if exclude_draining and await self._db.fetchall(
                 "SELECT 1 FROM nodes WHERE name = ? AND state = 'draining'", (node,)
             ):
                 return []
+            among, chosen = "", tuple[str, ...]()
+            if selectors is not None:  # a handful at most (the one just enrolled)
+                among, chosen = f" AND selector IN ({', '.join('?' for _ in selectors)})", tuple(selectors)
             rows = await self._db.fetchall(
                 "UPDATE instances SET owner = ?, lease_until = ?, epoch = epoch + 1 WHERE selector IN ("
-                " SELECT selector FROM instances WHERE owner IS NULL OR lease_until < ? LIMIT ?)"
+                f" SELECT selector FROM instances WHERE (owner IS NULL OR lease_until < ?){among} LIMIT ?)"
                 " RETURNING selector, epoch",
-                (node, now + ttl, now, limit),
+                (node, now + ttl, now, *chosen, limit),
             )
         return _leases(rows)
 
@@ -275,7 +281,8 @@ class PgLeaseStore:
     def __init__(self, db: PgDatabase) -> None:
         self._db = db
 
-    async def claim(self, node: str, limit: int, ttl: float, *, exclude_draining: bool = True) -> list[Lease]:
+    async def claim(self, node: str, limit: int, ttl: float, *, exclude_draining: bool = True,
+                    selectors: Sequence[str] | None = None) -> list[Lease]:
         if exclude_draining and await self._db.fetch(
             "SELECT 1 FROM nodes WHERE name = $1 AND state = 'draining'", node
         ):
@@ -284,9 +291,10 @@ class PgLeaseStore:
             rows = await self._db.fetch(
                 f"UPDATE instances SET owner = $1, lease_until = {_NOW} + $2, epoch = epoch + 1"
                 " WHERE selector IN (SELECT selector FROM instances"
-                f"  WHERE owner IS NULL OR lease_until < {_NOW} LIMIT $3 FOR UPDATE SKIP LOCKED)"
+                f"  WHERE (owner IS NULL OR lease_until < {_NOW}) AND ($4::text[] IS NULL OR selector = ANY($4))"
+                "  LIMIT $3 FOR UPDATE SKIP LOCKED)"
                 " RETURNING selector, epoch",
-                node, float(ttl), limit)
+                node, float(ttl), limit, None if selectors is None else list(selectors))
         return _leases(rows)
 
     async def renew(self, node: str, ttl: float) -> list[Lease]:

@@ -49,13 +49,16 @@ class FakeLeases:
         self.cluster = cluster
         self.claims: list[int] = []  # the limit of every claim
 
-    async def claim(self, node: str, limit: int, ttl: float, *, exclude_draining: bool = True) -> list[Lease]:
+    async def claim(self, node: str, limit: int, ttl: float, *, exclude_draining: bool = True,
+                    selectors: Sequence[str] | None = None) -> list[Lease]:
         now = self.cluster.check()
         self.claims.append(limit)
         taken = []
         for selector, row in self.cluster.rows.items():
             if len(taken) >= limit:
                 break
+            if selectors is not None and selector not in selectors:
+                continue
             if row.owner is None or row.lease_until <= now:
                 row.owner, row.lease_until, row.epoch = node, now + ttl, row.epoch + 1
                 taken.append(Lease(selector, row.epoch))

@@ -9,7 +9,7 @@ import pytest
 from sipis.clock import FakeClock
 from sipis.cluster import DRAINING, LeaseKeeper
 from storage.cluster import Lease
-from tests.cluster_fakes import FakeCluster, FakeLeases, FakeNodes
+from tests.cluster_fakes import FakeCluster, FakeLeases, FakeNodes, Row
 
 TTL = 15.0
 
@@ -160,3 +160,17 @@ async def test_a_forfeited_lease_goes_back_and_a_used_up_epoch_is_replaced() -> 
     await a.round()  # s0000 released, then claimed again in a new epoch
     assert a.owns("s0000")
     assert cluster.rows["s0000"].epoch == 2
+
+
+async def test_a_node_owns_what_it_just_enrolled_whatever_the_shares() -> None:
+    cluster = FakeCluster(FakeClock(), selectors(4))
+    a, _, _ = keeper(cluster, "a")
+    b, listener, _ = keeper(cluster, "b")
+    await a.round()
+    await b.round()
+    full = b.held()
+    cluster.rows["new"] = Row()  # stored by b's enrolment a moment ago
+    await b.claim_new("new")
+    assert b.owns("new") and listener.epochs["new"] == 1 and b.held() == full + 1
+    await a.claim_new("new")  # nobody takes it from its owner this way
+    assert not a.owns("new")

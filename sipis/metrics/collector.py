@@ -10,8 +10,8 @@ Two kinds of source, one writer per fact:
   lag sampler and the build. Each is a handful of numbers: a scrape costs the same with 10 or
   100k instances.
 
-Every series carries :attr:`CoreMetrics.const_labels` first (empty on one node; the cluster sets
-``node`` there and nowhere else).
+Every series carries :attr:`CoreMetrics.const_labels` first: the core sets ``node`` (its
+``node_name``) there and nowhere else, on one node as in a cluster, so dashboards need no change.
 """
 
 from __future__ import annotations

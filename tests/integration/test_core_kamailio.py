@@ -119,16 +119,18 @@ def test_everything_is_back_after_sigkill(kamailio: Kamailio, core: CoreProcess)
         for selector, token in apps.values():
             set_state(client, selector, token, "inactive")
         wait_for(lambda: len(our_contacts(kamailio)) == 3, what="three contacts")
-        before = {aor: c["call_id"] for aor, c in our_contacts(kamailio).items()}
+        before = {aor: c["cseq"] or 0 for aor, c in our_contacts(kamailio).items()}
     core.kill()
     core.start()
     with core.client() as client:
         for selector, token in apps.values():  # instances and their tokens survived the crash
             assert get(client, selector, token)["state"] in ("inactive", "proxied")
-        # every registration was taken over again by the new process (a new boot cycle: new Call-ID,
-        # same +sip.instance/reg-id, so the registrar replaced each binding instead of adding one)
-        wait_for(lambda: all(c["call_id"] != before[aor] for aor, c in our_contacts(kamailio).items())
-                 and len(our_contacts(kamailio)) == 3, what="re-registration after restart")
+        # every registration was taken over again by the new process: the same Call-ID (fencing
+        # keeps it across owners and restarts) in a new epoch, so a higher CSeq, and the registrar
+        # replaced each binding (same +sip.instance/reg-id) instead of adding one
+        wait_for(lambda: len(our_contacts(kamailio)) == 3 and all(
+            (c["cseq"] or 0) >> 16 > before[aor] >> 16 for aor, c in our_contacts(kamailio).items()),
+            what="re-registration after restart")
         for selector, token in apps.values():
             wait_for(lambda s=selector, t=token: get(client, s, t)["state"] == "proxied", what="proxied")
 

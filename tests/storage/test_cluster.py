@@ -240,3 +240,10 @@ async def wait_for_async(probe: object, what: str, timeout: float = 15.0) -> Non
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+async def test_a_claim_among_given_selectors_takes_only_those(stores: Stores) -> None:
+    selectors = await add_instances(stores, 3)
+    assert await stores.leases.claim("a", 5, 15, selectors=[selectors[1]]) == [Lease(selectors[1], 1)]
+    assert await stores.leases.claim("b", 5, 15, selectors=[selectors[1]]) == []  # a holds it
+    assert {lease.selector for lease in await stores.leases.claim("b", 5, 15)} == {selectors[0], selectors[2]}
