@@ -284,15 +284,24 @@ class SipisConsole(App[int]):
             return
         finally:
             self.loading = False
-        self.connected = True
+        self._reached(reload=False)
         self.refresh_screen()
         self.ready.set()
 
     def _lost(self, exc: FeedError) -> None:
         if self.connected:
-            self.notify(exc.detail, title="Core unreachable" if exc.status is None else f"Core error {exc.status}",
-                        severity="error", markup=False)
+            self.notify(f"{exc.detail}\nretrying by itself", title="Core unreachable" if exc.status is None
+                        else f"Core error {exc.status}", severity="error", markup=False)
         self.connected = False
+
+    def _reached(self, *, reload: bool = True) -> None:
+        """The core answered: after it had been lost, say so and reload everything (it may have
+        restarted, and what happened meanwhile was not streamed to us) unless this was a reload."""
+        if self.connected:
+            return
+        self.connected = True
+        self._resync = self._resync or reload
+        self.notify("the core answers again; reloading", title="Core reconnected", markup=False)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         self.worker_failed(event.worker)
@@ -317,8 +326,7 @@ class SipisConsole(App[int]):
             try:
                 asked = loop.time()
                 async for event in self.feed.events(since=self._last_received_seq):
-                    if not self.connected:
-                        self.connected = True
+                    self._reached()
                     self.receive_event(event)
                     delay = 1.0
                     if self.event_pause and loop.time() - asked > EVENT_WAITED:
@@ -411,8 +419,7 @@ class SipisConsole(App[int]):
             return
         finally:
             self._summary_busy = False
-        if not self.connected:
-            self.connected = True
+        self._reached()
         was_down = self._pbx_down
         self._pbx_down = not summary.pbx.reachable
         if self._pbx_down and not was_down:

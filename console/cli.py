@@ -13,6 +13,10 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from console.client import OperatorClient
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +43,22 @@ def _take_controlling_tty() -> None:
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+async def _refusal(client: OperatorClient) -> str | None:
+    """Why the core behind ``client`` cannot be used (it is not there, or does not take us), or
+    ``None``: said in one line before the screen opens, rather than a screen that says DISCONNECTED."""
+    from console.client import OperatorApiError, Unreachable
+
+    try:
+        await client.whoami()
+    except Unreachable:
+        return f"no core answers on {client.address} (is `sipis-console serve` running there?)"
+    except OperatorApiError as exc:
+        return f"the core on {client.address} refused: {exc}"
+    finally:
+        await client.aclose()
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     """Open the console (``args.socket`` already resolved from ``--config`` by the dispatcher)."""
     from console.app import run_console
@@ -50,10 +70,17 @@ def main(args: argparse.Namespace) -> int:
     if args.url is None and args.socket is None and not os.environ.get("SIPIS_OPERATOR_SOCKET"):
         print("sipis-console: no core to talk to: give --socket, --config or --url", file=sys.stderr)
         return 2
-    if args.url is not None:
-        client = OperatorClient(url=args.url, token=os.environ.get("SIPIS_OPERATOR_TOKEN"))
-    else:
-        client = OperatorClient.from_environment(socket_path=args.socket)
+    def connect() -> OperatorClient:
+        if args.url is not None:
+            return OperatorClient(url=args.url, token=os.environ.get("SIPIS_OPERATOR_TOKEN"))
+        return OperatorClient.from_environment(socket_path=args.socket)
+
+    # Asked on a client of its own: an httpx client stays bound to the loop it first ran on.
+    refusal = asyncio.run(_refusal(connect()))
+    if refusal is not None:
+        print(f"sipis-console: {refusal}", file=sys.stderr)
+        return 1
+    client = connect()
     try:
         return run_console(OperatorFeed(client), theme=args.theme, utc=args.utc)
     finally:

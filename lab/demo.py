@@ -504,6 +504,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``demo`` subcommand's description and options."""
+    from sipis.config.model import LOG_LEVELS
+
     parser.description = ("Start the real core with a throwaway state folder, the lab PBX, the lab push mediator, "
                           "simulated apps and callers, all on loopback on free ports. Ctrl+C stops everything "
                           "cleanly.")
@@ -531,7 +533,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--apns-rate", type=_fraction, default=0.2, metavar="F",
                         help="share of apps pushed through the lab's APNs (iOS; default 0.2); "
                              "the rest use the Acrobits mediator")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="error",
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="error",
                         help="log level of the core and the lab on stderr (default error)")
 
 

@@ -28,6 +28,7 @@ from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
 from sipis.inbound import InboundGate
 from sipis.lifecycle import InstanceLifecycle
+from sipis.listeners import opening
 from sipis.operations import Operations
 from sipis.operator_api import OperatorContext, OperatorServer, OperatorSessions
 from sipis.persistence import InstancePersistence
@@ -49,6 +50,10 @@ from sipis.trace import TraceRecorder
 from storage.database import Database
 from storage.repositories import Stores, sqlite_stores
 from storage.writer import BatchedWriter
+
+#: seconds the goodbye REGISTERs get at shutdown: a registrar that does not answer must not hold
+#: SIGTERM up (service managers and scripts expect the core gone within 2 s)
+UNREGISTER_BUDGET = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +119,13 @@ class Core:
 
         self.endpoint = SipEndpoint(self._endpoint_settings())
         self.endpoint.observers.append(self.trace.observe)
-        self.listening.sip = await self.endpoint.start()
+        try:
+            self.listening.sip = await self.endpoint.start()
+        except OSError as exc:
+            # the specs open in order: the first one not listening is the one that failed
+            failed = self.endpoint.settings.listen[len(self.endpoint.transport.listening)]
+            with opening("SIP", str(failed)):
+                raise exc from None
         sip = config.sip
         registrar = ProxyRegistrar(self.endpoint, Resolver(clock=self.clock),
                                    default_registrar=sip.default_registrar, user_agent=sip.user_agent)
@@ -160,13 +171,15 @@ class Core:
             self.api = ApiServer(app, api.listen.host, api.listen.port, tls=api.tls,
                                  certfile=api.tls_cert if api.tls else None,
                                  keyfile=api.tls_key if api.tls else None)
-            await self.api.start()
+            with opening("app API", f"{api.listen.host}:{api.listen.port}"):
+                await self.api.start()
             self.listening.api_url = self.api.url
         await self._start_operator_api()
         if config.ssh.listen is not None:
             self.ssh = ConsoleSshServer(config.ssh, self.operator_sessions, config.operator.socket,
                                         audit=self.operations.audit)
-            self.listening.ssh = await self.ssh.start()
+            with opening("SSH", f"{config.ssh.listen.host}:{config.ssh.listen.port}"):
+                self.listening.ssh = await self.ssh.start()
         # Everything built so far lives as long as the process: keep it out of the cyclic GC's
         # generations so full collections (measured 120–280 ms stalls under call load) stay short.
         gc.collect()
@@ -231,7 +244,7 @@ class Core:
         if self.calls is not None:
             await self.calls.close()
         if self.engine is not None:
-            await self.engine.stop(unregister=self.config.sip.unregister_on_shutdown)
+            await self.engine.stop(unregister=self.config.sip.unregister_on_shutdown, timeout=UNREGISTER_BUDGET)
         if self.delivery is not None:
             await self.delivery.close()
         if self.endpoint is not None:

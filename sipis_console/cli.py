@@ -60,6 +60,20 @@ def open_console(args: argparse.Namespace) -> int:
     return console_main(args)
 
 
+class _Version(argparse.Action):
+    """``--version``: the installed package's version, looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from sipis.config.model import package_version
+
+        print(f"sipis-console {package_version()}")
+        parser.exit(0)
+
+
 class Command(NamedTuple):  # not a dataclass: that import alone costs --help ~10 ms
     help: str
     #: the owner's: sets the command's description and adds its options
@@ -88,6 +102,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, entry in COMMANDS.items():
         sub = commands.add_parser(name, help=entry.help)
@@ -98,7 +113,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # the command is the first argument that is no option (the top level has only --help)
+    # the command is the first argument that is no option (the top level has only --help and --version)
     parser = build_parser(next((arg for arg in argv if not arg.startswith("-")), None))
     args = parser.parse_args(argv)
     if args.command is not None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 
 from contract.documents import WriterStatus
 from sipis.calls import CallManager
 from sipis.clock import Clock
 from sipis.config import OperatorToken
+from sipis.config.model import package_version
 from sipis.events import EventBus, EventQueue
 from sipis.operations import Operations
 from sipis.operator_api.auth import Authenticator, OperatorSessions
@@ -25,14 +25,7 @@ from storage.repositories import Stores
 HEARTBEAT_INTERVAL = 15.0
 
 
-def _version() -> str:
-    try:
-        return metadata.version("sipis-console")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
-VERSION = _version()
+VERSION = package_version()
 
 
 @dataclass(eq=False)

@@ -33,7 +33,7 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert "usage: sipis-console [-h] COMMAND ..." in out and "examples:" in out
+    assert "usage: sipis-console [-h] [--version] COMMAND ..." in out and "examples:" in out
     for name, command in COMMANDS.items():
         assert f"    {name:<10}{command.help}" in out
 
