@@ -87,6 +87,8 @@ log = logging.getLogger(__name__)
 STATES = ("active", "inactive", "proxied", "off")
 PUSH_VERDICTS = (ACCEPTED, PERMANENT, TRANSIENT)
 STATUS_INTERVAL = 2.0
+#: seconds calls in progress get to finish after a signal (after --duration: DemoOptions.drain)
+SIGNAL_DRAIN = 0.5
 
 
 @dataclass
@@ -200,10 +202,11 @@ class DemoLab:
         self.running_since = time.monotonic()
         self.startup_s = self.running_since - self.started_at
 
-    async def stop_load(self) -> None:
-        """Stop placing calls and let the calls in progress finish (up to ``drain`` seconds)."""
+    async def stop_load(self, drain: float | None = None) -> None:
+        """Stop placing calls and let the calls in progress finish (up to ``drain`` seconds, by
+        default the options')."""
         if self.callers is not None:
-            await self.callers.stop(drain=self.options.drain)
+            await self.callers.stop(drain=self.options.drain if drain is None else drain)
 
     async def stop(self) -> None:
         """Stop everything, callers first and the PBX last but one (the core unregisters at it)."""
@@ -435,7 +438,8 @@ async def run_cli(options: DemoOptions, out: TextIO = sys.stdout, err: TextIO = 
                       f"({_why_no_console(lab)}); printing a status line every {STATUS_INTERVAL:g} s",
                       file=err, flush=True)
                 await _status_loop(lab, stop, options.duration, out)
-        await lab.stop_load()
+        # a signal (Ctrl+C, SIGTERM) wants the demo gone now: the calls in progress get a moment only
+        await lab.stop_load(min(options.drain, SIGNAL_DRAIN) if stop.is_set() else None)
         summary = lab.summary()
     except Exception as exc:
         log.exception("demo failed")

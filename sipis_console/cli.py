@@ -46,7 +46,10 @@ def _owned(ref: str) -> Callable[..., Any]:
 
 def open_console(args: argparse.Namespace) -> int:
     """``console``: the core reads its config (``--config`` → the socket), then the console runs
-    with the socket alone."""
+    with the socket alone. Told nothing, it takes ``./sipis.toml`` as ``serve`` does."""
+    if args.socket is None and args.config is None and args.url is None and not _core_in_environment() \
+            and DEFAULT_CONFIG.exists():
+        args.config = DEFAULT_CONFIG
     if args.socket is None and args.config is not None:
         from sipis.config import ConfigError, load_config
 
@@ -127,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _local_core_known() -> bool:
-    return DEFAULT_CONFIG.exists() or bool(os.environ.get("SIPIS_OPERATOR_SOCKET")
-                                           or os.environ.get("SIPIS_OPERATOR_URL"))
+    return DEFAULT_CONFIG.exists() or _core_in_environment()
+
+
+def _core_in_environment() -> bool:
+    return bool(os.environ.get("SIPIS_OPERATOR_SOCKET") or os.environ.get("SIPIS_OPERATOR_URL"))
 

@@ -105,3 +105,9 @@ def test_json_log_format_writes_one_object_per_record(tmp_path: Path) -> None:
     assert [(e["level"], e["logger"], e["message"]) for e in entries] == [
         ("INFO", "sipis.core", "SIP listening on udp:127.0.0.1:5060"), ("ERROR", "sipis", 'oops "quoted"')]
     assert "ZeroDivisionError" in entries[1]["exception"] and entries[0]["time"].endswith("+00:00")
+
+
+def test_console_without_options_uses_the_local_config(tmp_path: Path, opened: list[argparse.Namespace]) -> None:
+    assert main(["init"]) == 0
+    assert main(["console"]) == 0
+    assert [(a.config, a.socket) for a in opened] == [(Path("sipis.toml"), tmp_path / "var" / "operator.sock")]
