@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from textual import events
 from textual.app import App
 from textual.binding import Binding, BindingType
+from textual.screen import ModalScreen
 from textual.theme import Theme
 from textual.worker import Worker, WorkerState
 
@@ -55,6 +56,8 @@ NARROW = 120
 FIRST_PAGE = 200
 #: an event that took longer than this to arrive was waited for (the stream had nothing buffered)
 EVENT_WAITED = 0.002
+#: views esc can go back through
+VISITED = 10
 
 
 def stylesheet_path() -> Path:
@@ -138,6 +141,7 @@ class SipisConsole(App[int]):
         Binding("3", "view('pushes')", "Pushes", show=False),
         Binding("4", "view('events')", "Events", show=False),
         Binding("5", "view('audit')", "Audit", show=False),
+        Binding("escape", "back", "Back", show=False),  # where no screen takes esc for itself
     ]
 
     def __init__(
@@ -177,6 +181,7 @@ class SipisConsole(App[int]):
         self._pbx_down = False  # as the last summary said: notified once per episode
         self._alarms = 0
         self._last_received_seq: int | None = None
+        self._visited: list[str] = []  # the views shown before the current one, for esc
         self._startup_theme = theme
         self._default_theme = "textual-dark"
         self.register_theme(HIGH_CONTRAST_THEME)
@@ -439,9 +444,30 @@ class SipisConsole(App[int]):
 
     # ------------------------------------------------------------------ navigation
 
-    def action_view(self, mode: str) -> None:
-        if mode in self.MODES and mode != self.current_mode:
-            self.switch_mode(mode)
+    async def action_view(self, mode: str) -> None:
+        """The named top-level view itself, never a detail screen left open on it earlier."""
+        if mode not in self.MODES:
+            return
+        if mode != self.current_mode:
+            self._visited = [*self._visited, self.current_mode][-VISITED:]
+            await self.switch_mode(mode)
+        await self._to_view()
+
+    async def _to_view(self) -> None:
+        """Close the screens stacked on the current view (a dialog stays: it is answered first)."""
+        while len(self.screen_stack) > 1 and not isinstance(self.screen, ModalScreen):
+            await self.pop_screen()
+
+    async def action_back(self) -> None:
+        """esc: one step back: the screen below, else the view shown before this one."""
+        if len(self.screen_stack) > 1:
+            await self.pop_screen()
+            return
+        while self._visited:
+            mode = self._visited.pop()
+            if mode != self.current_mode:
+                await self.switch_mode(mode)
+                return
 
     async def action_filter(self) -> None:
         if self.current_mode != "dashboard":

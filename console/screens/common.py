@@ -111,9 +111,8 @@ class ConsoleScreen(Screen[None]):
             return
         self.console.export_trace(call_id, fmt)
 
-    def action_back(self) -> None:
-        if len(self.app.screen_stack) > 1:
-            self.app.pop_screen()
+    async def action_back(self) -> None:
+        await self.console.action_back()
 
 
 # ---------------------------------------------------------------------------------------------- text helpers

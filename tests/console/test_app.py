@@ -265,6 +265,35 @@ async def test_views_switch_with_number_keys() -> None:
         assert "take_over" in screen_text(app)
 
 
+async def test_number_keys_open_the_view_itself_and_esc_goes_back_one_step() -> None:
+    app = make_console()
+    async with app.run_test(size=(120, 30)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("enter")  # an instance's detail, stacked on the instances view
+        await until(pilot, lambda: isinstance(app.screen, InstanceDetailScreen))
+        await pilot.press("2", "enter")  # a call's trace, stacked on the calls view
+        await until(pilot, lambda: isinstance(app.screen, CallTraceScreen))
+        await pilot.press("1")
+        await pilot.pause()
+        assert isinstance(app.screen, DashboardScreen)
+        await pilot.press("2")
+        await pilot.pause()
+        assert isinstance(app.screen, CallsScreen)
+        await pilot.press("3", "escape")  # back to the calls view
+        await pilot.pause()
+        assert isinstance(app.screen, CallsScreen)
+        await pilot.press("escape")  # back to the instances view
+        await pilot.pause()
+        assert isinstance(app.screen, DashboardScreen)
+        await pilot.press("enter", "escape")  # a detail closes: one step
+        await pilot.pause()
+        assert isinstance(app.screen, DashboardScreen)
+        for view in (CallsScreen, DashboardScreen, DashboardScreen):  # the views before, then nothing
+            await pilot.press("escape")
+            await pilot.pause()
+            assert isinstance(app.screen, view)
+
+
 async def test_event_log_follows_the_stream() -> None:
     feed = FakeFeed(now=NOW)
     app = make_console(feed)
