@@ -6,7 +6,8 @@ its line is painted, so 100k rows cost nothing until they scroll into view. Cell
 the time (countdowns): the caller sets :attr:`VirtualTable.now` and only visible lines are redrawn.
 
 The table does not sort or filter: clicking a header posts :class:`VirtualTable.HeaderClicked` and the
-owner decides. The cursor follows a row's key across :meth:`VirtualTable.set_rows`.
+owner decides. The cursor follows a row's key across :meth:`VirtualTable.set_rows`; a ``newest_first``
+table (a log) follows the newest row instead while the cursor is on the first one.
 """
 
 from __future__ import annotations
@@ -138,8 +139,14 @@ class VirtualTable(ScrollView, Generic[T], can_focus=True):
         name: str | None = None,
         id: str | None = None,
         classes: str | None = None,
+        newest_first: bool = False,
     ) -> None:
         super().__init__(name=name, id=id, classes=classes)
+        #: a log, newest row first: see :meth:`_follow_newest`
+        self.newest_first = newest_first
+        #: (newest_first) rows that arrived above the newest one the operator was shown at the top
+        self.unseen = 0
+        self._newest_key: str | None = None
         self.columns: list[Column[T]] = list(columns)
         self.row_key = key
         self.empty_text = empty_text
@@ -178,14 +185,26 @@ class VirtualTable(ScrollView, Generic[T], can_focus=True):
         """
         if now is not None:
             self.now = now
+        following = self.newest_first and self.cursor_row == 0
+        top, before = int(self.scroll_offset.y), self.cursor_row
         self._rows = rows
         n = len(rows)
         self.virtual_size = Size(max(1, self.scrollable_content_region.width), n + 1)
         index = self.cursor_row
-        if self._cursor_key is not None:
+        if self._cursor_key is not None and not following:
             index = self._find(self._cursor_key, index)
         self._move_cursor(min(max(index, 0), max(n - 1, 0)), post=True, force=True)
+        if self.newest_first and not following:
+            self._stay_put(top + self.cursor_row - before)
         self.refresh()
+
+    def _stay_put(self, top: int) -> None:
+        """A log scrolled away from its newest row: rows that arrived above move the view down with
+        them, so what the operator reads stays where it was; :attr:`unseen` counts them."""
+        if top != int(self.scroll_offset.y):
+            self.scroll_to(y=top, animate=False, immediate=True)
+        rows, key = self._rows, self._newest_key
+        self.unseen = next((i for i, row in enumerate(rows) if self.row_key(row) == key), 0)
 
     def set_now(self, now: float) -> None:
         """New time for countdown cells: repaints the visible lines only."""
@@ -220,6 +239,8 @@ class VirtualTable(ScrollView, Generic[T], can_focus=True):
         changed = index != old or new_key != self._cursor_key
         self.cursor_row = index
         self._cursor_key = new_key
+        if self.newest_first and index == 0:  # at the newest row: everything above has been seen
+            self.unseen, self._newest_key = 0, new_key
         self._scroll_cursor_into_view()
         if changed or force:
             self.refresh_row(old)

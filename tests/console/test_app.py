@@ -294,6 +294,45 @@ async def test_number_keys_open_the_view_itself_and_esc_goes_back_one_step() -> 
             assert isinstance(app.screen, view)
 
 
+async def test_logs_are_newest_first_by_time_and_stay_put_while_scrolled_away() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+
+    def push(push_id: str, sent: float, outcome: str = "accepted") -> None:
+        feed.emit("push", feed.rows[0].selector, push_id=push_id, kind="call", provider="fcm", attempt=1,
+                  outcome=outcome, stages={"push_sent": sent})
+
+    async with app.run_test(size=(120, 30)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("3")
+        await pilot.pause()
+        log = app.screen.query_one("#push-log", VirtualTable)
+        oldest = log.rows[-1]
+        push("p-new-1", NOW + 1)
+        push(oldest.push_id, oldest.stages["push_sent"], outcome="rejected-permanent")  # a later stage of an old push
+        await until(pilot, lambda: len(app._pending) == 2)
+        await app.refresh_now()
+        await pilot.pause()
+        assert log.rows[0].push_id == "p-new-1" and log.cursor_row == 0  # at the top: follows the newest
+        assert log.rows[-1].push_id == oldest.push_id  # an update does not move a row
+        assert "new ↑" not in screen_text(app)
+
+        await pilot.press("down", "down", "down")
+        reading, top = log.cursor_value, log.scroll_offset.y
+        push("p-new-2", NOW + 2)
+        push("p-new-3", NOW + 3)
+        await until(pilot, lambda: len(app._pending) == 2)
+        await app.refresh_now()
+        await pilot.pause()
+        assert log.cursor_value == reading and log.cursor_row == 5  # the row being read stays under the cursor
+        assert log.scroll_offset.y == top + 2  # and where it was on the screen
+        assert "Push log (38, newest first) · 2 new ↑ (home)" in screen_text(app)
+        await pilot.press("home")
+        await pilot.pause()
+        assert log.cursor_value is not None and log.cursor_value.push_id == "p-new-3"
+        assert "Push log (38, newest first)" in screen_text(app) and "new ↑" not in screen_text(app)
+
+
 async def test_event_log_follows_the_stream() -> None:
     feed = FakeFeed(now=NOW)
     app = make_console(feed)
