@@ -13,13 +13,14 @@ import gc
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual import events
 from textual.app import App
 from textual.binding import Binding, BindingType
+from textual.notifications import SeverityLevel
 from textual.screen import ModalScreen
 from textual.theme import Theme
 from textual.worker import Worker, WorkerState
@@ -41,6 +42,7 @@ from console.screens import (
     PushLogScreen,
 )
 from console.screens.common import instance_label
+from console.toasts import Toasts
 from contract.documents import PushRecord, PushResult
 from contract.events import Alarm, Event, StreamNotice
 from widgets.rows import StatusSnapshot
@@ -182,6 +184,7 @@ class SipisConsole(App[int]):
         self._alarms = 0
         self._last_received_seq: int | None = None
         self._visited: list[str] = []  # the views shown before the current one, for esc
+        self.toasts = Toasts()
         self._startup_theme = theme
         self._default_theme = "textual-dark"
         self.register_theme(HIGH_CONTRAST_THEME)
@@ -207,6 +210,23 @@ class SipisConsole(App[int]):
             push_p50_ms=s.push.latency_p50_ms, push_p99_ms=s.push.latency_p99_ms, alarms=max(s.alarms, 0),
             operator=self.operator_name or "", role=self.role or "", paused=self.paused, connected=self.connected,
         )
+
+    # ------------------------------------------------------------------ toasts
+
+    def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
+               timeout: float | None = None, markup: bool = True, cause: Hashable | None = None) -> None:
+        """A toast, one per ``cause`` (by default its title and text) within a minute: a repeat
+        counts on the one raised (:mod:`console.toasts`). Drawn at once, even while paused."""
+        timeout = self.NOTIFICATION_TIMEOUT if timeout is None else timeout
+        self.toasts.raise_toast((title, message) if cause is None else cause, title, message, severity,
+                                now=self.clock(), timeout=timeout)
+        self.show_toasts()
+        self.set_timer(timeout + 0.05, self.show_toasts, name="toast-expiry")
+
+    def show_toasts(self) -> None:
+        for screen in self.screen_stack:
+            if isinstance(screen, ConsoleScreen) and screen.is_mounted:
+                screen.show_toasts()
 
     # ------------------------------------------------------------------ start-up
 
@@ -366,7 +386,8 @@ class SipisConsole(App[int]):
         bits = [instance_label(self.model.store, event.selector)] if event.selector else []
         bits += [str(value) for value in (alarm.code, alarm.reason) if value not in (None, "")]
         self._alarms += 1
-        self.notify(" ".join(bits) or alarm.alarm, title=title, severity="error", timeout=10, markup=False)
+        self.notify(" ".join(bits) or alarm.alarm, title=title, severity="error", timeout=10, markup=False,
+                    cause=(alarm.alarm, event.selector))
 
     def apply_pending(self) -> None:
         """Apply the queued events in one batch."""
@@ -401,6 +422,7 @@ class SipisConsole(App[int]):
             self.run_worker(self.reload_all(), group="resync", exclusive=True, exit_on_error=False)
         if not self.loading:
             self.apply_pending()
+        self.toasts.expire(self.clock())
         if not self._summary_busy and self.loaded:
             self.run_worker(self._poll_summary(), group="summary", exit_on_error=False)
         self.refresh_screen()

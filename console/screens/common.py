@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from textual.app import ComposeResult
+from textual.content import Content
 from textual.screen import Screen
-from textual.widgets import Footer
+from textual.widgets import Footer, Static
 from textual.worker import Worker
 
 from console.model import CallEntry, InstanceStore, LogItem, push_time
 from console.roles import ACTIONS, REPLAY_ROLE
+from console.toasts import Toast
 from contract.codec import encode_notice, payload_data
 from contract.documents import AuditEntry, PushRecord, SipMessage
 from contract.events import Alarm, Event, InstanceAppReport, StreamNotice
@@ -41,6 +43,7 @@ class ConsoleScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield StatusStrip(self.console.status_snapshot())
         yield from self.body()
+        yield ToastLines(id="toasts")
         yield Footer()
 
     def body(self) -> ComposeResult:
@@ -51,6 +54,10 @@ class ConsoleScreen(Screen[None]):
 
     def on_screen_resume(self) -> None:
         self.refresh_view(self.console.now())
+        self.show_toasts()
+
+    def show_toasts(self) -> None:
+        self.query_one(ToastLines).show(self.console.toasts.shown(self.console.clock()))
 
     def refresh_view(self, now: float) -> None:
         """Redraw from the model (called by the app's 1 Hz tick and when the screen comes back)."""
@@ -113,6 +120,25 @@ class ConsoleScreen(Screen[None]):
 
     async def action_back(self) -> None:
         await self.console.action_back()
+
+
+class ToastLines(Static):
+    """The screen's toasts (:mod:`console.toasts`), one line each, between the body and the footer:
+    the body gives up those lines instead of having its columns covered."""
+
+    ICONS: ClassVar[dict[str, tuple[str, str]]] = {"error": ("✖", "bold $error"), "warning": ("▲", "bold $warning"),
+                                                   "information": ("●", "bold $primary")}
+
+    def show(self, toasts: list[Toast]) -> None:
+        self.display = bool(toasts)
+        parts: list[str | tuple[str, str]] = []
+        for toast in toasts:
+            icon, style = self.ICONS.get(toast.severity, self.ICONS["information"])
+            message = " · ".join(line for line in toast.message.splitlines() if line.strip())
+            parts += ["\n" if parts else "", (f"{icon} {toast.title or toast.severity}", style), f"  {message}"]
+            if toast.count > 1:
+                parts.append((f"  ×{toast.count}", "bold"))
+        self.update(Content.assemble(*parts))
 
 
 # ---------------------------------------------------------------------------------------------- text helpers

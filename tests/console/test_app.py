@@ -512,6 +512,41 @@ async def test_alarm_events_notify_at_once() -> None:
         assert "410 Unregistered" in notes[1].message and notes[2].message == "node b unreachable"
 
 
+async def test_one_toast_per_cause_counts_repeats_for_a_minute_and_covers_no_column() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+
+    def rejected(selector: str) -> None:
+        feed.emit("alarm", selector, alarm="push-rejected", outcome="rejected-permanent", code=410,
+                  reason="Unregistered")
+
+    def toast_lines() -> list[str]:
+        return [line for line in screen_text(app).splitlines() if "Push rejected" in line]
+
+    async with app.run_test(size=(120, 30)) as pilot:
+        await ready(pilot, app)
+        for _ in range(3):
+            rejected("s000006")  # a dead token, call after call
+        rejected("s000007")
+        await until(pilot, lambda: len(app._pending) == 4)
+        await pilot.pause()
+        lines = toast_lines()
+        assert len(lines) == 2 and "×3" in lines[0] and "×" not in lines[1]
+        table, toasts = app.screen.query_one("#instances"), app.screen.query_one("#toasts")
+        assert table.region.bottom <= toasts.region.y  # the table gives up lines; no column is covered
+
+        feed.now += 61  # a minute later the same cause is news again
+        rejected("s000006")
+        await until(pilot, lambda: len(app._pending) == 5)
+        await pilot.pause()
+        assert len(toast_lines()) == 1 and "×" not in toast_lines()[0]
+
+        await pilot.press("q")  # a dialog is drawn over the toasts, never under them
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen) and not app.screen.query("#toasts")
+        assert "Leave the SIPIS console?" in screen_text(app)
+
+
 async def test_pbx_down_in_the_summary_notifies_once_and_shows_in_the_strip() -> None:
     feed = FakeFeed(now=NOW)
     app = make_console(feed)
