@@ -47,6 +47,12 @@ class Column(Generic[T]):
     priority: int = 0  # when the table is narrow, columns with the highest priority number go first
 
 
+def _least(column: Column[Any], sorted_by: str | None) -> int:
+    """A column's width: the sorted one's never less than its title and the arrow (``Code▲``, not
+    ``Cod…``)."""
+    return max(column.width, len(column.title) + 1) if column.key == sorted_by else column.width
+
+
 class VirtualTable(ScrollView, Generic[T], can_focus=True):
     """A fast, read-only table with a row cursor and a fixed header line."""
 
@@ -156,7 +162,7 @@ class VirtualTable(ScrollView, Generic[T], can_focus=True):
         self._rows: Sequence[T] = ()
         self.cursor_row = 0
         self._cursor_key: str | None = None
-        self._layout_width = -1
+        self._layout_width: tuple[int, str | None] = (-1, None)  # what _layout was made for
         self._layout: list[tuple[Column[T], int]] = []
         self._styles: dict[tuple[str, str], Style] = {}
 
@@ -212,8 +218,12 @@ class VirtualTable(ScrollView, Generic[T], can_focus=True):
         self.refresh()
 
     def set_sort_indicator(self, column: str | None, desc: bool) -> None:
+        layout_changes = column != self.sort_column
         self.sort_column, self.sort_desc = column, desc
-        self.refresh(Region(0, 0, self.size.width, 1))
+        if layout_changes:  # the sorted column may need room for its arrow
+            self.refresh()
+        else:
+            self.refresh(Region(0, 0, self.size.width, 1))
 
     def _find(self, key: str, hint: int) -> int:
         rows, row_key = self._rows, self.row_key
@@ -317,12 +327,13 @@ class VirtualTable(ScrollView, Generic[T], can_focus=True):
 
     def _columns_for(self, width: int) -> list[tuple[Column[T], int]]:
         """Which columns fit in ``width`` and how wide each one is (cached per width)."""
-        if width == self._layout_width:
+        if (width, self.sort_column) == self._layout_width:
             return self._layout
         chosen = list(self.columns)
+        sorted_by = self.sort_column
 
         def needed(columns: list[Column[T]]) -> int:
-            return sum(c.width for c in columns) + max(len(columns) - 1, 0)
+            return sum(_least(c, sorted_by) for c in columns) + max(len(columns) - 1, 0)
 
         while len(chosen) > 1 and needed(chosen) > width:
             worst = max(chosen, key=lambda c: c.priority)
@@ -342,8 +353,8 @@ class VirtualTable(ScrollView, Generic[T], can_focus=True):
                 else:
                     extra = spare * column.flex // total_flex
                     given += extra
-            layout.append((column, column.width + extra))
-        self._layout_width, self._layout = width, layout
+            layout.append((column, _least(column, sorted_by) + extra))
+        self._layout_width, self._layout = (width, sorted_by), layout
         return layout
 
     def notify_style_update(self) -> None:

@@ -28,6 +28,7 @@ from contract.documents import InstanceRow
 from contract.events import InstanceDetail
 from widgets.instance_table import InstanceTable
 from widgets.ladder import Ladder
+from widgets.sparklines import SparkPanel
 from widgets.status_strip import StatusStrip
 from widgets.table import VirtualTable
 
@@ -117,6 +118,30 @@ async def test_sort_keys_toggle_and_header_click() -> None:
         await pilot.pause()
         assert (store.sort_key, store.sort_desc) == ("state", True)
         assert table(app).rows[0].state == "off"
+
+
+@pytest.mark.parametrize("width", [80, 120])
+async def test_a_sorted_header_is_never_cut(width: int) -> None:
+    app = make_console()
+    async with app.run_test(size=(width, 30)) as pilot:
+        await ready(pilot, app)
+        instances = table(app)
+        for column, _ in instances._columns_for(instances.scrollable_content_region.width):
+            app.model.store.set_sort(column.key, False)
+            instances.set_sort_indicator(column.key, False)
+            await pilot.pause()
+            assert f"{column.title}▲" in screen_text(app)
+
+
+async def test_sparklines_start_at_zero() -> None:
+    app = make_console()
+    async with app.run_test(size=(120, 30)) as pilot:
+        await ready(pilot, app)
+        sparks = app.screen.query_one(SparkPanel)
+        sparks.show("proxied", [33.0] * 60 + [34.0] * 60, "34")
+        await pilot.pause()
+        top_half = screen_text(app).splitlines()[sparks.region.y + 1][1: sparks.region.width // 3 - 2]
+        assert top_half.strip() and " " not in top_half  # 33 is nearly as high as 34, not a floor
 
 
 async def test_countdowns_are_computed_at_render_time() -> None:
