@@ -575,4 +575,5 @@ class ConsoleModel:
         return sorted(self.held.values(), key=lambda c: (c.call.received_at, c.call.call_id))
 
     def recent(self) -> list[CallEntry]:
-        return list(reversed(self.recent_calls))
+        """Newest first by when the INVITE came (not by when the call ended)."""
+        return sorted(reversed(self.recent_calls), key=lambda c: c.call.received_at, reverse=True)

@@ -24,7 +24,7 @@ from console.screens import (
     InstanceDetailScreen,
     PushLogScreen,
 )
-from contract.documents import InstanceRow
+from contract.documents import CallsSnapshot, HeldCall, InstanceRow
 from contract.events import InstanceDetail
 from widgets.instance_table import InstanceTable
 from widgets.ladder import Ladder
@@ -271,6 +271,25 @@ async def test_held_calls_board_and_call_trace() -> None:
         await pilot.press("escape")
         await pilot.pause()
         assert isinstance(app.screen, CallsScreen)
+
+
+async def test_recent_calls_fill_the_screen_newest_first_by_received_time() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        held = (await feed.calls()).held
+        # ended in another order than they came: the first to come ended last
+        recent = [HeldCall(call_id=f"inv-{n:02d}@pbx", push_id=f"p-{n:02d}", selector=feed.rows[0].selector,
+                           caller="sip:+4930@pbx1.example.net", stage="Ended", received_at=NOW - 100 - n * 60,
+                           outcome="redirected", final_status=302) for n in range(40)]
+        app.model.load_calls(CallsSnapshot(held=held, recent=recent), NOW)
+        await pilot.press("2")
+        await pilot.pause()
+        rows = app.screen.query_one("#recent", VirtualTable).rows
+        assert [c.call.call_id for c in rows[:3]] == ["inv-00@pbx", "inv-01@pbx", "inv-02@pbx"]
+        shown = [line for line in screen_text(app).splitlines() if "+4930@pbx1" in line]
+        assert len(shown) >= 25  # two held calls take their own lines, the recent ones the rest
 
 
 async def test_views_switch_with_number_keys() -> None:
