@@ -292,6 +292,25 @@ async def test_recent_calls_fill_the_screen_newest_first_by_received_time() -> N
         assert len(shown) >= 25  # two held calls take their own lines, the recent ones the rest
 
 
+async def test_the_raw_message_uses_the_width_it_gets_and_wraps_long_lines() -> None:
+    app = make_console()
+    async with app.run_test(size=(130, 40)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("enter")
+        ladder = app.screen.query_one(Ladder)
+        await until(pilot, lambda: ladder.row_count > 0)
+        for _ in range(5):  # the INVITE from the PBX
+            await pilot.press("down")
+        await pilot.pause()
+        row = ladder.cursor_value
+        assert row is not None and "INVITE sip:" in row.detail
+        box, raw = app.screen.query_one(".raw-box"), app.screen.query_one(".raw")
+        assert raw.region.width >= box.region.width - 2
+        text = screen_text(app)
+        for word in row.detail.split():  # nothing cut off at the pane's edge
+            assert word in text
+
+
 async def test_views_switch_with_number_keys() -> None:
     app = make_console()
     async with app.run_test(size=(100, 30)) as pilot:
