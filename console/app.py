@@ -60,6 +60,9 @@ FIRST_PAGE = 200
 EVENT_WAITED = 0.002
 #: views esc can go back through
 VISITED = 10
+#: where exports go unless told (``--export-dir``, ``[console] export_dir``): never the working
+#: directory, which may be a checkout
+DEFAULT_EXPORT_DIR = Path("~/sipis-exports")
 
 
 def stylesheet_path() -> Path:
@@ -611,8 +614,9 @@ class SipisConsole(App[int]):
         self.run_worker(self._export(call_id, fmt), group="export", exit_on_error=False)
 
     async def _export(self, call_id: str, fmt: str) -> Path | None:
-        folder = self.export_dir or Path.cwd()
+        folder = (self.export_dir or DEFAULT_EXPORT_DIR).expanduser()
         try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # traces hold numbers and addresses
             if fmt == "pcap":
                 data: bytes = await self.feed.call_trace_pcap(call_id)
                 path = folder / f"sipis-call-{_safe_name(call_id)}.pcap"
@@ -631,8 +635,9 @@ class SipisConsole(App[int]):
 
 
 def run_console(feed: Feed, *, operator_name: str | None = None, role: str | None = None,
-                theme: str | None = None, utc: bool = False) -> int:
+                theme: str | None = None, utc: bool = False, export_dir: Path | None = None) -> int:
     """Run the console on the current terminal until the operator quits; returns the exit status."""
-    app = SipisConsole(feed, operator_name=operator_name, role=role, theme=theme, utc=utc, gc_freeze=True)
+    app = SipisConsole(feed, operator_name=operator_name, role=role, theme=theme, utc=utc, gc_freeze=True,
+                       export_dir=export_dir)
     app.run()
     return app.return_code or 0

@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="operator API URL (TCP listener); the token comes from $SIPIS_OPERATOR_TOKEN")
     parser.add_argument("--theme", help="Textual theme name (F2 toggles high contrast)")
     parser.add_argument("--utc", action="store_true", help="show times in UTC")
+    parser.add_argument("--export-dir", type=Path, metavar="DIR",
+                        help="where call traces are written (default: [console] export_dir, else ~/sipis-exports)")
     # the SSH server's child: take the pty on stdin as controlling terminal, so a hang-up ends us
     parser.add_argument("--session-tty", action="store_true", help=argparse.SUPPRESS)
 
@@ -82,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     client = connect()
     try:
-        return run_console(OperatorFeed(client), theme=args.theme, utc=args.utc)
+        return run_console(OperatorFeed(client), theme=args.theme, utc=args.utc, export_dir=args.export_dir)
     finally:
         with contextlib.suppress(Exception):
             asyncio.run(client.aclose())

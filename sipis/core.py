@@ -42,7 +42,7 @@ from sipis.sip.resolver import Resolver
 from sipis.sip.sources import TrustedSources
 from sipis.sip.transaction import TimerSettings
 from sipis.sip.transport import ListenSpec, TlsSettings
-from sipis.ssh_server import ConsoleSshServer
+from sipis.ssh_server import ConsoleSshServer, console_command
 from sipis.text_messages import TextMessages
 from sipis.timers import LoopTimers
 from sipis.tls_certs import ensure_self_signed
@@ -177,7 +177,8 @@ class Core:
         await self._start_operator_api()
         if config.ssh.listen is not None:
             self.ssh = ConsoleSshServer(config.ssh, self.operator_sessions, config.operator.socket,
-                                        audit=self.operations.audit)
+                                        audit=self.operations.audit,
+                                        command=console_command(config.operator.socket, config.console.export_dir))
             with opening("SSH", f"{config.ssh.listen.host}:{config.ssh.listen.port}"):
                 self.listening.ssh = await self.ssh.start()
         # Everything built so far lives as long as the process: keep it out of the cyclic GC's

@@ -54,10 +54,12 @@ def open_console(args: argparse.Namespace) -> int:
         from sipis.config import ConfigError, load_config
 
         try:
-            args.socket = load_config(args.config).operator.socket
+            config = load_config(args.config)
         except (OSError, ConfigError) as exc:
             print(f"sipis-console: {args.config}: {exc}", file=sys.stderr)
             return 2
+        args.socket = config.operator.socket
+        args.export_dir = args.export_dir or config.console.export_dir
     from console.cli import main as console_main
 
     return console_main(args)

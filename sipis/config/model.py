@@ -321,6 +321,13 @@ class SshConfig:
 
 
 @section()
+class ConsoleConfig:
+    export_dir: Path | None = setting(FilePath(), "where the console writes call traces (`e` / `E`), created mode "
+                                      "0700; never the working directory", default=None,
+                                      default_doc="`~/sipis-exports`", example=Path("~/sipis-exports"))
+
+
+@section()
 class Config:
     state_dir: Path = setting(FilePath(), "database, key file, generated certificates, SSH host key, operator socket",
                               default=Path("var"))
@@ -335,4 +342,5 @@ class Config:
                                                "digits, `_`, `-`) is what apps name at enrolment")
     operator: OperatorConfig = setting(Section(OperatorConfig), "the operator API (console, automation)")
     ssh: SshConfig = setting(Section(SshConfig), "the NOC console over SSH (key auth only)")
+    console: ConsoleConfig = setting(Section(ConsoleConfig), "the operator console (local and over SSH)")
     source: Path | None = None  # the file this came from, if any

@@ -250,6 +250,24 @@ async def test_export_a_call_trace_as_text_and_pcap(tmp_path: Path) -> None:
         assert any(str(text_file) in n.message for n in notes)
 
 
+async def test_exports_go_to_a_private_folder_in_home_never_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    app = make_console()
+    async with app.run_test(size=(120, 40)) as pilot:
+        notes = record_notes(app)
+        await ready(pilot, app)
+        await pilot.press("2", "e")
+        folder = tmp_path / "home" / "sipis-exports"
+        await until(pilot, lambda: any(n.title == "Trace written (text)" for n in notes))
+        written = [n.message for n in notes if n.title == "Trace written (text)"]
+        assert written == [str(folder / "sipis-call-inv-s000001_pbx.txt")]
+        assert (folder / "sipis-call-inv-s000001_pbx.txt").is_file()
+        assert folder.stat().st_mode & 0o777 == 0o700
+        assert not list(tmp_path.glob("sipis-call-*"))
+
+
 async def test_held_calls_board_and_call_trace() -> None:
     app = make_console()
     async with app.run_test(size=(120, 40)) as pilot:

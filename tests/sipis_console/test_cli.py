@@ -111,3 +111,12 @@ def test_console_without_options_uses_the_local_config(tmp_path: Path, opened: l
     assert main(["init"]) == 0
     assert main(["console"]) == 0
     assert [(a.config, a.socket) for a in opened] == [(Path("sipis.toml"), tmp_path / "var" / "operator.sock")]
+
+
+def test_the_export_folder_comes_from_the_config(tmp_path: Path, opened: list[argparse.Namespace]) -> None:
+    assert main(["init"]) == 0
+    config = Path("sipis.toml")
+    config.write_text(config.read_text().replace('# export_dir = "~/sipis-exports"', 'export_dir = "traces"'))
+    assert main([]) == 0
+    assert main(["console", "--export-dir", "/elsewhere"]) == 0
+    assert [a.export_dir for a in opened] == [tmp_path / "traces", Path("/elsewhere")]
