@@ -503,7 +503,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  phones:             {counts(summary['phones']['kinds'])}",
         f"  phones' push:       {counts(summary['phones'].get('push_types', {}))}",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + _terms(summary))
+
+
+def _terms(summary: dict[str, Any]) -> list[str]:
+    """What the calls' outcomes that occurred mean, and whose counts the two call lines are."""
+    from lab.callers import OUTCOME_MEANINGS
+
+    used = [name for name, count in summary["calls"].items() if count]
+    return ["  terms: 'calls' are the callers' view of every call, 'held calls (core)' the core's of those it held",
+            "         for a sleeping app; 'unfinished' calls were still ringing when the demo stopped",
+            *(f"    {name:<18}  {OUTCOME_MEANINGS[name]}" for name in used if name in OUTCOME_MEANINGS)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
