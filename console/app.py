@@ -114,6 +114,13 @@ def _palette_provider() -> type[Provider]:
     return SipisCommands
 
 
+def aor_user(aor: str) -> str:
+    """``alice`` of ``sip:alice@pbx.example.com`` (empty when there is none)."""
+    scheme, _, rest = aor.partition(":")
+    user, at, _ = (rest if scheme.lower() in ("sip", "sips") else "").partition("@")
+    return user if at else ""
+
+
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:80] or "call"
 
@@ -559,8 +566,13 @@ class SipisConsole(App[int]):
             if answer:
                 self.run_worker(self._run_action(selector, name), group="actions", exit_on_error=False)
 
-        self.push_screen(ConfirmScreen(f"{label}?", f"{label} {target}\n({selector})", confirm=label,
-                                       danger=name == "disable"), done)
+        if name == "disable":  # wipes the credentials: the operator types the AOR's user part
+            self.push_screen(ConfirmScreen(
+                f"{label}: this wipes the credentials", f"{label} {target}\n({selector})\nThe app has to enrol "
+                "again before the SIPIS can register for it.", confirm=label, danger=True,
+                type_to_confirm=aor_user(target) or selector), done)
+            return
+        self.push_screen(ConfirmScreen(f"{label}?", f"{label} {target}\n({selector})", confirm=label), done)
 
     async def _run_action(self, selector: str, name: str) -> None:
         label = ACTIONS[name][0]

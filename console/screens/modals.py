@@ -8,7 +8,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Label, Static
+from textual.widgets import Button, Input, Label, Static
 
 from console.roles import role_allows
 
@@ -61,35 +61,56 @@ def keymap_for(role: str | None) -> list[tuple[str, list[tuple[str, str]]]]:
 
 
 class ConfirmScreen(ModalScreen[bool]):
-    """Yes/no; ``y``/enter confirms, ``n``/esc cancels."""
+    """Yes/no; ``y``/enter confirms, ``n``/esc cancels. A destructive action (``danger``) looks
+    different and, with ``type_to_confirm``, is confirmed only by typing that word (enter)."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("y", "answer(True)", "Yes"),
         Binding("n,escape", "answer(False)", "No"),
     ]
 
-    def __init__(self, title: str, message: str, *, confirm: str = "Yes", danger: bool = False) -> None:
+    def __init__(self, title: str, message: str, *, confirm: str = "Yes", danger: bool = False,
+                 type_to_confirm: str | None = None) -> None:
         super().__init__(classes="-danger" if danger else None)
         self.title_text = title
         self.message = message
         self.confirm = confirm
+        self.type_to_confirm = type_to_confirm
 
     def compose(self) -> ComposeResult:
         with Vertical(id="confirm-box"):
             yield Label(self.title_text, id="confirm-title")
             yield Static(self.message, id="confirm-message", markup=False)
+            if self.type_to_confirm is not None:
+                yield Static(f"Type {self.type_to_confirm} and press enter to confirm.", id="confirm-typing",
+                             markup=False)
+                yield Input(placeholder=self.type_to_confirm, id="confirm-typed", compact=True)
             with Horizontal(id="confirm-buttons"):
-                yield Button(f"{self.confirm} (y)", id="confirm-yes", variant="error" if
-                             self.has_class("-danger") else "primary")
-                yield Button("Cancel (n)", id="confirm-no")
+                yield Button(f"{self.confirm} (y)" if self.type_to_confirm is None else self.confirm,
+                             id="confirm-yes", variant="error" if self.has_class("-danger") else "primary",
+                             disabled=self.type_to_confirm is not None)
+                yield Button("Cancel (n)" if self.type_to_confirm is None else "Cancel (esc)", id="confirm-no")
 
     def on_mount(self) -> None:
-        self.query_one("#confirm-no", Button).focus()
+        focus = "#confirm-typed" if self.type_to_confirm is not None else "#confirm-no"
+        self.query_one(focus).focus()
+
+    def _typed(self) -> bool:
+        return self.type_to_confirm is None or self.query_one("#confirm-typed", Input).value == self.type_to_confirm
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self.query_one("#confirm-yes", Button).disabled = not self._typed()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if self._typed():
+            self.dismiss(True)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "confirm-yes")
+        self.dismiss(event.button.id == "confirm-yes" and self._typed())
 
     def action_answer(self, answer: bool) -> None:
+        if answer and not self._typed():
+            return
         self.dismiss(answer)
 
 

@@ -472,7 +472,13 @@ async def test_actions_from_the_detail_screen() -> None:
         await pilot.press("D")
         await pilot.pause()
         assert isinstance(app.screen, ConfirmScreen) and app.screen.has_class("-danger")
-        await pilot.press("y")
+        assert 0 < app.screen.styles.background.a < 1  # the screen behind shows through, dimmed
+        assert "Type alice00000 and press enter" in screen_text(app)
+        await pilot.press("y", "enter")  # y is no answer here: it is typed, and a wrong name confirms nothing
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen) and feed.actions == []
+        await pilot.press(*["backspace"] * 1, *"alice00000")
+        await pilot.press("enter")
         await until(pilot, lambda: feed.actions == [("s000000", "disable")])
         assert isinstance(app.screen, InstanceDetailScreen)
 
