@@ -37,14 +37,16 @@ from console.screens import (
     ConsoleScreen,
     DashboardScreen,
     EventLogScreen,
+    EventScreen,
     HelpScreen,
     InstanceDetailScreen,
     PushLogScreen,
 )
-from console.screens.common import instance_label
+from console.screens.common import event_fields, instance_label
 from console.toasts import Toasts
 from contract.documents import PushRecord, PushResult
 from contract.events import Alarm, Event, StreamNotice
+from widgets.format import clock_time
 from widgets.rows import StatusSnapshot
 
 if TYPE_CHECKING:
@@ -148,6 +150,7 @@ class SipisConsole(App[int]):
         Binding("question_mark", "help", "Help"),
         Binding("p", "toggle_pause", "Pause"),
         Binding("f2", "toggle_contrast", "Contrast", show=False),
+        Binding("u", "toggle_utc", "UTC", show=False),
         Binding("1", "view('dashboard')", "Instances", show=False),
         Binding("2", "view('calls')", "Calls", show=False),
         Binding("3", "view('pushes')", "Pushes", show=False),
@@ -512,6 +515,33 @@ class SipisConsole(App[int]):
 
     def open_instance(self, selector: str) -> None:
         self.push_screen(InstanceDetailScreen(selector))
+
+    def open_event(self, item: object) -> None:
+        """The whole event, every field in words."""
+        if isinstance(item, Event | StreamNotice):
+            selector = item.selector if isinstance(item, Event) else None
+            where = f"  {instance_label(self.model.store, selector)}" if selector else ""
+            title = f"{item.kind}{where}  at {clock_time(item.at, utc=self.utc)}{' UTC' if self.utc else ''}"
+            known = selector if selector and selector in self.model.store else None
+            self.push_screen(EventScreen(title, event_fields(item, self.utc, every=True), known, self.open_instance))
+
+    def in_utc(self) -> bool:
+        """Whether times show in UTC (``u`` toggles; local time otherwise)."""
+        return self.utc
+
+    def action_toggle_utc(self) -> None:
+        self.utc = not self.utc
+        from widgets.ladder import Ladder
+
+        for screen in self.screen_stack:
+            for ladder in screen.query(Ladder):
+                ladder.utc = self.utc
+            if isinstance(screen, InstanceDetailScreen | CallTraceScreen) and screen.is_mounted:
+                screen.load()  # the raw messages' headers carry times too
+            screen.refresh(repaint=True)
+        self.refresh_screen()
+        self.notify("times in UTC" if self.utc else f"times in local time ({time.strftime('%Z')})",
+                    title="Clock", timeout=3, cause="clock")
 
     def open_call(self, call_id: str, selector: str | None = None) -> None:
         self.push_screen(CallTraceScreen(call_id, selector))

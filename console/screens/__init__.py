@@ -4,7 +4,7 @@ from console.screens.common import ConsoleScreen
 from console.screens.dashboard import DashboardScreen
 from console.screens.detail import CallTraceScreen, InstanceDetailScreen
 from console.screens.logs import AuditScreen, CallsScreen, EventLogScreen, PushLogScreen
-from console.screens.modals import KEYMAP, ConfirmScreen, HelpScreen, keymap_for
+from console.screens.modals import KEYMAP, ConfirmScreen, EventScreen, HelpScreen, keymap_for
 
 __all__ = [
     "KEYMAP",
@@ -15,6 +15,7 @@ __all__ = [
     "ConsoleScreen",
     "DashboardScreen",
     "EventLogScreen",
+    "EventScreen",
     "HelpScreen",
     "InstanceDetailScreen",
     "PushLogScreen",

@@ -86,10 +86,10 @@ class InstanceDetailScreen(ConsoleScreen):
                 yield TracePane(utc=self.console.utc, id="detail-trace")
             with TabPane("Timeline", id="tab-timeline"):
                 yield VirtualTable[LogItem](
-                    event_columns(self.console.model.store, self.console.utc, with_instance=False),
+                    event_columns(self.console.model.store, self.console.in_utc, with_instance=False),
                     key=lambda e: f"{e.seq}:{e.at}", empty_text="no events", id="detail-timeline", newest_first=True)
             with TabPane("Pushes", id="tab-pushes"):
-                yield VirtualTable[PushRecord](push_columns(self.console.model.store, self.console.utc),
+                yield VirtualTable[PushRecord](push_columns(self.console.model.store, self.console.in_utc),
                                             key=lambda p: p.push_id, empty_text="no pushes", id="detail-pushes",
                                             newest_first=True)
 
@@ -182,6 +182,10 @@ class InstanceDetailScreen(ConsoleScreen):
     @on(TabbedContent.TabActivated)
     def _tab_changed(self) -> None:
         self.refresh_bindings()
+
+    @on(VirtualTable.RowSelected, "#detail-timeline")
+    def _event_selected(self, event: VirtualTable.RowSelected) -> None:
+        self.console.open_event(event.row)
 
     @on(VirtualTable.RowHighlighted)
     def _highlighted(self) -> None:

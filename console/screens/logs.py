@@ -13,7 +13,6 @@ from textual.widgets import Static
 from console.model import CallEntry, LogItem
 from console.screens.common import ConsoleScreen, audit_columns, call_columns, event_columns, push_columns
 from contract.documents import AuditEntry, PushRecord
-from contract.events import Event
 from widgets.table import VirtualTable
 
 
@@ -61,12 +60,12 @@ class CallsScreen(LogScreen):
     ]
 
     def body(self) -> ComposeResult:
-        store, utc = self.console.model.store, self.console.utc
+        columns = call_columns(self.console.model.store, self.console.in_utc)
         yield Static("Held calls", id="held-title", classes="section-title")
-        yield VirtualTable[CallEntry](call_columns(store, utc), key=lambda c: c.call.push_id or c.call.call_id,
+        yield VirtualTable[CallEntry](columns, key=lambda c: c.call.push_id or c.call.call_id,
                                      empty_text="no held calls", id="held", classes="held")
         yield Static("Recent calls", id="recent-title", classes="section-title")
-        yield VirtualTable[CallEntry](call_columns(store, utc), key=lambda c: f"{c.call.push_id}:{c.call.call_id}",
+        yield VirtualTable[CallEntry](columns, key=lambda c: f"{c.call.push_id}:{c.call.call_id}",
                                      empty_text="no recent calls", id="recent", classes="recent")
 
     def on_mount(self) -> None:
@@ -128,7 +127,7 @@ class PushLogScreen(LogScreen):
     def body(self) -> ComposeResult:
         yield Static("Push log (newest first)", id="push-log-title", classes="section-title")
         model = self.console.model
-        yield VirtualTable[PushRecord](push_columns(model.store, self.console.utc, model.push_at),
+        yield VirtualTable[PushRecord](push_columns(model.store, self.console.in_utc, model.push_at),
                                       key=lambda p: p.push_id, empty_text="no pushes yet", id="push-log",
                                       newest_first=True)
 
@@ -164,7 +163,7 @@ class PushLogScreen(LogScreen):
 class EventLogScreen(LogScreen):
     def body(self) -> ComposeResult:
         yield Static("Event log (newest first)", id="event-log-title", classes="section-title")
-        yield VirtualTable[LogItem](event_columns(self.console.model.store, self.console.utc),
+        yield VirtualTable[LogItem](event_columns(self.console.model.store, self.console.in_utc),
                                    key=lambda e: f"{e.seq}:{e.at}", empty_text="no events yet", id="event-log",
                                    newest_first=True)
 
@@ -180,14 +179,13 @@ class EventLogScreen(LogScreen):
 
     @on(VirtualTable.RowSelected)
     def _selected(self, event: VirtualTable.RowSelected) -> None:
-        if isinstance(event.row, Event) and event.row.selector and event.row.selector in self.console.model.store:
-            self.console.open_instance(event.row.selector)
+        self.console.open_event(event.row)
 
 
 class AuditScreen(LogScreen):
     def body(self) -> ComposeResult:
         yield Static("Audit log (newest first)", id="audit-log-title", classes="section-title")
-        yield VirtualTable[AuditEntry](audit_columns(self.console.model.store, self.console.utc),
+        yield VirtualTable[AuditEntry](audit_columns(self.console.model.store, self.console.in_utc),
                                       key=lambda a: f"{a.at}:{a.action}:{a.target}",
                                       empty_text="no audited actions", id="audit-log", newest_first=True)
 

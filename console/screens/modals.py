@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 from textual.app import ComposeResult
@@ -15,18 +16,19 @@ from console.roles import role_allows
 #: (section, [(keys, what, role needed or None)]); the help screen and docs/console.md show this
 KEYMAP: list[tuple[str, list[tuple[str, str, str | None]]]] = [
     ("Everywhere", [
-        ("1 2 3 4 5", "views: instances, held calls, push log, event log, audit log", None),
+        ("1 2 3 4 5", "views: instances, held calls, push log, event log, audit log (the view itself)", None),
         ("ctrl+p", "command palette: every view and action", None),
         ("?", "this key map", None),
         ("p", "pause / resume live updates (the view freezes, events queue up)", None),
         ("f2", "toggle the high-contrast theme", None),
+        ("u", "times in UTC / in local time", None),
         ("q", "quit (asks first); ctrl+c does nothing harmful", None),
-        ("esc", "back / close / clear the filter", None),
+        ("esc", "one step back / close / clear the filter", None),
     ]),
     ("Tables", [
         ("↑ ↓ j k", "move the cursor", None),
         ("pgup pgdn home end", "page / jump", None),
-        ("enter", "open: instance detail, call trace", None),
+        ("enter", "open: instance detail, call trace, the whole event (event log, timeline)", None),
         ("click header", "sort by that column (again: reverse)", None),
     ]),
     ("Instances (1)", [
@@ -42,7 +44,7 @@ KEYMAP: list[tuple[str, list[tuple[str, str, str | None]]]] = [
     ]),
     ("Instance detail / call trace", [
         ("tab / shift+tab", "move between ladder, timeline, pushes", None),
-        ("e / E", "export the selected call's trace as text / pcap (into the working dir)", None),
+        ("e / E", "export the selected call's trace as text / pcap (into ~/sipis-exports)", None),
         ("R", "replay the selected push (detail: Pushes tab; push log)", "operator"),
         ("ctrl+r", "reload", None),
         ("i", "open the call's instance (held calls)", None),
@@ -112,6 +114,43 @@ class ConfirmScreen(ModalScreen[bool]):
         if answer and not self._typed():
             return
         self.dismiss(answer)
+
+
+class EventScreen(ModalScreen[None]):
+    """One event whole: every field in words, one per line (``enter`` on the event log or a
+    Timeline); ``i`` opens its instance."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,enter,q", "close", "Close"),
+        Binding("i", "instance", "Instance"),
+    ]
+
+    def __init__(self, title: str, fields: list[tuple[str, str]], selector: str | None,
+                 open_instance: Callable[[str], None]) -> None:
+        super().__init__()
+        self.title_text = title
+        self.fields = fields
+        self.selector = selector
+        self.open_instance = open_instance
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="event-box"):
+            yield Label(self.title_text, id="event-title")
+            with VerticalScroll(id="event-scroll"):
+                width = max((len(name) for name, _ in self.fields), default=0)
+                yield Static("\n".join(f"{name:<{width}}  {value}" for name, value in self.fields) or "no fields",
+                             id="event-fields", markup=False)
+            hint = "esc closes · i opens the instance" if self.selector else "esc closes"
+            yield Label(hint, id="event-hint")
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+    def action_instance(self) -> None:
+        selector = self.selector
+        self.dismiss(None)
+        if selector:
+            self.open_instance(selector)
 
 
 class HelpScreen(ModalScreen[None]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from console.screens import (
     ConfirmScreen,
     DashboardScreen,
     EventLogScreen,
+    EventScreen,
     HelpScreen,
     InstanceDetailScreen,
     PushLogScreen,
@@ -426,7 +428,46 @@ async def test_event_log_follows_the_stream() -> None:
         await pilot.pause()
         text = screen_text(app)
         assert "Event log (1, newest first)" in text
-        assert "registration" in text and "bob00001@pbx2.example.net" in text and "code=200" in text
+        assert "registration" in text and "bob00001@pbx2.example.net" in text and "code 200" in text
+
+
+async def test_events_read_in_words_with_local_or_utc_times_and_enter_shows_all(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "Asia/Kolkata")  # UTC+05:30, so local and UTC times differ
+    time.tzset()
+    try:
+        feed = FakeFeed(now=NOW)
+        app = make_console(feed, utc=False)
+        async with app.run_test(size=(180, 30)) as pilot:
+            await ready(pilot, app)
+            await pilot.press("4")
+            feed.emit("registration", "s000001", result="registered", code=200, reason="OK", expires=3600,
+                      detail="", failure_count=0, next_refresh_at=NOW + 1800, expires_at=NOW + 3600)
+            await until(pilot, lambda: len(app._pending) == 1)
+            app.tick()
+            await pilot.pause()
+            line = next(line for line in screen_text(app).splitlines() if "registration" in line)
+            # 2023-11-14 22:13:20 UTC is 03:43:20 in Kolkata: local first
+            assert line.startswith("03:43:20") and "code 200  reason OK  expires 3600 s" in line
+            assert "=" not in line and "1700" not in line  # no key=value, no epoch seconds
+            await pilot.press("u")
+            await pilot.pause()
+            line = next(line for line in screen_text(app).splitlines() if "registration" in line)
+            assert line.startswith("22:13:20")
+
+            await pilot.press("enter")
+            await pilot.pause()
+            assert isinstance(app.screen, EventScreen)
+            text = screen_text(app)
+            for field in ("result", "registered", "failure count", "next refresh at  22:43:20",
+                          "expires at       23:13:20"):
+                assert field in text
+            await pilot.press("i")
+            await pilot.pause()
+            assert isinstance(app.screen, InstanceDetailScreen) and app.screen.selector == "s000001"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
 
 
 # ---------------------------------------------------------------------------------------------- actions and roles
