@@ -28,7 +28,7 @@ from textual.worker import Worker, WorkerState
 from console import instrumentation
 from console.feed import Feed, FeedError, Forbidden
 from console.model import ALARM_TITLES, ConsoleModel, LogItem
-from console.roles import ACTIONS, REPLAY_ROLE, role_allows
+from console.roles import ACTIONS, REPLAY_ROLE, role_allows, why_not
 from console.screens import (
     AuditScreen,
     CallsScreen,
@@ -132,7 +132,7 @@ class SipisConsole(App[int]):
 
     TITLE = "SIPIS console"
     CSS_PATH = stylesheet_path()
-    COMMANDS = App.COMMANDS | {_palette_provider}
+    COMMANDS: ClassVar[set[type[Provider] | Callable[[], type[Provider]]]] = {_palette_provider}  # ours only: one Quit
     MODES: ClassVar[dict[str, str | Callable[[], object]]] = {  # type: ignore[assignment]
         "dashboard": DashboardScreen,
         "calls": CallsScreen,
@@ -144,11 +144,12 @@ class SipisConsole(App[int]):
     HIGH_CONTRAST = HIGH_CONTRAST_THEME.name
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("q", "quit", "Quit"),
+        # shown by each console screen first (see ConsoleScreen.BINDINGS); here for the other screens
+        Binding("q", "quit", "Quit", show=False),
         Binding("ctrl+q", "quit", "Quit", show=False, priority=True),
         Binding("ctrl+c", "ctrl_c", "Nothing", show=False, system=True),
-        Binding("question_mark", "help", "Help"),
-        Binding("p", "toggle_pause", "Pause"),
+        Binding("question_mark", "help", "Help", show=False),
+        Binding("p", "toggle_pause", "Pause", show=False),
         Binding("f2", "toggle_contrast", "Contrast", show=False),
         Binding("u", "toggle_utc", "UTC", show=False),
         Binding("1", "view('dashboard')", "Instances", show=False),
@@ -589,6 +590,10 @@ class SipisConsole(App[int]):
         label, needed = ACTIONS[name]
         if not self.may(needed):
             self.notify(f"{label} needs the {needed} role.", severity="warning")
+            return
+        reason = why_not(name, self.model.store.get(selector))
+        if reason is not None:  # said before any confirm, not refused after it
+            self.notify(f"{label}: not now: {reason}", title=label, severity="warning", markup=False)
             return
         target = instance_label(self.model.store, selector)
 

@@ -6,13 +6,14 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
 from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 from textual.worker import Worker
 
 from console.model import CallEntry, InstanceStore, LogItem, push_time
-from console.roles import ACTIONS, REPLAY_ROLE
+from console.roles import ACTIONS, REPLAY_ROLE, why_not
 from console.toasts import Toast
 from contract.codec import encode_notice, payload_data
 from contract.documents import AuditEntry, PushRecord, SipMessage
@@ -35,6 +36,13 @@ class ConsoleScreen(Screen[None]):
 
     #: instance actions shown on this screen need the selected instance (see :meth:`selected_selector`)
     HAS_INSTANCE_ACTIONS = False
+
+    # First in every footer, so a narrow one (80 columns) still has them.
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("q", "app.quit", "Quit"),
+        Binding("question_mark", "app.help", "Help"),
+        Binding("p", "app.toggle_pause", "Pause"),
+    ]
 
     @property
     def console(self) -> SipisConsole:
@@ -82,7 +90,10 @@ class ConsoleScreen(Screen[None]):
             name = str(parameters[0])
             if name not in ACTIONS or not self.console.may(ACTIONS[name][1]):
                 return False
-            return True if self.selected_selector() is not None else None
+            selector = self.selected_selector()
+            if selector is None or why_not(name, self.console.model.store.get(selector)) is not None:
+                return None  # shown disabled (the palette says why)
+            return True
         if action == "replay":
             if not self.console.may(REPLAY_ROLE):
                 return False

@@ -33,7 +33,7 @@ class DashboardScreen(ConsoleScreen):
         Binding("h", "act('hand-back')", "Hand back"),
         Binding("r", "act('re-register')", "Re-register"),
         Binding("n", "act('test-push')", "Test push"),
-        Binding("D", "act('disable')", "Disable", show=False),
+        Binding("D", "act('disable')", "Disable"),  # hidden unless the role allows it (check_action)
     ]
 
     def __init__(self) -> None:

@@ -66,10 +66,10 @@ class InstanceDetailScreen(ConsoleScreen):
         Binding("h", "act('hand-back')", "Hand back"),
         Binding("r", "act('re-register')", "Re-register"),
         Binding("n", "act('test-push')", "Test push"),
-        Binding("D", "act('disable')", "Disable", show=False),
+        Binding("D", "act('disable')", "Disable"),
         Binding("e", "export_text", "Export txt"),
         Binding("E", "export_pcap", "Export pcap"),
-        Binding("R", "replay", "Replay push", show=False),
+        Binding("R", "replay", "Replay push"),  # enabled on the Pushes tab with a push selected
         Binding("ctrl+r", "reload", "Reload", show=False),
     ]
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from textual.command import CommandPalette
+from textual.pilot import Pilot
 from textual.widgets import Input, OptionList
 
 from console.app import SipisConsole
@@ -617,6 +619,55 @@ async def test_command_palette_lists_views_and_actions() -> None:
         await until(pilot, lambda: options.option_count > 0)
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+
+
+async def palette_prompts(pilot: Pilot[Any], app: SipisConsole, query: str) -> list[str]:
+    await pilot.press("ctrl+p")
+    await until(pilot, lambda: isinstance(app.screen, CommandPalette))
+    await pilot.press(*query)
+    options = app.screen.query_one(OptionList)
+    await until(pilot, lambda: options.option_count > 0)
+    await pilot.pause(0.2)  # every provider has answered
+    prompts = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+    await pilot.press("escape")
+    await until(pilot, lambda: not isinstance(app.screen, CommandPalette))
+    return prompts
+
+
+async def test_footer_and_palette_put_the_product_first() -> None:
+    feed = FakeFeed(now=NOW, role="admin")
+    app = make_console(feed, role="admin")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        footer = screen_text(app).splitlines()[-1]
+        assert footer.startswith(" q Quit  ? Help  p Pause")  # kept at 80 columns
+        assert "Disable" in {b.binding.description for b in app.screen.active_bindings.values() if b.binding.show}
+        quits = [p for p in await palette_prompts(pilot, app, "quit") if p.startswith("Quit")]
+        assert len(quits) == 1 and "asks first" in quits[0]  # ours, not Textual's as well
+        await pilot.press("3")
+        await pilot.pause()
+        footer = screen_text(app).splitlines()[-1]
+        assert footer.startswith(" q Quit  ? Help  p Pause  R Replay")
+        assert any("Replay push" in p for p in await palette_prompts(pilot, app, "replay"))
+
+
+async def test_an_action_the_state_forbids_is_disabled_with_the_reason() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+    async with app.run_test(size=(120, 40)) as pilot:
+        notes = record_notes(app)
+        await ready(pilot, app)
+        off = next(i for i, row in enumerate(table(app).rows) if row.state == "off")
+        table(app).move_cursor_to(off)
+        await pilot.pause()
+        shown = {b.binding.key: b.enabled for b in app.screen.active_bindings.values()}
+        assert shown["t"] is False and shown["n"] is True  # take over greyed out, test push not
+        prompts = await palette_prompts(pilot, app, "take over")
+        assert any("Take over" in p and "not now: the instance is off" in p for p in prompts)
+        app.request_action(table(app).rows[off].selector, "take-over")  # the palette's way in
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmScreen) and feed.actions == []
+        assert any("not now: the instance is off" in n.message for n in notes)
 
 
 # ---------------------------------------------------------------------------------- alarms, pause, help, quit
