@@ -13,20 +13,22 @@ import gc
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual import events
 from textual.app import App
 from textual.binding import Binding, BindingType
+from textual.notifications import SeverityLevel
+from textual.screen import ModalScreen
 from textual.theme import Theme
 from textual.worker import Worker, WorkerState
 
 from console import instrumentation
 from console.feed import Feed, FeedError, Forbidden
 from console.model import ALARM_TITLES, ConsoleModel, LogItem
-from console.roles import ACTIONS, REPLAY_ROLE, role_allows
+from console.roles import ACTIONS, REPLAY_ROLE, role_allows, why_not
 from console.screens import (
     AlarmsScreen,
     AuditScreen,
@@ -36,16 +38,19 @@ from console.screens import (
     ConsoleScreen,
     DashboardScreen,
     EventLogScreen,
+    EventScreen,
     HelpScreen,
     InstanceDetailScreen,
     NodesScreen,
     PbxScreen,
     PushLogScreen,
 )
-from console.screens.common import instance_label
+from console.screens.common import event_fields, instance_label
+from console.toasts import Toasts
 from contract.documents import PushRecord, PushResult
 from contract.events import Alarm, Event, StreamNotice
 from contract.kinds import AlarmState
+from widgets.format import clock_time
 from widgets.rows import StatusSnapshot
 
 if TYPE_CHECKING:
@@ -59,6 +64,11 @@ NARROW = 120
 FIRST_PAGE = 200
 #: an event that took longer than this to arrive was waited for (the stream had nothing buffered)
 EVENT_WAITED = 0.002
+#: views esc can go back through
+VISITED = 10
+#: where exports go unless told (``--export-dir``, ``[console] export_dir``): never the working
+#: directory, which may be a checkout
+DEFAULT_EXPORT_DIR = Path("~/sipis-exports")
 
 
 def stylesheet_path() -> Path:
@@ -110,6 +120,13 @@ def _palette_provider() -> type[Provider]:
     return SipisCommands
 
 
+def aor_user(aor: str) -> str:
+    """``alice`` of ``sip:alice@pbx.example.com`` (empty when there is none)."""
+    scheme, _, rest = aor.partition(":")
+    user, at, _ = (rest if scheme.lower() in ("sip", "sips") else "").partition("@")
+    return user if at else ""
+
+
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:80] or "call"
 
@@ -119,7 +136,7 @@ class SipisConsole(App[int]):
 
     TITLE = "SIPIS console"
     CSS_PATH = stylesheet_path()
-    COMMANDS = App.COMMANDS | {_palette_provider}
+    COMMANDS: ClassVar[set[type[Provider] | Callable[[], type[Provider]]]] = {_palette_provider}  # ours only: one Quit
     MODES: ClassVar[dict[str, str | Callable[[], object]]] = {  # type: ignore[assignment]
         "dashboard": DashboardScreen,
         "calls": CallsScreen,
@@ -134,12 +151,14 @@ class SipisConsole(App[int]):
     HIGH_CONTRAST = HIGH_CONTRAST_THEME.name
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("q", "quit", "Quit"),
+        # shown by each console screen first (see ConsoleScreen.BINDINGS); here for the other screens
+        Binding("q", "quit", "Quit", show=False),
         Binding("ctrl+q", "quit", "Quit", show=False, priority=True),
         Binding("ctrl+c", "ctrl_c", "Nothing", show=False, system=True),
-        Binding("question_mark", "help", "Help"),
-        Binding("p", "toggle_pause", "Pause"),
+        Binding("question_mark", "help", "Help", show=False),
+        Binding("p", "toggle_pause", "Pause", show=False),
         Binding("f2", "toggle_contrast", "Contrast", show=False),
+        Binding("u", "toggle_utc", "UTC", show=False),
         Binding("1", "view('dashboard')", "Instances", show=False),
         Binding("2", "view('calls')", "Calls", show=False),
         Binding("3", "view('pushes')", "Pushes", show=False),
@@ -148,6 +167,7 @@ class SipisConsole(App[int]):
         Binding("6", "view('pbx')", "PBX", show=False),
         Binding("7", "view('alarms')", "Alarms", show=False),
         Binding("8", "view('nodes')", "Nodes", show=False),
+        Binding("escape", "back", "Back", show=False),  # where no screen takes esc for itself
     ]
 
     def __init__(
@@ -186,6 +206,8 @@ class SipisConsole(App[int]):
         self._summary_busy = False
         self._alarms = 0
         self._last_received_seq: int | None = None
+        self._visited: list[str] = []  # the views shown before the current one, for esc
+        self.toasts = Toasts()
         self._startup_theme = theme
         self._default_theme = "textual-dark"
         self.register_theme(HIGH_CONTRAST_THEME)
@@ -213,6 +235,23 @@ class SipisConsole(App[int]):
             nodes_up=s.nodes_up, operator=self.operator_name or "", role=self.role or "", paused=self.paused,
             connected=self.connected,
         )
+
+    # ------------------------------------------------------------------ toasts
+
+    def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
+               timeout: float | None = None, markup: bool = True, cause: Hashable | None = None) -> None:
+        """A toast, one per ``cause`` (by default its title and text) within a minute: a repeat
+        counts on the one raised (:mod:`console.toasts`). Drawn at once, even while paused."""
+        timeout = self.NOTIFICATION_TIMEOUT if timeout is None else timeout
+        self.toasts.raise_toast((title, message) if cause is None else cause, title, message, severity,
+                                now=self.clock(), timeout=timeout)
+        self.show_toasts()
+        self.set_timer(timeout + 0.05, self.show_toasts, name="toast-expiry")
+
+    def show_toasts(self) -> None:
+        for screen in self.screen_stack:
+            if isinstance(screen, ConsoleScreen) and screen.is_mounted:
+                screen.show_toasts()
 
     # ------------------------------------------------------------------ start-up
 
@@ -295,15 +334,24 @@ class SipisConsole(App[int]):
             return
         finally:
             self.loading = False
-        self.connected = True
+        self._reached(reload=False)
         self.refresh_screen()
         self.ready.set()
 
     def _lost(self, exc: FeedError) -> None:
         if self.connected:
-            self.notify(exc.detail, title="Core unreachable" if exc.status is None else f"Core error {exc.status}",
-                        severity="error", markup=False)
+            self.notify(f"{exc.detail}\nretrying by itself", title="Core unreachable" if exc.status is None
+                        else f"Core error {exc.status}", severity="error", markup=False)
         self.connected = False
+
+    def _reached(self, *, reload: bool = True) -> None:
+        """The core answered: after it had been lost, say so and reload everything (it may have
+        restarted, and what happened meanwhile was not streamed to us) unless this was a reload."""
+        if self.connected:
+            return
+        self.connected = True
+        self._resync = self._resync or reload
+        self.notify("the core answers again; reloading", title="Core reconnected", markup=False)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         self.worker_failed(event.worker)
@@ -328,8 +376,7 @@ class SipisConsole(App[int]):
             try:
                 asked = loop.time()
                 async for event in self.feed.events(since=self._last_received_seq):
-                    if not self.connected:
-                        self.connected = True
+                    self._reached()
                     self.receive_event(event)
                     delay = 1.0
                     if self.event_pause and loop.time() - asked > EVENT_WAITED:
@@ -366,7 +413,8 @@ class SipisConsole(App[int]):
         bits = [instance_label(self.model.store, event.selector)] if event.selector else []
         bits += [str(value) for value in (alarm.target, alarm.code, alarm.reason) if value not in (None, "")]
         self._alarms += 1
-        self.notify(" ".join(bits) or alarm.alarm, title=title, severity="error", timeout=10, markup=False)
+        self.notify(" ".join(bits) or alarm.alarm, title=title, severity="error", timeout=10, markup=False,
+                    cause=(alarm.alarm, event.selector))
 
     def apply_pending(self) -> None:
         """Apply the queued events in one batch."""
@@ -401,6 +449,7 @@ class SipisConsole(App[int]):
             self.run_worker(self.reload_all(), group="resync", exclusive=True, exit_on_error=False)
         if not self.loading:
             self.apply_pending()
+        self.toasts.expire(self.clock())
         if not self._summary_busy and self.loaded:
             self.run_worker(self._poll_summary(), group="summary", exit_on_error=False)
         self.refresh_screen()
@@ -424,8 +473,7 @@ class SipisConsole(App[int]):
             return
         finally:
             self._summary_busy = False
-        if not self.connected:
-            self.connected = True
+        self._reached()
         self.model.record_summary(summary)
         try:
             self.model.load_nodes(await self.feed.nodes())
@@ -444,9 +492,30 @@ class SipisConsole(App[int]):
 
     # ------------------------------------------------------------------ navigation
 
-    def action_view(self, mode: str) -> None:
-        if mode in self.MODES and mode != self.current_mode:
-            self.switch_mode(mode)
+    async def action_view(self, mode: str) -> None:
+        """The named top-level view itself, never a detail screen left open on it earlier."""
+        if mode not in self.MODES:
+            return
+        if mode != self.current_mode:
+            self._visited = [*self._visited, self.current_mode][-VISITED:]
+            await self.switch_mode(mode)
+        await self._to_view()
+
+    async def _to_view(self) -> None:
+        """Close the screens stacked on the current view (a dialog stays: it is answered first)."""
+        while len(self.screen_stack) > 1 and not isinstance(self.screen, ModalScreen):
+            await self.pop_screen()
+
+    async def action_back(self) -> None:
+        """esc: one step back: the screen below, else the view shown before this one."""
+        if len(self.screen_stack) > 1:
+            await self.pop_screen()
+            return
+        while self._visited:
+            mode = self._visited.pop()
+            if mode != self.current_mode:
+                await self.switch_mode(mode)
+                return
 
     async def action_filter(self) -> None:
         if self.current_mode != "dashboard":
@@ -459,6 +528,33 @@ class SipisConsole(App[int]):
 
     def open_instance(self, selector: str) -> None:
         self.push_screen(InstanceDetailScreen(selector))
+
+    def open_event(self, item: object) -> None:
+        """The whole event, every field in words."""
+        if isinstance(item, Event | StreamNotice):
+            selector = item.selector if isinstance(item, Event) else None
+            where = f"  {instance_label(self.model.store, selector)}" if selector else ""
+            title = f"{item.kind}{where}  at {clock_time(item.at, utc=self.utc)}{' UTC' if self.utc else ''}"
+            known = selector if selector and selector in self.model.store else None
+            self.push_screen(EventScreen(title, event_fields(item, self.utc, every=True), known, self.open_instance))
+
+    def in_utc(self) -> bool:
+        """Whether times show in UTC (``u`` toggles; local time otherwise)."""
+        return self.utc
+
+    def action_toggle_utc(self) -> None:
+        self.utc = not self.utc
+        from widgets.ladder import Ladder
+
+        for screen in self.screen_stack:
+            for ladder in screen.query(Ladder):
+                ladder.utc = self.utc
+            if isinstance(screen, InstanceDetailScreen | CallTraceScreen) and screen.is_mounted:
+                screen.load()  # the raw messages' headers carry times too
+            screen.refresh(repaint=True)
+        self.refresh_screen()
+        self.notify("times in UTC" if self.utc else f"times in local time ({time.strftime('%Z')})",
+                    title="Clock", timeout=3, cause="clock")
 
     def open_call(self, call_id: str, selector: str | None = None) -> None:
         self.push_screen(CallTraceScreen(call_id, selector))
@@ -507,14 +603,23 @@ class SipisConsole(App[int]):
         if not self.may(needed):
             self.notify(f"{label} needs the {needed} role.", severity="warning")
             return
+        reason = why_not(name, self.model.store.get(selector))
+        if reason is not None:  # said before any confirm, not refused after it
+            self.notify(f"{label}: not now: {reason}", title=label, severity="warning", markup=False)
+            return
         target = instance_label(self.model.store, selector)
 
         def done(answer: bool | None) -> None:
             if answer:
                 self.run_worker(self._run_action(selector, name), group="actions", exit_on_error=False)
 
-        self.push_screen(ConfirmScreen(f"{label}?", f"{label} {target}\n({selector})", confirm=label,
-                                       danger=name == "disable"), done)
+        if name == "disable":  # wipes the credentials: the operator types the AOR's user part
+            self.push_screen(ConfirmScreen(
+                f"{label}: this wipes the credentials", f"{label} {target}\n({selector})\nThe app has to enrol "
+                "again before the SIPIS can register for it.", confirm=label, danger=True,
+                type_to_confirm=aor_user(target) or selector), done)
+            return
+        self.push_screen(ConfirmScreen(f"{label}?", f"{label} {target}\n({selector})", confirm=label), done)
 
     async def _run_action(self, selector: str, name: str) -> None:
         label = ACTIONS[name][0]
@@ -568,8 +673,9 @@ class SipisConsole(App[int]):
         self.run_worker(self._export(call_id, fmt), group="export", exit_on_error=False)
 
     async def _export(self, call_id: str, fmt: str) -> Path | None:
-        folder = self.export_dir or Path.cwd()
+        folder = (self.export_dir or DEFAULT_EXPORT_DIR).expanduser()
         try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # traces hold numbers and addresses
             if fmt == "pcap":
                 data: bytes = await self.feed.call_trace_pcap(call_id)
                 path = folder / f"sipis-call-{_safe_name(call_id)}.pcap"
@@ -588,8 +694,9 @@ class SipisConsole(App[int]):
 
 
 def run_console(feed: Feed, *, operator_name: str | None = None, role: str | None = None,
-                theme: str | None = None, utc: bool = False) -> int:
+                theme: str | None = None, utc: bool = False, export_dir: Path | None = None) -> int:
     """Run the console on the current terminal until the operator quits; returns the exit status."""
-    app = SipisConsole(feed, operator_name=operator_name, role=role, theme=theme, utc=utc, gc_freeze=True)
+    app = SipisConsole(feed, operator_name=operator_name, role=role, theme=theme, utc=utc, gc_freeze=True,
+                       export_dir=export_dir)
     app.run()
     return app.return_code or 0

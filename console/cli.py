@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="operator API URL (TCP listener); the token comes from $SIPIS_OPERATOR_TOKEN")
     parser.add_argument("--theme", help="Textual theme name (F2 toggles high contrast)")
     parser.add_argument("--utc", action="store_true", help="show times in UTC")
+    parser.add_argument("--export-dir", type=Path, metavar="DIR",
+                        help="where call traces are written (default: [console] export_dir, else ~/sipis-exports)")
     # the SSH server's child: take the pty on stdin as controlling terminal, so a hang-up ends us
     parser.add_argument("--session-tty", action="store_true", help=argparse.SUPPRESS)
 
@@ -83,6 +85,22 @@ def _take_controlling_tty() -> None:
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+async def _refusal(client: OperatorClient) -> str | None:
+    """Why the core behind ``client`` cannot be used (it is not there, or does not take us), or
+    ``None``: said in one line before the screen opens, rather than a screen that says DISCONNECTED."""
+    from console.client import OperatorApiError, Unreachable
+
+    try:
+        await client.whoami()
+    except Unreachable:
+        return f"no core answers on {client.address} (is `sipis-console serve` running there?)"
+    except OperatorApiError as exc:
+        return f"the core on {client.address} refused: {exc}"
+    finally:
+        await client.aclose()
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     """Open the console (``args.socket`` already resolved from ``--config`` by the dispatcher)."""
     from console.app import run_console
@@ -93,9 +111,14 @@ def main(args: argparse.Namespace) -> int:
     if args.url is None and args.socket is None and not os.environ.get("SIPIS_OPERATOR_SOCKET"):
         print("sipis-console: no core to talk to: give --socket, --config or --url", file=sys.stderr)
         return 2
+    # Asked on a client of its own: an httpx client stays bound to the loop it first ran on.
+    refusal = asyncio.run(_refusal(_client(args)))
+    if refusal is not None:
+        print(f"sipis-console: {refusal}", file=sys.stderr)
+        return 1
     client = _client(args)
     try:
-        return run_console(OperatorFeed(client), theme=args.theme, utc=args.utc)
+        return run_console(OperatorFeed(client), theme=args.theme, utc=args.utc, export_dir=args.export_dir)
     finally:
         with contextlib.suppress(Exception):
             asyncio.run(client.aclose())

@@ -122,6 +122,8 @@ class OperatorClient:
         else:
             base_url = url or "http://sipis"
         self.token = token
+        #: where the core is, for messages: the socket's path or the URL
+        self.address = os.fspath(socket_path) if socket_path is not None else (url or "the core")
         self.operator_name = operator_name
         self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, transport=transport,
                                        verify=verify if isinstance(verify, bool) else _ssl_context(verify))

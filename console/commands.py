@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, cast
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-from console.roles import ACTIONS, REPLAY_ROLE
+from console.roles import ACTIONS, REPLAY_ROLE, why_not
 
 if TYPE_CHECKING:
     from console.app import SipisConsole
@@ -46,6 +46,9 @@ def palette_commands(app: SipisConsole) -> list[PaletteCommand]:
                        "freeze the view; events queue up meanwhile · key p", app.action_toggle_pause),
         PaletteCommand("Theme: high contrast" if app.theme != app.HIGH_CONTRAST else "Theme: default",
                        "switch between the default and the high-contrast theme · key f2", app.action_toggle_contrast),
+        PaletteCommand("Theme: choose…", "every theme Textual has", app.action_change_theme),
+        PaletteCommand("Times in local time" if app.utc else "Times in UTC", "how every time is shown · key u",
+                       app.action_toggle_utc),
         PaletteCommand("Quit", "leave the console (asks first) · key q", app.action_quit),
     ]
     screen = next((s for s in reversed(app.screen_stack) if isinstance(s, ConsoleScreen)), None)
@@ -59,8 +62,10 @@ def palette_commands(app: SipisConsole) -> list[PaletteCommand]:
                                        partial(app.open_instance, selector)))
         for name, (label, needed) in ACTIONS.items():
             if app.may(needed):
-                commands.append(PaletteCommand(f"Action: {label} {target}", f"needs the {needed} role (confirm first)",
-                                               partial(app.request_action, selector, name)))
+                reason = why_not(name, row)
+                commands.append(PaletteCommand(f"Action: {label} {target}",
+                                               f"not now: {reason}" if reason else f"needs the {needed} role "
+                                               "(confirm first)", partial(app.request_action, selector, name)))
     push = screen.selected_push()
     if push is not None and app.may(REPLAY_ROLE):
         commands.append(PaletteCommand(f"Action: Replay push {push.push_id}",
@@ -68,9 +73,9 @@ def palette_commands(app: SipisConsole) -> list[PaletteCommand]:
                                        partial(app.request_replay, push)))
     call_id = screen.selected_call_id()
     if call_id is not None:
-        commands.append(PaletteCommand(f"Export call trace as text: {call_id}", "writes a .txt into the working dir",
+        commands.append(PaletteCommand(f"Export call trace as text: {call_id}", "writes a .txt into the export folder",
                                        partial(app.export_trace, call_id, "text")))
-        commands.append(PaletteCommand(f"Export call trace as pcap: {call_id}", "writes a .pcap into the working dir",
+        commands.append(PaletteCommand(f"Export call trace as pcap: {call_id}", "writes a .pcap into the export folder",
                                        partial(app.export_trace, call_id, "pcap")))
     return commands
 

@@ -570,18 +570,21 @@ class ConsoleModel:
         """When ``push`` went out (:func:`push_time`, with when this console first saw it)."""
         return push_time(push, self._push_seen.get(push.push_id))
 
+    # The logs are newest first by when things happened, never by when a row last changed: a push
+    # whose stages come in later keeps its place while the operator reads.
+
     def push_log(self) -> list[PushRecord]:
-        """Newest first."""
-        return list(reversed(self.pushes.values()))
+        return sorted(self.pushes.values(), key=self.push_at, reverse=True)
 
     def event_log(self) -> list[LogItem]:
-        return list(reversed(self.events))
+        return sorted(reversed(self.events), key=lambda event: event.at, reverse=True)  # ties: last in first
 
     def audit_log(self) -> list[AuditEntry]:
-        return list(reversed(self.audit))
+        return sorted(reversed(self.audit), key=lambda entry: entry.at, reverse=True)
 
     def held_calls(self) -> list[CallEntry]:
         return sorted(self.held.values(), key=lambda c: (c.call.received_at, c.call.call_id))
 
     def recent(self) -> list[CallEntry]:
-        return list(reversed(self.recent_calls))
+        """Newest first by when the INVITE came (not by when the call ended)."""
+        return sorted(reversed(self.recent_calls), key=lambda c: c.call.received_at, reverse=True)

@@ -11,23 +11,8 @@ per second) through the lab PBX over UDP, using our :class:`~sipis.sip.endpoint.
   :attr:`CallerSettings.cancel_after`): ``CANCEL`` built with
   :func:`sipis.sip.transaction.build_cancel`, sent after the first provisional (RFC 3261 §9.1).
 
-Every call ends in a :class:`CallRecord` with one outcome (:data:`OUTCOMES`):
-
-=====================  =================================================================
-``released-answered``  held by the SIPIS (its 180s were seen), released, answered by the app
-``released-rejected``  held, released, then rejected by the app (486/603)
-``answered``           answered directly (the app was in the foreground)
-``rejected``           rejected directly by the app
-``no-response``        480 ``X-Sipis-Reason: No-Response-From-Device`` (T1: the app never woke)
-``not-answered``       480 ``Device-Did-Not-Answer`` (T2)
-``device-unreachable`` 480 ``Device-Unreachable`` (dead push token)
-``instance-off``       480 ``Instance-Off``
-``cancelled``          we sent CANCEL, the call ended 487
-``unavailable``        another 480 (nobody registered, or the released app was not there)
-``timeout``            408 (the PBX's INVITE timer, or no answer at all)
-``not-found``          404
-``failed``             anything else (``status-NNN`` in :attr:`CallRecord.detail`)
-=====================  =================================================================
+Every call ends in a :class:`CallRecord` with one outcome: :data:`OUTCOME_MEANINGS` says what each one
+means (the demo's summary prints it).
 """
 
 from __future__ import annotations
@@ -53,8 +38,25 @@ log = logging.getLogger(__name__)
 
 SDP_OFFER = (b"v=0\r\no=caller 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
              b"m=audio 40000 RTP/AVP 0 8\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n")
-OUTCOMES = ("released-answered", "released-rejected", "answered", "rejected", "no-response", "not-answered",
-            "device-unreachable", "instance-off", "cancelled", "unavailable", "timeout", "not-found", "failed")
+#: every outcome of a call, in the summary's order, and what it means
+OUTCOME_MEANINGS = {
+    "released-answered": "held by the SIPIS (its 180s were seen), released to the app, answered there",
+    "released-rejected": "held by the SIPIS, released to the app, which then declined (486/603)",
+    "answered": "answered directly (the app was in the foreground)",
+    "rejected": "declined directly by the app",
+    "no-response": "480 No-Response-From-Device: the app never woke (T1)",
+    "not-answered": "480 Device-Did-Not-Answer: the app woke but did not answer (T2)",
+    "device-unreachable": "480 Device-Unreachable: its push token is dead",
+    "instance-off": "480 Instance-Off",
+    "cancelled-held": "the caller hung up (CANCEL, 487; also when the demo stopped) while the SIPIS held the "
+                      "call: the core counts it 'cancelled' too",
+    "cancelled": "the caller hung up before an answer while the call was not held by the SIPIS",
+    "unavailable": "480 without a SIPIS reason: nobody registered, or the released app was not there",
+    "timeout": "408: the PBX's INVITE timer ran out, or no answer at all",
+    "not-found": "404: the PBX knows no such user",
+    "failed": "anything else",
+}
+OUTCOMES = tuple(OUTCOME_MEANINGS)
 _SIPIS_REASONS = {"No-Response-From-Device": "no-response", "Device-Did-Not-Answer": "not-answered",
                   "Device-Unreachable": "device-unreachable", "Instance-Off": "instance-off"}
 
@@ -101,13 +103,17 @@ class CallRecord:
                 "cancel_sent": self.cancel_sent, "setup_time": self.setup_time}
 
 
+def cancelled(record: CallRecord) -> str:
+    return "cancelled-held" if record.via_sipis else "cancelled"
+
+
 def classify(record: CallRecord, response: Response) -> str:
     """The outcome of a call from its final response (and what was seen before it)."""
     status = response.status
     if 200 <= status < 300:
         return "released-answered" if record.via_sipis else "answered"
     if status == 487 and record.cancel_sent:
-        return "cancelled"
+        return cancelled(record)
     reason = response.headers.get("X-Sipis-Reason")
     if reason in _SIPIS_REASONS:
         return _SIPIS_REASONS[reason]
@@ -180,6 +186,10 @@ class CallerLoad:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    def ringing(self) -> list[CallRecord]:
+        """The calls in progress that have seen a provisional response."""
+        return [record for record in self._in_flight.values() if record.provisional]
+
     def targets(self) -> Sequence[str]:
         return self._targets() if callable(self._targets) else self._targets
 
@@ -249,6 +259,9 @@ class CallerLoad:
             response = await self.endpoint.request(invite, flow, on_provisional=provisional)
         except asyncio.CancelledError:
             if ringing.is_set():  # the load stops: a caller hangs up instead of vanishing
+                # counted as the core counts it (a cancelled held call), not as unfinished
+                record.cancel_sent = True
+                self._finish(record, cancelled(record), None, "hung up: the load stopped")
                 with contextlib.suppress(TransportError, TimeoutError):
                     await asyncio.wait_for(self.endpoint.request(build_cancel(invite), flow), 2.0)
             raise
@@ -308,4 +321,4 @@ class CallerLoad:
         self.outcomes[outcome] += 1
 
 
-__all__ = ["OUTCOMES", "CallRecord", "CallerLoad", "CallerSettings", "classify"]
+__all__ = ["OUTCOMES", "OUTCOME_MEANINGS", "CallRecord", "CallerLoad", "CallerSettings", "classify"]

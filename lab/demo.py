@@ -87,6 +87,8 @@ log = logging.getLogger(__name__)
 STATES = ("active", "inactive", "proxied", "off")
 PUSH_VERDICTS = (ACCEPTED, PERMANENT, TRANSIENT)
 STATUS_INTERVAL = 2.0
+#: seconds calls in progress get to finish after a signal (after --duration: DemoOptions.drain)
+SIGNAL_DRAIN = 0.5
 
 
 @dataclass
@@ -200,10 +202,11 @@ class DemoLab:
         self.running_since = time.monotonic()
         self.startup_s = self.running_since - self.started_at
 
-    async def stop_load(self) -> None:
-        """Stop placing calls and let the calls in progress finish (up to ``drain`` seconds)."""
+    async def stop_load(self, drain: float | None = None) -> None:
+        """Stop placing calls and let the calls in progress finish (up to ``drain`` seconds, by
+        default the options')."""
         if self.callers is not None:
-            await self.callers.stop(drain=self.options.drain)
+            await self.callers.stop(drain=self.options.drain if drain is None else drain)
 
     async def stop(self) -> None:
         """Stop everything, callers first and the PBX last but one (the core unregisters at it)."""
@@ -435,7 +438,8 @@ async def run_cli(options: DemoOptions, out: TextIO = sys.stdout, err: TextIO = 
                       f"({_why_no_console(lab)}); printing a status line every {STATUS_INTERVAL:g} s",
                       file=err, flush=True)
                 await _status_loop(lab, stop, options.duration, out)
-        await lab.stop_load()
+        # a signal (Ctrl+C, SIGTERM) wants the demo gone now: the calls in progress get a moment only
+        await lab.stop_load(min(options.drain, SIGNAL_DRAIN) if stop.is_set() else None)
         summary = lab.summary()
     except Exception as exc:
         log.exception("demo failed")
@@ -499,11 +503,23 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  phones:             {counts(summary['phones']['kinds'])}",
         f"  phones' push:       {counts(summary['phones'].get('push_types', {}))}",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + _terms(summary))
+
+
+def _terms(summary: dict[str, Any]) -> list[str]:
+    """What the calls' outcomes that occurred mean, and whose counts the two call lines are."""
+    from lab.callers import OUTCOME_MEANINGS
+
+    used = [name for name, count in summary["calls"].items() if count]
+    return ["  terms: 'calls' are the callers' view of every call, 'held calls (core)' the core's of those it held",
+            "         for a sleeping app; 'unfinished' calls were still ringing when the demo stopped",
+            *(f"    {name:<18}  {OUTCOME_MEANINGS[name]}" for name in used if name in OUTCOME_MEANINGS)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``demo`` subcommand's description and options."""
+    from sipis.config.model import LOG_LEVELS
+
     parser.description = ("Start the real core with a throwaway state folder, the lab PBX, the lab push mediator, "
                           "simulated apps and callers, all on loopback on free ports. Ctrl+C stops everything "
                           "cleanly.")
@@ -531,7 +547,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--apns-rate", type=_fraction, default=0.2, metavar="F",
                         help="share of apps pushed through the lab's APNs (iOS; default 0.2); "
                              "the rest use the Acrobits mediator")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="error",
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="error",
                         help="log level of the core and the lab on stderr (default error)")
 
 

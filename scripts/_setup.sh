@@ -27,15 +27,25 @@ ensure_venv() {
             "$py" -m venv .venv
         fi
     fi
-    local stamp=".venv/.installed-${extras:-base}"
-    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+    if ! installed_for "$extras"; then
         ensure_compiler
         echo "== installing sipis-console${extras:+[$extras]} into .venv (compiles the SIP layer)"
         .venv/bin/pip install -q --upgrade pip >/dev/null
         pip_install -e ".${extras:+[$extras]}"
-        touch "$stamp"
+        echo "${extras:-base}" >"$INSTALL_STAMP"
     fi
     ensure_compiled
+}
+
+# The one install stamp: which extras the install has, written after it; older than pyproject.toml or
+# setup.py means stale. Any install serves a plain one, so scripts/demo after scripts/test (extras
+# "test") installs nothing again.
+INSTALL_STAMP=".venv/.installed"
+installed_for() {
+    local extras="${1:-}"
+    [ -f "$INSTALL_STAMP" ] && [ ! pyproject.toml -nt "$INSTALL_STAMP" ] && [ ! setup.py -nt "$INSTALL_STAMP" ] \
+        || return 1
+    [ -z "$extras" ] || grep -qx "$extras" "$INSTALL_STAMP"
 }
 
 # pip install, its chatter kept in .venv/install.log: shown whole when it fails, else only the

@@ -22,9 +22,13 @@ if TYPE_CHECKING:  # imported when the command runs, so ``init`` and ``--help`` 
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from sipis.config.model import LOG_LEVELS
+
     parser.description = "Run the SIPIS core: SIP endpoint, registration engine, HTTPS app API. Logs go to stderr."
-    parser.add_argument("--config", "-c", type=Path, required=True, metavar="FILE", help="the TOML config file")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override [log] level")
+    parser.add_argument("--config", "-c", type=Path, default=Path("sipis.toml"), metavar="FILE",
+                        help="the TOML config file (default: ./sipis.toml)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS,
+                        help="override [log] level")
 
 
 def add_init_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,10 +57,6 @@ def serve(args: argparse.Namespace) -> int:
     config_path: Path = args.config
     try:
         config = load_config(config_path)
-    except FileNotFoundError:
-        print(f"sipis-console: no config file at {config_path} (create one with: sipis-console init)",
-              file=sys.stderr)
-        return 2
     except ConfigError as exc:
         print(f"sipis-console: {config_path}: {exc}", file=sys.stderr)
         return 2
@@ -91,7 +91,7 @@ async def _serve(config: Config) -> int:
     try:
         listening = await core.start()
     except Exception as exc:
-        logging.getLogger("sipis").error("start-up failed: %s", exc)
+        logging.getLogger("sipis").critical("start-up failed: %s", exc)
         await core.stop()
         return 1
     log = logging.getLogger("sipis")

@@ -33,6 +33,7 @@ from sipis.hep_client import HepClient
 from sipis.inbound import InboundGate
 from sipis.instance import Instance
 from sipis.lifecycle import InstanceLifecycle
+from sipis.listeners import opening
 from sipis.metrics import CoreMetrics, LoopLag, metrics_server
 from sipis.operations import Operations
 from sipis.operator_api import OperatorContext, OperatorServer, OperatorSessions
@@ -48,7 +49,7 @@ from sipis.sip.resolver import Resolver
 from sipis.sip.sources import TrustedSources
 from sipis.sip.transaction import TimerSettings
 from sipis.sip.transport import ListenSpec, TlsSettings
-from sipis.ssh_server import ConsoleSshServer
+from sipis.ssh_server import ConsoleSshServer, console_command
 from sipis.text_messages import TextMessages
 from sipis.timers import LoopTimers
 from sipis.tls_certs import ensure_self_signed
@@ -59,6 +60,10 @@ from storage.pg_repositories import pg_stores
 from storage.postgres import PgDatabase, open_when_reachable
 from storage.repositories import Stores, sqlite_stores
 from storage.writer import BatchedWriter
+
+#: seconds the goodbye REGISTERs get at shutdown: a registrar that does not answer must not hold
+#: SIGTERM up (service managers and scripts expect the core gone within 2 s)
+UNREGISTER_BUDGET = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +152,13 @@ class Core:
             await self.hep.start()
             self.endpoint.observers.append(self.hep.observe)
             self.bus.subscribe(self.hep.on_event)
-        self.listening.sip = await self.endpoint.start()
+        try:
+            self.listening.sip = await self.endpoint.start()
+        except OSError as exc:
+            # the specs open in order: the first one not listening is the one that failed
+            failed = self.endpoint.settings.listen[len(self.endpoint.transport.listening)]
+            with opening("SIP", str(failed)):
+                raise exc from None
         sip = config.sip
         registrar = ProxyRegistrar(self.endpoint, Resolver(clock=self.clock),
                                    default_registrar=sip.default_registrar, user_agent=sip.user_agent)
@@ -208,14 +219,17 @@ class Core:
             self.api = ApiServer(app, api.listen.host, api.listen.port, tls=api.tls,
                                  certfile=api.tls_cert if api.tls else None,
                                  keyfile=api.tls_key if api.tls else None)
-            await self.api.start()
+            with opening("app API", f"{api.listen.host}:{api.listen.port}"):
+                await self.api.start()
             self.listening.api_url = self.api.url
         await self._start_operator_api()
         await self._start_metrics()
         if config.ssh.listen is not None:
             self.ssh = ConsoleSshServer(config.ssh, self.operator_sessions, config.operator.socket,
-                                        audit=self.operations.audit)
-            self.listening.ssh = await self.ssh.start()
+                                        audit=self.operations.audit,
+                                        command=console_command(config.operator.socket, config.console.export_dir))
+            with opening("SSH", f"{config.ssh.listen.host}:{config.ssh.listen.port}"):
+                self.listening.ssh = await self.ssh.start()
         # Everything built so far lives as long as the process: keep it out of the cyclic GC's
         # generations so full collections (measured 120–280 ms stalls under call load) stay short.
         gc.collect()
@@ -311,12 +325,14 @@ class Core:
             if self.clock.monotonic() - last_log >= LOG_INTERVAL:
                 last_log = self.clock.monotonic()
                 self.health.tick()
+
     async def _start_metrics(self) -> None:
         listen = self.config.metrics.listen
         if listen is None or self.metrics is None:
             return
         self.metrics_api = metrics_server(self.metrics, listen.host, listen.port)
-        await self.metrics_api.start()
+        with opening("metrics", f"{listen.host}:{listen.port}"):
+            await self.metrics_api.start()
         self.listening.metrics_url = self.metrics_api.url
 
     def _endpoint_settings(self) -> EndpointSettings:
@@ -375,7 +391,7 @@ class Core:
         if self.calls is not None:
             await self.calls.close()
         if self.engine is not None:
-            await self.engine.stop(unregister=self.config.sip.unregister_on_shutdown)
+            await self.engine.stop(unregister=self.config.sip.unregister_on_shutdown, timeout=UNREGISTER_BUDGET)
         if self.delivery is not None:
             await self.delivery.close()
         if self.endpoint is not None:

@@ -53,9 +53,10 @@ TERMINATE_GRACE = 3.0
 Audit = Callable[[Operator, str, str | None, str], None]
 
 
-def console_command(socket_path: Path) -> list[str]:
+def console_command(socket_path: Path, export_dir: Path | None = None) -> list[str]:
     """The child's command line: this interpreter running our console against the operator socket."""
-    return [sys.executable, "-m", "sipis_console", "console", "--socket", str(socket_path), "--session-tty"]
+    export = ["--export-dir", str(export_dir)] if export_dir is not None else []
+    return [sys.executable, "-m", "sipis_console", "console", "--socket", str(socket_path), *export, "--session-tty"]
 
 
 def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:

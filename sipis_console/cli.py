@@ -45,16 +45,22 @@ def _owned(ref: str) -> Callable[..., Any]:
 
 
 def _socket_from_config(args: argparse.Namespace) -> int:
-    """``--config`` → ``--socket`` (reading the core's config is the core's business); 2 when the
-    config cannot be read, else 0."""
+    """``--config`` → ``--socket`` (reading the core's config is the core's business); told
+    nothing, ``./sipis.toml`` as ``serve`` does. 2 when the config cannot be read, else 0."""
+    told_nothing = args.socket is None and args.config is None and getattr(args, "url", None) is None
+    if told_nothing and not _core_in_environment() and DEFAULT_CONFIG.exists():
+        args.config = DEFAULT_CONFIG
     if args.socket is None and args.config is not None:
         from sipis.config import ConfigError, load_config
 
         try:
-            args.socket = load_config(args.config).operator.socket
+            config = load_config(args.config)
         except (OSError, ConfigError) as exc:
             print(f"sipis-console: {args.config}: {exc}", file=sys.stderr)
             return 2
+        args.socket = config.operator.socket
+        if hasattr(args, "export_dir"):
+            args.export_dir = args.export_dir or config.console.export_dir
     return 0
 
 
@@ -66,6 +72,20 @@ def open_console(args: argparse.Namespace) -> int:
     from console.cli import main as console_main
 
     return console_main(args)
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed package's version, looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from sipis.config.model import package_version
+
+        print(f"sipis-console {package_version()}")
+        parser.exit(0)
 
 
 class Command(NamedTuple):  # not a dataclass: that import alone costs --help ~10 ms
@@ -99,6 +119,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, entry in COMMANDS.items():
         sub = commands.add_parser(name, help=entry.help)
@@ -109,7 +130,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # the command is the first argument that is no option (the top level has only --help)
+    # the command is the first argument that is no option (the top level has only --help and --version)
     parser = build_parser(next((arg for arg in argv if not arg.startswith("-")), None))
     args = parser.parse_args(argv)
     if args.command is not None:
@@ -123,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _local_core_known() -> bool:
-    return DEFAULT_CONFIG.exists() or bool(os.environ.get("SIPIS_OPERATOR_SOCKET")
-                                           or os.environ.get("SIPIS_OPERATOR_URL"))
+    return DEFAULT_CONFIG.exists() or _core_in_environment()
+
+
+def _core_in_environment() -> bool:
+    return bool(os.environ.get("SIPIS_OPERATOR_SOCKET") or os.environ.get("SIPIS_OPERATOR_URL"))
 

@@ -3,16 +3,21 @@ started through the ``sipis-console`` dispatcher has loaded when it ends.
 
 The console child runs exactly the SSH server's command (:func:`sipis.ssh_server.console_command`)
 under a small wrapper that lets Textual build and mount the real app headless (there is no pty
-here) and writes ``sys.modules`` to a file at exit. The operator socket has no core behind it: the
-console starts, finds nothing to talk to, and is closed after its first frame.
+here) and writes ``sys.modules`` to a file at exit. Behind the operator socket is no core, only a
+stand-in that answers every request with an operator's identity: the console starts and is closed
+after its first frame.
 """
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import socket
+import socketserver
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from sipis.ssh_server import console_command
@@ -62,8 +67,35 @@ def ours(modules: set[str], *packages: str) -> set[str]:
     return {m for m in modules if m.split(".", 1)[0] in packages}
 
 
+class _Whoami(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b'{"name": "alice", "role": "viewer"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _UnixHttpServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        request, _ = super().get_request()
+        return request, ("local", 0)  # http.server wants a (host, port) for its log lines
+
+
 def test_the_console_child_never_loads_the_core_the_storage_or_the_lab(tmp_path: Path) -> None:
-    modules = loaded_modules(tmp_path, console_command(tmp_path / "no-core.sock"), headless=True)
+    path = tmp_path / "stand-in.sock"
+    with _UnixHttpServer(str(path), _Whoami) as stand_in:
+        threading.Thread(target=stand_in.serve_forever, daemon=True).start()
+        try:
+            modules = loaded_modules(tmp_path, console_command(path), headless=True)
+        finally:
+            stand_in.shutdown()
     assert {"sipis_console.cli", "console.cli", "console.app", "console.feed", "widgets.table"} <= modules
     assert "textual.pilot" in modules  # the app really ran
     assert ours(modules, "sipis", "storage", "lab") == set()

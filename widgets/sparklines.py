@@ -47,4 +47,7 @@ class SparkPanel(Horizontal):
         if shown is None or shown[0] != text:
             self.query_one(f"#spark-{key}-label", Label).update(text, layout=False)
         if shown is None or shown[1] != values:
-            self.query_one(f"#spark-{key}-line", Sparkline).data = values
+            # The line scales from its series' minimum: with a 0 in the series it starts at zero, so
+            # 33 → 34 is a step, not a full swing. (With more values than columns the 0 shares the first
+            # column with real ones and the column's maximum is drawn; with fewer it is one empty bar.)
+            self.query_one(f"#spark-{key}-line", Sparkline).data = [0.0, *values] if values else values

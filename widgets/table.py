@@ -6,7 +6,8 @@ its line is painted, so 100k rows cost nothing until they scroll into view. Cell
 the time (countdowns): the caller sets :attr:`VirtualTable.now` and only visible lines are redrawn.
 
 The table does not sort or filter: clicking a header posts :class:`VirtualTable.HeaderClicked` and the
-owner decides. The cursor follows a row's key across :meth:`VirtualTable.set_rows`.
+owner decides. The cursor follows a row's key across :meth:`VirtualTable.set_rows`; a ``newest_first``
+table (a log) follows the newest row instead while the cursor is on the first one.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ class Column(Generic[T]):
     align: Literal["left", "right"] = "left"
     flex: int = 0  # share of the spare width
     priority: int = 0  # when the table is narrow, columns with the highest priority number go first
+
+
+def _least(column: Column[Any], sorted_by: str | None) -> int:
+    """A column's width: the sorted one's never less than its title and the arrow (``Code▲``, not
+    ``Cod…``)."""
+    return max(column.width, len(column.title) + 1) if column.key == sorted_by else column.width
 
 
 class VirtualTable(ScrollView, Generic[T], can_focus=True):
@@ -138,8 +145,14 @@ class VirtualTable(ScrollView, Generic[T], can_focus=True):
         name: str | None = None,
         id: str | None = None,
         classes: str | None = None,
+        newest_first: bool = False,
     ) -> None:
         super().__init__(name=name, id=id, classes=classes)
+        #: a log, newest row first: see :meth:`_follow_newest`
+        self.newest_first = newest_first
+        #: (newest_first) rows that arrived above the newest one the operator was shown at the top
+        self.unseen = 0
+        self._newest_key: str | None = None
         self.columns: list[Column[T]] = list(columns)
         self.row_key = key
         self.empty_text = empty_text
@@ -149,7 +162,7 @@ class VirtualTable(ScrollView, Generic[T], can_focus=True):
         self._rows: Sequence[T] = ()
         self.cursor_row = 0
         self._cursor_key: str | None = None
-        self._layout_width = -1
+        self._layout_width: tuple[int, str | None] = (-1, None)  # what _layout was made for
         self._layout: list[tuple[Column[T], int]] = []
         self._styles: dict[tuple[str, str], Style] = {}
 
@@ -178,14 +191,26 @@ class VirtualTable(ScrollView, Generic[T], can_focus=True):
         """
         if now is not None:
             self.now = now
+        following = self.newest_first and self.cursor_row == 0
+        top, before = int(self.scroll_offset.y), self.cursor_row
         self._rows = rows
         n = len(rows)
         self.virtual_size = Size(max(1, self.scrollable_content_region.width), n + 1)
         index = self.cursor_row
-        if self._cursor_key is not None:
+        if self._cursor_key is not None and not following:
             index = self._find(self._cursor_key, index)
         self._move_cursor(min(max(index, 0), max(n - 1, 0)), post=True, force=True)
+        if self.newest_first and not following:
+            self._stay_put(top + self.cursor_row - before)
         self.refresh()
+
+    def _stay_put(self, top: int) -> None:
+        """A log scrolled away from its newest row: rows that arrived above move the view down with
+        them, so what the operator reads stays where it was; :attr:`unseen` counts them."""
+        if top != int(self.scroll_offset.y):
+            self.scroll_to(y=top, animate=False, immediate=True)
+        rows, key = self._rows, self._newest_key
+        self.unseen = next((i for i, row in enumerate(rows) if self.row_key(row) == key), 0)
 
     def set_now(self, now: float) -> None:
         """New time for countdown cells: repaints the visible lines only."""
@@ -193,8 +218,12 @@ class VirtualTable(ScrollView, Generic[T], can_focus=True):
         self.refresh()
 
     def set_sort_indicator(self, column: str | None, desc: bool) -> None:
+        layout_changes = column != self.sort_column
         self.sort_column, self.sort_desc = column, desc
-        self.refresh(Region(0, 0, self.size.width, 1))
+        if layout_changes:  # the sorted column may need room for its arrow
+            self.refresh()
+        else:
+            self.refresh(Region(0, 0, self.size.width, 1))
 
     def _find(self, key: str, hint: int) -> int:
         rows, row_key = self._rows, self.row_key
@@ -220,6 +249,8 @@ class VirtualTable(ScrollView, Generic[T], can_focus=True):
         changed = index != old or new_key != self._cursor_key
         self.cursor_row = index
         self._cursor_key = new_key
+        if self.newest_first and index == 0:  # at the newest row: everything above has been seen
+            self.unseen, self._newest_key = 0, new_key
         self._scroll_cursor_into_view()
         if changed or force:
             self.refresh_row(old)
@@ -296,12 +327,13 @@ class VirtualTable(ScrollView, Generic[T], can_focus=True):
 
     def _columns_for(self, width: int) -> list[tuple[Column[T], int]]:
         """Which columns fit in ``width`` and how wide each one is (cached per width)."""
-        if width == self._layout_width:
+        if (width, self.sort_column) == self._layout_width:
             return self._layout
         chosen = list(self.columns)
+        sorted_by = self.sort_column
 
         def needed(columns: list[Column[T]]) -> int:
-            return sum(c.width for c in columns) + max(len(columns) - 1, 0)
+            return sum(_least(c, sorted_by) for c in columns) + max(len(columns) - 1, 0)
 
         while len(chosen) > 1 and needed(chosen) > width:
             worst = max(chosen, key=lambda c: c.priority)
@@ -321,8 +353,8 @@ class VirtualTable(ScrollView, Generic[T], can_focus=True):
                 else:
                     extra = spare * column.flex // total_flex
                     given += extra
-            layout.append((column, column.width + extra))
-        self._layout_width, self._layout = width, layout
+            layout.append((column, _least(column, sorted_by) + extra))
+        self._layout_width, self._layout = (width, sorted_by), layout
         return layout
 
     def notify_style_update(self) -> None:

@@ -5,7 +5,7 @@ from console.screens.dashboard import DashboardScreen
 from console.screens.detail import CallTraceScreen, InstanceDetailScreen
 from console.screens.health import AlarmsScreen, PbxScreen
 from console.screens.logs import AuditScreen, CallsScreen, EventLogScreen, NodesScreen, PushLogScreen
-from console.screens.modals import KEYMAP, ConfirmScreen, HelpScreen, keymap_for
+from console.screens.modals import KEYMAP, ConfirmScreen, EventScreen, HelpScreen, keymap_for
 
 __all__ = [
     "KEYMAP",
@@ -17,6 +17,7 @@ __all__ = [
     "ConsoleScreen",
     "DashboardScreen",
     "EventLogScreen",
+    "EventScreen",
     "HelpScreen",
     "InstanceDetailScreen",
     "NodesScreen",

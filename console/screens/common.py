@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.content import Content
 from textual.screen import Screen
-from textual.widgets import Footer
+from textual.widgets import Footer, Static
 from textual.worker import Worker
 
 from console.model import CallEntry, InstanceStore, LogItem, push_time
-from console.roles import ACTIONS, REPLAY_ROLE
+from console.roles import ACTIONS, REPLAY_ROLE, why_not
+from console.toasts import Toast
 from contract.codec import encode_notice, payload_data
 from contract.documents import AuditEntry, NodeRow, PushRecord, SipMessage
 from contract.events import Alarm, Event, InstanceAppReport, StreamNotice
@@ -34,6 +37,13 @@ class ConsoleScreen(Screen[None]):
     #: instance actions shown on this screen need the selected instance (see :meth:`selected_selector`)
     HAS_INSTANCE_ACTIONS = False
 
+    # First in every footer, so a narrow one (80 columns) still has them.
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("q", "app.quit", "Quit"),
+        Binding("question_mark", "app.help", "Help"),
+        Binding("p", "app.toggle_pause", "Pause"),
+    ]
+
     @property
     def console(self) -> SipisConsole:
         return cast("SipisConsole", self.app)
@@ -41,6 +51,7 @@ class ConsoleScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield StatusStrip(self.console.status_snapshot())
         yield from self.body()
+        yield ToastLines(id="toasts")
         yield Footer()
 
     def body(self) -> ComposeResult:
@@ -51,6 +62,10 @@ class ConsoleScreen(Screen[None]):
 
     def on_screen_resume(self) -> None:
         self.refresh_view(self.console.now())
+        self.show_toasts()
+
+    def show_toasts(self) -> None:
+        self.query_one(ToastLines).show(self.console.toasts.shown(self.console.clock()))
 
     def refresh_view(self, now: float) -> None:
         """Redraw from the model (called by the app's 1 Hz tick and when the screen comes back)."""
@@ -75,7 +90,10 @@ class ConsoleScreen(Screen[None]):
             name = str(parameters[0])
             if name not in ACTIONS or not self.console.may(ACTIONS[name][1]):
                 return False
-            return True if self.selected_selector() is not None else None
+            selector = self.selected_selector()
+            if selector is None or why_not(name, self.console.model.store.get(selector)) is not None:
+                return None  # shown disabled (the palette says why)
+            return True
         if action == "replay":
             if not self.console.may(REPLAY_ROLE):
                 return False
@@ -111,9 +129,27 @@ class ConsoleScreen(Screen[None]):
             return
         self.console.export_trace(call_id, fmt)
 
-    def action_back(self) -> None:
-        if len(self.app.screen_stack) > 1:
-            self.app.pop_screen()
+    async def action_back(self) -> None:
+        await self.console.action_back()
+
+
+class ToastLines(Static):
+    """The screen's toasts (:mod:`console.toasts`), one line each, between the body and the footer:
+    the body gives up those lines instead of having its columns covered."""
+
+    ICONS: ClassVar[dict[str, tuple[str, str]]] = {"error": ("✖", "bold $error"), "warning": ("▲", "bold $warning"),
+                                                   "information": ("●", "bold $primary")}
+
+    def show(self, toasts: list[Toast]) -> None:
+        self.display = bool(toasts)
+        parts: list[str | tuple[str, str]] = []
+        for toast in toasts:
+            icon, style = self.ICONS.get(toast.severity, self.ICONS["information"])
+            message = " · ".join(line for line in toast.message.splitlines() if line.strip())
+            parts += ["\n" if parts else "", (f"{icon} {toast.title or toast.severity}", style), f"  {message}"]
+            if toast.count > 1:
+                parts.append((f"  ×{toast.count}", "bold"))
+        self.update(Content.assemble(*parts))
 
 
 # ---------------------------------------------------------------------------------------------- text helpers
@@ -135,25 +171,53 @@ def selector_of(item: LogItem) -> str | None:
     return None if isinstance(item, StreamNotice) else item.selector
 
 
-def describe_event(event: LogItem) -> str:
-    """One line for an event: the interesting data fields as ``key=value``."""
+def describe_event(event: LogItem, utc: bool = False) -> str:
+    """One line for an event in words: its interesting fields, most telling first, long identifiers
+    last (:func:`event_fields` names and formats them)."""
     data = event_data(event)
-    if isinstance(event, Event) and isinstance(event.payload, Alarm):
-        head = str(data.get("alarm") or "alarm")
-        rest = {k: v for k, v in data.items() if k != "alarm"}
-    else:
-        head = ""
-        rest = dict(data)
-    skip = {"stages", "request_summary", "previous_state", "selector"}
-    keys = [k for k in FIRST_KEYS if k in rest] + [k for k in rest if k not in FIRST_KEYS]
+    head = str(data.get("alarm") or "alarm") if isinstance(event, Event) and isinstance(event.payload, Alarm) else ""
+    shown = [f"{name} {value}" for name, value in event_fields(event, utc) if name != "alarm"]
+    return "  ".join([head, *shown] if head else shown)
+
+
+#: fields the one-line description leaves to the full view (enter)
+LONG_FIELDS = {"stages", "request_summary", "previous_state", "selector", "detail"}
+
+
+def event_fields(event: LogItem, utc: bool = False, *, every: bool = False) -> list[tuple[str, str]]:
+    """An event's fields as (name in words, value in words): times as clock times, durations and
+    sizes with their units, nothing empty. ``every``: also the long ones (the full view)."""
+    data = event_data(event)
+    keys = [k for k in FIRST_KEYS if k in data] + [k for k in data if k not in FIRST_KEYS]
     keys.sort(key=lambda k: k.endswith("_id") or k == "id")  # long identifiers last (stable sort)
-    parts = [head] if head else []
+    fields = []
     for key in keys:
-        value = rest[key]
-        if key in skip or value is None or value == "" or isinstance(value, dict | list):
+        value = data[key]
+        if value is None or value == "" or (not every and (key in LONG_FIELDS or isinstance(value, dict | list))):
             continue
-        parts.append(f"{key}={value}")
-    return " ".join(parts)
+        fields.append((key.replace("_", " "), _in_words(key, value, utc)))
+    return fields
+
+
+def _in_words(key: str, value: Any, utc: bool) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return ", ".join(f"{k.replace('_', ' ')} {_in_words(k, v, utc)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_in_words(key, v, utc) for v in value)
+    if isinstance(value, int | float):
+        if key.endswith("_at") or key in ("at", "invite_received", "push_sent", "provider_accepted",
+                                           "device_progress", "app_active", "released", "ended"):
+            return clock_time(value, utc=utc)
+        if key.endswith("_ms"):
+            return f"{value:.0f} ms"
+        if key in ("expires", "t1_remaining", "t2_remaining", "retry_after") or key.endswith("_s"):
+            return f"{value:g} s"
+        if key == "bytes":
+            return f"{value:,} bytes"
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    return str(value)
 
 
 def push_label(outcome: str) -> str:
@@ -170,7 +234,7 @@ def instance_label(store: InstanceStore, selector: str | None) -> str:
 # ---------------------------------------------------------------------------------------------- columns
 
 
-def call_columns(store: InstanceStore, utc: bool) -> list[Column[CallEntry]]:
+def call_columns(store: InstanceStore, utc: Callable[[], bool]) -> list[Column[CallEntry]]:
     def t_tone(deadline: float | None, now: float) -> str:
         if deadline is None:
             return "dim"
@@ -178,7 +242,7 @@ def call_columns(store: InstanceStore, utc: bool) -> list[Column[CallEntry]]:
         return "bad" if left <= 10 else "warn" if left <= 30 else ""
 
     return [
-        Column("received", "Received", 8, lambda c, now: clock_time(c.call.received_at, utc=utc),
+        Column("received", "Received", 8, lambda c, now: clock_time(c.call.received_at, utc=utc()),
                lambda c, now: "dim", priority=2),
         Column("caller", "Caller", 14, lambda c, now: short_uri(c.call.caller or "-"), flex=1),
         Column("instance", "Instance", 14, lambda c, now: short_uri(instance_label(store, c.call.selector)),
@@ -197,11 +261,11 @@ def call_columns(store: InstanceStore, utc: bool) -> list[Column[CallEntry]]:
     ]
 
 
-def push_columns(store: InstanceStore, utc: bool,
+def push_columns(store: InstanceStore, utc: Callable[[], bool],
                  time_of: Callable[[PushRecord], float] = push_time) -> list[Column[PushRecord]]:
     """``time_of``: when a push went out (the model knows when it first saw one without stages)."""
     return [
-        Column("at", "Time", 8, lambda p, now: clock_time(time_of(p), utc=utc), lambda p, now: "dim"),
+        Column("at", "Time", 8, lambda p, now: clock_time(time_of(p), utc=utc()), lambda p, now: "dim"),
         Column("instance", "Instance", 18, lambda p, now: short_uri(instance_label(store, p.selector)), flex=1),
         Column("kind", "Kind", 8, lambda p, now: p.kind),
         Column("provider", "Provider", 8, lambda p, now: p.provider),
@@ -217,7 +281,8 @@ def push_columns(store: InstanceStore, utc: bool,
     ]
 
 
-def event_columns(store: InstanceStore, utc: bool, *, with_instance: bool = True) -> list[Column[LogItem]]:
+def event_columns(store: InstanceStore, utc: Callable[[], bool], *,
+                  with_instance: bool = True) -> list[Column[LogItem]]:
     def tone(e: LogItem, now: float) -> str:
         payload = e.payload if isinstance(e, Event) else None
         if isinstance(payload, Alarm):
@@ -227,13 +292,13 @@ def event_columns(store: InstanceStore, utc: bool, *, with_instance: bool = True
         return "accent" if isinstance(payload, AuditEntry) else ""
 
     columns: list[Column[LogItem]] = [
-        Column("at", "Time", 8, lambda e, now: clock_time(e.at, utc=utc), lambda e, now: "dim"),
+        Column("at", "Time", 8, lambda e, now: clock_time(e.at, utc=utc()), lambda e, now: "dim"),
         Column("kind", "Kind", 19, lambda e, now: e.kind, tone),
     ]
     if with_instance:
         columns.append(Column("instance", "Instance", 18,
                               lambda e, now: short_uri(instance_label(store, selector_of(e))), flex=1))
-    columns.append(Column("detail", "Detail", 20, lambda e, now: describe_event(e), flex=2))
+    columns.append(Column("detail", "Detail", 20, lambda e, now: describe_event(e, utc()), flex=2))
     return columns
 
 
@@ -251,9 +316,9 @@ def node_columns() -> list[Column[NodeRow]]:
     ]
 
 
-def audit_columns(store: InstanceStore, utc: bool) -> list[Column[AuditEntry]]:
+def audit_columns(store: InstanceStore, utc: Callable[[], bool]) -> list[Column[AuditEntry]]:
     return [
-        Column("at", "Time", 8, lambda a, now: clock_time(a.at, utc=utc), lambda a, now: "dim"),
+        Column("at", "Time", 8, lambda a, now: clock_time(a.at, utc=utc()), lambda a, now: "dim"),
         Column("operator", "Operator", 10, lambda a, now: a.operator),
         Column("role", "Role", 8, lambda a, now: a.role, lambda a, now: "dim"),
         Column("action", "Action", 12, lambda a, now: a.action, lambda a, now: "accent"),
@@ -261,7 +326,8 @@ def audit_columns(store: InstanceStore, utc: bool) -> list[Column[AuditEntry]]:
                in store else (a.target or "-"), flex=1),
         Column("outcome", "Outcome", 10, lambda a, now: a.outcome,
                lambda a, now: "bad" if a.outcome in ("refused", "error", "not-found") else "ok"),
-        Column("detail", "Detail", 12, lambda a, now: " ".join(f"{k}={v}" for k, v in a.detail.items()),
+        Column("detail", "Detail", 12, lambda a, now: "  ".join(f"{k.replace('_', ' ')} {_in_words(k, v, utc())}"
+                                                                for k, v in a.detail.items()),
                lambda a, now: "dim", flex=1, priority=1),
     ]
 

@@ -33,7 +33,7 @@ class DashboardScreen(ConsoleScreen):
         Binding("h", "act('hand-back')", "Hand back"),
         Binding("r", "act('re-register')", "Re-register"),
         Binding("n", "act('test-push')", "Test push"),
-        Binding("D", "act('disable')", "Disable", show=False),
+        Binding("D", "act('disable')", "Disable"),  # hidden unless the role allows it (check_action)
     ]
 
     def __init__(self) -> None:
@@ -124,8 +124,11 @@ class DashboardScreen(ConsoleScreen):
             self.filter_input.remove_class("-active")
         self.table.focus()
 
-    def action_clear_filter(self) -> None:
+    async def action_clear_filter(self) -> None:
         box = self.filter_input
+        if not box.value and not box.has_class("-active"):
+            await self.console.action_back()  # nothing to clear: esc goes back
+            return
         if box.value:
             box.value = ""  # posts Input.Changed → rows shown again
             self.console.model.store.set_query("")

@@ -12,7 +12,7 @@ from textual.content import Content
 from textual.widgets import Static, TabbedContent, TabPane
 
 from console.feed import FeedError
-from console.model import LogItem
+from console.model import LogItem, push_time
 from console.screens.common import LANES, ConsoleScreen, build_ladder, event_columns, push_columns
 from contract.documents import InstanceRow, PushRecord
 from contract.events import InstanceDetail
@@ -66,10 +66,10 @@ class InstanceDetailScreen(ConsoleScreen):
         Binding("h", "act('hand-back')", "Hand back"),
         Binding("r", "act('re-register')", "Re-register"),
         Binding("n", "act('test-push')", "Test push"),
-        Binding("D", "act('disable')", "Disable", show=False),
+        Binding("D", "act('disable')", "Disable"),
         Binding("e", "export_text", "Export txt"),
         Binding("E", "export_pcap", "Export pcap"),
-        Binding("R", "replay", "Replay push", show=False),
+        Binding("R", "replay", "Replay push"),  # enabled on the Pushes tab with a push selected
         Binding("ctrl+r", "reload", "Reload", show=False),
     ]
 
@@ -86,11 +86,12 @@ class InstanceDetailScreen(ConsoleScreen):
                 yield TracePane(utc=self.console.utc, id="detail-trace")
             with TabPane("Timeline", id="tab-timeline"):
                 yield VirtualTable[LogItem](
-                    event_columns(self.console.model.store, self.console.utc, with_instance=False),
-                    key=lambda e: f"{e.seq}:{e.at}", empty_text="no events", id="detail-timeline")
+                    event_columns(self.console.model.store, self.console.in_utc, with_instance=False),
+                    key=lambda e: f"{e.seq}:{e.at}", empty_text="no events", id="detail-timeline", newest_first=True)
             with TabPane("Pushes", id="tab-pushes"):
-                yield VirtualTable[PushRecord](push_columns(self.console.model.store, self.console.utc),
-                                            key=lambda p: p.push_id, empty_text="no pushes", id="detail-pushes")
+                yield VirtualTable[PushRecord](push_columns(self.console.model.store, self.console.in_utc),
+                                            key=lambda p: p.push_id, empty_text="no pushes", id="detail-pushes",
+                                            newest_first=True)
 
     def on_mount(self) -> None:
         self.query_one(Ladder).focus()
@@ -111,8 +112,10 @@ class InstanceDetailScreen(ConsoleScreen):
         self.loaded_at_version = self.console.model.version
         utc = self.console.utc
         self.query_one(TracePane).show(build_ladder(detail.sip, detail.pushes, detail.timeline, utc=utc))
-        self.query_one("#detail-timeline", VirtualTable).set_rows(list(reversed(detail.timeline)))
-        self.query_one("#detail-pushes", VirtualTable).set_rows(list(reversed(detail.pushes)))
+        self.query_one("#detail-timeline", VirtualTable).set_rows(
+            sorted(reversed(detail.timeline), key=lambda event: event.at, reverse=True))
+        self.query_one("#detail-pushes", VirtualTable).set_rows(sorted(detail.pushes, key=push_time, reverse=True))
+        self._show_unseen()
         self._show_head(self.console.now())
         self.refresh_bindings()
 
@@ -180,9 +183,22 @@ class InstanceDetailScreen(ConsoleScreen):
     def _tab_changed(self) -> None:
         self.refresh_bindings()
 
+    @on(VirtualTable.RowSelected, "#detail-timeline")
+    def _event_selected(self, event: VirtualTable.RowSelected) -> None:
+        self.console.open_event(event.row)
+
     @on(VirtualTable.RowHighlighted)
     def _highlighted(self) -> None:
         self.refresh_bindings()
+        self._show_unseen()
+
+    def _show_unseen(self) -> None:
+        """The Timeline and Pushes tabs say how many rows arrived above while scrolled away."""
+        tabs = self.query_one(TabbedContent)
+        for pane, table_id, name in (("tab-timeline", "detail-timeline", "Timeline"),
+                                     ("tab-pushes", "detail-pushes", "Pushes")):
+            unseen = self.query_one(f"#{table_id}", VirtualTable).unseen
+            tabs.get_tab(pane).label = f"{name} · {unseen} new ↑" if unseen else name
 
 
 class CallTraceScreen(ConsoleScreen):

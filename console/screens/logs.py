@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from textual import on
 from textual.app import ComposeResult
@@ -19,7 +20,6 @@ from console.screens.common import (
     push_columns,
 )
 from contract.documents import AuditEntry, NodeRow, PushRecord
-from contract.events import Event
 from widgets.table import VirtualTable
 
 
@@ -44,6 +44,17 @@ class LogScreen(ConsoleScreen):
     def reload_rows(self, now: float) -> None:
         raise NotImplementedError
 
+    def show_log(self, name: str, table_id: str, rows: Sequence[object], now: float) -> None:
+        """A newest-first log and its title: how many rows, and how many arrived above while the
+        operator was scrolled away (``home`` shows them)."""
+        table = self.query_one(f"#{table_id}", VirtualTable)
+        table.set_rows(rows, now=now)
+        self._show_title(name, table)
+
+    def _show_title(self, name: str, table: VirtualTable[Any]) -> None:
+        new = f" · {table.unseen} new ↑ (home)" if table.unseen else ""
+        self.query_one(f"#{table.id}-title", Static).update(f"{name} ({table.row_count}, newest first){new}")
+
 
 class CallsScreen(LogScreen):
     """Held INVITEs with their T1/T2 countdowns and push stage; recent calls below."""
@@ -56,12 +67,12 @@ class CallsScreen(LogScreen):
     ]
 
     def body(self) -> ComposeResult:
-        store, utc = self.console.model.store, self.console.utc
+        columns = call_columns(self.console.model.store, self.console.in_utc)
         yield Static("Held calls", id="held-title", classes="section-title")
-        yield VirtualTable[CallEntry](call_columns(store, utc), key=lambda c: c.call.push_id or c.call.call_id,
+        yield VirtualTable[CallEntry](columns, key=lambda c: c.call.push_id or c.call.call_id,
                                      empty_text="no held calls", id="held", classes="held")
         yield Static("Recent calls", id="recent-title", classes="section-title")
-        yield VirtualTable[CallEntry](call_columns(store, utc), key=lambda c: f"{c.call.push_id}:{c.call.call_id}",
+        yield VirtualTable[CallEntry](columns, key=lambda c: f"{c.call.push_id}:{c.call.call_id}",
                                      empty_text="no recent calls", id="recent", classes="recent")
 
     def on_mount(self) -> None:
@@ -121,18 +132,17 @@ class PushLogScreen(LogScreen):
     ]
 
     def body(self) -> ComposeResult:
-        yield Static("Push log (newest first)", id="pushes-title", classes="section-title")
+        yield Static("Push log (newest first)", id="push-log-title", classes="section-title")
         model = self.console.model
-        yield VirtualTable[PushRecord](push_columns(model.store, self.console.utc, model.push_at),
-                                      key=lambda p: p.push_id, empty_text="no pushes yet", id="push-log")
+        yield VirtualTable[PushRecord](push_columns(model.store, self.console.in_utc, model.push_at),
+                                      key=lambda p: p.push_id, empty_text="no pushes yet", id="push-log",
+                                      newest_first=True)
 
     def on_mount(self) -> None:
         self.query_one("#push-log", VirtualTable).focus()
 
     def reload_rows(self, now: float) -> None:
-        pushes = self.console.model.push_log()
-        self.query_one("#pushes-title", Static).update(f"Push log ({len(pushes)}, newest first)")
-        self.query_one("#push-log", VirtualTable).set_rows(pushes, now=now)
+        self.show_log("Push log", "push-log", self.console.model.push_log(), now)
 
     def selected_push(self) -> PushRecord | None:
         row = self.query_one("#push-log", VirtualTable).cursor_value
@@ -152,44 +162,49 @@ class PushLogScreen(LogScreen):
             self.console.open_instance(event.row.selector)
 
     @on(VirtualTable.RowHighlighted)
-    def _highlighted(self) -> None:
+    def _highlighted(self, event: VirtualTable.RowHighlighted) -> None:
         self.refresh_bindings()
+        self._show_title("Push log", event.table)
 
 
 class EventLogScreen(LogScreen):
     def body(self) -> ComposeResult:
-        yield Static("Event log (newest first)", id="events-title", classes="section-title")
-        yield VirtualTable[LogItem](event_columns(self.console.model.store, self.console.utc),
-                                   key=lambda e: f"{e.seq}:{e.at}", empty_text="no events yet", id="event-log")
+        yield Static("Event log (newest first)", id="event-log-title", classes="section-title")
+        yield VirtualTable[LogItem](event_columns(self.console.model.store, self.console.in_utc),
+                                   key=lambda e: f"{e.seq}:{e.at}", empty_text="no events yet", id="event-log",
+                                   newest_first=True)
 
     def on_mount(self) -> None:
         self.query_one("#event-log", VirtualTable).focus()
 
     def reload_rows(self, now: float) -> None:
-        events = self.console.model.event_log()
-        self.query_one("#events-title", Static).update(f"Event log ({len(events)}, newest first)")
-        self.query_one("#event-log", VirtualTable).set_rows(events, now=now)
+        self.show_log("Event log", "event-log", self.console.model.event_log(), now)
+
+    @on(VirtualTable.RowHighlighted)
+    def _highlighted(self, event: VirtualTable.RowHighlighted) -> None:
+        self._show_title("Event log", event.table)
 
     @on(VirtualTable.RowSelected)
     def _selected(self, event: VirtualTable.RowSelected) -> None:
-        if isinstance(event.row, Event) and event.row.selector and event.row.selector in self.console.model.store:
-            self.console.open_instance(event.row.selector)
+        self.console.open_event(event.row)
 
 
 class AuditScreen(LogScreen):
     def body(self) -> ComposeResult:
-        yield Static("Audit log (newest first)", id="audit-title", classes="section-title")
-        yield VirtualTable[AuditEntry](audit_columns(self.console.model.store, self.console.utc),
+        yield Static("Audit log (newest first)", id="audit-log-title", classes="section-title")
+        yield VirtualTable[AuditEntry](audit_columns(self.console.model.store, self.console.in_utc),
                                       key=lambda a: f"{a.at}:{a.action}:{a.target}",
-                                      empty_text="no audited actions", id="audit-log")
+                                      empty_text="no audited actions", id="audit-log", newest_first=True)
 
     def on_mount(self) -> None:
         self.query_one("#audit-log", VirtualTable).focus()
 
     def reload_rows(self, now: float) -> None:
-        entries = self.console.model.audit_log()
-        self.query_one("#audit-title", Static).update(f"Audit log ({len(entries)}, newest first)")
-        self.query_one("#audit-log", VirtualTable).set_rows(entries, now=now)
+        self.show_log("Audit log", "audit-log", self.console.model.audit_log(), now)
+
+    @on(VirtualTable.RowHighlighted)
+    def _highlighted(self, event: VirtualTable.RowHighlighted) -> None:
+        self._show_title("Audit log", event.table)
 
 
 class NodesScreen(LogScreen):

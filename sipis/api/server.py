@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 24998
 SELF_SIGNED_CERT = "app-api-cert.pem"
 SELF_SIGNED_KEY = "app-api-key.pem"
-GRACEFUL_TIMEOUT = 5  # seconds in-flight requests get on stop() before they are cancelled
+GRACEFUL_TIMEOUT = 1  # seconds in-flight requests get on stop() before they are cancelled
 START_TIMEOUT = 10.0
 
 

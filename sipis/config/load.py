@@ -29,12 +29,12 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, *, source: Path | None
 
 def load_config(path: Path) -> Config:
     """Read and validate a TOML config file. Raises ConfigError (also for I/O and syntax)."""
-    path = Path(path).expanduser().absolute()
+    given, path = path, Path(path).expanduser().absolute()
     try:
         with path.open("rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(["file not found (create one with write_starter_config / 'init')"], path) from None
+        raise ConfigError([f"file not found (create one with: sipis-console init {given})"], path) from None
     except OSError as exc:
         raise ConfigError([f"cannot read the file: {exc.strerror}"], path) from None
     except tomllib.TOMLDecodeError as exc:

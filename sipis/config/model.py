@@ -62,7 +62,8 @@ APNS_URL: Final = "https://api.push.apple.com"
 STARTER_TOKEN_PLACEHOLDER: Final = "change-me"
 
 
-def _version() -> str:
+def package_version() -> str:
+    """The installed package's version (``--version``, User-Agent, the operator API's summary)."""
     try:
         return metadata.version("sipis-console")
     except metadata.PackageNotFoundError:
@@ -111,7 +112,7 @@ class SipConfig:
     tls_client_cert: Path | None = setting(FilePath(), "client certificate when the PBX wants mutual TLS",
                                            default=None, example=Path("client.crt"))
     tls_client_key: Path | None = setting(FilePath(), "its private key", default=None, example=Path("client.key"))
-    user_agent: str = setting(Text(), "User-Agent toward the PBX", default=f"sipis-console/{_version()}",
+    user_agent: str = setting(Text(), "User-Agent toward the PBX", default=f"sipis-console/{package_version()}",
                               default_doc='`"sipis-console/<version>"`', example="sipis-console/x.y")
     register_expires: int = setting(Integer(low=1), "Expires asked for in REGISTER", default=600)
     refresh_min: float = setting(FRACTION, "refresh at a random point between these fractions of the granted expiry",
@@ -378,6 +379,13 @@ class ClusterConfig:
 
 
 @section()
+class ConsoleConfig:
+    export_dir: Path | None = setting(FilePath(), "where the console writes call traces (`e` / `E`), created mode "
+                                      "0700; never the working directory", default=None,
+                                      default_doc="`~/sipis-exports`", example=Path("~/sipis-exports"))
+
+
+@section()
 class Config:
     state_dir: Path = setting(FilePath(), "database, key file, generated certificates, SSH host key, operator socket",
                               default=Path("var"))
@@ -398,4 +406,5 @@ class Config:
     metrics: MetricsConfig = setting(Section(MetricsConfig), "monitoring: Prometheus metrics, Acrobits statistics")
     cluster: ClusterConfig = setting(Section(ClusterConfig), "several nodes on one database: who acts for "
                                      "which instance")
+    console: ConsoleConfig = setting(Section(ConsoleConfig), "the operator console (local and over SSH)")
     source: Path | None = None  # the file this came from, if any

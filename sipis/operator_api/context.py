@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 
 from contract.documents import WriterStatus
 from sipis.calls import CallManager
 from sipis.clock import Clock
 from sipis.cluster import ClusterView
 from sipis.config import OperatorToken
+from sipis.config.model import package_version
 from sipis.events import EventBus, EventQueue
 from sipis.health import HealthMonitor
 from sipis.operations import Operations
@@ -26,14 +26,7 @@ from storage.repositories import Stores
 HEARTBEAT_INTERVAL = 15.0
 
 
-def _version() -> str:
-    try:
-        return metadata.version("sipis-console")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
-VERSION = _version()
+VERSION = package_version()
 
 
 @dataclass(eq=False)

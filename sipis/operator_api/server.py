@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sipis.api.server import EmbeddedServer, bind_tcp
 from sipis.config import Config
+from sipis.listeners import opening
 from sipis.operator_api import pages
 from sipis.operator_api.auth import LISTENER_KEY
 from sipis.operator_api.context import OperatorContext
@@ -32,7 +33,7 @@ from sipis.tls_certs import ensure_self_signed
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 10.0
-GRACEFUL_TIMEOUT = 5
+GRACEFUL_TIMEOUT = 1
 
 
 def listener_app(app: ASGIApp, listener: str) -> ASGIApp:
@@ -149,10 +150,13 @@ class OperatorServer:
     async def start(self) -> None:
         try:
             if self.socket_path is not None:
-                await self._serve(listener_app(self.app, "unix"), bind_unix_socket(self.socket_path), None, "unix")
+                with opening("operator API", f"unix:{self.socket_path}"):
+                    sock = bind_unix_socket(self.socket_path)
+                await self._serve(listener_app(self.app, "unix"), sock, None, "unix")
                 log.info("operator API on unix socket %s", self.socket_path)
             if self.tcp_host is not None:
-                sock = bind_tcp(self.tcp_host, self.tcp_port)
+                with opening("operator API", f"{self.tcp_host}:{self.tcp_port}"):
+                    sock = bind_tcp(self.tcp_host, self.tcp_port)
                 self.tcp_port = sock.getsockname()[1]
                 await self._serve(listener_app(self.app, "tcp"), sock, self.tls_files, "tcp")
                 log.info("operator API on %s", self.tcp_url)

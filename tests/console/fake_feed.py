@@ -162,7 +162,7 @@ class FakeFeed:
             self._queue = asyncio.Queue()
         return self._queue
 
-    def emit(self, kind: str, selector: str | None = None, *, at: float | None = None,
+    def emit(self, kind: str, selector: str | None = None, /, *, at: float | None = None,
              **data: Any) -> Event | StreamNotice:
         """Put one line on the stream (and keep the fake's own rows in step): an event, or a
         ``gap``/``overflow`` notice (like the core's, those carry no seq of their own)."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from textual.command import CommandPalette
+from textual.pilot import Pilot
 from textual.widgets import Input, OptionList
 
 from console.app import SipisConsole
@@ -20,14 +23,16 @@ from console.screens import (
     ConfirmScreen,
     DashboardScreen,
     EventLogScreen,
+    EventScreen,
     HelpScreen,
     InstanceDetailScreen,
     PushLogScreen,
 )
-from contract.documents import InstanceRow, NodeRow
+from contract.documents import CallsSnapshot, HeldCall, InstanceRow, NodeRow
 from contract.events import InstanceDetail
 from widgets.instance_table import InstanceTable
 from widgets.ladder import Ladder
+from widgets.sparklines import SparkPanel
 from widgets.status_strip import StatusStrip
 from widgets.table import VirtualTable
 
@@ -117,6 +122,30 @@ async def test_sort_keys_toggle_and_header_click() -> None:
         await pilot.pause()
         assert (store.sort_key, store.sort_desc) == ("state", True)
         assert table(app).rows[0].state == "off"
+
+
+@pytest.mark.parametrize("width", [80, 120])
+async def test_a_sorted_header_is_never_cut(width: int) -> None:
+    app = make_console()
+    async with app.run_test(size=(width, 30)) as pilot:
+        await ready(pilot, app)
+        instances = table(app)
+        for column, _ in instances._columns_for(instances.scrollable_content_region.width):
+            app.model.store.set_sort(column.key, False)
+            instances.set_sort_indicator(column.key, False)
+            await pilot.pause()
+            assert f"{column.title}▲" in screen_text(app)
+
+
+async def test_sparklines_start_at_zero() -> None:
+    app = make_console()
+    async with app.run_test(size=(120, 30)) as pilot:
+        await ready(pilot, app)
+        sparks = app.screen.query_one(SparkPanel)
+        sparks.show("proxied", [33.0] * 60 + [34.0] * 60, "34")
+        await pilot.pause()
+        top_half = screen_text(app).splitlines()[sparks.region.y + 1][1: sparks.region.width // 3 - 2]
+        assert top_half.strip() and " " not in top_half  # 33 is nearly as high as 34, not a floor
 
 
 async def test_countdowns_are_computed_at_render_time() -> None:
@@ -225,6 +254,24 @@ async def test_export_a_call_trace_as_text_and_pcap(tmp_path: Path) -> None:
         assert any(str(text_file) in n.message for n in notes)
 
 
+async def test_exports_go_to_a_private_folder_in_home_never_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    app = make_console()
+    async with app.run_test(size=(120, 40)) as pilot:
+        notes = record_notes(app)
+        await ready(pilot, app)
+        await pilot.press("2", "e")
+        folder = tmp_path / "home" / "sipis-exports"
+        await until(pilot, lambda: any(n.title == "Trace written (text)" for n in notes))
+        written = [n.message for n in notes if n.title == "Trace written (text)"]
+        assert written == [str(folder / "sipis-call-inv-s000001_pbx.txt")]
+        assert (folder / "sipis-call-inv-s000001_pbx.txt").is_file()
+        assert folder.stat().st_mode & 0o777 == 0o700
+        assert not list(tmp_path.glob("sipis-call-*"))
+
+
 async def test_held_calls_board_and_call_trace() -> None:
     app = make_console()
     async with app.run_test(size=(120, 40)) as pilot:
@@ -246,6 +293,44 @@ async def test_held_calls_board_and_call_trace() -> None:
         await pilot.press("escape")
         await pilot.pause()
         assert isinstance(app.screen, CallsScreen)
+
+
+async def test_recent_calls_fill_the_screen_newest_first_by_received_time() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        held = (await feed.calls()).held
+        # ended in another order than they came: the first to come ended last
+        recent = [HeldCall(call_id=f"inv-{n:02d}@pbx", push_id=f"p-{n:02d}", selector=feed.rows[0].selector,
+                           caller="sip:+4930@pbx1.example.net", stage="Ended", received_at=NOW - 100 - n * 60,
+                           outcome="redirected", final_status=302) for n in range(40)]
+        app.model.load_calls(CallsSnapshot(held=held, recent=recent), NOW)
+        await pilot.press("2")
+        await pilot.pause()
+        rows = app.screen.query_one("#recent", VirtualTable).rows
+        assert [c.call.call_id for c in rows[:3]] == ["inv-00@pbx", "inv-01@pbx", "inv-02@pbx"]
+        shown = [line for line in screen_text(app).splitlines() if "+4930@pbx1" in line]
+        assert len(shown) >= 25  # two held calls take their own lines, the recent ones the rest
+
+
+async def test_the_raw_message_uses_the_width_it_gets_and_wraps_long_lines() -> None:
+    app = make_console()
+    async with app.run_test(size=(130, 40)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("enter")
+        ladder = app.screen.query_one(Ladder)
+        await until(pilot, lambda: ladder.row_count > 0)
+        for _ in range(5):  # the INVITE from the PBX
+            await pilot.press("down")
+        await pilot.pause()
+        row = ladder.cursor_value
+        assert row is not None and "INVITE sip:" in row.detail
+        box, raw = app.screen.query_one(".raw-box"), app.screen.query_one(".raw")
+        assert raw.region.width >= box.region.width - 2
+        text = screen_text(app)
+        for word in row.detail.split():  # nothing cut off at the pane's edge
+            assert word in text
 
 
 async def test_views_switch_with_number_keys() -> None:
@@ -303,6 +388,72 @@ async def test_a_viewer_may_not_acknowledge_alarms() -> None:
         await pilot.press("a")
         await pilot.pause()
         assert feed.active_alarms[0].acknowledged_by is None
+async def test_number_keys_open_the_view_itself_and_esc_goes_back_one_step() -> None:
+    app = make_console()
+    async with app.run_test(size=(120, 30)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("enter")  # an instance's detail, stacked on the instances view
+        await until(pilot, lambda: isinstance(app.screen, InstanceDetailScreen))
+        await pilot.press("2", "enter")  # a call's trace, stacked on the calls view
+        await until(pilot, lambda: isinstance(app.screen, CallTraceScreen))
+        await pilot.press("1")
+        await pilot.pause()
+        assert isinstance(app.screen, DashboardScreen)
+        await pilot.press("2")
+        await pilot.pause()
+        assert isinstance(app.screen, CallsScreen)
+        await pilot.press("3", "escape")  # back to the calls view
+        await pilot.pause()
+        assert isinstance(app.screen, CallsScreen)
+        await pilot.press("escape")  # back to the instances view
+        await pilot.pause()
+        assert isinstance(app.screen, DashboardScreen)
+        await pilot.press("enter", "escape")  # a detail closes: one step
+        await pilot.pause()
+        assert isinstance(app.screen, DashboardScreen)
+        for view in (CallsScreen, DashboardScreen, DashboardScreen):  # the views before, then nothing
+            await pilot.press("escape")
+            await pilot.pause()
+            assert isinstance(app.screen, view)
+
+
+async def test_logs_are_newest_first_by_time_and_stay_put_while_scrolled_away() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+
+    def push(push_id: str, sent: float, outcome: str = "accepted") -> None:
+        feed.emit("push", feed.rows[0].selector, push_id=push_id, kind="call", provider="fcm", attempt=1,
+                  outcome=outcome, stages={"push_sent": sent})
+
+    async with app.run_test(size=(120, 30)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("3")
+        await pilot.pause()
+        log = app.screen.query_one("#push-log", VirtualTable)
+        oldest = log.rows[-1]
+        push("p-new-1", NOW + 1)
+        push(oldest.push_id, oldest.stages["push_sent"], outcome="rejected-permanent")  # a later stage of an old push
+        await until(pilot, lambda: len(app._pending) == 2)
+        await app.refresh_now()
+        await pilot.pause()
+        assert log.rows[0].push_id == "p-new-1" and log.cursor_row == 0  # at the top: follows the newest
+        assert log.rows[-1].push_id == oldest.push_id  # an update does not move a row
+        assert "new ↑" not in screen_text(app)
+
+        await pilot.press("down", "down", "down")
+        reading, top = log.cursor_value, log.scroll_offset.y
+        push("p-new-2", NOW + 2)
+        push("p-new-3", NOW + 3)
+        await until(pilot, lambda: len(app._pending) == 2)
+        await app.refresh_now()
+        await pilot.pause()
+        assert log.cursor_value == reading and log.cursor_row == 5  # the row being read stays under the cursor
+        assert log.scroll_offset.y == top + 2  # and where it was on the screen
+        assert "Push log (38, newest first) · 2 new ↑ (home)" in screen_text(app)
+        await pilot.press("home")
+        await pilot.pause()
+        assert log.cursor_value is not None and log.cursor_value.push_id == "p-new-3"
+        assert "Push log (38, newest first)" in screen_text(app) and "new ↑" not in screen_text(app)
 
 
 async def test_event_log_follows_the_stream() -> None:
@@ -317,7 +468,46 @@ async def test_event_log_follows_the_stream() -> None:
         await pilot.pause()
         text = screen_text(app)
         assert "Event log (1, newest first)" in text
-        assert "registration" in text and "bob00001@pbx2.example.net" in text and "code=200" in text
+        assert "registration" in text and "bob00001@pbx2.example.net" in text and "code 200" in text
+
+
+async def test_events_read_in_words_with_local_or_utc_times_and_enter_shows_all(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "Asia/Kolkata")  # UTC+05:30, so local and UTC times differ
+    time.tzset()
+    try:
+        feed = FakeFeed(now=NOW)
+        app = make_console(feed, utc=False)
+        async with app.run_test(size=(180, 30)) as pilot:
+            await ready(pilot, app)
+            await pilot.press("4")
+            feed.emit("registration", "s000001", result="registered", code=200, reason="OK", expires=3600,
+                      detail="", failure_count=0, next_refresh_at=NOW + 1800, expires_at=NOW + 3600)
+            await until(pilot, lambda: len(app._pending) == 1)
+            app.tick()
+            await pilot.pause()
+            line = next(line for line in screen_text(app).splitlines() if "registration" in line)
+            # 2023-11-14 22:13:20 UTC is 03:43:20 in Kolkata: local first
+            assert line.startswith("03:43:20") and "code 200  reason OK  expires 3600 s" in line
+            assert "=" not in line and "1700" not in line  # no key=value, no epoch seconds
+            await pilot.press("u")
+            await pilot.pause()
+            line = next(line for line in screen_text(app).splitlines() if "registration" in line)
+            assert line.startswith("22:13:20")
+
+            await pilot.press("enter")
+            await pilot.pause()
+            assert isinstance(app.screen, EventScreen)
+            text = screen_text(app)
+            for field in ("result", "registered", "failure count", "next refresh at  22:43:20",
+                          "expires at       23:13:20"):
+                assert field in text
+            await pilot.press("i")
+            await pilot.pause()
+            assert isinstance(app.screen, InstanceDetailScreen) and app.screen.selector == "s000001"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
 
 
 # ---------------------------------------------------------------------------------------------- actions and roles
@@ -363,7 +553,13 @@ async def test_actions_from_the_detail_screen() -> None:
         await pilot.press("D")
         await pilot.pause()
         assert isinstance(app.screen, ConfirmScreen) and app.screen.has_class("-danger")
-        await pilot.press("y")
+        assert 0 < app.screen.styles.background.a < 1  # the screen behind shows through, dimmed
+        assert "Type alice00000 and press enter" in screen_text(app)
+        await pilot.press("y", "enter")  # y is no answer here: it is typed, and a wrong name confirms nothing
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen) and feed.actions == []
+        await pilot.press(*["backspace"] * 1, *"alice00000")
+        await pilot.press("enter")
         await until(pilot, lambda: feed.actions == [("s000000", "disable")])
         assert isinstance(app.screen, InstanceDetailScreen)
 
@@ -463,6 +659,55 @@ async def test_command_palette_lists_views_and_actions() -> None:
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
 
 
+async def palette_prompts(pilot: Pilot[Any], app: SipisConsole, query: str) -> list[str]:
+    await pilot.press("ctrl+p")
+    await until(pilot, lambda: isinstance(app.screen, CommandPalette))
+    await pilot.press(*query)
+    options = app.screen.query_one(OptionList)
+    await until(pilot, lambda: options.option_count > 0)
+    await pilot.pause(0.2)  # every provider has answered
+    prompts = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+    await pilot.press("escape")
+    await until(pilot, lambda: not isinstance(app.screen, CommandPalette))
+    return prompts
+
+
+async def test_footer_and_palette_put_the_product_first() -> None:
+    feed = FakeFeed(now=NOW, role="admin")
+    app = make_console(feed, role="admin")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        footer = screen_text(app).splitlines()[-1]
+        assert footer.startswith(" q Quit  ? Help  p Pause")  # kept at 80 columns
+        assert "Disable" in {b.binding.description for b in app.screen.active_bindings.values() if b.binding.show}
+        quits = [p for p in await palette_prompts(pilot, app, "quit") if p.startswith("Quit")]
+        assert len(quits) == 1 and "asks first" in quits[0]  # ours, not Textual's as well
+        await pilot.press("3")
+        await pilot.pause()
+        footer = screen_text(app).splitlines()[-1]
+        assert footer.startswith(" q Quit  ? Help  p Pause  R Replay")
+        assert any("Replay push" in p for p in await palette_prompts(pilot, app, "replay"))
+
+
+async def test_an_action_the_state_forbids_is_disabled_with_the_reason() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+    async with app.run_test(size=(120, 40)) as pilot:
+        notes = record_notes(app)
+        await ready(pilot, app)
+        off = next(i for i, row in enumerate(table(app).rows) if row.state == "off")
+        table(app).move_cursor_to(off)
+        await pilot.pause()
+        shown = {b.binding.key: b.enabled for b in app.screen.active_bindings.values()}
+        assert shown["t"] is False and shown["n"] is True  # take over greyed out, test push not
+        prompts = await palette_prompts(pilot, app, "take over")
+        assert any("Take over" in p and "not now: the instance is off" in p for p in prompts)
+        app.request_action(table(app).rows[off].selector, "take-over")  # the palette's way in
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmScreen) and feed.actions == []
+        assert any("not now: the instance is off" in n.message for n in notes)
+
+
 # ---------------------------------------------------------------------------------- alarms, pause, help, quit
 
 
@@ -482,6 +727,41 @@ async def test_alarm_events_notify_at_once() -> None:
         assert all(n.severity == "error" for n in notes)
         assert "frank00005" in notes[0].message and "403" in notes[0].message
         assert "410 Unregistered" in notes[1].message and notes[2].message == "node b unreachable"
+
+
+async def test_one_toast_per_cause_counts_repeats_for_a_minute_and_covers_no_column() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+
+    def rejected(selector: str) -> None:
+        feed.emit("alarm", selector, alarm="push-rejected", outcome="rejected-permanent", code=410,
+                  reason="Unregistered")
+
+    def toast_lines() -> list[str]:
+        return [line for line in screen_text(app).splitlines() if "Push rejected" in line]
+
+    async with app.run_test(size=(120, 30)) as pilot:
+        await ready(pilot, app)
+        for _ in range(3):
+            rejected("s000006")  # a dead token, call after call
+        rejected("s000007")
+        await until(pilot, lambda: len(app._pending) == 4)
+        await pilot.pause()
+        lines = toast_lines()
+        assert len(lines) == 2 and "×3" in lines[0] and "×" not in lines[1]
+        table, toasts = app.screen.query_one("#instances"), app.screen.query_one("#toasts")
+        assert table.region.bottom <= toasts.region.y  # the table gives up lines; no column is covered
+
+        feed.now += 61  # a minute later the same cause is news again
+        rejected("s000006")
+        await until(pilot, lambda: len(app._pending) == 5)
+        await pilot.pause()
+        assert len(toast_lines()) == 1 and "×" not in toast_lines()[0]
+
+        await pilot.press("q")  # a dialog is drawn over the toasts, never under them
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen) and not app.screen.query("#toasts")
+        assert "Leave the SIPIS console?" in screen_text(app)
 
 
 async def test_one_toast_per_raised_alarm_and_pbx_down_in_the_strip() -> None:

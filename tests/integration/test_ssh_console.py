@@ -30,10 +30,13 @@ import pyte
 import pytest
 
 from contract.documents import AuditEntry
+from contract.events import Alarm
+from contract.kinds import AlarmKind
 from lab.kamailio import free_port
 from lab.push_servers import MediatorServer
 from sipis.config import parse_config
 from sipis.core import Core
+from sipis.operations import Operator
 from tests.waiting import wait_for
 
 pytestmark = [
@@ -238,6 +241,51 @@ async def test_operator_sees_dashboard_filters_and_sends_a_test_push(site: Site)
     assert ("alice", "ssh_login", "ok") in actions and ("alice", "ssh_logout", "ok") in actions
     assert site.core.ssh is not None and site.core.ssh.stats.active == 0
     assert len(site.core.operator_sessions) == 0  # the session token died with the session
+
+
+async def test_views_logs_and_toasts_in_a_real_terminal(site: Site) -> None:
+    term = site.terminal("alice")
+    await term.wait_for("carol@example.net", "dave@example.net")
+    # 1-5 open the named view itself; esc goes back one step
+    await term.type("\r")
+    await term.wait_for("Ladder", "Timeline")
+    await term.type("2")
+    await term.wait_for("Held calls")
+    await term.type("1")
+    await term.wait_for("Instances  2 of 2")
+    assert "Timeline" not in term.text()
+    await term.type("2")
+    await term.wait_for("Held calls")
+    await term.type("\x1b")
+    await term.wait_for("Instances  2 of 2")
+
+    # the push log: newest first; at the top it follows new rows, scrolled away it stays put
+    assert site.core.operations is not None
+    alice = Operator("alice", "operator")
+    await term.type("3")
+    await term.wait_for("Push log (0, newest first)")
+    await site.core.operations.test_push(site.selectors["carol"], alice)
+    await term.wait_for("Push log (1, newest first)")
+    await site.core.operations.test_push(site.selectors["dave"], alice)
+    await term.wait_for("Push log (2, newest first)")
+
+    def first_rows() -> list[str]:
+        lines = term.text().splitlines()
+        header = next(i for i, line in enumerate(lines) if line.startswith("Time"))
+        return lines[header + 1: header + 3]
+
+    assert "dave" in first_rows()[0] and "carol" in first_rows()[1]
+    await term.type("j")  # the cursor on carol's push: scrolled away from the newest
+    await site.core.operations.test_push(site.selectors["dave"], alice)
+    await term.wait_for("Push log (3, newest first) · 1 new ↑ (home)")
+    await term.type("\x1b[H")  # home
+    await term.wait_until(lambda: "new ↑" not in term.text(), "the count gone at home")
+
+    # toasts: one line per cause, repeats counted
+    for _ in range(3):
+        site.core.bus.publish(site.selectors["carol"], Alarm(AlarmKind.PUSH_REJECTED, code=410, reason="Unregistered"))
+    await term.wait_for("Push rejected", "×3")
+    assert sum("Push rejected" in line for line in term.text().splitlines()) == 1
 
 
 async def test_viewer_sees_no_actions_and_the_core_refuses_them(site: Site) -> None:

@@ -61,7 +61,7 @@ async def test_headless_demo_shows_every_state_and_outcome() -> None:
     assert sum(group["accepted"] for group in by_provider.values()) == pushes["accepted"]
 
     calls = summary["calls"]
-    for outcome in ("released-answered", "released-rejected", "no-response", "cancelled", "device-unreachable"):
+    for outcome in ("released-answered", "released-rejected", "no-response", "cancelled-held", "device-unreachable"):
         assert calls[outcome] >= 1, (outcome, calls)
     assert summary["calls_total"] == sum(calls.values()) >= 10
     held = summary["held_calls"]
@@ -74,6 +74,8 @@ async def test_headless_demo_shows_every_state_and_outcome() -> None:
     assert json.loads(json.dumps(summary)) == summary  # the --json line
     text = format_summary(summary)
     assert "released-answered" in text and "seed 2" in text and "fcm: accepted" in text
+    # every outcome shown is explained
+    assert "terms:" in text and "released-rejected   held by the SIPIS, released to the app" in text
 
 
 def test_demo_command_line() -> None:

@@ -75,6 +75,20 @@ async def test_phone_enrols_sleeps_receives_a_push_wakes_and_answers(lab: Lab) -
     assert lab.mediator.answers["accepted"] == 1 and lab.mediator.delivered == 1
 
 
+async def test_a_call_ringing_when_the_load_stops_is_cancelled_on_both_sides(lab: Lab) -> None:
+    never = await lab.phone("load0006", replace(SLEEPER, never_wakes=True))
+    await lab.asleep(never)
+    lab.callers.place("load0006")
+    await wait_for(lambda: any(r.via_sipis for r in lab.callers.ringing()), what="the call held and ringing")
+    await lab.callers.stop()
+    [record] = lab.callers.records
+    assert record.outcome == "cancelled-held" and lab.callers.abandoned == 0
+    assert lab.callers.outcomes["cancelled-held"] == 1
+    assert lab.core.calls is not None
+    await wait_for(lambda: lab.core.calls is not None and lab.core.calls.outcomes == {"cancelled": 1},
+                   what="the core counting it cancelled")
+
+
 async def test_the_app_rejects_the_released_call(lab: Lab) -> None:
     phone = await lab.phone("load0002", replace(SLEEPER, reject_rate=1.0))
     await lab.asleep(phone)
@@ -102,7 +116,7 @@ async def test_never_waking_dead_token_and_early_hang_up(lab: Lab) -> None:
     assert dead.pushes == [] and lab.core.service is not None
     instance = lab.core.service.get(dead.selector or "")
     assert instance is not None and instance.push.unreachable
-    assert cancelled.outcome == "cancelled" and cancelled.status == 487 and cancelled.cancel_sent
+    assert cancelled.outcome == "cancelled-held" and cancelled.status == 487 and cancelled.cancel_sent
     await wait_for(lambda: slow.stats["missed_call_pushes"] == 1, what="the missed-call push")
     await wait_for(lambda: slow.stats["wake_aborted"] == 1, what="the slow phone going back to sleep")
     assert slow.state == "asleep" and slow.stats["answered"] == 0

@@ -33,7 +33,7 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert "usage: sipis-console [-h] COMMAND ..." in out and "examples:" in out
+    assert "usage: sipis-console [-h] [--version] COMMAND ..." in out and "examples:" in out
     for name, command in COMMANDS.items():
         assert f"    {name:<10}{command.help}" in out
 
@@ -105,3 +105,18 @@ def test_json_log_format_writes_one_object_per_record(tmp_path: Path) -> None:
     assert [(e["level"], e["logger"], e["message"]) for e in entries] == [
         ("INFO", "sipis.core", "SIP listening on udp:127.0.0.1:5060"), ("ERROR", "sipis", 'oops "quoted"')]
     assert "ZeroDivisionError" in entries[1]["exception"] and entries[0]["time"].endswith("+00:00")
+
+
+def test_console_without_options_uses_the_local_config(tmp_path: Path, opened: list[argparse.Namespace]) -> None:
+    assert main(["init"]) == 0
+    assert main(["console"]) == 0
+    assert [(a.config, a.socket) for a in opened] == [(Path("sipis.toml"), tmp_path / "var" / "operator.sock")]
+
+
+def test_the_export_folder_comes_from_the_config(tmp_path: Path, opened: list[argparse.Namespace]) -> None:
+    assert main(["init"]) == 0
+    config = Path("sipis.toml")
+    config.write_text(config.read_text().replace('# export_dir = "~/sipis-exports"', 'export_dir = "traces"'))
+    assert main([]) == 0
+    assert main(["console", "--export-dir", "/elsewhere"]) == 0
+    assert [a.export_dir for a in opened] == [tmp_path / "traces", Path("/elsewhere")]
