@@ -26,7 +26,7 @@ ENROL_TOKEN = "lab-enrol-token"
 
 class CoreProcess:
     def __init__(self, workdir: Path, *, sip_options: dict[str, Any] | None = None,
-                 extra_config: str = "") -> None:
+                 extra_config: str = "", node_name: str | None = None) -> None:
         self.workdir = workdir
         self.state_dir = workdir / "state"
         self.config_path = workdir / "sipis.toml"
@@ -38,7 +38,8 @@ class CoreProcess:
         sip_lines = "\n".join(f"{key} = {_toml(value)}" for key, value in options.items())
         self.config_path.write_text(
             f'state_dir = "{self.state_dir}"\n'
-            "[sip]\n"
+            + (f'node_name = "{node_name}"\n' if node_name else "")
+            + "[sip]\n"
             f'listen = ["udp:127.0.0.1:{self.sip_port}", "tcp:127.0.0.1:{self.sip_port}"]\n'
             f"{sip_lines}\n"
             "[api]\n"

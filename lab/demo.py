@@ -16,6 +16,11 @@ temporary directory, removed at exit):
   them are Android apps on FCM, ``apns_rate`` iOS apps on APNs) and the **callers**
   (:class:`lab.callers.CallerLoad`).
 
+``--nodes N`` (N > 1) runs N cores as the nodes ``lab-1…N`` of one cluster on a throwaway
+PostgreSQL (:class:`lab.postgres.PostgresServer`, as the tests start it), sharing one key file, with
+``lease_ttl`` 6 s; the phones enrol through node 1's app API and each node registers the instances it
+holds. Without ``--nodes`` the core stays on embedded SQLite.
+
 Without ``--headless`` the console runs on the terminal as a child process
 (``python -m sipis_console console --socket <core's operator socket>``) when ``console.app`` is
 importable and the core has an operator socket; otherwise a one-line status is printed every 2 s.
@@ -40,7 +45,8 @@ Summary format (:meth:`DemoLab.summary`; every count key is always present)::
      "pushes_by_provider": {"mediator": {...}, "fcm": {...}, "apns": {...}}   # by [push.NAME]
      "push_attempts":    {accepted, rejected-permanent, rejected-transient}   # what the endpoints answered
      "push_attempts_by_provider": {"mediator": {...}, "fcm": {...}, "apns": {...}}
-     "phones":           {"kinds": {...}, "push_types": {...}, "states": {...}, "stats": {...}}}
+     "phones":           {"kinds": {...}, "push_types": {...}, "states": {...}, "stats": {...}},
+     "nodes":            {node name: instances it holds}}                      # counts summed over nodes
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ from lab.mediator import (
 if TYPE_CHECKING:  # the rest is imported when a demo starts, so ``sipis-console --help`` stays fast
     from lab.callers import CallerLoad
     from lab.phones import PhoneFleet, PhoneProfile
+    from lab.postgres import PostgresServer
     from sipis.config import Config
     from sipis.core import Core
     from sipis.events import Event
@@ -99,6 +106,7 @@ class DemoOptions:
     seed: int | None = None  # None: a random one (printed in the summary)
     headless: bool = False
     json: bool = False
+    nodes: int = 1  # more: a cluster on a throwaway PostgreSQL
     #: core timers
     register_expires: int = 120
     wake_timeout: float = 15.0
@@ -128,13 +136,23 @@ class DemoOptions:
         return self.seed
 
 
-def core_config(state_dir: Path, mediator: LabMediator, enroll_token: str, options: DemoOptions) -> Config:
-    """The core's config for the lab: free loopback ports, TLS API, the lab's push endpoints, short timers."""
+#: a demo cluster's lease_ttl: a joining node takes its share within seconds
+DEMO_LEASE_TTL = 6.0
+
+
+def core_config(state_dir: Path, mediator: LabMediator, enroll_token: str, options: DemoOptions, *,
+                node: str = "lab", storage_url: str | None = None) -> Config:
+    """The core's config for the lab: free loopback ports, TLS API, the lab's push endpoints, short timers;
+    with ``storage_url`` a node of a cluster whose key file is next to ``state_dir``."""
     from sipis.config import parse_config
 
+    cluster: dict[str, Any] = {} if storage_url is None else {
+        "storage": {"url": storage_url, "key_file": str(state_dir.parent / "credentials.key")},
+        "cluster": {"lease_ttl": DEMO_LEASE_TTL}}
     return parse_config({
+        **cluster,
         "state_dir": str(state_dir),
-        "node_name": "lab",
+        "node_name": node,
         "sip": {"listen": ["udp:127.0.0.1:0", "tcp:127.0.0.1:0"], "register_expires": options.register_expires,
                 "backoff_base": 1, "backoff_max": 30},
         "api": {"listen": "127.0.0.1:0", "enroll_tokens": [enroll_token]},
@@ -159,14 +177,16 @@ class DemoLab:
         self.mediator = LabMediator(workdir / "mediator", policy=options.mediator,
                                     rng=random.Random(f"{self.seed}:mediator"), fcm=options.fcm_rate > 0,
                                     apns=options.apns_rate > 0)
-        self.core: Core | None = None
+        self.core: Core | None = None  # node 1: the phones enrol through its app API
+        self.cores: list[Core] = []
+        self.postgres: PostgresServer | None = None
         self.fleet: PhoneFleet | None = None
         self.callers: CallerLoad | None = None
         self.states_seen: Counter[str] = Counter()
         self.started_at = time.monotonic()
         self.running_since: float | None = None
         self.startup_s: float | None = None
-        self._unsubscribe: Callable[[], None] | None = None
+        self._unsubscribe: list[Callable[[], None]] = []
 
     async def start(self) -> None:
         from dataclasses import replace
@@ -182,11 +202,22 @@ class DemoLab:
         self.started_at = time.monotonic()
         await self.pbx.start()
         await self.mediator.start()
-        state_dir = self.workdir / "state"
-        self.core = Core(core_config(state_dir, self.mediator, self.enroll_token, options))
-        listening = await self.core.start()
+        if options.nodes == 1:
+            self.cores = [Core(core_config(self.workdir / "state", self.mediator, self.enroll_token, options))]
+        else:
+            from lab.postgres import PostgresServer
+
+            self.postgres = PostgresServer()  # its own folder: the postgres user must reach it
+            await asyncio.to_thread(self.postgres.start)
+            url = await asyncio.to_thread(self.postgres.create_database, "demo")
+            self.cores = [Core(core_config(self.workdir / f"state-{k}", self.mediator, self.enroll_token, options,
+                                           node=f"lab-{k}", storage_url=url)) for k in range(1, options.nodes + 1)]
+        self.core = self.cores[0]
+        listening = await self.core.start()  # first: it creates the schema and the key file
+        for core in self.cores[1:]:
+            await core.start()
         assert listening.api_url is not None
-        self._unsubscribe = self.core.bus.subscribe(self._on_event)
+        self._unsubscribe = [core.bus.subscribe(self._on_event) for core in self.cores]
         self.fleet = PhoneFleet(FleetSettings(
             apps=options.apps, profile=profile, never_wake_rate=options.never_wake_rate,
             dead_token_rate=options.dead_token_rate, stale_password_rate=options.stale_password_rate,
@@ -215,25 +246,24 @@ class DemoLab:
         await self._settle()
         if self.fleet is not None:
             await self.fleet.stop()
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
-        if self.core is not None:
-            await self.core.stop()
+        while self._unsubscribe:
+            self._unsubscribe.pop()()
+        for core in reversed(self.cores):
+            await core.stop()
         await self.pbx.stop()
         await self.mediator.stop()
+        if self.postgres is not None:
+            await asyncio.to_thread(self.postgres.close)
 
     async def _settle(self, timeout: float = 3.0) -> None:
-        """Give the core a moment to end the calls the callers cancelled and send their pushes."""
-        calls = self.core.calls if self.core is not None else None
-        if calls is None:
-            return
+        """Give the cores a moment to end the calls the callers cancelled and send their pushes."""
         loop = asyncio.get_running_loop()
         until = loop.time() + timeout
-        while calls.held and loop.time() < until:
-            await asyncio.sleep(0.05)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(calls.drain(), max(0.1, until - loop.time()))
+        for calls in (core.calls for core in self.cores if core.calls is not None):
+            while calls.held and loop.time() < until:
+                await asyncio.sleep(0.05)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(calls.drain(), max(0.1, until - loop.time()))
 
     async def __aenter__(self) -> DemoLab:
         try:
@@ -264,16 +294,24 @@ class DemoLab:
         return str(socket) if socket is not None and Path(socket).exists() else None
 
     def instance_states(self) -> dict[str, int]:
-        counts = Counter(i.state.value for i in self.core.service.instances.values()) \
-            if self.core is not None and self.core.service is not None else Counter()
+        """Each instance counted once: by the node that holds it."""
+        counts = Counter(i.state.value for core in self.cores if core.service is not None
+                         for i in core.service.instances.values()
+                         if core.keeper is None or core.keeper.owns(i.selector))
         return {state: counts.get(state, 0) for state in STATES}
+
+    def node_instances(self) -> dict[str, int]:
+        return {core.config.node_name: core.keeper.held() if core.keeper is not None else 0 for core in self.cores}
+
+    def held_outcomes(self) -> Counter[str]:
+        return sum((Counter(core.calls.outcomes) for core in self.cores if core.calls is not None), Counter())
 
     def push_verdicts(self) -> tuple[dict[str, int], dict[str, dict[str, int]], dict[str, dict[str, int]]]:
         """Final verdicts of the core's pushes: in total, by kind and by provider (``[push.NAME]``)."""
         totals: Counter[str] = Counter()
         kinds: dict[str, Counter[str]] = {}
         providers: dict[str, Counter[str]] = {self.provider_name(t): Counter() for t in self.mediator.provider_types}
-        traces = self.core.delivery.traces.values() if self.core is not None and self.core.delivery else ()
+        traces = (trace for core in self.cores if core.delivery is not None for trace in core.delivery.traces.values())
         for trace in traces:
             if trace.outcome == "pending":
                 continue
@@ -293,7 +331,7 @@ class DemoLab:
         pushes, by_kind, by_provider = self.push_verdicts()
         callers = self.callers
         outcomes = callers.outcomes if callers is not None else Counter()
-        held = dict(sorted(self.core.calls.outcomes.items())) if self.core is not None and self.core.calls else {}
+        held = dict(sorted(self.held_outcomes().items()))
         fleet = self.fleet
         return {
             "seed": self.seed, "apps": self.options.apps, "call_rate": self.options.call_rate,
@@ -318,11 +356,12 @@ class DemoLab:
                 "states": dict(sorted(fleet.states().items())) if fleet else {},
                 "stats": dict(sorted(fleet.stats().items())) if fleet else {},
             },
+            "nodes": self.node_instances(),
         }
 
     def status_line(self) -> str:
         states = self.instance_states()
-        held = len(self.core.calls.held) if self.core is not None and self.core.calls else 0
+        held = sum(len(core.calls.held) for core in self.cores if core.calls is not None)
         pushes, _, _ = self.push_verdicts()
         outcomes = self.callers.outcomes if self.callers is not None else Counter()
         calls = " ".join(f"{k} {v}" for k, v in outcomes.most_common())
@@ -503,6 +542,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  phones:             {counts(summary['phones']['kinds'])}",
         f"  phones' push:       {counts(summary['phones'].get('push_types', {}))}",
     ]
+    if len(summary.get("nodes", {})) > 1:
+        lines.append(f"  nodes (instances):  {counts(summary['nodes'])}")
     return "\n".join(lines + _terms(summary))
 
 
@@ -530,6 +571,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop after S seconds (default: run until Ctrl+C)")
     parser.add_argument("--seed", type=int, default=None, metavar="N", help="seed for every random choice")
     parser.add_argument("--headless", action="store_true", help="no console; print a summary at the end")
+    parser.add_argument("--nodes", type=_positive_int, default=1, metavar="N",
+                        help="run N cores as one cluster on a throwaway PostgreSQL (default 1: embedded SQLite)")
     parser.add_argument("--json", action="store_true",
                         help="print the summary as one JSON line on stdout (the text goes to stderr)")
     parser.add_argument("--wake-timeout", type=_positive, default=15.0, metavar="S", help="T1 (default 15)")
@@ -554,7 +597,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> DemoOptions:
     return DemoOptions(
         apps=args.apps, call_rate=args.call_rate, duration=args.duration, seed=args.seed, headless=args.headless,
-        json=args.json, wake_timeout=args.wake_timeout, answer_timeout=args.answer_timeout,
+        json=args.json, nodes=args.nodes, wake_timeout=args.wake_timeout, answer_timeout=args.answer_timeout,
         never_wake_rate=args.never_wake_rate, dead_token_rate=args.dead_token_rate,
         fcm_rate=args.fcm_rate, apns_rate=args.apns_rate,
         mediator=MediatorPolicy(transient_rate=args.transient_rate), wake_delay=args.wake_delay,

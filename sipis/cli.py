@@ -29,6 +29,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the TOML config file (default: ./sipis.toml)")
     parser.add_argument("--log-level", choices=LOG_LEVELS,
                         help="override [log] level")
+    parser.add_argument("--workers", type=_worker_count, default=1, metavar="N",
+                        help="run N nodes of one cluster as worker processes (needs [storage] url), named "
+                             "NODE_NAME-1…N; worker K listens on every configured port + K-1 (SIP, app API, "
+                             "operator TCP, SSH, metrics) and on the operator socket <name>-K.sock; a worker that "
+                             "dies is restarted (1 s backoff doubling to 30 s); SIGTERM stops them all (default 1)")
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
+
+
+def _worker_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError("at least 1")
+    return count
 
 
 def add_init_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +76,30 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"sipis-console: {config_path}: {exc}", file=sys.stderr)
         return 2
-    configure_logging(args.log_level or config.log.level, config.log.file, config.log.format)
+    level = args.log_level or config.log.level
+    if args.worker is not None:  # one node of ``--workers N``, started by the supervisor
+        from sipis.workers import die_with_parent, worker_config
+
+        die_with_parent()
+        config = worker_config(config, args.worker)
+        configure_logging(level, config.log.file, config.log.format, node=config.node_name)
+        return asyncio.run(_serve(config))
+    if args.workers > 1:
+        if config.storage.url is None:
+            print(f"sipis-console: --workers {args.workers} needs [storage] url in {config_path}: the workers are "
+                  "nodes of one cluster and share their instances through PostgreSQL (embedded SQLite serves "
+                  "one process; run without --workers)", file=sys.stderr)
+            return 2
+        from sipis.workers import supervise
+
+        configure_logging(level, config.log.file, config.log.format, node="supervisor")
+
+        def worker_argv(index: int) -> list[str]:
+            return [sys.executable, "-m", "sipis_console", "serve", "--config", str(config_path),
+                    "--log-level", level, "--worker", str(index)]
+
+        return supervise(config, args.workers, worker_argv)
+    configure_logging(level, config.log.file, config.log.format)
     return asyncio.run(_serve(config))
 
 
@@ -68,12 +107,14 @@ def serve(args: argparse.Namespace) -> int:
 CHATTY_LOGGERS = ("asyncssh",)
 
 
-def configure_logging(level: str, file: Path | None, form: str = "text") -> None:
+def configure_logging(level: str, file: Path | None, form: str = "text", *, node: str | None = None) -> None:
     """The core's log: ``level`` for our own lines; the chatty libraries' INFO lines only at debug;
-    ``form`` ``json`` writes one JSON object per record (for log shippers)."""
+    ``form`` ``json`` writes one JSON object per record (for log shippers); ``node`` (``--workers``:
+    several processes write one log) is in every line (a ``node`` key in JSON)."""
     handler: logging.Handler = logging.FileHandler(file) if file else logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if form == "json"
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    where = f"[{node}] " if node else ""
+    handler.setFormatter(JsonFormatter(node) if form == "json"
+                         else logging.Formatter(f"%(asctime)s {where}%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
     quiet = logging.DEBUG if level.lower() == "debug" else logging.WARNING
     for name in CHATTY_LOGGERS:
@@ -113,11 +154,17 @@ async def _serve(config: Config) -> int:
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: ``time`` (ISO 8601, UTC), ``level``, ``logger``, ``message`` and,
-    for an exception, ``exception`` (the traceback as text)."""
+    for an exception, ``exception`` (the traceback as text); ``node`` when given."""
+
+    def __init__(self, node: str | None = None) -> None:
+        super().__init__()
+        self.node = node
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
                  "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if self.node:
+            entry["node"] = self.node
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

@@ -15,6 +15,8 @@ caller and ``device-unreachable``.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from lab.demo import DemoOptions, format_summary, options_from_args, run_demo
 from lab.mediator import Distribution, MediatorPolicy
@@ -90,3 +92,17 @@ def test_demo_command_line() -> None:
     assert (mix.fcm_rate, mix.apns_rate) == (0.5, 0.0)
     defaults = options_from_args(build_parser("demo").parse_args(["demo"]))
     assert not defaults.headless and defaults.duration is None and defaults.wake_timeout == 15.0
+    assert defaults.nodes == 1  # embedded SQLite
+
+
+def test_demo_with_two_nodes_runs_a_cluster_on_a_throwaway_postgresql() -> None:
+    result = subprocess.run([sys.executable, "-m", "sipis_console", "demo", "--headless", "--nodes", "2", "--apps",
+                             "12", "--call-rate", "1", "--duration", "10", "--seed", "1", "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["nodes"].keys() == {"lab-1", "lab-2"}
+    assert all(held > 0 for held in summary["nodes"].values()), summary["nodes"]  # both nodes serve
+    assert sum(summary["nodes"].values()) == 12 == sum(summary["instances"].values())
+    assert summary["pushes"]["accepted"] > 0 and summary["held_calls"].get("released", 0) > 0
+    assert "nodes (instances):  lab-1" in result.stderr
