@@ -3,7 +3,9 @@
 The config is written into a folder of its own with free loopback ports; :meth:`CoreProcess.client`
 talks HTTPS to the app API, verifying the certificate the core generated into its state folder.
 ``kill()`` sends SIGKILL (a crash), ``stop()`` SIGTERM (a clean shutdown); ``start()`` again
-reuses the same state folder and ports, so restart recovery can be observed.
+reuses the same state folder and ports, so restart recovery can be observed. ``pause()``/``resume()``
+(SIGSTOP/SIGCONT) freeze it, as a stalled machine would; :meth:`CoreProcess.operator` talks to the
+operator API on its unix socket as the local administrator.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ ENROL_TOKEN = "lab-enrol-token"
 
 class CoreProcess:
     def __init__(self, workdir: Path, *, sip_options: dict[str, Any] | None = None,
-                 extra_config: str = "") -> None:
+                 extra_config: str = "", node_name: str | None = None) -> None:
         self.workdir = workdir
         self.state_dir = workdir / "state"
         self.config_path = workdir / "sipis.toml"
@@ -37,7 +39,8 @@ class CoreProcess:
         options = {"register_expires": 120, "backoff_base": 0.2, "backoff_max": 1.0, **(sip_options or {})}
         sip_lines = "\n".join(f"{key} = {_toml(value)}" for key, value in options.items())
         self.config_path.write_text(
-            f'state_dir = "{self.state_dir}"\n'
+            (f'node_name = "{node_name}"\n' if node_name else "")
+            + f'state_dir = "{self.state_dir}"\n'
             "[sip]\n"
             f'listen = ["udp:127.0.0.1:{self.sip_port}", "tcp:127.0.0.1:{self.sip_port}"]\n'
             f"{sip_lines}\n"
@@ -71,6 +74,21 @@ class CoreProcess:
     def client(self) -> httpx.Client:
         trust = ssl.create_default_context(cafile=str(self.state_dir / "api-tls.crt"))
         return httpx.Client(base_url=self.base_url, verify=trust, timeout=10.0)
+
+    def operator(self, name: str = "lab") -> httpx.Client:
+        """The operator API on the unix socket (``state_dir/operator.sock``), as administrator ``name``."""
+        transport = httpx.HTTPTransport(uds=str(self.state_dir / "operator.sock"))
+        return httpx.Client(transport=transport, base_url="http://operator", headers={"X-Operator": name},
+                            timeout=10.0)
+
+    def pause(self) -> None:
+        """SIGSTOP: frozen, timers and sockets untouched, until :meth:`resume`."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL: the core gets no chance to clean up (a crash)."""
