@@ -270,3 +270,39 @@ async def test_postgresql_restarted_then_unreachable_for_a_while(kam: Kamailio, 
     wait_for(recovered, 2 * ttl, "every node writing and renewing again", poll=0.5)
     assert len(cluster.owners()) == n
     one_binding_each(cluster, list(apps))
+
+
+async def test_postgresql_unreachable_past_the_leases_then_everything_is_registered_again(
+        kam: Kamailio, private_postgres: PostgresServer, make_cluster: list[Cluster]) -> None:
+    n = 30
+    cluster = Cluster(kam, private_postgres.create_database(), lease_ttl=TTL,
+                      sip_options={**FAST, "register_expires": SHORT_EXPIRES})
+    make_cluster.append(cluster)
+    cluster.start()
+    with cluster.nodes["a"].client() as client:
+        apps = users(len(enrol_sleeping(client, kam, n)))
+    wait_for(lambda: set(per_node(cluster.owners())) == {"a", "b", "c"}, 30, "every node owning some", poll=0.5)
+    wait_for(lambda: kam.contact_count() == n, 30, f"{n} bindings")
+
+    def cseqs() -> dict[str, int]:
+        return {user: binding["cseq"] or 0 for user in apps for binding in kam.ul_lookup(user)}
+
+    private_postgres.stop()
+    try:
+        # past its leases a node stops acting (another may own the instances by now)
+        wait_for(lambda: all("leases ended without renewal" in node.log_text() for node in cluster.nodes.values()),
+                 2 * TTL, "every node to stop acting")
+        stopped = cseqs()
+    finally:
+        private_postgres.start()
+    # back: the leases are renewed or claimed again and every instance is registered again, its
+    # CSeq still growing (in the epoch its node kept, or in a new one)
+    wait_for(lambda: sum(count for owner, count in per_node(cluster.owners()).items() if owner) == n,
+             3 * TTL, "every instance owned again", poll=0.5)
+
+    def registered_again() -> bool:
+        now = cseqs()
+        return len(now) == n and all(now[user] > stopped.get(user, 0) for user in apps)
+
+    wait_for(registered_again, 2 * TTL + n / RATE + 5, "every instance registered again", poll=0.2)
+    one_binding_each(cluster, apps)
