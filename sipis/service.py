@@ -158,7 +158,8 @@ class InstanceService:
         else:
             after = replace(instance, app_last_seen=now, app_contact=contact, state=AppState.ACTIVE)
         await self._store(after)
-        if not owned:  # stored: its owner carries it out when signalled
+        # asked again: a lease claimed or lost while the change was stored decides who carries it out
+        if not self.lifecycle.owns(selector):  # stored: its owner carries it out when signalled
             self.lifecycle.mirror(instance, after)
         else:
             try:
@@ -228,7 +229,7 @@ class InstanceService:
     def add(self, instance: Instance) -> None:
         """Take an instance under management (enrolment)."""
         _share_common_strings(instance)
-        self.lifecycle.add(instance)
+        self.lifecycle.enrolled(instance)
 
     def resume(self, instance: Instance) -> None:
         """After a restart: manage the instance again (see :meth:`InstanceLifecycle.resume`)."""
