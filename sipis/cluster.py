@@ -70,6 +70,8 @@ class LeaseKeeper:
         #: live nodes (up, this one included) at the last balancing round
         self.live_nodes = 1
         self._drained = asyncio.Event()
+        #: set by :meth:`claim_soon`: balance before the next round is due
+        self._claim = asyncio.Event()
         #: selector → epoch of every lease held
         self._held: dict[str, int] = {}
         #: monotonic time our leases end unless renewed: the start of the last good renewal + ttl
@@ -113,6 +115,12 @@ class LeaseKeeper:
             return None
         self._held[selector] = leases[0].epoch
         return leases[0].epoch
+
+    def claim_soon(self) -> None:
+        """A new instance nobody owns yet (just enrolled here): claim toward the fair share now, not
+        up to ttl/3 later (one node alone would otherwise leave a new app unregistered that long).
+        Requests coalesce into one early balancing, without the heartbeat and the renewal."""
+        self._claim.set()
 
     def drain(self) -> None:
         """Hand every instance over to the other nodes (paced), then hold nothing."""
@@ -268,9 +276,25 @@ class LeaseKeeper:
                 async with asyncio.timeout(self.interval):
                     await self.round()
             self.expire_if_due()
-            now = self.clock.monotonic()
-            wake = min(started + self.interval, self._deadline if self._held else math.inf)
-            await asyncio.sleep(max(0.0, wake - now))
+            while True:
+                now = self.clock.monotonic()
+                wake = min(started + self.interval, self._deadline if self._held else math.inf)
+                if now >= wake:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wake - now):
+                        await self._claim.wait()
+                self._claim.clear()
+                if self.clock.monotonic() < wake:
+                    await self._claim_now()
+
+    async def _claim_now(self) -> None:
+        """The early balancing :meth:`claim_soon` asked for, while our leases are good."""
+        if self.clock.monotonic() >= self._deadline:
+            return
+        with contextlib.suppress(Exception):  # storage trouble: the next round reports it
+            async with asyncio.timeout(self.interval):
+                await self._balance(reload=True)
 
 
 class ChangeSignal(Protocol):

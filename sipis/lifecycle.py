@@ -58,6 +58,8 @@ class Ownership(Protocol):
 
     async def new_epoch(self, selector: str) -> int | None: ...
 
+    def claim_soon(self) -> None: ...
+
 
 class Unusable(RuntimeError):
     """The instance's state does not allow this transition (off, disabled, or the wrong state)."""
@@ -120,6 +122,13 @@ class InstanceLifecycle:
         """Take an instance under management (enrolment or restore after a restart)."""
         self.instances[instance.selector] = instance
         self._by_contact_user[contact_user(instance)] = instance.selector
+
+    def enrolled(self, instance: Instance) -> None:
+        """Take a newly enrolled instance under management; nobody owns it yet, so ask for a claim
+        now rather than at the next lease round."""
+        self.add(instance)
+        if self.ownership is not None and not self.ownership.owns(instance.selector):
+            self.ownership.claim_soon()
 
     def take_over(self, instance: Instance, reason: str | None = None) -> None:
         """The app went to sleep (or an operator forces it): register on its behalf."""

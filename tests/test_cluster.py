@@ -9,7 +9,8 @@ import pytest
 from sipis.clock import FakeClock
 from sipis.cluster import DRAINING, LeaseKeeper
 from storage.cluster import Lease
-from tests.cluster_fakes import FakeCluster, FakeLeases, FakeNodes
+from tests.cluster_fakes import FakeCluster, FakeLeases, FakeNodes, Row
+from tests.waiting import wait_for
 
 TTL = 15.0
 
@@ -139,6 +140,20 @@ async def test_the_survivors_of_a_silent_node_share_its_instances_once_its_lease
             await node.round()
     assert [a.held(), b.held()] == [150, 150]
     assert [row.state for row in await FakeNodes(cluster).nodes(gone_after=TTL)] == ["up", "up", "gone"]
+
+
+async def test_a_new_instance_is_claimed_at_once_not_at_the_next_round() -> None:
+    cluster = FakeCluster(FakeClock(), selectors(2))
+    a, listener, _ = keeper(cluster, "a")
+    await a.start()
+    try:
+        assert a.held() == 2
+        cluster.rows["new"] = Row()  # enrolled here a moment ago; the next round is ttl/3 away
+        a.claim_soon()
+        await wait_for(lambda: a.owns("new"), timeout=2.0, what="the new instance claimed")
+        assert listener.epochs["new"] == 1
+    finally:
+        await a.stop()
 
 
 async def test_a_draining_node_hands_everything_over_in_paced_batches(caplog: pytest.LogCaptureFixture) -> None:
