@@ -766,7 +766,7 @@ async def test_nodes_view_and_the_strip_show_the_cluster() -> None:
         app.refresh_screen()
         await pilot.pause()
         assert "nodes 2 up" in strip_text(app)
-        await pilot.press("6")
+        await pilot.press("8")
         await until(pilot, lambda: "sipis-b" in screen_text(app))
         text = screen_text(app)
         assert "Nodes (1 up of 2)" in text and "draining" in text
