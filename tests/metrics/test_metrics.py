@@ -182,7 +182,7 @@ async def test_every_metric_is_exposed_with_the_constant_labels(world: World) ->
         carol = await world.op.enrol("carol", sleeping=True)
         w.bus.publish(None, HealthChanged(HealthSubject.PBX, "udp:127.0.0.1:5060", HealthState.UP,
                                           HealthState.UNKNOWN))
-        w.bus.publish(None, Alarm(AlarmKind.STORAGE_FAILING))
+        w.bus.publish(None, Alarm(AlarmKind.STORAGE_FAILING, state=AlarmState.RAISED))
         w.provider.script = [PushOutcome(Verdict.ACCEPTED, 200, latency_ms=40.0)]
         w.calls.on_invite(invite(carol))  # type: ignore[arg-type]
         await w.settle()
