@@ -3,7 +3,9 @@
 The config is written into a folder of its own with free loopback ports; :meth:`CoreProcess.client`
 talks HTTPS to the app API, verifying the certificate the core generated into its state folder.
 ``kill()`` sends SIGKILL (a crash), ``stop()`` SIGTERM (a clean shutdown); ``start()`` again
-reuses the same state folder and ports, so restart recovery can be observed.
+reuses the same state folder and ports, so restart recovery can be observed. ``pause()``/``resume()``
+(SIGSTOP/SIGCONT) freeze it, as a stalled machine would; :meth:`CoreProcess.operator` talks to the
+operator API on its unix socket as the local administrator.
 """
 
 from __future__ import annotations
@@ -72,6 +74,21 @@ class CoreProcess:
     def client(self) -> httpx.Client:
         trust = ssl.create_default_context(cafile=str(self.state_dir / "api-tls.crt"))
         return httpx.Client(base_url=self.base_url, verify=trust, timeout=10.0)
+
+    def operator(self, name: str = "lab") -> httpx.Client:
+        """The operator API on the unix socket (``state_dir/operator.sock``), as administrator ``name``."""
+        transport = httpx.HTTPTransport(uds=str(self.state_dir / "operator.sock"))
+        return httpx.Client(transport=transport, base_url="http://operator", headers={"X-Operator": name},
+                            timeout=10.0)
+
+    def pause(self) -> None:
+        """SIGSTOP: frozen, timers and sockets untouched, until :meth:`resume`."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL: the core gets no chance to clean up (a crash)."""

@@ -491,8 +491,8 @@ class Kamailio:
         try:
             return parse_ul_dump(self.kamcmd("ul.lookup", "location", aor_user))
         except KamailioError as exc:
-            if "not found" in str(exc).lower():
-                return []
+            if "not found" in str(exc).lower() or "has no contacts" in str(exc).lower():
+                return []  # no record, or a record whose contacts all expired
             raise
 
     def registered_contacts(self, aor_user: str) -> list[str]:

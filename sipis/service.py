@@ -159,7 +159,8 @@ class InstanceService:
         else:
             after = replace(instance, app_last_seen=now, app_contact=contact, state=AppState.ACTIVE)
         await self._store(after)
-        if not owned:  # stored: its owner carries it out when signalled
+        # asked again: a lease claimed or lost while the change was stored decides who carries it out
+        if not self.lifecycle.owns(selector):  # stored: its owner carries it out when signalled
             self.lifecycle.mirror(instance, after)
         else:
             try:

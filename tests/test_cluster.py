@@ -30,7 +30,7 @@ class Listener:
 
 def keeper(cluster: FakeCluster, node: str, rate: float = 10.0) -> tuple[LeaseKeeper, Listener, FakeLeases]:
     leases = FakeLeases(cluster)
-    k = LeaseKeeper(node=node, leases=leases, nodes=FakeNodes(cluster, TTL), clock=cluster.clock, ttl=TTL,
+    k = LeaseKeeper(node=node, leases=leases, nodes=FakeNodes(cluster), clock=cluster.clock, ttl=TTL,
                     register_rate=rate)
     listener = Listener()
     k.listener = listener
@@ -125,6 +125,20 @@ async def test_three_nodes_spread_evenly() -> None:
         for node in nodes:
             await node.round()
     assert [n.held() for n in nodes] == [100, 100, 100]
+
+
+async def test_the_survivors_of_a_silent_node_share_its_instances_once_its_leases_end() -> None:
+    cluster = FakeCluster(FakeClock(), selectors(300))
+    a, b, c = (keeper(cluster, name, rate=100.0)[0] for name in "abc")
+    for _ in range(5):
+        for node in (a, b, c):
+            await node.round()
+    cluster.clock.advance(TTL + 1)  # c was killed: no heartbeat, no renewal since
+    for _ in range(3):
+        for node in (a, b):
+            await node.round()
+    assert [a.held(), b.held()] == [150, 150]
+    assert [row.state for row in await FakeNodes(cluster).nodes(gone_after=TTL)] == ["up", "up", "gone"]
 
 
 async def test_a_draining_node_hands_everything_over_in_paced_batches(caplog: pytest.LogCaptureFixture) -> None:
