@@ -42,10 +42,13 @@ def add_drain_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "$SIPIS_OPERATOR_SOCKET)")
     parser.add_argument("--config", "-c", type=Path, metavar="FILE", help="read the socket path from this config")
     parser.add_argument("--url", help="operator API URL (TCP listener); the token comes from $SIPIS_OPERATOR_TOKEN")
+    parser.add_argument("--no-wait", action="store_true", help="ask for the drain and return at once")
+    parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="give up waiting after this long (exit status 1; the drain goes on) (default 600)")
 
 
 def drain(args: argparse.Namespace) -> int:
-    """``drain NODE``: ask, then print the nodes as they are now."""
+    """``drain NODE``: ask, then follow the node's instance count down to zero (progress on stdout)."""
     from console.client import OperatorApiError
 
     if args.url is None and args.socket is None and not os.environ.get("SIPIS_OPERATOR_SOCKET"):
@@ -59,11 +62,40 @@ def drain(args: argparse.Namespace) -> int:
             except OperatorApiError as exc:
                 print(f"sipis-console: drain {args.node}: {exc}", file=sys.stderr)
                 return 1
-        for node in answer.get("nodes", []):
-            print(f"{node['name']:<24} {node['state']:<9} {node['instances']:>8} instances")
-        return 0
+            if args.no_wait:
+                for node in answer.get("nodes", []):
+                    print(f"{node['name']:<24} {node['state']:<9} {node['instances']:>8} instances")
+                return 0
+            return await _follow_drain(client, args.node, args.timeout)
 
     return asyncio.run(run())
+
+
+async def _follow_drain(client: OperatorClient, node: str, timeout: float) -> int:
+    """Print how many instances ``node`` still holds whenever it changes, until none (0) or
+    ``timeout`` (1: the drain goes on without us)."""
+    from console.client import OperatorApiError, Unreachable
+
+    loop = asyncio.get_running_loop()
+    deadline, start, last = loop.time() + timeout, None, None
+    while loop.time() < deadline:
+        try:
+            rows = {row["name"]: row for row in (await client.nodes()).get("nodes", [])}
+        except (OperatorApiError, Unreachable) as exc:  # the operator's node may be the one draining
+            print(f"sipis-console: drain {node}: {exc}", file=sys.stderr)
+            return 1
+        held = int(rows[node]["instances"]) if node in rows else 0
+        start = held if start is None else start
+        if held != last:
+            print(f"drain {node}: {start - held}/{start} handed over, {held} left", flush=True)
+            last = held
+        if held == 0:
+            print(f"drain {node}: done")
+            return 0
+        await asyncio.sleep(0.5)
+    print(f"sipis-console: drain {node}: still holds {last} instances after {timeout:.0f} s; the drain goes on",
+          file=sys.stderr)
+    return 1
 
 
 def _client(args: argparse.Namespace) -> OperatorClient:

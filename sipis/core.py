@@ -30,6 +30,7 @@ from sipis.engine import RegistrationEngine
 from sipis.events import EventBus
 from sipis.health import LOG_INTERVAL, HealthMonitor
 from sipis.hep_client import HepClient
+from sipis.housekeeping import Housekeeping
 from sipis.inbound import InboundGate
 from sipis.instance import Instance
 from sipis.lifecycle import InstanceLifecycle
@@ -96,6 +97,8 @@ class Core:
         self.service: InstanceService | None = None
         self.api: ApiServer | None = None
         self.ageing: Ageing | None = None
+        #: event pruning (each node) and forgetting long-gone nodes (one node: the singleton's holder)
+        self.housekeeping: Housekeeping | None = None
         self.delivery: PushDelivery | None = None
         self.calls: CallManager | None = None
         self.messages: TextMessages | None = None
@@ -207,6 +210,10 @@ class Core:
         self.ageing = Ageing(self.lifecycle, self.clock, config.ageing)
         self.ageing.signal = self.sync
         self.ageing.start(config.ageing.check_interval)
+        self.housekeeping = Housekeeping(events=self.stores.events, nodes=self.stores.nodes,
+                                         singleton=self.stores.singletons, clock=self.clock,
+                                         lease_ttl=config.cluster.lease_ttl)
+        self.housekeeping.start()
         self._watch = asyncio.create_task(self._watch_peers(), name="watch-peers")
         self.loop_lag.start()
 
@@ -384,6 +391,8 @@ class Core:
             self.metrics.close()
         if self.ageing is not None:
             await self.ageing.stop()
+        if self.housekeeping is not None:
+            await self.housekeeping.stop()
         if self.keeper is not None:
             await self.keeper.stop()
         if self.signals is not None:

@@ -165,3 +165,37 @@ def test_two_workers_serve_as_two_nodes_and_one_killed_comes_back(root: Path, pg
         if supervisor.poll() is None:
             os.killpg(supervisor.pid, signal.SIGKILL)
             supervisor.wait(10)
+
+
+def test_drain_follows_a_node_down_to_nothing(root: Path, pg_url: str) -> None:
+    path = write_config(root, pg_url)
+    api = re.search(r'\[api\]\nlisten = "127.0.0.1:(\d+)"', path.read_text())
+    assert api is not None
+    log = root / "serve.log"
+    with log.open("ab") as out:
+        supervisor = subprocess.Popen([sys.executable, "-m", "sipis_console", "serve", "--config", str(path),
+                                       "--workers", "2"], stdout=out, stderr=out, start_new_session=True)
+    sockets = [root / "op-1.sock", root / "op-2.sock"]
+    try:
+        wait_until(lambda: all(socket_answers(s) for s in sockets), "both workers' operator sockets")
+        with httpx.Client(base_url=f"http://127.0.0.1:{api.group(1)}", timeout=10) as app_api:
+            for k in range(6):  # enrolled on wk-1, which claims them; balancing hands wk-2 its share
+                app_api.post("/v1/instances", headers={"Authorization": f"Bearer {ENROL}"}, json={
+                    "account": {"aor": f"sip:user{k}@example.net", "username": f"user{k}", "password": "pw"},
+                    "push": {"provider": "mediator", "app_id": "com.example.app", "token": f"push-{k}"},
+                }).raise_for_status()
+        wait_until(lambda: nodes(sockets[0])["wk-2"]["instances"] > 0, "wk-2 holding its share")
+        result = subprocess.run([sys.executable, "-m", "sipis_console", "drain", "wk-2", "--socket", str(sockets[0])],
+                                capture_output=True, text=True, timeout=90)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert re.fullmatch(r"drain wk-2: 0/\d handed over, \d left", lines[0]) and lines[-1] == "drain wk-2: done"
+        rows = nodes(sockets[0])
+        assert (rows["wk-2"]["state"], rows["wk-2"]["instances"], rows["wk-1"]["instances"]) == ("draining", 0, 6)
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        try:
+            supervisor.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(supervisor.pid, signal.SIGKILL)
+            supervisor.wait(10)
