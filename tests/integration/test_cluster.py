@@ -306,3 +306,26 @@ async def test_postgresql_unreachable_past_the_leases_then_everything_is_registe
 
     wait_for(registered_again, 2 * TTL + n / RATE + 5, "every instance registered again", poll=0.2)
     one_binding_each(cluster, apps)
+
+
+def test_an_app_change_sent_to_another_node_takes_effect_on_the_owner(
+        kam: Kamailio, pg_url: str, make_cluster: list[Cluster]) -> None:
+    cluster = Cluster(kam, pg_url, nodes=2, lease_ttl=TTL, sip_options=FAST)
+    make_cluster.append(cluster)
+    cluster.start()
+    with cluster.nodes["a"].client() as client:
+        [(selector, bearer)] = enrol_sleeping(client, kam, 1)  # enrolled on a, which claims it
+    user = users(1)[0]
+    wait_for(lambda: cluster.sipis_bindings([user])[user] == ["a"], 15, "the app registered by its owner a")
+    wait_for(lambda: cluster.owners(via="b") == {user: "a"}, 5, "b seeing a as the owner")
+    headers = {"Authorization": f"Bearer {bearer}"}
+    with cluster.nodes["b"].client() as client:  # the app wakes up and tells node b, not its owner
+        answer = client.put(f"/v1/instances/{selector}/state", json={"state": "active"}, headers=headers)
+        assert answer.status_code == 200, answer.text
+        # the bound: on the owner within 1 s, plus the unREGISTER itself
+        wait_for(lambda: cluster.sipis_bindings([user])[user] == [], 1.0 + 1.0, "a removing its binding")
+        answer = client.put(f"/v1/instances/{selector}/state", json={"state": "inactive"}, headers=headers)
+        assert answer.status_code == 200, answer.text
+        wait_for(lambda: cluster.sipis_bindings([user])[user] == ["a"], 5, "a registering it again")
+    with cluster.nodes["a"].client() as client:  # the owner's own API shows what b stored
+        assert client.get(f"/v1/instances/{selector}", headers=headers).json()["state"] in ("inactive", "proxied")
