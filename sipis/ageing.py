@@ -11,7 +11,6 @@ a pure function of the instance and the wall clock (:func:`ageing_reason`), so i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from contract.masking import mask
@@ -20,6 +19,7 @@ from sipis.cluster import ChangeSignal
 from sipis.config import AgeingConfig
 from sipis.instance import AppState, Instance
 from sipis.lifecycle import InstanceLifecycle, is_usable
+from sipis.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,5 @@ class Ageing:
         self._task = asyncio.create_task(loop(), name="ageing")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None

@@ -30,6 +30,7 @@ from contract.documents import NodeRow
 from contract.masking import mask
 from sipis.clock import Clock
 from sipis.instance import Instance
+from sipis.tasks import cancel_and_wait
 from storage.cluster import Lease, LeaseStore, NodeStore, Signals
 
 log = logging.getLogger(__name__)
@@ -178,11 +179,8 @@ class LeaseKeeper:
         self._task = asyncio.create_task(self._run(), name="lease-keeper")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def round(self) -> None:
         """Heartbeat, renew, then claim toward the fair share or release the excess."""

@@ -51,6 +51,7 @@ from sipis.sip.sources import TrustedSources
 from sipis.sip.transaction import TimerSettings
 from sipis.sip.transport import ListenSpec, TlsSettings
 from sipis.ssh_server import ConsoleSshServer, console_command
+from sipis.tasks import cancel_and_wait
 from sipis.text_messages import TextMessages
 from sipis.timers import LoopTimers
 from sipis.tls_certs import ensure_self_signed
@@ -380,10 +381,7 @@ class Core:
             self.operator_context.close()
         if self.api is not None:
             await self.api.stop()
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        await cancel_and_wait(self._watch)
         if self.metrics_api is not None:
             await self.metrics_api.stop()
         self.loop_lag.stop()

@@ -53,6 +53,7 @@ from sipis.events import EventBus
 from sipis.instance import Instance, Registration, RegStatus
 from sipis.sip.register import Outcome, RegisterResult
 from sipis.sip.transport import Flow
+from sipis.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -389,11 +390,8 @@ class RegistrationEngine:
             if futures:
                 self._wake.set()
                 await asyncio.wait(futures, timeout=timeout)
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
-            self._runner = None
+        await cancel_and_wait(self._runner)
+        self._runner = None
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

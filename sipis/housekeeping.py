@@ -12,10 +12,10 @@ Ageing needs no singleton: every instance is aged by its owner only (:mod:`sipis
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from sipis.clock import Clock
+from sipis.tasks import cancel_and_wait
 from storage.cluster import NodeStore, Singleton
 from storage.repositories import EventLog
 
@@ -61,11 +61,8 @@ class Housekeeping:
         self._task = asyncio.create_task(self._run(), name="housekeeping")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:
