@@ -88,8 +88,11 @@ def _optional_fields(cls: type[Any]) -> tuple[str, ...]:
 
 
 def encode_event(event: Event) -> dict[str, Any]:
-    return {"seq": event.seq, "at": event.at, "kind": str(event.kind), "selector": event.selector,
+    line = {"seq": event.seq, "at": event.at, "kind": str(event.kind), "selector": event.selector,
             "data": payload_data(event.payload)}
+    if event.node is not None:  # a cluster's event; one node's stay as they always were
+        line["node"] = event.node
+    return line
 
 
 def encode_notice(notice: StreamNotice) -> dict[str, Any]:
@@ -134,10 +137,12 @@ def decode_payload(kind: str, data: dict[str, Any], selector: str | None = None)
 def decode_event(line: dict[str, Any]) -> Event:
     selector = line.get("selector")
     data = line.get("data")
+    node = line.get("node")
     return Event(seq=int(line.get("seq") or 0), at=float(line.get("at") or 0.0),
                  selector=None if selector is None else str(selector),
                  payload=decode_payload(str(line.get("kind") or ""), data if isinstance(data, dict) else {},
-                                        None if selector is None else str(selector)))
+                                        None if selector is None else str(selector)),
+                 node=None if node is None else str(node))
 
 
 def decode_stream_line(line: dict[str, Any]) -> Event | StreamNotice:

@@ -7,9 +7,10 @@ second). Some payloads are also documents of the operator API: a ``push`` event 
 :class:`~contract.documents.PushRecord`, a ``call`` event a :class:`~contract.documents.HeldCall`,
 an ``audit`` event an :class:`~contract.documents.AuditEntry`.
 
-On the wire (``docs/operator-api.md``) an event is ``{"seq", "at", "kind", "selector", "data"}``;
-``data`` holds the payload's fields. Payloads whose ``OMIT_NONE`` is true leave out their optional
-fields while those are ``None`` (they describe one of several things that happened).
+On the wire (``docs/operator-api.md``) an event is ``{"seq", "at", "kind", "selector", "data"}``,
+and ``"node"`` in a cluster; ``data`` holds the payload's fields. Payloads whose ``OMIT_NONE`` is
+true leave out their optional fields while those are ``None`` (they describe one of several things
+that happened).
 """
 
 from __future__ import annotations
@@ -198,12 +199,14 @@ PAYLOADS: dict[EventKind, type[Payload]] = {
 @dataclass(slots=True)
 class Event:
     """One published fact. ``at`` is wall-clock epoch seconds; ``selector`` the instance it is
-    about, if any."""
+    about, if any; ``node`` the node it happened on, set in a cluster only (on the operator stream
+    every event of a cluster carries it; one node leaves it out)."""
 
     seq: int
     at: float
     selector: str | None
     payload: Payload | UnknownPayload
+    node: str | None = None
 
     @property
     def kind(self) -> str:

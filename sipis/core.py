@@ -308,7 +308,7 @@ class Core:
             clock=self.clock, trace=self.trace, sessions=self.operator_sessions, tokens=self.config.operator.tokens,
             stores=self.stores, writer_status=writer.status, node=self.config.node_name,
             started_at=self.started_at, default_registrar=self.config.sip.default_registrar, health=self.health,
-            cluster=cluster)
+            cluster=cluster, signals=self.signals if self.config.storage.url is not None else None)
 
     async def _start_operator_api(self) -> None:
         assert self.operator_context is not None

@@ -45,12 +45,21 @@ class EventBus:
     def publish(self, selector: str | None, payload: Payload) -> Event:
         """Announce ``payload`` about the instance ``selector`` (None: about no instance)."""
         event = Event(next(self._seq), self.clock.wall(), selector, payload)
+        self.deliver(event)
+        return event
+
+    def deliver(self, event: Event) -> None:
+        """Hand ``event`` (numbered already) to every subscriber."""
         for subscriber in list(self._subscribers):
             try:
                 subscriber(event)
             except Exception:
-                log.exception("event subscriber %r failed on %s", subscriber, payload.KIND)
-        return event
+                log.exception("event subscriber %r failed on %s", subscriber, event.kind)
+
+    def next_seq(self) -> int:
+        """Take the next seq for an event not published here (another node's, shown to this node's
+        operators): their streams number everything in one order."""
+        return next(self._seq)
 
 
 class EventQueue:

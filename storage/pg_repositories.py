@@ -102,6 +102,10 @@ class PgInstanceStore:
         rows = await self._db.fetch("SELECT state, COUNT(*) FROM instances GROUP BY state")
         return {str(state): int(count) for state, count in rows}
 
+    async def count_by_state_and_status(self) -> dict[tuple[str, str], int]:
+        rows = await self._db.fetch("SELECT state, reg_status, COUNT(*) FROM instances GROUP BY state, reg_status")
+        return {(str(state), str(status)): int(count) for state, status, count in rows}
+
 
 # -- events --------------------------------------------------------------------------------------
 

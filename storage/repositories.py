@@ -52,6 +52,10 @@ class InstanceStore(Protocol):
 
     async def count_by_state(self) -> dict[str, int]: ...
 
+    async def count_by_state_and_status(self) -> dict[tuple[str, str], int]:
+        """Instances per (state, registration status): one query."""
+        ...
+
 
 class EventLog(Protocol):
     async def append(self, event: Event) -> None: ...
@@ -200,6 +204,10 @@ class SqliteInstanceStore:
     async def count_by_state(self) -> dict[str, int]:
         rows = await self._db.fetchall("SELECT state, COUNT(*) FROM instances GROUP BY state")
         return {str(state): int(count) for state, count in rows}
+
+    async def count_by_state_and_status(self) -> dict[tuple[str, str], int]:
+        rows = await self._db.fetchall("SELECT state, reg_status, COUNT(*) FROM instances GROUP BY state, reg_status")
+        return {(str(state), str(status)): int(count) for state, status, count in rows}
 
 
 # -- events --------------------------------------------------------------------------------------

@@ -117,8 +117,8 @@ def make_op(**ctx_args: Any) -> Op:
     trace = TraceRecorder(world.clock, selector_of_user=selector_of_user)
     ctx = OperatorContext(service=world.service, calls=world.calls, delivery=world.delivery,
                           operations=world.operations, bus=world.bus, clock=world.clock, trace=trace,
-                          tokens=TOKENS, node="test-node", started_at=world.clock.wall(),
-                          **{"heartbeat": 0.05, **ctx_args})
+                          tokens=TOKENS, started_at=world.clock.wall(),
+                          **{"heartbeat": 0.05, "node": "test-node", **ctx_args})
     return Op(world, ctx, create_operator_app(ctx))
 
 

@@ -325,6 +325,12 @@ class VirtualTable(ScrollView, Generic[T], can_focus=True):
         self.virtual_size = Size(max(1, self.scrollable_content_region.width), len(self._rows) + 1)
         self._scroll_cursor_into_view()
 
+    def set_columns(self, columns: Sequence[Column[T]]) -> None:
+        """Show these columns from now on (the rows stay)."""
+        self.columns = list(columns)
+        self._layout_width = (-1, None)
+        self.refresh()
+
     def _columns_for(self, width: int) -> list[tuple[Column[T], int]]:
         """Which columns fit in ``width`` and how wide each one is (cached per width)."""
         if (width, self.sort_column) == self._layout_width:

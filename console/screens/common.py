@@ -282,7 +282,9 @@ def push_columns(store: InstanceStore, utc: Callable[[], bool],
 
 
 def event_columns(store: InstanceStore, utc: Callable[[], bool], *,
-                  with_instance: bool = True) -> list[Column[LogItem]]:
+                  with_instance: bool = True, with_node: bool = False) -> list[Column[LogItem]]:
+    """``with_node``: a Node column (a cluster of more than one node is up)."""
+
     def tone(e: LogItem, now: float) -> str:
         payload = e.payload if isinstance(e, Event) else None
         if isinstance(payload, Alarm):
@@ -295,6 +297,9 @@ def event_columns(store: InstanceStore, utc: Callable[[], bool], *,
         Column("at", "Time", 8, lambda e, now: clock_time(e.at, utc=utc()), lambda e, now: "dim"),
         Column("kind", "Kind", 19, lambda e, now: e.kind, tone),
     ]
+    if with_node:
+        columns.append(Column("node", "Node", 10, lambda e, now: (e.node if isinstance(e, Event) else None) or "",
+                              lambda e, now: "dim", priority=1))
     if with_instance:
         columns.append(Column("instance", "Instance", 18,
                               lambda e, now: short_uri(instance_label(store, selector_of(e))), flex=1))

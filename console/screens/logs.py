@@ -168,6 +168,8 @@ class PushLogScreen(LogScreen):
 
 
 class EventLogScreen(LogScreen):
+    _with_node = False
+
     def body(self) -> ComposeResult:
         yield Static("Event log (newest first)", id="event-log-title", classes="section-title")
         yield VirtualTable[LogItem](event_columns(self.console.model.store, self.console.in_utc),
@@ -178,6 +180,12 @@ class EventLogScreen(LogScreen):
         self.query_one("#event-log", VirtualTable).focus()
 
     def reload_rows(self, now: float) -> None:
+        summary = self.console.model.summary
+        cluster = summary is not None and summary.nodes_up > 1
+        if cluster != self._with_node:  # which node an event happened on matters once there are two
+            self._with_node = cluster
+            self.query_one("#event-log", VirtualTable).set_columns(
+                event_columns(self.console.model.store, self.console.in_utc, with_node=cluster))
         self.show_log("Event log", "event-log", self.console.model.event_log(), now)
 
     @on(VirtualTable.RowHighlighted)

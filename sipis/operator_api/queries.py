@@ -65,8 +65,8 @@ def _push_id(push: PushRecord) -> str:
 # --------------------------------------------------------------------------- the reads
 
 
-def summary(ctx: OperatorContext) -> Summary:
-    counts, statuses = ctx.state_counts()
+async def summary(ctx: OperatorContext) -> Summary:
+    counts, statuses = await ctx.summary_counts()
     now = ctx.clock.wall()
     calls = ctx.calls
     minute_ago = now - 60.0

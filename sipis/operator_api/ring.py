@@ -16,13 +16,13 @@ from sipis.events import EventBus
 EVENT_RING = 10_000
 
 
-#: How the ring keeps an event: ``(seq, at, kind, selector, data)`` with ``data`` marshalled to
+#: How the ring keeps an event: ``(seq, at, kind, selector, data, node)`` with ``data`` marshalled to
 #: bytes. A tuple of numbers, strings and bytes is untracked by the cyclic garbage collector after
 #: the first collection it survives, so the ring's 10,000 events (with their nested dicts: push
 #: traces, request summaries) add nothing to the collector's pauses; an :class:`Event` is rebuilt
 #: when somebody reads. Data marshal cannot write (an object in free-form data such as an audit
 #: row's detail) is kept as it is.
-RingEntry = tuple[int, float, str, "str | None", "bytes | dict[str, Any]"]
+RingEntry = tuple[int, float, str, "str | None", "bytes | dict[str, Any]", "str | None"]
 
 
 def _pack(event: Event) -> RingEntry:
@@ -32,13 +32,13 @@ def _pack(event: Event) -> RingEntry:
         packed = marshal.dumps(data)
     except ValueError:
         packed = data
-    return (event.seq, event.at, str(event.kind), event.selector, packed)
+    return (event.seq, event.at, str(event.kind), event.selector, packed, event.node)
 
 
 def _unpack(entry: RingEntry) -> Event:
-    seq, at, kind, selector, packed = entry
+    seq, at, kind, selector, packed, node = entry
     data = marshal.loads(packed) if isinstance(packed, bytes) else packed
-    return Event(seq, at, selector, decode_payload(kind, data, selector))
+    return Event(seq, at, selector, decode_payload(kind, data, selector), node)
 
 
 class EventRing:

@@ -54,7 +54,7 @@ def create_operator_app(ctx: OperatorContext) -> FastAPI:
 
     @app.get("/v1/summary")
     async def summary(_: Operator = Depends(viewer)) -> Response:
-        return json_response(queries.summary(ctx))
+        return json_response(await queries.summary(ctx))
 
     @app.get("/v1/health/targets")
     async def health_targets(_: Operator = Depends(viewer)) -> Response:

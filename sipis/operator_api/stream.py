@@ -26,7 +26,7 @@ def _notice(ctx: OperatorContext, kind: StreamNoticeKind, **fields: int | None) 
 
 
 async def event_stream(ctx: OperatorContext, since: int | None) -> AsyncIterator[bytes]:
-    queue = EventQueue(ctx.bus, maxsize=STREAM_QUEUE)
+    queue = EventQueue(ctx.events, maxsize=STREAM_QUEUE)
     ctx.streams.add(queue)
     try:
         last = ctx.ring.last_seq

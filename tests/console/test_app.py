@@ -29,7 +29,7 @@ from console.screens import (
     PushLogScreen,
 )
 from contract.documents import CallsSnapshot, HeldCall, InstanceRow, NodeRow
-from contract.events import InstanceDetail
+from contract.events import Event, InstanceDetail
 from widgets.instance_table import InstanceTable
 from widgets.ladder import Ladder
 from widgets.sparklines import SparkPanel
@@ -1050,3 +1050,26 @@ async def test_nodes_view_and_the_strip_show_the_cluster() -> None:
         await until(pilot, lambda: "sipis-b" in screen_text(app))
         text = screen_text(app)
         assert "Nodes (1 up of 2)" in text and "draining" in text
+
+
+async def test_the_event_log_names_each_events_node_once_two_nodes_are_up() -> None:
+    feed = FakeFeed(now=NOW)
+    app = make_console(feed)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("4")
+        feed.emit("alarm", None, alarm="pbx-down", state="raised", target="udp:pbx:5060", id="e1")
+        await until(pilot, lambda: len(app._pending) == 1)
+        app.tick()
+        await pilot.pause()
+        assert "Node" not in screen_text(app)  # one node: as it always was
+        feed.nodes_up = 2
+        await app._poll_summary()
+        event = feed.emit("alarm", None, alarm="pbx-down", state="raised", target="udp:pbx:5061", id="e2")
+        assert isinstance(event, Event)
+        event.node = "sipis-b"
+        await until(pilot, lambda: len(app._pending) == 1)
+        app.tick()
+        await pilot.pause()
+        text = screen_text(app)
+        assert "Node" in text and "sipis-b" in text
