@@ -163,6 +163,26 @@ async def test_concurrent_claims_never_share_an_instance(two_nodes: tuple[Stores
     assert all(owners[s] == "a" for s in by_a) and all(owners[s] == "b" for s in by_b)
 
 
+async def test_a_nodes_writer_and_its_lease_rounds_never_deadlock(two_nodes: tuple[Stores, Stores]) -> None:
+    # one node's writer (a batch of changed instances, in whatever order they changed) and its
+    # lease renewal lock the same rows: both must take them in one order
+    rounds, writer = two_nodes
+    selectors = await add_instances(rounds, 400)
+    assert len(await rounds.leases.claim("a", 400, 15)) == 400
+    batch = [make_instance(s) for s in reversed(selectors)]
+
+    async def write() -> None:
+        for _ in range(15):
+            await writer.instances.upsert_many(batch)
+
+    async def renew() -> None:
+        for _ in range(15):
+            assert len(await rounds.leases.renew("a", 15)) == 400
+            assert len(await rounds.leases.bump("a", selectors[::-1], 15)) == 400
+
+    await asyncio.gather(write(), renew())
+
+
 async def test_signals_cross_nodes(two_nodes: tuple[Stores, Stores]) -> None:
     a, b = two_nodes
     got_a: list[tuple[str, str]] = []
