@@ -232,7 +232,9 @@ class LeaseKeeper:
         await self._balance(reload=not first)
 
     async def _balance(self, *, reload: bool) -> None:
-        others = sum(1 for record in await self.nodes.nodes() if record.state == UP and record.name != self.node)
+        # a node silent for a lease's life is gone: its instances are shared out among the live ones
+        others = sum(1 for record in await self.nodes.nodes(gone_after=self.ttl)
+                     if record.state == UP and record.name != self.node)
         live = self.live_nodes = others + 1
         if self.state == DRAINING:
             if others:  # alone, it keeps everything: nobody would take over
@@ -414,7 +416,7 @@ class ClusterView:
         now = self.clock.wall()
         return [NodeRow(record.name, record.state, record.instances, round(max(0.0, now - record.last_seen), 1),
                         record.started_at)
-                for record in sorted(await self.keeper.nodes.nodes(), key=lambda r: r.name)]
+                for record in sorted(await self.keeper.nodes.nodes(gone_after=self.keeper.ttl), key=lambda r: r.name)]
 
     async def refresh_owners(self) -> None:
         """Read the owners again when the last read is older than a lease round."""

@@ -107,21 +107,24 @@ class FakeLeases:
 
 
 class FakeNodes:
-    def __init__(self, cluster: FakeCluster, ttl: float = 15.0) -> None:
+    def __init__(self, cluster: FakeCluster) -> None:
         self.cluster = cluster
-        self.ttl = ttl
 
     async def heartbeat(self, name: str, state: str) -> None:
         now = self.cluster.check()
         old = self.cluster.node_rows.get(name)
         self.cluster.node_rows[name] = NodeRecord(name, state, now, 0, old.started_at if old else now)
 
-    async def nodes(self) -> list[NodeRecord]:
+    async def nodes(self, gone_after: float | None = None) -> list[NodeRecord]:
+        """As the real stores: "gone" only when asked with ``gone_after``."""
         now = self.cluster.check()
         counts: dict[str | None, int] = {}
         for row in self.cluster.rows.values():
             counts[row.owner] = counts.get(row.owner, 0) + 1
-        return [NodeRecord(r.name, "gone" if r.last_seen < now - self.ttl else r.state, r.last_seen,
+
+        def state(r: NodeRecord) -> str:
+            return "gone" if gone_after is not None and r.last_seen < now - gone_after else r.state
+        return [NodeRecord(r.name, state(r), r.last_seen,
                            counts.get(r.name, 0), r.started_at) for r in self.cluster.node_rows.values()]
 
     async def forget(self, name: str) -> None:

@@ -30,7 +30,7 @@ class Listener:
 
 def keeper(cluster: FakeCluster, node: str, rate: float = 10.0) -> tuple[LeaseKeeper, Listener, FakeLeases]:
     leases = FakeLeases(cluster)
-    k = LeaseKeeper(node=node, leases=leases, nodes=FakeNodes(cluster, TTL), clock=cluster.clock, ttl=TTL,
+    k = LeaseKeeper(node=node, leases=leases, nodes=FakeNodes(cluster), clock=cluster.clock, ttl=TTL,
                     register_rate=rate)
     listener = Listener()
     k.listener = listener
@@ -152,6 +152,24 @@ async def test_three_nodes_spread_evenly() -> None:
         for node in nodes:
             await node.round()
     assert [n.held() for n in nodes] == [100, 100, 100]
+
+
+async def test_a_killed_nodes_instances_go_to_the_others_once_its_leases_end() -> None:
+    clock = FakeClock()
+    cluster = FakeCluster(clock, selectors(300))
+    (a, a_listener, _), (b, b_listener, _), (c, _, _) = (keeper(cluster, name, rate=100.0) for name in "abc")
+    for _ in range(5):
+        for node in (a, b, c):
+            await node.round()
+    assert [n.held() for n in (a, b, c)] == [100, 100, 100]
+    # c is killed: no more rounds; a and b go on every ttl/3
+    for _ in range(6):
+        clock.advance(TTL / 3)
+        await a.round()
+        await b.round()
+    assert (a.held(), b.held()) == (150, 150)
+    assert not set(a_listener.epochs) & set(b_listener.epochs)
+    assert a.live_nodes == 2
 
 
 async def test_a_draining_node_hands_everything_over_in_paced_batches(caplog: pytest.LogCaptureFixture) -> None:

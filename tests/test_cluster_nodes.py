@@ -90,7 +90,7 @@ class Node:
         self.engine = RegistrationEngine(self.registrar, self.bus, clock, rng=random.Random(1))
         self.life = InstanceLifecycle(engine=self.engine, registrar=self.registrar,  # type: ignore[arg-type]
                                       bus=self.bus, clock=clock)
-        self.keeper = LeaseKeeper(node=name, leases=FakeLeases(cluster), nodes=FakeNodes(cluster, TTL),
+        self.keeper = LeaseKeeper(node=name, leases=FakeLeases(cluster), nodes=FakeNodes(cluster),
                                   clock=clock, ttl=TTL, register_rate=1000.0)
         self.life.use_ownership(self.keeper)
         self.keeper.listener = self.life
@@ -275,7 +275,7 @@ async def test_fenced_exchanges_are_warned_about_once_a_minute(caplog: pytest.Lo
 
 async def test_sigterm_hands_everything_over_before_the_core_stops() -> None:
     cluster = FakeCluster(FakeClock(), [f"s{i}" for i in range(30)])
-    keepers = [LeaseKeeper(node=name, leases=FakeLeases(cluster), nodes=FakeNodes(cluster, TTL), clock=cluster.clock,
+    keepers = [LeaseKeeper(node=name, leases=FakeLeases(cluster), nodes=FakeNodes(cluster), clock=cluster.clock,
                            ttl=0.3, register_rate=50.0) for name in ("a", "b")]  # 5 a round, every 0.1 s
     for keeper in keepers:
         await keeper.start()
@@ -293,7 +293,7 @@ async def test_sigterm_hands_everything_over_before_the_core_stops() -> None:
 
 async def test_a_node_alone_does_not_drain_on_sigterm() -> None:
     cluster = FakeCluster(FakeClock(), ["s0"])
-    keeper = LeaseKeeper(node="a", leases=FakeLeases(cluster), nodes=FakeNodes(cluster, TTL), clock=cluster.clock,
+    keeper = LeaseKeeper(node="a", leases=FakeLeases(cluster), nodes=FakeNodes(cluster), clock=cluster.clock,
                          ttl=TTL, register_rate=50.0)
     await keeper.round()
     core = Core(parse_config({"api": {"listen": ""}}, Path(".")))

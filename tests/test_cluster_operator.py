@@ -44,7 +44,7 @@ async def test_one_node_lists_itself_and_has_no_drain(op: Op) -> None:
 
 class Node:
     def __init__(self, name: str, cluster: FakeCluster) -> None:
-        self.keeper = LeaseKeeper(node=name, leases=FakeLeases(cluster), nodes=FakeNodes(cluster, TTL),
+        self.keeper = LeaseKeeper(node=name, leases=FakeLeases(cluster), nodes=FakeNodes(cluster),
                                   clock=cluster.clock, ttl=TTL, register_rate=1000.0)
         signals = FakeSignals(cluster)
         self.keeper.signals = signals
