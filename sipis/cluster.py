@@ -215,18 +215,22 @@ class LeaseKeeper:
             # held from a previous life of this node: the CSeqs it used are unknown, so a new epoch
             renewed = await self.leases.bump(self.node, [lease.selector for lease in renewed], self.ttl)
         self._first = False
+        # Past our own deadline may_act said no, and the engine dropped every REGISTER it was about
+        # to send: leases renewed after such a lapse are taken over again like fresh ones.
+        lapsed = self.clock.monotonic() >= self._deadline
         self._deadline = started + self.ttl
         kept = {lease.selector: lease.epoch for lease in renewed}
         gone = [selector for selector in self._held if selector not in kept]
         if gone:
             self._lose(gone)
-        fresh = [lease for lease in renewed if lease.selector not in self._held]
+        fresh = [lease for lease in renewed if lapsed or lease.selector not in self._held]
         self._held = kept
         if fresh:  # the first round, or back after storage was lost and nobody took them meanwhile
             self._acquired(fresh, reload=not first)
         await self._balance(reload=not first)
 
     async def _balance(self, *, reload: bool) -> None:
+        # a node silent for a lease's life is gone: its instances are shared out among the live ones
         others = sum(1 for record in await self.nodes.nodes(gone_after=self.ttl)
                      if record.state == UP and record.name != self.node)
         live = self.live_nodes = others + 1

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from storage.database import Database
-from storage.postgres import LOCK_CLASS, Connection, PgDatabase, is_transient
+from storage.postgres import INSTANCE_LOCK_ORDER, LOCK_CLASS, Connection, PgDatabase, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,8 @@ class PgLeaseStore:
     async def renew(self, node: str, ttl: float) -> list[Lease]:
         async with self._db.transaction():
             rows = await self._db.fetch(
-                f"UPDATE instances SET lease_until = {_NOW} + $2 WHERE owner = $1 RETURNING selector, epoch",
+                f"UPDATE instances SET lease_until = {_NOW} + $2 WHERE selector IN"
+                f" (SELECT selector FROM instances WHERE owner = $1 {INSTANCE_LOCK_ORDER}) RETURNING selector, epoch",
                 node, float(ttl))
         return _leases(rows)
 
@@ -309,8 +310,9 @@ class PgLeaseStore:
             return []
         async with self._db.transaction():
             rows = await self._db.fetch(
-                f"UPDATE instances SET lease_until = {_NOW} + $3, epoch = epoch + 1"
-                " WHERE owner = $1 AND selector = ANY($2::text[]) RETURNING selector, epoch",
+                f"UPDATE instances SET lease_until = {_NOW} + $3, epoch = epoch + 1 WHERE selector IN"
+                " (SELECT selector FROM instances WHERE owner = $1 AND selector = ANY($2::text[])"
+                f" {INSTANCE_LOCK_ORDER}) RETURNING selector, epoch",
                 node, list(selectors), float(ttl))
         return _leases(rows)
 
@@ -319,8 +321,9 @@ class PgLeaseStore:
             return 0
         async with self._db.transaction():
             rows = await self._db.fetch(
-                "UPDATE instances SET owner = NULL, lease_until = 0 WHERE owner = $1 AND selector = ANY($2::text[])"
-                " RETURNING selector", node, list(selectors))
+                "UPDATE instances SET owner = NULL, lease_until = 0 WHERE selector IN (SELECT selector FROM instances"
+                f" WHERE owner = $1 AND selector = ANY($2::text[]) {INSTANCE_LOCK_ORDER}) RETURNING selector",
+                node, list(selectors))
         return len(rows)
 
     async def owners(self, selectors: Sequence[str] | None = None) -> dict[str, str | None]:

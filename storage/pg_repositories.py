@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from contract.documents import AuditEntry, PushRecord
 from contract.events import Event
 from storage.cluster import PgLeaseStore, PgNodeStore, PgSignals, PgSingleton
-from storage.postgres import PgDatabase
+from storage.postgres import INSTANCE_LOCK_ORDER, PgDatabase
 from storage.records import InstanceRecord
 from storage.repositories import (
     _AUDIT_COLUMNS,
@@ -74,7 +74,8 @@ class PgInstanceStore:
 
     async def upsert_many(self, records: Sequence[InstanceRecord]) -> None:
         async with self._db.transaction():
-            await self._db.executemany(_INSTANCE_UPSERT, [_instance_row(r) for r in records])
+            await self._db.executemany(_INSTANCE_UPSERT, [_instance_row(r) for r in sorted(
+                records, key=lambda r: r.selector)])  # in INSTANCE_LOCK_ORDER
 
     async def get(self, selector: str) -> InstanceRecord | None:
         rows = await self._db.fetch(f"{_INSTANCE_SELECT} WHERE selector = $1", selector)
@@ -92,7 +93,8 @@ class PgInstanceStore:
     async def delete_many(self, selectors: Sequence[str]) -> None:
         if selectors:
             async with self._db.transaction():
-                await self._db.execute("DELETE FROM instances WHERE selector = ANY($1::text[])", list(selectors))
+                await self._db.execute("DELETE FROM instances WHERE selector IN (SELECT selector FROM instances"
+                                       f" WHERE selector = ANY($1::text[]) {INSTANCE_LOCK_ORDER})", list(selectors))
 
     async def load_all(self) -> list[InstanceRecord]:
         rows = await self._db.fetch(f"{_INSTANCE_SELECT} ORDER BY selector COLLATE \"C\"")

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 #: Advisory lock keys (two int4s: ours, then what for). Migrations hold MIGRATION for their transaction.
 LOCK_CLASS = 0x5153  # "SQ"
+#: Statements that lock many instances rows take them in this order, and the writer's batches are
+#: written in it (Python's str order is the "C" collation's), so a node's writer and its lease
+#: rounds never deadlock on the rows they share.
+INSTANCE_LOCK_ORDER = 'ORDER BY selector COLLATE "C" FOR UPDATE'
 MIGRATION_LOCK = 1
 DEFAULT_CONNECT_TIMEOUT = 10.0
 

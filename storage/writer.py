@@ -207,8 +207,20 @@ async def apply_ops(stores: Stores, ops: Sequence[WriteOp], chunk: int = 500) ->
     for table_ops in tables:
         for kind, run in itertools.groupby(table_ops, key=_run_kind):
             group = list(run)
+            if table_ops is tables[0]:
+                # one batch is one transaction: its rows are locked in selector order across the
+                # chunks too (storage.postgres.INSTANCE_LOCK_ORDER); a stable sort keeps one
+                # instance's ops in the order they came
+                group.sort(key=_selector)
             for start in range(0, len(group), chunk):
                 await _apply_run(stores, kind, group[start : start + chunk])
+
+
+def _selector(op: WriteOp) -> str:
+    """The instance an op of the instances table writes."""
+    if isinstance(op, UpsertInstance):
+        return op.record.selector
+    return op.selector if isinstance(op, (SnapshotInstance, DeleteInstance)) else ""
 
 
 def _run_kind(op: WriteOp) -> type:

@@ -99,6 +99,33 @@ async def test_without_storage_a_node_acts_until_its_own_deadline_then_stops() -
     assert a.owns("s0000")
 
 
+async def test_leases_renewed_after_the_deadline_passed_are_taken_over_again() -> None:
+    # storage slow, not gone: no round declared the leases ended, but between the deadline and the
+    # next good round may_act said no and the engine dropped what it was about to register
+    clock = FakeClock()
+    cluster = FakeCluster(clock, selectors(2))
+    a, listener, _ = keeper(cluster, "a")
+    await a.round()
+    cluster.unreachable = True
+    clock.advance(TTL / 3)
+    await a.round()
+    clock.advance(TTL / 3)
+    await a.round()
+    cluster.unreachable = False
+    clock.advance(TTL / 3)
+    assert not a.owns("s0000")
+    listener.epochs.clear()
+    await a.round()
+    assert listener.epochs == {s: 1 for s in selectors(2)}
+    assert listener.lost_ones == []
+    assert a.owns("s0000")
+
+    listener.epochs.clear()
+    clock.advance(TTL / 3)
+    await a.round()  # renewed in time: nothing to take over again
+    assert listener.epochs == {}
+
+
 async def test_a_joining_node_takes_its_fair_share_gradually() -> None:
     cluster = FakeCluster(FakeClock(), selectors(300))
     a, a_listener, _ = keeper(cluster, "a", rate=10.0)  # 50 per round (ttl/3 = 5 s at 10/s)
@@ -139,6 +166,22 @@ async def test_the_survivors_of_a_silent_node_share_its_instances_once_its_lease
             await node.round()
     assert [a.held(), b.held()] == [150, 150]
     assert [row.state for row in await FakeNodes(cluster).nodes(gone_after=TTL)] == ["up", "up", "gone"]
+async def test_a_killed_nodes_instances_go_to_the_others_once_its_leases_end() -> None:
+    clock = FakeClock()
+    cluster = FakeCluster(clock, selectors(300))
+    (a, a_listener, _), (b, b_listener, _), (c, _, _) = (keeper(cluster, name, rate=100.0) for name in "abc")
+    for _ in range(5):
+        for node in (a, b, c):
+            await node.round()
+    assert [n.held() for n in (a, b, c)] == [100, 100, 100]
+    # c is killed: no more rounds; a and b go on every ttl/3
+    for _ in range(6):
+        clock.advance(TTL / 3)
+        await a.round()
+        await b.round()
+    assert (a.held(), b.held()) == (150, 150)
+    assert not set(a_listener.epochs) & set(b_listener.epochs)
+    assert a.live_nodes == 2
 
 
 async def test_a_draining_node_hands_everything_over_in_paced_batches(caplog: pytest.LogCaptureFixture) -> None:

@@ -29,6 +29,7 @@ from storage.database import Database
 from storage.pg_repositories import pg_stores
 from storage.postgres import PgDatabase
 from storage.repositories import Stores
+from storage.writer import UpsertInstance, apply_ops
 from tests.waiting import wait_for
 
 from .factories import make_instance
@@ -161,6 +162,32 @@ async def test_concurrent_claims_never_share_an_instance(two_nodes: tuple[Stores
     assert by_a and by_b  # both took part
     owners = await a.leases.owners()
     assert all(owners[s] == "a" for s in by_a) and all(owners[s] == "b" for s in by_b)
+
+
+async def test_a_nodes_writer_and_its_lease_rounds_never_deadlock(pg_url: str) -> None:
+    # one node's writer (a batch of changed instances in whatever order they changed: one
+    # transaction, many chunks) and its lease rounds lock the same rows: both take them in one order
+    rounds_db, writer_db = await PgDatabase.open(pg_url), await PgDatabase.open(pg_url)
+    try:
+        rounds, writer = pg_stores(rounds_db, "a"), pg_stores(writer_db, "a")
+        selectors = await add_instances(rounds, 400)
+        assert len(await rounds.leases.claim("a", 400, 15)) == 400
+        batch = [UpsertInstance(make_instance(s)) for s in reversed(selectors)]
+
+        async def write() -> None:
+            for _ in range(15):
+                async with writer_db.transaction():
+                    await apply_ops(writer, batch, chunk=50)
+
+        async def renew() -> None:
+            for _ in range(15):
+                assert len(await rounds.leases.renew("a", 15)) == 400
+                assert len(await rounds.leases.bump("a", selectors[::-1], 15)) == 400
+
+        await asyncio.gather(write(), renew())
+    finally:
+        await rounds_db.close()
+        await writer_db.close()
 
 
 async def test_signals_cross_nodes(two_nodes: tuple[Stores, Stores]) -> None:
