@@ -26,6 +26,25 @@ from storage.pg_url import check_url, redact_url
 
 log = logging.getLogger(__name__)
 
+
+class _PoolRetriesQuiet(logging.Filter):
+    """asyncpg's pool logs every failed attempt to restore its connection floor at WARNING with a
+    full traceback, several a second while PostgreSQL is down. The core already says so once per
+    episode (the ``storage-failing`` alarm and its WARNING line): keep these at DEBUG, one line each."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and record.exc_info:
+            error = record.exc_info[1]
+            record.msg, record.args = f"{record.getMessage()}: {type(error).__name__}: {error}", None
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            # the logger let it through as a WARNING: pass it on only where DEBUG is wanted
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger("asyncpg.pool").addFilter(_PoolRetriesQuiet())
+
 #: Advisory lock keys (two int4s: ours, then what for). Migrations hold MIGRATION for their transaction.
 LOCK_CLASS = 0x5153  # "SQ"
 #: Statements that lock many instances rows take them in this order, and the writer's batches are
