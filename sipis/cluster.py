@@ -35,6 +35,17 @@ from storage.cluster import Lease, LeaseStore, NodeStore, Signals
 
 log = logging.getLogger(__name__)
 
+
+def read_signal(topic: str, payload: str, *names: str) -> list[Any] | None:
+    """The values of ``names`` in a signal's JSON object, in that order; None (and one WARNING)
+    when the payload is not such an object: a malformed signal is dropped, never fatal."""
+    try:
+        message = json.loads(payload)
+        return [message[name] for name in names]
+    except (ValueError, TypeError, KeyError):
+        log.warning("ignored a malformed %r signal", topic)
+        return None
+
 UP, DRAINING, GONE = "up", "draining", "gone"
 
 #: The signal topic of a request to a node (payload: JSON with the node's name and the action).
@@ -162,12 +173,10 @@ class LeaseKeeper:
         """Requests to this node from any node's operator API (``sipis-console drain``)."""
         if topic != NODE_TOPIC:
             return
-        try:
-            message = json.loads(payload)
-            node, action = str(message["node"]), str(message["action"])
-        except (ValueError, TypeError, KeyError):
-            log.warning("ignored a malformed %r signal", topic)
+        fields = read_signal(topic, payload, "node", "action")
+        if fields is None:
             return
+        node, action = map(str, fields)
         if node == self.node and action == "drain":
             self.drain()
 
@@ -354,12 +363,10 @@ class InstanceSync:
     def _on_signal(self, topic: str, payload: str) -> None:
         if topic != INSTANCE_TOPIC:
             return
-        try:
-            message = json.loads(payload)
-            selector, node = str(message["selector"]), str(message["node"])
-        except (ValueError, TypeError, KeyError):
-            log.warning("ignored a malformed %r signal", topic)
+        fields = read_signal(topic, payload, "selector", "node")
+        if fields is None:
             return
+        selector, node = map(str, fields)
         if node != self.node:  # the node that stored the change applied it already
             self.reload_soon(selector)
 
@@ -436,13 +443,10 @@ class ClusterView:
     def on_signal(self, topic: str, payload: str) -> None:
         if topic != ACTION_TOPIC or self.run_action is None:
             return
-        try:
-            message = json.loads(payload)
-            action, selector = str(message["action"]), str(message["selector"])
-            operator, role = str(message["operator"]), str(message["role"])
-        except (ValueError, TypeError, KeyError):
-            log.warning("ignored a malformed %r signal", topic)
+        fields = read_signal(topic, payload, "action", "selector", "operator", "role")
+        if fields is None:
             return
+        action, selector, operator, role = map(str, fields)
         if not self.keeper.owns(selector):
             return  # another node's (or nobody's: then nobody acts, and the operator sees it)
         task = asyncio.get_running_loop().create_task(self.run_action(action, selector, operator, role))

@@ -22,6 +22,7 @@ from typing import Any
 from contract.codec import decode_payload, payload_data
 from contract.events import Event
 from contract.kinds import EventKind
+from sipis.cluster import read_signal
 from sipis.events import EventBus
 from storage.cluster import MAX_PAYLOAD, Signals
 
@@ -65,12 +66,12 @@ class MergedEvents:
     def on_signal(self, topic: str, payload: str) -> None:
         if topic != EVENTS_TOPIC or self._closed:
             return
-        try:
-            message = json.loads(payload)
-            node, events = str(message["node"]), list(message["events"])
-        except (ValueError, TypeError, KeyError):
-            log.warning("ignored a malformed %r signal", topic)
+        fields = read_signal(topic, payload, "node", "events")
+        if fields is None or not isinstance(fields[1], list):
+            if fields is not None:
+                log.warning("ignored a malformed %r signal", topic)
             return
+        node, events = str(fields[0]), fields[1]
         if node == self.node:
             return  # ours: shown already
         for item in events:
