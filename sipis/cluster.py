@@ -36,15 +36,20 @@ from storage.cluster import Lease, LeaseStore, NodeStore, Signals
 log = logging.getLogger(__name__)
 
 
-def read_signal(topic: str, payload: str, *names: str) -> list[Any] | None:
-    """The values of ``names`` in a signal's JSON object, in that order; None (and one WARNING)
-    when the payload is not such an object: a malformed signal is dropped, never fatal."""
+def read_signal(topic: str, payload: str, *names: str, lists: tuple[str, ...] = ()) -> list[Any] | None:
+    """The values of ``names`` in a signal's JSON object, in that order: strings, or lists for the
+    names in ``lists``. None (and one WARNING) for anything else: a malformed signal is dropped,
+    never fatal, and never coerced into a selector or node name."""
     try:
         message = json.loads(payload)
-        return [message[name] for name in names]
+        values = [message[name] for name in names]
     except (ValueError, TypeError, KeyError):
+        values = None
+    if values is None or not all(isinstance(value, list if name in lists else str)
+                                 for name, value in zip(names, values, strict=True)):
         log.warning("ignored a malformed %r signal", topic)
         return None
+    return values
 
 UP, DRAINING, GONE = "up", "draining", "gone"
 
@@ -176,7 +181,7 @@ class LeaseKeeper:
         fields = read_signal(topic, payload, "node", "action")
         if fields is None:
             return
-        node, action = map(str, fields)
+        node, action = fields
         if node == self.node and action == "drain":
             self.drain()
 
@@ -366,7 +371,7 @@ class InstanceSync:
         fields = read_signal(topic, payload, "selector", "node")
         if fields is None:
             return
-        selector, node = map(str, fields)
+        selector, node = fields
         if node != self.node:  # the node that stored the change applied it already
             self.reload_soon(selector)
 
@@ -446,7 +451,7 @@ class ClusterView:
         fields = read_signal(topic, payload, "action", "selector", "operator", "role")
         if fields is None:
             return
-        action, selector, operator, role = map(str, fields)
+        action, selector, operator, role = fields
         if not self.keeper.owns(selector):
             return  # another node's (or nobody's: then nobody acts, and the operator sees it)
         task = asyncio.get_running_loop().create_task(self.run_action(action, selector, operator, role))

@@ -66,12 +66,10 @@ class MergedEvents:
     def on_signal(self, topic: str, payload: str) -> None:
         if topic != EVENTS_TOPIC or self._closed:
             return
-        fields = read_signal(topic, payload, "node", "events")
-        if fields is None or not isinstance(fields[1], list):
-            if fields is not None:
-                log.warning("ignored a malformed %r signal", topic)
+        fields = read_signal(topic, payload, "node", "events", lists=("events",))
+        if fields is None:
             return
-        node, events = str(fields[0]), fields[1]
+        node, events = fields
         if node == self.node:
             return  # ours: shown already
         for item in events:
