@@ -3,6 +3,7 @@ error) and the Alarms view (active and past alarm episodes, acknowledge)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 from textual import on
@@ -90,7 +91,7 @@ class AlarmsScreen(ConsoleScreen):
 
     def body(self) -> ComposeResult:
         yield Static("Alarms", id="alarms-title", classes="section-title")
-        yield VirtualTable[AlarmRecord](alarm_columns(self.console.utc), key=lambda a: a.id,
+        yield VirtualTable[AlarmRecord](alarm_columns(self.console.in_utc), key=lambda a: a.id,
                                         empty_text="no alarms", id="alarms")
 
     def on_mount(self) -> None:
@@ -150,14 +151,14 @@ class AlarmsScreen(ConsoleScreen):
         self.refresh_bindings()
 
 
-def alarm_columns(utc: bool) -> list[Column[AlarmRecord]]:
+def alarm_columns(utc: Callable[[], bool]) -> list[Column[AlarmRecord]]:
     return [
         Column("state", "State", 7, lambda a, now: a.state, lambda a, now: "bad" if a.state == "raised" else "dim"),
-        Column("at", "Raised", 8, lambda a, now: clock_time(a.raised_at, utc=utc), lambda a, now: "dim"),
+        Column("at", "Raised", 8, lambda a, now: clock_time(a.raised_at, utc=utc()), lambda a, now: "dim"),
         Column("alarm", "Alarm", 14, lambda a, now: a.alarm),
         Column("target", "Target", 22, lambda a, now: a.target or "", flex=1),
         Column("reason", "Reason", 24, lambda a, now: a.reason or "", flex=1, priority=1),
-        Column("cleared", "Cleared", 8, lambda a, now: clock_time(a.cleared_at, utc=utc) if a.cleared_at else "",
+        Column("cleared", "Cleared", 8, lambda a, now: clock_time(a.cleared_at, utc=utc()) if a.cleared_at else "",
                lambda a, now: "dim", priority=2),
         Column("ack", "Seen by", 10, lambda a, now: a.acknowledged_by or "", priority=1),
     ]
